@@ -1,0 +1,28 @@
+# `make demo` and `make test` install into .venv on first use (or when
+# pyproject.toml changes), then run.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+STORE ?= data/store.zarr
+
+.PHONY: install demo test clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) preprocess/build_zarr.py --out $(STORE)
+	$(PY) trainers/train.py --member small_specialist --store $(STORE) \
+	    --encoder-weights none --epochs 1 --max-steps 10 --img-size 256 --batch-size 4
+	$(PY) benchmarks/loader_throughput.py --store $(STORE)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf data models logs runs .pytest_cache

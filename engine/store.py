@@ -1,0 +1,150 @@
+"""The forgery store: one Zarr v3 group, its layout and how to open it.
+
+This module is the single place that names the store's arrays; the builder
+(preprocess/build_zarr.py) writes through it and the engine reads through it.
+
+Layout (every image keeps its original resolution; `<row>` is the image's row
+in `meta/`, written as a decimal integer):
+
+    zarr.json                 attributes: format="forgery-store", version,
+                              fingerprint, chunk, levels, build settings
+    meta/<name>               1-D (or N x k) arrays of DESIGN.md's schema, plus
+                              instance_start (N+1,) int64: instances of row r
+                              are instances/*[instance_start[r]:instance_start[r+1]]
+    instances/image_row       int32 (M,)  row in meta/ of each forged region
+    instances/bbox            int32 (M, 4) y0, x0, y1, x1, half-open
+    instances/area            int64 (M,)  pixels of the region
+    images/<row>/<level>      uint8 (H_l, W_l, 3)  RGB; level 0 = original,
+                              level l+1 = level l downsampled by 2 (area mean)
+    masks/<row>/<level>       uint8 (H_l, W_l)  union of the instances, 0/1;
+                              level l+1 = level l[::2, ::2] (what a
+                              nearest-neighbour resize from level 0 would pick)
+    instances_mask/<row>      uint8 (N_inst, H, W)  every instance, 0/1
+    ela/<row>/<level>         uint8 (H_l, W_l)  ELA (preprocess/ela.py);
+                              levels as images
+    mining/...                written by trainers/mining.py
+    build_report.json         skipped files with reasons, timings
+
+Authentic images have no masks/ or instances_mask/ entry. Chunks are
+CHUNK x CHUNK pixels (all channels together), zstd-compressed, unsharded;
+all-zero mask chunks are not written (zarr's write_empty_chunks=False), so a
+mask costs almost nothing where there is no forgery.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+FORMAT = "forgery-store"
+VERSION = 1
+DEFAULT_STORE = Path("data/store.zarr")
+
+CHUNK = 256
+ZSTD_LEVEL = 1
+MIN_LEVEL_SIDE = 64   # no pyramid level whose short side would be below this
+MAX_LEVELS = 6
+
+META_SCHEMA = {
+    # name: (dtype, trailing shape)
+    "case_id": (str, ()),
+    "label": (np.uint8, ()),
+    "height": (np.int32, ()),
+    "width": (np.int32, ()),
+    "n_instances": (np.int16, ()),
+    "area_ratio": (np.float32, ()),
+    "bbox": (np.int32, (4,)),
+    "centroid": (np.float32, (2,)),
+    "size_class": (np.int8, ()),
+    "split": (np.uint8, ()),
+    "instance_start": (np.int64, ()),
+}
+
+
+class StoreError(RuntimeError):
+    """A store that is missing, incomplete, of another format or version."""
+
+
+def partial_path(store: Path) -> Path:
+    """Where a store is built before it is renamed into place."""
+    return store.with_name(store.name + ".partial")
+
+
+def image_path(row: int, level: int = 0) -> str:
+    return f"images/{row}/{level}"
+
+
+def mask_path(row: int, level: int = 0) -> str:
+    return f"masks/{row}/{level}"
+
+
+def ela_path(row: int, level: int = 0) -> str:
+    return f"ela/{row}/{level}"
+
+
+def instances_mask_path(row: int) -> str:
+    return f"instances_mask/{row}"
+
+
+def level_count(height: int, width: int) -> int:
+    """Number of pyramid levels for an image of this size (level 0 included)."""
+    n, short = 1, min(height, width)
+    while n < MAX_LEVELS and short // 2 >= MIN_LEVEL_SIDE:
+        short //= 2
+        n += 1
+    return n
+
+
+def compressor():
+    return zarr.codecs.ZstdCodec(level=ZSTD_LEVEL)
+
+
+def pixel_chunks(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if path.startswith("instances_mask/"):
+        return (1, CHUNK, CHUNK)
+    return (CHUNK, CHUNK) + tuple(shape[2:])
+
+
+def create_pixels(group: zarr.Group, path: str, data: np.ndarray) -> zarr.Array:
+    """Write one pixel array (image, mask or ELA level) with the store's chunking."""
+    arr = group.create_array(
+        path, shape=data.shape, dtype=data.dtype, chunks=pixel_chunks(path, data.shape),
+        compressors=compressor(), fill_value=0, overwrite=True,
+        config={"write_empty_chunks": False},
+    )
+    arr[...] = data
+    return arr
+
+
+def open_store(path: str | os.PathLike, mode: str = "r") -> zarr.Group:
+    """Open a complete forgery store, or raise StoreError saying what is wrong."""
+    path = Path(path)
+    if not path.exists():
+        if partial_path(path).exists():
+            raise StoreError(f"{path}: its build did not finish ({partial_path(path)} "
+                             "holds the work so far); rerun build_zarr to resume it")
+        raise StoreError(
+            f"{path}: no store here; build one with `python preprocess/build_zarr.py`"
+        )
+    try:
+        group = zarr.open_group(str(path), mode=mode)
+    except Exception as exc:  # zarr raises several types for "not a group"
+        raise StoreError(f"{path}: not a Zarr v3 group ({exc})") from None
+    attrs = group.attrs.asdict()
+    if attrs.get("format") != FORMAT:
+        raise StoreError(
+            f"{path}: format is {attrs.get('format')!r}, expected {FORMAT!r}"
+        )
+    if attrs.get("version") != VERSION:
+        raise StoreError(
+            f"{path}: store version {attrs.get('version')!r}, this engine reads "
+            f"version {VERSION}; rebuild it with `python preprocess/build_zarr.py`"
+        )
+    return group
+
+
+def read_meta(group: zarr.Group) -> dict[str, np.ndarray]:
+    """All meta/ arrays as numpy arrays (small: a few bytes per image)."""
+    return {name: np.asarray(group[f"meta/{name}"][...]) for name in META_SCHEMA}
