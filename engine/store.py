@@ -148,3 +148,29 @@ def open_store(path: str | os.PathLike, mode: str = "r") -> zarr.Group:
 def read_meta(group: zarr.Group) -> dict[str, np.ndarray]:
     """All meta/ arrays as numpy arrays (small: a few bytes per image)."""
     return {name: np.asarray(group[f"meta/{name}"][...]) for name in META_SCHEMA}
+
+
+MINING_KINDS = ("hard_negative", "hard_fn")
+
+
+def mining_path(kind: str) -> str:
+    """Group of one mining result: arrays `score` float32 (N,) and `flag`
+    uint8 (N,) over all meta/ rows, attribute `checkpoint` (the sha256 of the
+    checkpoint that produced them), written last so a result without it is
+    incomplete and ignored."""
+    if kind not in MINING_KINDS:
+        raise ValueError(f"unknown mining kind {kind!r}; known: {MINING_KINDS}")
+    return f"mining/{kind}"
+
+
+def read_mining(group: zarr.Group, kind: str) -> dict | None:
+    """A complete mining result {"score", "flag", "checkpoint"}, or None."""
+    path = mining_path(kind)
+    if path not in group:
+        return None
+    sub = group[path]
+    checkpoint = sub.attrs.get("checkpoint")
+    if not checkpoint:
+        return None
+    return {"score": np.asarray(sub["score"][...]), "flag": np.asarray(sub["flag"][...]).astype(bool),
+            "checkpoint": checkpoint}
