@@ -28,7 +28,8 @@ in `meta/`, written as a decimal integer):
 Authentic images have no masks/ or instances_mask/ entry. Chunks are
 CHUNK x CHUNK pixels (all channels together), zstd-compressed, unsharded;
 all-zero mask chunks are not written (zarr's write_empty_chunks=False), so a
-mask costs almost nothing where there is no forgery.
+mask costs almost nothing where there is no forgery; image and ELA chunks are
+always written, so a missing one means a damaged store.
 """
 from __future__ import annotations
 
@@ -112,7 +113,9 @@ def create_pixels(group: zarr.Group, path: str, data: np.ndarray) -> zarr.Array:
     arr = group.create_array(
         path, shape=data.shape, dtype=data.dtype, chunks=pixel_chunks(path, data.shape),
         compressors=compressor(), fill_value=0, overwrite=True,
-        config={"write_empty_chunks": False},
+        # Masks skip all-zero chunks (most of a mask); images and ELA keep
+        # every chunk so that a missing chunk file is detectably corrupt.
+        config={"write_empty_chunks": path.startswith(("images/", "ela/"))},
     )
     arr[...] = data
     return arr
