@@ -197,6 +197,6 @@ def get_recipe(name: str) -> Recipe:
     try:
         return RECIPES[name]
     except KeyError:
-        raise KeyError(
+        raise ValueError(
             f"unknown member {name!r}; the members are: {', '.join(RECIPES)}"
         ) from None
