@@ -1,0 +1,226 @@
+"""The competition's metric, and solution files made from a store split.
+
+    python trainers/score.py --solution S.csv --submission P.csv
+    python trainers/score.py --write-solution S.csv --store data/store.zarr [--split val]
+
+Per image: 1 when truth and prediction are both `authentic`, 0 when only one
+of them is; otherwise the pixel F1 of every (predicted, true) instance pair,
+matched one to one by the Hungarian method, summed and divided by
+max(n_pred, n_true). That equals the competition's "mean matched F1 x
+n_true / max(n_pred, n_true)": its matrix is padded with zero rows up to
+n_true, so its mean runs over n_true pairs. The score is the mean over images.
+
+A solution file has `case_id,annotation,shape` (shape a JSON list [H, W]); a
+submission has `case_id,annotation`. Every row is checked, and a bad one stops
+the run with its file, line and case id.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from engine.store import StoreError, image_path, instances_mask_path, open_store, read_meta
+from trainers.rle import RLEError, decode_annotation, encode_annotation
+
+SOLUTION_COLUMNS = ("case_id", "annotation", "shape")
+SUBMISSION_COLUMNS = ("case_id", "annotation")
+SPLIT_CODES = {"train": 0, "val": 1}   # meta/split (DESIGN.md store schema)
+
+
+class ScoreError(ValueError):
+    """A solution or submission file that cannot be scored."""
+
+
+@dataclass(frozen=True)
+class Row:
+    annotation: str
+    line: int
+    shape: tuple[int, int] | None = None   # solution rows only
+
+
+def _where(path: Path, line: int, case_id: str) -> str:
+    return f"{path}, line {line}, case {case_id!r}"
+
+
+def _parse_shape(text: str, where: str) -> tuple[int, int]:
+    try:
+        shape = json.loads(text)
+    except json.JSONDecodeError:
+        shape = None
+    if not (isinstance(shape, list) and len(shape) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
+        raise ScoreError(f"{where}: shape {text!r} is not a JSON list [height, width] "
+                         "of positive integers")
+    return shape[0], shape[1]
+
+
+def _read_rows(path: Path, columns: tuple[str, ...]) -> dict[str, Row]:
+    path = Path(path)
+    if not path.is_file():
+        raise ScoreError(f"{path}: no such file")
+    rows: dict[str, Row] = {}
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in columns if c not in (reader.fieldnames or ())]
+        if missing:
+            raise ScoreError(f"{path}, line 1: header {reader.fieldnames} lacks the "
+                             f"column(s) {missing}; expected {','.join(columns)}")
+        for record in reader:
+            line, case_id = reader.line_num, (record["case_id"] or "").strip()
+            where = _where(path, line, case_id)
+            if any(record.get(c) is None for c in columns):
+                raise ScoreError(f"{where}: fewer fields than the header's {len(columns)}")
+            if not case_id:
+                raise ScoreError(f"{where}: empty case_id")
+            if case_id in rows:
+                raise ScoreError(f"{where}: duplicate row (first at line {rows[case_id].line})")
+            shape = _parse_shape(record["shape"], where) if "shape" in columns else None
+            rows[case_id] = Row(record["annotation"].strip(), line, shape)
+    return rows
+
+
+def read_solution(path: str | Path) -> dict[str, Row]:
+    return _read_rows(Path(path), SOLUTION_COLUMNS)
+
+
+def read_submission(path: str | Path) -> dict[str, Row]:
+    return _read_rows(Path(path), SUBMISSION_COLUMNS)
+
+
+def _f1_matrix(pred: list[np.ndarray], true: list[np.ndarray]) -> np.ndarray:
+    pred_area = [np.count_nonzero(p) for p in pred]
+    true_area = [np.count_nonzero(t) for t in true]
+    f1 = np.zeros((len(pred), len(true)))
+    for i, p in enumerate(pred):
+        for j, t in enumerate(true):
+            overlap = np.count_nonzero(p & t)
+            # 2 tp / (2 tp + fp + fn); two empty masks score 0 as in the competition.
+            f1[i, j] = 2 * overlap / (pred_area[i] + true_area[j]) if overlap else 0.0
+    return f1
+
+
+def image_score(true: list[np.ndarray], pred: list[np.ndarray]) -> float:
+    """One image's score from its true and predicted instance masks ([] = authentic)."""
+    if not true or not pred:
+        return float(not true and not pred)
+    f1 = _f1_matrix(pred, true)
+    rows, cols = linear_sum_assignment(f1, maximize=True)
+    return float(f1[rows, cols].sum() / max(len(pred), len(true)))
+
+
+def per_image_scores(solution: dict[str, Row], submission: dict[str, Row],
+                     solution_path: Path | str = "solution",
+                     submission_path: Path | str = "submission") -> dict[str, float]:
+    """Every solution case's score; raises ScoreError for unknown, missing or bad rows."""
+    for case_id, row in submission.items():
+        if case_id not in solution:
+            raise ScoreError(f"{_where(submission_path, row.line, case_id)}: "
+                             f"case not in the solution {solution_path}")
+    scores = {}
+    for case_id, truth in solution.items():
+        if case_id not in submission:
+            raise ScoreError(f"{submission_path}: no row for case {case_id!r} "
+                             f"(solution {solution_path}, line {truth.line})")
+        guess = submission[case_id]
+        try:
+            true = decode_annotation(truth.annotation, truth.shape)
+        except RLEError as exc:
+            raise ScoreError(f"{_where(solution_path, truth.line, case_id)}: {exc}") from None
+        try:
+            pred = decode_annotation(guess.annotation, truth.shape)
+        except RLEError as exc:
+            raise ScoreError(f"{_where(submission_path, guess.line, case_id)}: {exc}") from None
+        scores[case_id] = image_score(true, pred)
+    return scores
+
+
+def score_files(solution_path: str | Path, submission_path: str | Path) -> float:
+    """The competition score of a submission file against a solution file."""
+    solution = read_solution(solution_path)
+    if not solution:
+        raise ScoreError(f"{solution_path}: no rows to score")
+    scores = per_image_scores(solution, read_submission(submission_path),
+                              solution_path, submission_path)
+    return float(np.mean(list(scores.values())))
+
+
+def store_case_ids(case_ids: np.ndarray, rows: np.ndarray) -> list[str]:
+    """Unique CSV ids for store rows: the case id, or `<case id>#<row>` where an
+    authentic and a forged image share it (one CSV row per image)."""
+    names = [str(case_ids[r]) for r in rows]
+    counts = {n: names.count(n) for n in set(names)}
+    return [n if counts[n] == 1 else f"{n}#{r}" for n, r in zip(names, rows)]
+
+
+def split_rows(meta: dict[str, np.ndarray], split: str) -> np.ndarray:
+    """Rows of meta/ in a split ("train", "val" or "all")."""
+    if split == "all":
+        return np.arange(len(meta["split"]))
+    if split not in SPLIT_CODES:
+        raise ValueError(f"unknown split {split!r}; use one of {[*SPLIT_CODES, 'all']}")
+    return np.flatnonzero(meta["split"] == SPLIT_CODES[split])
+
+
+def true_instances(group, row: int) -> list[np.ndarray]:
+    """A store row's forged regions at original size ([] for authentic);
+    empty layers are left out, since an instance without pixels is not one."""
+    if instances_mask_path(row) not in group:
+        return []
+    layers = np.asarray(group[instances_mask_path(row)][...]).astype(bool)
+    return [layer for layer in layers if layer.any()]
+
+
+def write_solution(store: str | Path, path: str | Path, split: str = "val") -> int:
+    """Write the solution CSV of a store split; returns the number of rows."""
+    group = open_store(store)
+    meta = read_meta(group)
+    rows = split_rows(meta, split)
+    if not len(rows):
+        raise ScoreError(f"{store}: the {split} split has no images")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(SOLUTION_COLUMNS)
+        for case_id, row in zip(store_case_ids(meta["case_id"], rows), rows):
+            shape = group[image_path(int(row))].shape[:2]
+            annotation = encode_annotation(true_instances(group, int(row)))
+            writer.writerow([case_id, annotation, json.dumps(list(shape))])
+    return len(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--solution", type=Path, help="solution CSV: case_id,annotation,shape")
+    parser.add_argument("--submission", type=Path, help="submission CSV: case_id,annotation")
+    parser.add_argument("--write-solution", type=Path, metavar="CSV",
+                        help="instead of scoring, write the solution CSV of --store's --split")
+    parser.add_argument("--store", type=Path, help="store to write the solution from")
+    parser.add_argument("--split", default="val", choices=[*SPLIT_CODES, "all"])
+    args = parser.parse_args(argv)
+    try:
+        if args.write_solution:
+            if not args.store:
+                parser.error("--write-solution needs --store")
+            n = write_solution(args.store, args.write_solution, args.split)
+            print(f"wrote {n} rows to {args.write_solution}")
+            return 0
+        if not (args.solution and args.submission):
+            parser.error("give --solution and --submission (or --write-solution with --store)")
+        print(f"score {score_files(args.solution, args.submission):.6f}")
+    except (ScoreError, StoreError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
