@@ -148,7 +148,7 @@ def _one_d(name: str, array, n: int | None = None) -> np.ndarray:
     if array.ndim != 1:
         raise ValueError(f"{name}: expected a 1-D array, got shape {array.shape}")
     if n is not None and array.shape[0] != n:
-        raise ValueError(f"{name}: {array.shape[0]} rows, expected {n} (one per meta/ row)")
+        raise ValueError(f"{name}: {array.shape[0]} rows, expected {n}")
     return array
 
 
