@@ -15,10 +15,13 @@ in `meta/`, written as a decimal integer):
     instances/bbox            int32 (M, 4) y0, x0, y1, x1, half-open
     instances/area            int64 (M,)  pixels of the region
     images/<row>/<level>      uint8 (H_l, W_l, 3)  RGB; level 0 = original,
-                              level l+1 = level l downsampled by 2 (area mean)
+                              level l+1 = mean of each 2x2 block of level l
+                              (H_l+1 = H_l // 2: an odd last row or column is
+                              dropped, so level l pixel (y, x) covers level 0
+                              pixels [y 2^l, (y+1) 2^l) exactly)
     masks/<row>/<level>       uint8 (H_l, W_l)  union of the instances, 0/1;
-                              level l+1 = level l[::2, ::2] (what a
-                              nearest-neighbour resize from level 0 would pick)
+                              level l+1 = level l[0:2*(H_l//2):2, 0:2*(W_l//2):2]
+                              (what a nearest-neighbour resize would pick)
     instances_mask/<row>      uint8 (N_inst, H, W)  every instance, 0/1
     ela/<row>/<level>         uint8 (H_l, W_l)  ELA (preprocess/ela.py);
                               levels as images
@@ -36,8 +39,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import cv2
 import numpy as np
 import zarr
+
+from engine.recipes import SIZE_CLASS_EDGES
 
 FORMAT = "forgery-store"
 VERSION = 1
@@ -64,6 +70,13 @@ META_SCHEMA = {
 }
 
 
+def size_class(area_ratio):
+    """meta/size_class of forged area ratios (scalar or array): 1 tiny .. 5
+    xlarge by recipes.SIZE_CLASS_EDGES, an edge belonging to the larger class.
+    Authentic rows (area 0) get 0 from the caller, not from here."""
+    return (1 + np.searchsorted(SIZE_CLASS_EDGES, area_ratio, side="right")).astype(np.int8)
+
+
 class StoreError(RuntimeError):
     """A store that is missing, incomplete, of another format or version."""
 
@@ -87,6 +100,24 @@ def ela_path(row: int, level: int = 0) -> str:
 
 def instances_mask_path(row: int) -> str:
     return f"instances_mask/{row}"
+
+
+def row_nodes(row: int) -> tuple[str, ...]:
+    """Every node holding one row's pixels (absent ones are simply missing:
+    authentic rows have no masks or instances_mask)."""
+    return f"images/{row}", f"masks/{row}", f"ela/{row}", instances_mask_path(row)
+
+
+def downsample_pixels(level: np.ndarray) -> np.ndarray:
+    """Next pyramid level of an image or ELA level: 2x2 block means."""
+    h, w = level.shape[0] // 2, level.shape[1] // 2
+    return cv2.resize(level[:2 * h, :2 * w], (w, h), interpolation=cv2.INTER_AREA)
+
+
+def downsample_mask(level: np.ndarray) -> np.ndarray:
+    """Next pyramid level of a mask: every second pixel (nearest neighbour)."""
+    h, w = level.shape[0] // 2, level.shape[1] // 2
+    return np.ascontiguousarray(level[0:2 * h:2, 0:2 * w:2])
 
 
 def level_count(height: int, width: int) -> int:

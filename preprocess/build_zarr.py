@@ -1,0 +1,476 @@
+"""Build the forgery store (Zarr v3) from a Kaggle-layout folder.
+
+    python preprocess/build_zarr.py [--source DIR] [--out STORE] [--workers N]
+        [--strict] [--overwrite] [--max-pixels P]
+
+Without --source it first writes the built-in demo folder (--demo-dir,
+scikit-image's scientific images with synthetic copy-move forgeries; reused
+when it already exists) and builds the store from it.
+
+Every PNG is decoded once (conversion rule: preprocess/source.py), every mask
+instance kept; the store's layout is engine/store.py's. Workers (all cores by
+default) each write their own images' arrays into `<out>.partial/staging/<i>`
+and then a completion record `<out>.partial/records/<i>.json` (atomically,
+after the arrays). The main process then writes `meta/` and `instances/`,
+moves each image's arrays to its row, writes the root attributes last and
+renames `<out>.partial` to `<out>`. A killed build leaves only the .partial
+folder; rerunning the same command resumes it (cases with a record whose
+source files are unchanged are not redone) and gives the same store an
+uninterrupted build gives. Every step of the final phase can be repeated.
+
+Bad input (a file that cannot be stored): by default the case is skipped and
+listed with its reason in the summary and in `<out>/build_report.json`;
+--strict stops at the first one with exit status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import zarr
+from tqdm import tqdm
+
+from engine import store as layout
+from engine.recipes import SIZE_CLASS_NAMES
+from preprocess import ela as ela_module
+from preprocess.demo_data import DEFAULT_COUNT, write_demo
+from preprocess.source import (DEFAULT_MAX_PIXELS, BadInput, Case, count_test_images, discover,
+                               load_image, load_masks)
+
+STAGING = "staging"
+RECORDS = "records"
+REPORT = "build_report.json"
+VAL_FRACTION = 0.1
+DEMO_DIR = Path("data/demo")
+
+
+class BuildError(RuntimeError):
+    """A build that cannot go on (strict mode's first bad input, bad arguments)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the stored pixels depend on; a partial build with other
+    settings is started over instead of resumed."""
+    source: str
+    max_pixels: int
+    chunk: int
+    zstd_level: int
+    ela_jpeg_quality: int
+    ela_gain: int
+    min_level_side: int
+    max_levels: int
+    val_fraction: float
+    cases_sha256: str
+
+
+# ---------------------------------------------------------------- one image
+
+def mask_stats(instances: np.ndarray) -> dict:
+    """Union area, bbox (half-open), centroid and per-instance bbox/area."""
+    union = instances.max(axis=0)
+    rows, cols = union.sum(axis=1, dtype=np.int64), union.sum(axis=0, dtype=np.int64)
+    area = int(rows.sum())
+    return {
+        "area": area,
+        "bbox": _bbox(rows, cols),
+        "centroid": [float(rows @ np.arange(len(rows)) / area),
+                     float(cols @ np.arange(len(cols)) / area)],
+        "instances": [_bbox(layer.any(axis=1), layer.any(axis=0)) + [int(layer.sum(dtype=np.int64))]
+                      for layer in instances],
+    }
+
+
+def _bbox(rows: np.ndarray, cols: np.ndarray) -> list[int]:
+    """[y0, x0, y1, x1] half-open from row/column occupancy; -1s when empty."""
+    ys, xs = np.flatnonzero(rows), np.flatnonzero(cols)
+    if len(ys) == 0:
+        return [-1, -1, -1, -1]
+    return [int(ys[0]), int(xs[0]), int(ys[-1]) + 1, int(xs[-1]) + 1]
+
+
+def write_pixels(group: zarr.Group, key: int, rgb: np.ndarray, instances: np.ndarray | None) -> None:
+    """One image's pyramid levels, ELA and masks under `group` (row `key`)."""
+    levels = layout.level_count(*rgb.shape[:2])
+    image, ela = rgb, ela_module.compute_ela(rgb)
+    union = None if instances is None else instances.max(axis=0)
+    for level in range(levels):
+        if level:
+            image, ela = layout.downsample_pixels(image), layout.downsample_pixels(ela)
+            union = None if union is None else layout.downsample_mask(union)
+        layout.create_pixels(group, layout.image_path(key, level), image)
+        layout.create_pixels(group, layout.ela_path(key, level), ela)
+        if union is not None:
+            layout.create_pixels(group, layout.mask_path(key, level), union)
+    if instances is not None:
+        layout.create_pixels(group, layout.instances_mask_path(key), instances)
+
+
+def _file_stat(path: Path | None) -> list[int] | None:
+    if path is None:
+        return None
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def case_fingerprint(case: Case) -> dict:
+    return {"image": str(case.image), "mask": None if case.mask is None else str(case.mask),
+            "image_stat": _file_stat(case.image), "mask_stat": _file_stat(case.mask)}
+
+
+def process_case(task: tuple[int, Case, str, int]) -> dict:
+    """Worker: decode, validate and write one case; returns its record."""
+    key, case, partial, max_pixels = task
+    staging = Path(partial) / STAGING / str(key)
+    shutil.rmtree(staging, ignore_errors=True)  # leftovers of a killed attempt
+    record = {"key": key, **case_fingerprint(case)}
+    try:
+        rgb = load_image(case.image, max_pixels)
+        instances = load_masks(case.mask, *rgb.shape[:2]) if case.label else None
+    except BadInput as exc:
+        record.update(skipped=exc.problem, file=exc.path)
+    else:
+        write_pixels(zarr.open_group(str(staging), mode="w"), key, rgb, instances)
+        record.update(height=rgb.shape[0], width=rgb.shape[1])
+        if instances is not None:
+            record.update(mask_stats(instances))
+    _write_json_atomic(Path(partial) / RECORDS / f"{key}.json", record)
+    return record
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)  # one process per core already
+
+
+# ---------------------------------------------------------------- the store
+
+def grouped_split(case_ids: np.ndarray, labels: np.ndarray, val_fraction: float = VAL_FRACTION) -> np.ndarray:
+    """uint8 split per row (0 train, 1 val), grouped by case id. Cases with
+    a forged image and authentic-only cases each send round(fraction x count)
+    cases (at least one of two or more) to val, those first in the order of
+    sha256(case id): stable, and independent of row order and workers."""
+    forged_cases = set(case_ids[labels == 1].tolist())
+    val: set[str] = set()
+    for stratum in (forged_cases, set(case_ids.tolist()) - forged_cases):
+        ranked = sorted(stratum, key=lambda c: hashlib.sha256(c.encode()).hexdigest())
+        n_val = round(val_fraction * len(ranked))
+        if len(ranked) >= 2:
+            n_val = max(n_val, 1)
+        val.update(ranked[:n_val])
+    return np.array([c in val for c in case_ids.tolist()], np.uint8)
+
+
+def meta_arrays(cases: list[Case], records: list[dict], val_fraction: float) -> tuple[dict, dict]:
+    """meta/ and instances/ arrays of the stored rows (DESIGN.md schema)."""
+    n = len(records)
+    label = np.array([c.label for c in cases], np.uint8)
+    height = np.array([r["height"] for r in records], np.int32)
+    width = np.array([r["width"] for r in records], np.int32)
+    n_inst = np.array([len(r.get("instances", ())) for r in records], np.int16)
+    area = np.array([r.get("area", 0) for r in records], np.float64)
+    area_ratio = (area / (height.astype(np.float64) * width)).astype(np.float32)
+    size_class = np.where(label == 1, layout.size_class(area_ratio), 0).astype(np.int8)
+    case_id = np.array([c.case_id for c in cases], dtype=np.dtypes.StringDType())
+    meta = {
+        "case_id": case_id,
+        "label": label,
+        "height": height,
+        "width": width,
+        "n_instances": n_inst,
+        "area_ratio": area_ratio,
+        "bbox": np.array([r.get("bbox", [-1] * 4) for r in records], np.int32).reshape(n, 4),
+        "centroid": np.array([r.get("centroid", [-1.0] * 2) for r in records],
+                             np.float32).reshape(n, 2),
+        "size_class": size_class,
+        "split": grouped_split(case_id, label, val_fraction),
+        "instance_start": np.concatenate([[0], np.cumsum(n_inst, dtype=np.int64)]),
+    }
+    boxes = [i for r in records for i in r.get("instances", ())]
+    instances = {
+        "image_row": np.repeat(np.arange(n, dtype=np.int32), n_inst),
+        "bbox": np.array([b[:4] for b in boxes], np.int32).reshape(-1, 4),
+        "area": np.array([b[4] for b in boxes], np.int64),
+    }
+    return meta, instances
+
+
+def fingerprint(meta: dict, instances: dict) -> str:
+    """sha256 over the meta/ and instances/ arrays (names, dtypes, shapes, values)."""
+    digest = hashlib.sha256()
+    for prefix, arrays in (("meta", meta), ("instances", instances)):
+        for name in sorted(arrays):
+            arr = arrays[name]
+            digest.update(f"{prefix}/{name}:{arr.dtype.str}:{arr.shape}".encode())
+            if arr.dtype.kind == "T":
+                digest.update("\0".join(arr.tolist()).encode())
+            else:
+                digest.update(np.ascontiguousarray(arr).tobytes())
+    return digest.hexdigest()
+
+
+def _write_array(group: zarr.Group, path: str, data: np.ndarray) -> None:
+    dtype = str if data.dtype.kind == "T" else data.dtype  # str: variable-length UTF-8
+    arr = group.create_array(path, shape=data.shape, dtype=dtype,
+                             chunks=tuple(max(1, s) for s in data.shape), overwrite=True)
+    arr[...] = data
+
+
+def finalize(partial: Path, settings: Settings, cases: list[Case], records: list[dict],
+             report: dict) -> None:
+    """meta/, instances/, rows, report and root attributes; each step can be
+    repeated after a kill."""
+    stored = [(c, r) for c, r in zip(cases, records) if "skipped" not in r]
+    meta, instances = meta_arrays([c for c, _ in stored], [r for _, r in stored],
+                                  settings.val_fraction)
+    root = zarr.open_group(str(partial), mode="r+")
+    for name, data in meta.items():
+        _write_array(root, f"meta/{name}", data)
+    for name, data in instances.items():
+        _write_array(root, f"instances/{name}", data)
+    for top in {node.split("/")[0] for node in layout.row_nodes(0)}:
+        root.require_group(top)
+    for row, (_, record) in enumerate(stored):
+        staged = partial / STAGING / str(record["key"])
+        for src, dst in zip(layout.row_nodes(record["key"]), layout.row_nodes(row)):
+            if (staged / src).exists():
+                os.rename(staged / src, partial / dst)
+    report["rows"] = [str(c.image) for c, _ in stored]
+    _write_json_atomic(partial / REPORT, report)
+    root.attrs.update({
+        "format": layout.FORMAT, "version": layout.VERSION,
+        "fingerprint": fingerprint(meta, instances), "chunk": layout.CHUNK,
+        "levels": {"min_side": layout.MIN_LEVEL_SIDE, "max": layout.MAX_LEVELS},
+    })
+
+
+def finish(partial: Path, out: Path) -> None:
+    """Drop the build's scratch folders and put the store in place."""
+    shutil.rmtree(partial / STAGING, ignore_errors=True)
+    shutil.rmtree(partial / RECORDS, ignore_errors=True)
+    os.rename(partial, out)
+
+
+# ---------------------------------------------------------------- the build
+
+def settings_for(source: Path, cases: list[Case], max_pixels: int) -> Settings:
+    listing = "\n".join(f"{c.folder}/{c.case_id}:{c.label}:{c.mask is not None}" for c in cases)
+    return Settings(
+        source=str(source.resolve()), max_pixels=max_pixels, chunk=layout.CHUNK,
+        zstd_level=layout.ZSTD_LEVEL, ela_jpeg_quality=ela_module.JPEG_QUALITY,
+        ela_gain=ela_module.GAIN, min_level_side=layout.MIN_LEVEL_SIDE,
+        max_levels=layout.MAX_LEVELS, val_fraction=VAL_FRACTION,
+        cases_sha256=hashlib.sha256(listing.encode()).hexdigest(),
+    )
+
+
+def open_partial(partial: Path, settings: Settings) -> tuple[zarr.Group, bool]:
+    """The partial store to build into, resumed when its settings match.
+    Returns (group, finalized): finalized when only the rename was missing."""
+    if partial.exists():
+        try:
+            group = zarr.open_group(str(partial), mode="r+")
+            if group.attrs.get("build") == asdict(settings):
+                print(f"resuming the interrupted build in {partial}")
+                return group, "fingerprint" in group.attrs
+        except Exception:  # no readable group: killed while creating it
+            pass
+        print(f"{partial}: left by a build with other inputs or settings; starting over")
+        shutil.rmtree(partial)
+    group = zarr.open_group(str(partial), mode="w")
+    group.attrs["build"] = asdict(settings)
+    (partial / STAGING).mkdir()
+    (partial / RECORDS).mkdir()
+    return group, False
+
+
+def reusable_record(partial: Path, key: int, case: Case) -> dict | None:
+    """The completion record of case `key`, if it is complete and its source
+    files are unchanged (skipped cases are always retried)."""
+    path = partial / RECORDS / f"{key}.json"
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    if "skipped" in record or any(record[k] != v for k, v in case_fingerprint(case).items()):
+        return None
+    return record
+
+
+def run_cases(partial: Path, cases: list[Case], todo: list[int], workers: int, max_pixels: int,
+              strict: bool, progress: bool) -> dict[int, dict]:
+    """Process the cases `todo` with `workers` processes; records by key."""
+    tasks = [(k, cases[k], str(partial), max_pixels) for k in todo]
+    bar = tqdm(total=len(tasks), desc="images", unit="img", disable=not progress)
+    records: dict[int, dict] = {}
+    pool = None
+    if workers > 1 and len(tasks) > 1:
+        # spawn: zarr's event-loop thread in this process must not be forked
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
+        results = pool.imap_unordered(process_case, tasks, chunksize=1)
+    else:
+        results = map(process_case, tasks)
+    try:
+        for record in results:
+            if strict and "skipped" in record:
+                raise BuildError(f"{record['file']}: {record['skipped']}")
+            records[record["key"]] = record
+            bar.update()
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return records
+
+
+def build_store(source: Path, out: Path, *, workers: int | None = None, strict: bool = False,
+                overwrite: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+                progress: bool = True, figure: bool = True) -> dict | None:
+    """Build `out` from `source`; returns the build report, or None when a
+    complete store already exists there (and overwrite is False)."""
+    source, out = Path(source), Path(out)
+    if out.exists():
+        if not overwrite:
+            layout.open_store(out)  # raises StoreError when it is not a store
+            print(f"{out}: a complete store exists already; nothing to do "
+                  "(--overwrite rebuilds it)")
+            return None
+        if not (out / "zarr.json").exists():
+            raise BuildError(f"{out}: exists and is not a Zarr store; refusing to replace it")
+    workers = workers or os.cpu_count() or 1
+    started = time.perf_counter()
+    cases, problems = discover(source)
+    if strict and problems:
+        raise BuildError(str(problems[0]))
+    settings = settings_for(source, cases, max_pixels)
+    partial = layout.partial_path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    group, finalized = open_partial(partial, settings)
+    if not finalized:
+        reused = {k: reusable_record(partial, k, case) for k, case in enumerate(cases)}
+        records = {k: r for k, r in reused.items() if r is not None}
+        todo = [k for k in range(len(cases)) if k not in records]
+        records |= run_cases(partial, cases, todo, workers, max_pixels, strict, progress)
+        ordered = [records[k] for k in range(len(cases))]
+        skipped = [{"file": str(p.path), "problem": p.problem} for p in problems] + \
+                  [{"file": r["file"], "problem": r["skipped"]} for r in ordered if "skipped" in r]
+        report = {
+            "source": str(source), "skipped": skipped,
+            "test_images_not_stored": count_test_images(source),
+            "bytes_source": sum(r["image_stat"][0] + (r["mask_stat"] or [0])[0]
+                                for r in ordered if "skipped" not in r),
+        }
+        finalize(partial, settings, cases, ordered, report)
+    if out.exists():
+        shutil.rmtree(out)  # only reached with --overwrite, checked above
+    finish(partial, out)
+    report = json.loads((out / REPORT).read_text())
+    report["bytes_store"] = _tree_bytes(out)
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    report["workers"] = workers
+    _write_json_atomic(out / REPORT, report)
+    group = layout.open_store(out)
+    print_summary(layout.read_meta(group), report)
+    if figure:
+        from preprocess.figures import write_summary_figure  # matplotlib: only when drawing
+        png = summary_figure_path(out)
+        write_summary_figure(group, png)
+        print(f"summary figure: {png}")
+    return report
+
+
+def summary_figure_path(out: Path) -> Path:
+    return out.with_name(out.stem + "_summary.png")
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def print_summary(meta: dict, report: dict) -> None:
+    """Images by label and size class, size range, bytes, time, skipped files."""
+    label, size_class = meta["label"], meta["size_class"]
+    print(f"\n{'size class':<12}{'authentic':>10}{'forged':>8}{'val':>6}")
+    for k, name in enumerate(SIZE_CLASS_NAMES):
+        sel = size_class == k
+        print(f"{name:<12}{int((sel & (label == 0)).sum()):>10}{int((sel & (label == 1)).sum()):>8}"
+              f"{int((sel & (meta['split'] == 1)).sum()):>6}")
+    print(f"{'total':<12}{int((label == 0).sum()):>10}{int((label == 1).sum()):>8}"
+          f"{int((meta['split'] == 1).sum()):>6}")
+    if len(label):
+        print(f"height {meta['height'].min()}-{meta['height'].max()} px, "
+              f"width {meta['width'].min()}-{meta['width'].max()} px")
+    print(f"bytes: source {report['bytes_source'] / 1e6:.1f} MB -> store "
+          f"{report['bytes_store'] / 1e6:.1f} MB; {report['seconds']:.1f} s with "
+          f"{report['workers']} workers")
+    if report["test_images_not_stored"]:
+        print(f"test_images/: {report['test_images_not_stored']} images not stored "
+              "(label unknown; predict.py reads them)")
+    print(f"skipped {len(report['skipped'])} files")
+    for item in report["skipped"]:
+        print(f"  {item['file']}: {item['problem']}")
+
+
+def ensure_demo(folder: Path, count: int, seed: int, progress: bool = True) -> None:
+    """Write the demo folder unless it exists (written to a temporary
+    folder and renamed, so a killed run leaves no half folder)."""
+    if folder.exists():
+        print(f"using the demo folder {folder} (delete it to regenerate)")
+        return
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_demo(tmp, count=count, seed=seed, progress=progress)
+    os.rename(tmp, folder)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Build the forgery store (Zarr v3) from a Kaggle-layout folder, "
+                    "or from the built-in demo data when --source is not given.",
+        epilog="Row order: by folder, then case id. Exit status 0 on success or when a "
+               "complete store exists, 1 on failure.")
+    parser.add_argument("--source", type=Path, help="Kaggle-layout folder (default: demo data)")
+    parser.add_argument("--out", type=Path, default=layout.DEFAULT_STORE, help="store path")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad input")
+    parser.add_argument("--overwrite", action="store_true", help="rebuild an existing store")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help=f"skip images with more pixels (default {DEFAULT_MAX_PIXELS:,})")
+    parser.add_argument("--demo-dir", type=Path, default=DEMO_DIR, help="where demo data goes")
+    parser.add_argument("--demo-count", type=int, default=DEFAULT_COUNT, help="demo images")
+    parser.add_argument("--demo-seed", type=int, default=0)
+    parser.add_argument("--no-figure", action="store_true", help="skip the summary PNG")
+    args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        parser.error("--workers must be at least 1")
+    try:
+        source = args.source
+        if source is None:
+            ensure_demo(args.demo_dir, args.demo_count, args.demo_seed)
+            source = args.demo_dir
+        build_store(source, args.out, workers=args.workers, strict=args.strict,
+                    overwrite=args.overwrite, max_pixels=args.max_pixels,
+                    figure=not args.no_figure)
+    except (BuildError, BadInput, FileNotFoundError, layout.StoreError) as exc:
+        print(f"build_zarr: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
