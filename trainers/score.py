@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from engine.loader import SPLITS
 from engine.store import StoreError, image_path, instances_mask_path, open_store, read_meta
 from trainers.rle import RLEError, decode_annotation, encode_annotation
 
 SOLUTION_COLUMNS = ("case_id", "annotation", "shape")
 SUBMISSION_COLUMNS = ("case_id", "annotation")
-SPLIT_CODES = {"train": 0, "val": 1}   # meta/split (DESIGN.md store schema)
 
 
 class ScoreError(ValueError):
@@ -163,9 +163,9 @@ def split_rows(meta: dict[str, np.ndarray], split: str) -> np.ndarray:
     """Rows of meta/ in a split ("train", "val" or "all")."""
     if split == "all":
         return np.arange(len(meta["split"]))
-    if split not in SPLIT_CODES:
-        raise ValueError(f"unknown split {split!r}; use one of {[*SPLIT_CODES, 'all']}")
-    return np.flatnonzero(meta["split"] == SPLIT_CODES[split])
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {[*SPLITS, 'all']}")
+    return np.flatnonzero(meta["split"] == SPLITS[split])
 
 
 def true_instances(group, row: int) -> list[np.ndarray]:
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-solution", type=Path, metavar="CSV",
                         help="instead of scoring, write the solution CSV of --store's --split")
     parser.add_argument("--store", type=Path, help="store to write the solution from")
-    parser.add_argument("--split", default="val", choices=[*SPLIT_CODES, "all"])
+    parser.add_argument("--split", default="val", choices=[*SPLITS, "all"])
     args = parser.parse_args(argv)
     try:
         if args.write_solution:

@@ -1,0 +1,186 @@
+"""The six members as one predictor, and the step from probabilities to instances.
+
+MEMBERS.md, "Ensemble and scoring": the members whose recipe role is "average"
+are averaged with their recipe weights (divided by the weights' sum), then the
+"union" member (the small-forgery specialist) is merged as
+max(average, weight x p_specialist). Any subset of members works: the weights
+of those present are renormalised, and without average members the result is
+the weighted specialist alone.
+
+Each member sees the whole image resized to its own input size (with ELA as a
+fourth channel when its recipe has 4 input channels). Member outputs are
+brought to one common size, combined, resized to the original image, then
+thresholded; each connected component that is large enough is one instance.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from engine.loader import IMAGENET_MEAN, IMAGENET_STD
+from engine.recipes import ENSEMBLE_AVERAGE, ENSEMBLE_UNION, Recipe, get_recipe
+from trainers.checkpoint import CheckpointError, best_path, load_member
+
+ALL_MEMBERS = ENSEMBLE_AVERAGE + ENSEMBLE_UNION
+# Minimum component areas are given in pixels of a 512 x 512 model input
+# (MEMBERS.md); on an image they mean the same fraction of its area.
+MIN_AREA_REFERENCE_PIXELS = 512 * 512
+
+
+@dataclass(frozen=True)
+class PostProcess:
+    threshold: float
+    min_area: int       # pixels at 512 x 512
+
+    def __post_init__(self):
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold {self.threshold}: must lie strictly between 0 and 1")
+        if self.min_area < 0:
+            raise ValueError(f"min_area {self.min_area}: must not be negative")
+
+    def min_area_at(self, height: int, width: int) -> float:
+        """The minimum component area in pixels of a height x width image."""
+        return self.min_area * height * width / MIN_AREA_REFERENCE_PIXELS
+
+
+# The documented operating points (threshold, minimum area at 512 px).
+MODES = {
+    "high-precision": PostProcess(0.80, 100),
+    "balanced": PostProcess(0.70, 50),
+    "default": PostProcess(0.65, 50),
+    "high-recall": PostProcess(0.60, 30),
+    "max-recall": PostProcess(0.55, 20),
+}
+
+
+def combine(probs: dict[str, torch.Tensor], recipes: dict[str, Recipe]) -> torch.Tensor:
+    """Final probability from member probabilities of one shape (average, then union)."""
+    if not probs:
+        raise ValueError("no member probabilities to combine")
+    averaged = [name for name in probs if recipes[name].ensemble_role == "average"]
+    united = [name for name in probs if recipes[name].ensemble_role == "union"]
+    result = None
+    if averaged:
+        total = sum(recipes[name].ensemble_weight for name in averaged)
+        result = sum(probs[name] * (recipes[name].ensemble_weight / total) for name in averaged)
+    for name in united:
+        scaled = probs[name] * recipes[name].ensemble_weight
+        result = scaled if result is None else torch.maximum(result, scaled)
+    return result
+
+
+def _resize(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """cv2 resize to (height, width): area averaging when shrinking (no aliasing
+    on 3000 px figures), bilinear when enlarging."""
+    height, width = size
+    shrink = height * width < array.shape[0] * array.shape[1]
+    return cv2.resize(array, (width, height),
+                      interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def model_input(images: list[np.ndarray], elas: list[np.ndarray] | None, size: int) -> torch.Tensor:
+    """(B, C, size, size) float32: RGB ImageNet-normalised, plus ELA / 255 when given.
+
+    images: (H, W, 3) uint8 RGB each; elas: (H, W) uint8 each, or None.
+    """
+    rgb = np.stack([_resize(image, (size, size)) for image in images]).astype(np.float32) / 255.0
+    rgb = (rgb - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
+    channels = [rgb.transpose(0, 3, 1, 2)]
+    if elas is not None:
+        ela = np.stack([_resize(e, (size, size)) for e in elas]).astype(np.float32) / 255.0
+        channels.append(ela[:, None])
+    return torch.from_numpy(np.ascontiguousarray(np.concatenate(channels, axis=1)))
+
+
+@torch.inference_mode()
+def member_probabilities(model: nn.Module, x: torch.Tensor, tta: bool) -> torch.Tensor:
+    """sigmoid(model(x)); with tta, the mean over identity, horizontal and vertical flips."""
+    prob = torch.sigmoid(model(x).float())
+    if not tta:
+        return prob
+    for dims in ((3,), (2,)):
+        prob = prob + torch.sigmoid(model(x.flip(dims)).float()).flip(dims)
+    return prob / 3
+
+
+@dataclass
+class Member:
+    name: str
+    model: nn.Module
+    recipe: Recipe
+
+
+class Ensemble:
+    """Members (any subset of the six) predicting together on one device."""
+
+    def __init__(self, members: list[Member], device: str | torch.device = "cpu"):
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.device = torch.device(device)
+        self.members = members
+        for member in members:
+            member.model.to(self.device).eval()
+        self.recipes = {m.name: m.recipe for m in members}
+        self.size = max(m.recipe.img_size for m in members)
+        self.needs_ela = any(m.recipe.in_channels == 4 for m in members)
+
+    @classmethod
+    def load(cls, models_dir: str | Path, names: tuple[str, ...] = ALL_MEMBERS,
+             device: str | torch.device = "cpu") -> Ensemble:
+        """Members from `<models_dir>/<member>_best.pth`; every missing one is named."""
+        for name in names:
+            get_recipe(name)          # an unknown name fails with the list of members
+        missing = [best_path(models_dir, n) for n in names if not best_path(models_dir, n).is_file()]
+        if missing:
+            raise CheckpointError(
+                "no checkpoint for: " + ", ".join(str(p) for p in missing)
+                + "; train those members (`python trainers/train.py --member NAME`) "
+                "or choose others with --members")
+        members = []
+        for name in names:
+            model, recipe, _ = load_member(best_path(models_dir, name), device=device)
+            if recipe.name != name:
+                raise CheckpointError(f"{best_path(models_dir, name)} holds member "
+                                 f"{recipe.name!r}, not {name!r}")
+            members.append(Member(name, model, recipe))
+        return cls(members, device)
+
+    def probabilities(self, images: list[np.ndarray], elas: list[np.ndarray] | None,
+                      tta: bool = False) -> dict[str, torch.Tensor]:
+        """Each member's probabilities (B, 1, size, size) for a batch of whole images."""
+        if self.needs_ela and elas is None:
+            raise ValueError("a member takes ELA as a 4th channel; pass the images' ELA")
+        inputs: dict[tuple[int, int], torch.Tensor] = {}
+        out = {}
+        for member in self.members:
+            key = (member.recipe.img_size, member.recipe.in_channels)
+            if key not in inputs:
+                inputs[key] = model_input(images, elas if key[1] == 4 else None,
+                                          key[0]).to(self.device)
+            prob = member_probabilities(member.model, inputs[key], tta)
+            if prob.shape[-1] != self.size:
+                prob = nn.functional.interpolate(prob, size=(self.size, self.size),
+                                                 mode="bilinear", align_corners=False)
+            out[member.name] = prob
+        return out
+
+    def combine(self, probs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return combine(probs, self.recipes)
+
+
+def to_original_size(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A (S, S) probability map resized to the image's (H, W)."""
+    return _resize(np.asarray(prob, dtype=np.float32), shape)
+
+
+def instances(prob: np.ndarray, post: PostProcess) -> list[np.ndarray]:
+    """Bool masks of the components of prob > threshold at least min_area large."""
+    binary = (prob > post.threshold).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    min_area = post.min_area_at(*prob.shape)
+    return [labels == k for k in range(1, count) if stats[k, cv2.CC_STAT_AREA] >= min_area]

@@ -1,0 +1,175 @@
+"""Ensemble prediction: images in, the competition's submission.csv out.
+
+    python trainers/predict.py --images DIR --out submission.csv
+    python trainers/predict.py --store data/store.zarr [--split val] --out submission.csv
+        [--models models/] [--members a,b,...] [--mode default] [--threshold T]
+        [--min-area A] [--tta] [--batch-size B] [--device auto|cpu|cuda]
+
+--images reads every PNG of DIR (case id = file stem) with the build step's
+decoding and pixel conversion (preprocess/source.py: 16-bit to 8-bit, grey to
+RGB, alpha over white) and computes the comprehensive member's ELA the way
+the build step does. --store reads a split's images and stored ELA, and names
+rows as trainers/score.py's solution writer does, so the two files match.
+
+Modes (threshold, minimum area in pixels at 512 x 512): high-precision
+0.80/100, balanced 0.70/50, default 0.65/50, high-recall 0.60/30, max-recall
+0.55/20; --threshold and --min-area override the mode's values.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from engine.loader import resolve_device
+from engine.store import StoreError, ela_path, image_path, open_store, read_meta
+from preprocess.ela import compute_ela
+from preprocess.source import BadInput, load_image
+from trainers.checkpoint import CheckpointError
+from trainers.ensemble import ALL_MEMBERS, MODES, Ensemble, PostProcess, instances, to_original_size
+from trainers.rle import encode_annotation
+from trainers.score import SUBMISSION_COLUMNS, split_rows, store_case_ids
+
+
+@dataclass
+class Case:
+    case_id: str
+    image: np.ndarray               # (H, W, 3) uint8 RGB, original size
+    ela: np.ndarray | None = None   # (H, W) uint8, when a member needs it
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The PNG files of a folder, sorted; a folder without any is an error."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: image folder does not exist")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".png")
+    if not files:
+        raise FileNotFoundError(f"{folder}: no .png images to predict")
+    stems = [p.stem for p in files]
+    repeated = sorted({s for s in stems if stems.count(s) > 1})
+    if repeated:
+        raise BadInput(folder, f"case ids occur twice (e.g. a.png and a.PNG): {repeated}")
+    return files
+
+
+def folder_cases(files: list[Path], with_ela: bool) -> Iterator[Case]:
+    for path in files:
+        image = load_image(path)
+        yield Case(path.stem, image, compute_ela(image) if with_ela else None)
+
+
+def store_cases(store, rows: np.ndarray, with_ela: bool) -> Iterator[Case]:
+    """Cases of store rows, named as the solution writer names them."""
+    group = open_store(store)
+    names = store_case_ids(read_meta(group)["case_id"], rows)
+    for name, row in zip(names, rows):
+        image = np.asarray(group[image_path(int(row))][...])
+        ela = np.asarray(group[ela_path(int(row))][...]) if with_ela else None
+        yield Case(name, image, ela)
+
+
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+def predict_instances(ensemble: Ensemble, cases: Iterable[Case], post: PostProcess,
+                      tta: bool = False, batch_size: int = 4) -> Iterator[tuple[str, list[np.ndarray]]]:
+    """(case id, instance masks at the original size) for every case, in order."""
+    for batch in batched(cases, batch_size):
+        elas = [c.ela for c in batch] if ensemble.needs_ela else None
+        final = ensemble.combine(ensemble.probabilities([c.image for c in batch], elas, tta))
+        for case, prob in zip(batch, final[:, 0].cpu().numpy()):
+            yield case.case_id, instances(to_original_size(prob, case.image.shape[:2]), post)
+
+
+def write_submission(results: Iterable[tuple[str, list[np.ndarray]]], path: str | Path) -> int:
+    """Write `case_id,annotation` rows; returns how many."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(SUBMISSION_COLUMNS)
+        for case_id, masks in results:
+            writer.writerow([case_id, encode_annotation(masks)])
+            count += 1
+    return count
+
+
+def postprocess_settings(mode: str, threshold: float | None, min_area: int | None) -> PostProcess:
+    post = MODES[mode]
+    if threshold is not None:
+        post = replace(post, threshold=threshold)
+    if min_area is not None:
+        post = replace(post, min_area=min_area)
+    return post
+
+
+def member_names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("--members needs at least one member name")
+    return names
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", type=Path, help="folder of PNG images (case id = file stem)")
+    source.add_argument("--store", type=Path, help="forgery store to predict a split of")
+    parser.add_argument("--split", default="val", choices=["train", "val", "all"],
+                        help="with --store: which rows (default val)")
+    parser.add_argument("--out", type=Path, default=Path("submission.csv"))
+    parser.add_argument("--models", type=Path, default=Path("models"),
+                        help="folder of <member>_best.pth (default models/)")
+    parser.add_argument("--members", type=member_names, default=ALL_MEMBERS,
+                        help=f"comma-separated subset (default all: {','.join(ALL_MEMBERS)})")
+    parser.add_argument("--mode", choices=list(MODES), default="default")
+    parser.add_argument("--threshold", type=float, help="overrides the mode's threshold")
+    parser.add_argument("--min-area", type=int, help="overrides the mode's minimum area "
+                        "(pixels at 512 x 512, scaled to each image)")
+    parser.add_argument("--tta", action="store_true", help="average with flipped inputs")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size {args.batch_size}: must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        post = postprocess_settings(args.mode, args.threshold, args.min_area)
+        ensemble = Ensemble.load(args.models, args.members, resolve_device(args.device))
+        if args.images:
+            files = image_files(args.images)
+            total, cases = len(files), folder_cases(files, ensemble.needs_ela)
+        else:
+            rows = split_rows(read_meta(open_store(args.store)), args.split)
+            total, cases = len(rows), store_cases(args.store, rows, ensemble.needs_ela)
+        results = predict_instances(ensemble, tqdm(cases, total=total, desc="predict", unit="img"),
+                                    post, args.tta, args.batch_size)
+        count = write_submission(results, args.out)
+    except (CheckpointError, StoreError, BadInput, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {count} rows to {args.out} (members: {', '.join(args.members)}; "
+          f"threshold {post.threshold}, min area {post.min_area} px at 512)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
