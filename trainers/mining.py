@@ -1,0 +1,107 @@
+"""Mining: the highres_no_ela checkpoint's view of the training split (MEMBERS.md, "Mining").
+
+hard_negative: authentic training images on which the model marks more than
+  HARD_NEGATIVE_PIXEL_SHARE of the pixels forged; the HARD_NEGATIVE_KEEP with
+  the highest false-positive ratio are flagged. Score = false-positive ratio.
+hard_fn: forged training images whose pixel recall at 0.5 is below
+  HARD_FN_RECALL. Score = pixel recall.
+
+Results go into the store (engine.store.mining_path) with the sha256 of the
+checkpoint that made them, written last; they are reused while that
+checkpoint file is unchanged.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import engine
+from engine import store as layout
+from engine.loader import SPLITS
+from engine.recipes import Recipe
+from trainers.checkpoint import file_sha256, load_member
+from trainers.metrics import THRESHOLD, pixel_counts, recall
+
+MINING_MEMBER = "highres_no_ela"
+HARD_NEGATIVE_PIXEL_SHARE = 0.001
+HARD_NEGATIVE_KEEP = 300
+HARD_FN_RECALL = 0.5
+MINED_LABEL = {"hard_negative": 0, "hard_fn": 1}   # which images each kind looks at
+
+
+def mining_rows(meta: dict, kind: str) -> np.ndarray:
+    """Training-split rows that `kind` scores: authentic for hard negatives, forged for hard FN."""
+    keep = (meta["split"] == SPLITS["train"]) & (meta["label"] == MINED_LABEL[kind])
+    return np.flatnonzero(keep).astype(np.int64)
+
+
+def image_scores(counts: np.ndarray, kind: str) -> np.ndarray:
+    """Per-image score from (tp, fp, fn, tn) counts at threshold 0.5."""
+    if kind == "hard_negative":
+        return counts[:, 1] / counts.sum(1)
+    return recall(counts)
+
+
+def flags_from_scores(score: np.ndarray, rows: np.ndarray, kind: str) -> np.ndarray:
+    """uint8 flag over all rows of `score` (NaN where not scored); only `rows` can be flagged."""
+    flag = np.zeros(score.shape, np.uint8)
+    mined = score[rows]
+    if kind == "hard_negative":
+        candidates = rows[mined > HARD_NEGATIVE_PIXEL_SHARE]
+        # stable sort: equal ratios keep row order, so the top-k cut is reproducible
+        order = np.argsort(-score[candidates], kind="stable")
+        flag[candidates[order[:HARD_NEGATIVE_KEEP]]] = 1
+    else:
+        flag[rows[mined < HARD_FN_RECALL]] = 1
+    return flag
+
+
+@torch.no_grad()
+def score_rows(model: torch.nn.Module, store, recipe: Recipe, rows: np.ndarray, kind: str, *,
+               batch_size: int, img_size: int, device: str, workers: int | None = None) -> np.ndarray:
+    """float32 score per meta row (NaN for rows not in `rows`), from `model` at img_size."""
+    n_rows = len(layout.read_meta(layout.open_store(store))["label"])
+    score = np.full(n_rows, np.nan, np.float32)
+    loader = engine.make_loader(store, recipe, rows=rows, batch_size=batch_size, img_size=img_size,
+                                device=device, workers=workers)
+    model.eval()
+    for batch in tqdm(loader, desc=f"mining {kind}", unit="batch"):
+        counts = pixel_counts(model(batch["image"]), batch["mask"], THRESHOLD)
+        score[batch["index"].cpu().numpy()] = image_scores(counts, kind)
+    return score
+
+
+def write_mining(store, kind: str, score: np.ndarray, flag: np.ndarray, checkpoint_sha: str) -> None:
+    group = layout.open_store(store, mode="r+")
+    # A fresh group drops any older result first; the checkpoint attribute
+    # goes last, so an interrupted write reads as "no result" (read_mining).
+    sub = group.create_group(layout.mining_path(kind), overwrite=True)
+    sub.create_array("score", data=score.astype(np.float32))
+    sub.create_array("flag", data=flag.astype(np.uint8))
+    sub.attrs["checkpoint"] = checkpoint_sha
+
+
+def mine(store, kind: str, model: torch.nn.Module, recipe: Recipe, checkpoint_sha: str, *,
+         batch_size: int, img_size: int, device: str, workers: int | None = None) -> dict:
+    """Score, flag and write one kind of mining result; returns it as read_mining does."""
+    rows = mining_rows(layout.read_meta(layout.open_store(store)), kind)
+    score = score_rows(model, store, recipe, rows, kind, batch_size=batch_size,
+                       img_size=img_size, device=device, workers=workers)
+    write_mining(store, kind, score, flags_from_scores(score, rows, kind), checkpoint_sha)
+    return layout.read_mining(layout.open_store(store), kind)
+
+
+def ensure_mining(store, kind: str, checkpoint: Path, *, batch_size: int, img_size: int,
+                  device: str, workers: int | None = None) -> tuple[dict, bool]:
+    """The store's `kind` result for this checkpoint, mined now unless already there.
+    Returns (result, reused)."""
+    sha = file_sha256(checkpoint)
+    existing = layout.read_mining(layout.open_store(store), kind)
+    if existing is not None and existing["checkpoint"] == sha:
+        return existing, True
+    model, recipe, _ = load_member(checkpoint, device=device)
+    return mine(store, kind, model, recipe, sha, batch_size=batch_size, img_size=img_size,
+                device=device, workers=workers), False

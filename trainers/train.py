@@ -1,0 +1,375 @@
+"""Train one ensemble member from the store: `python trainers/train.py --member NAME`.
+
+The member's recipe (engine/recipes.py) says everything; flags override it for
+one run. One loop, top to bottom:
+
+  recipe + flags -> store -> (mining) -> model -> optimiser, schedule
+  for each epoch: train on the loader's batches (resumable at any batch),
+                  validate, select `<member>_best.pth`, write `<member>_last.pth`
+                  and a CSV row; stop early where the recipe says
+  -> PNG of the curves
+
+Multi-process: `torchrun --nproc_per_node N trainers/train.py ...` (gloo on
+CPU, NCCL on GPU); each rank trains on its slice of the epoch plan.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import engine
+from engine import store as layout
+from engine.loader import resolve_device
+from engine.recipes import RECIPES, Recipe, get_recipe
+from trainers import mining
+from trainers.checkpoint import (CheckpointError, best_path, last_path, load_checkpoint,
+                                 load_member, recipe_from_dict, recipe_to_dict,
+                                 require_checkpoint, save_checkpoint)
+from trainers.losses import MemberLoss
+from trainers.metrics import check_metric_name, pixel_counts, summarize
+from trainers.model import ENCODER_WEIGHTS, WeightsUnavailable, build_model
+from trainers.schedules import build_optimizer, build_scheduler
+
+# Errors that are the user's to fix: printed as one message, exit status 2.
+USER_ERRORS = (CheckpointError, WeightsUnavailable, layout.StoreError)
+# Flags that override a recipe field of the same name for one run.
+RECIPE_FLAGS = ("epochs", "img_size", "batch_size", "lr", "encoder", "grad_clip")
+CSV_FIELDS = ("epoch", "step", "global_step", "train_loss", "lr", "seconds", "samples_per_s",
+              "data_wait_share", "select_on", "select_score", "mean_image_mcc", "pooled_mcc",
+              "mean_image_dice", "pooled_dice", "mean_image_recall", "pooled_recall",
+              "recall_dice")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--member", required=True, choices=list(RECIPES))
+    p.add_argument("--store", type=Path, default=layout.DEFAULT_STORE)
+    p.add_argument("--out", type=Path, default=None,
+                   help="writes OUT/models and OUT/logs (default: ./models and ./logs)")
+    p.add_argument("--epochs", type=int, help="recipe override")
+    p.add_argument("--img-size", type=int, help="recipe override")
+    p.add_argument("--batch-size", type=int, help="recipe override (per process)")
+    p.add_argument("--lr", type=float, help="recipe override")
+    p.add_argument("--encoder", help="recipe override, an smp encoder name")
+    p.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value")
+    p.add_argument("--encoder-weights", choices=ENCODER_WEIGHTS, default="imagenet",
+                   help="'none' never downloads (offline machines, tests)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimiser steps in all (resumed runs included); "
+                        "validates and writes checkpoints; --resume continues from there")
+    p.add_argument("--save-every", type=int, default=500,
+                   help="also write <member>_last.pth every this many steps (0: epoch ends only)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from <member>_last.pth")
+    p.add_argument("--workers", type=int, default=None, help="loader reader processes")
+    p.add_argument("--record-samples", action="store_true",
+                   help="write the meta rows this process trained on to "
+                        "logs/<member>_samples_rank<R>.npy")
+    args = p.parse_args(argv)
+    for name in ("epochs", "img_size", "batch_size", "max_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    return args
+
+
+def recipe_overrides(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in RECIPE_FLAGS if getattr(args, name) is not None}
+
+
+@dataclasses.dataclass
+class Distributed:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_gather(self, obj) -> list:
+        if self.world_size == 1:
+            return [obj]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def barrier(self):
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def setup_distributed(device_flag: str) -> Distributed:
+    """One process, or one rank of a torchrun job (WORLD_SIZE, LOCAL_RANK set)."""
+    device = resolve_device(device_flag)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed(0, 1, device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), world_size, device)
+
+
+def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """Seed of torch's generator (dropout) for one step: a resumed run redraws the same."""
+    return int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1)[0])
+
+
+def autocast_settings(device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    """Mixed precision on CUDA only: bf16 where supported, else fp16 with a grad scaler."""
+    if device.type != "cuda":
+        return None, None
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, None
+    return torch.float16, torch.amp.GradScaler("cuda")
+
+
+def initial_model(recipe: Recipe, args, models_dir: Path) -> tuple[torch.nn.Module, Recipe]:
+    """ImageNet (or random) initialisation, or the best checkpoint of the member it fine-tunes."""
+    if recipe.init.startswith("finetune:"):
+        parent = recipe.init.split(":", 1)[1]
+        path = require_checkpoint(models_dir, parent, recipe.name, "its initial weights")
+        model, parent_recipe, _ = load_member(path)
+        if parent_recipe.in_channels != recipe.in_channels:
+            raise CheckpointError(f"{path}: {parent_recipe.in_channels} input channels, member "
+                                  f"{recipe.name!r} needs {recipe.in_channels}")
+        # the architecture is the parent's: record its encoder in this run's recipe
+        return model.train(), dataclasses.replace(recipe, encoder=parent_recipe.encoder)
+    return build_model(recipe.encoder, recipe.in_channels, args.encoder_weights), recipe
+
+
+def run_mining(recipe: Recipe, args, models_dir: Path, ddp: Distributed) -> None:
+    """Mine on rank 0 (the others wait); reused while the checkpoint is unchanged."""
+    if ddp.main:
+        path = require_checkpoint(models_dir, mining.MINING_MEMBER, recipe.name,
+                                  f"{recipe.mining} mining")
+        result, reused = mining.ensure_mining(
+            args.store, recipe.mining, path, batch_size=recipe.batch_size,
+            img_size=recipe.img_size, device=str(ddp.device), workers=args.workers)
+        print(f"{recipe.mining} mining ({'reused' if reused else 'new'}, checkpoint "
+              f"{result['checkpoint'][:12]}): {int(result['flag'].sum())} images flagged")
+    ddp.barrier()
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, recipe: Recipe, args, ddp: Distributed, epoch: int) -> dict:
+    """Metrics over the member's validation rows, each rank scoring its share."""
+    model.eval()
+    loader = engine.make_loader(args.store, recipe, split="val", batch_size=recipe.batch_size,
+                                img_size=recipe.img_size, seed=args.seed, epoch=epoch,
+                                device=str(ddp.device), rank=ddp.rank,
+                                world_size=ddp.world_size, augment=False, workers=args.workers)
+    counts = [np.zeros((0, 4), np.int64)]
+    for batch in loader:
+        counts.append(pixel_counts(model(batch["image"]), batch["mask"]))
+    model.train()
+    return summarize(np.concatenate(ddp.all_gather(np.concatenate(counts))))
+
+
+def append_csv(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def plot_curves(history: list[dict], path: Path, member: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [row["global_step"] for row in history]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(x, [row["train_loss"] for row in history], marker="o")
+    ax_loss.set(xlabel="optimiser step", ylabel="train loss", title=member)
+    ax_metric.plot(x, [row["select_score"] for row in history], marker="o")
+    ax_metric.set(xlabel="optimiser step", ylabel=history[-1]["select_on"], title="validation")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def train(args: argparse.Namespace) -> int:
+    ddp = setup_distributed(args.device)
+    out = args.out or Path(".")
+    models_dir, logs_dir = out / "models", out / "logs"
+    models_dir.mkdir(parents=True, exist_ok=True)
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = layout.open_store(args.store).attrs.get("fingerprint")
+
+    # --- recipe, and the run's state when resuming
+    state = None
+    recipe = get_recipe(args.member)
+    if args.resume:
+        state = load_checkpoint(last_path(models_dir, args.member))
+        if state["fingerprint"] != fingerprint:
+            raise CheckpointError(
+                f"{last_path(models_dir, args.member)} was trained on a store with fingerprint "
+                f"{state['fingerprint']!r}; {args.store} has {fingerprint!r}. Resume on the "
+                "same store, or train afresh without --resume")
+        recipe = recipe_from_dict(state["recipe"])
+    recipe = dataclasses.replace(recipe, **recipe_overrides(args))
+    check_metric_name(recipe.select_on)
+    if recipe.mining:
+        run_mining(recipe, args, models_dir, ddp)
+
+    # --- model, optimiser, schedule
+    if state is None:
+        torch.manual_seed(args.seed)   # initialisation of the decoder and gate
+        model, recipe = initial_model(recipe, args, models_dir)
+    else:
+        model = build_model(recipe.encoder, recipe.in_channels, encoder_weights="none")
+        model.load_state_dict(state["model"])
+    model.to(ddp.device).train()
+    optimizer = build_optimizer(model, recipe)
+    scheduler = build_scheduler(optimizer, recipe)
+    amp_dtype, scaler = autocast_settings(ddp.device)
+    criterion = MemberLoss(recipe)
+    run = {"epoch": 0, "step": 0, "global_step": 0, "best_score": -np.inf, "best_epoch": -1,
+           "epochs_since_best": 0, "history": []}
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        run.update({k: state[k] for k in run})
+    elif ddp.main:
+        (logs_dir / f"{recipe.name}.csv").unlink(missing_ok=True)
+    net = DistributedDataParallel(model) if ddp.world_size > 1 else model
+
+    def checkpoint_state() -> dict:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "recipe": recipe_to_dict(recipe), "fingerprint": fingerprint, "seed": args.seed,
+                **run}
+
+    seen_rows = []
+    stopped = False
+    for epoch in range(run["epoch"], recipe.epochs):
+        # --- train: the loader starts at the batch a resumed run left off
+        loader = engine.make_loader(
+            args.store, recipe, split="train", batch_size=recipe.batch_size,
+            img_size=recipe.img_size, seed=args.seed, epoch=epoch, device=str(ddp.device),
+            rank=ddp.rank, world_size=ddp.world_size, start_batch=run["step"],
+            workers=args.workers)
+        first_step, loss_sum, wait, samples = run["step"], 0.0, 0.0, 0
+        started = time.perf_counter()
+        bar = tqdm(total=len(loader) + first_step, initial=first_step, disable=not ddp.main,
+                   desc=f"{recipe.name} epoch {epoch + 1}/{recipe.epochs}", unit="step")
+        batches = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            wait += time.perf_counter() - t0
+            if batch is None:
+                break
+            torch.manual_seed(step_seed(args.seed, epoch, run["step"], ddp.rank))
+            autocast = (torch.autocast("cuda", dtype=amp_dtype) if amp_dtype
+                        else contextlib.nullcontext())
+            with autocast:
+                loss = criterion(net(batch["image"]), batch["mask"])
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if recipe.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            run["step"] += 1
+            run["global_step"] += 1
+            loss_sum += loss.item()
+            samples += len(batch["index"])
+            if args.record_samples:
+                seen_rows.append(batch["index"].cpu().numpy())
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}",
+                            samples_s=f"{samples * ddp.world_size / (time.perf_counter() - started):.1f}")
+            if ddp.main and args.save_every and run["global_step"] % args.save_every == 0:
+                save_checkpoint(last_path(models_dir, recipe.name), checkpoint_state())
+            if args.max_steps and run["global_step"] >= args.max_steps:
+                stopped = True
+                break
+        bar.close()
+        seconds = time.perf_counter() - started
+        steps = run["step"] - first_step
+
+        # --- validate, select, checkpoint, log
+        metrics = validate(model, recipe, args, ddp, epoch)
+        score = metrics[recipe.select_on]
+        lr = optimizer.param_groups[0]["lr"]
+        epoch_done = not stopped or run["step"] == len(loader) + first_step
+        row = {"epoch": epoch, "step": run["step"], "global_step": run["global_step"],
+               "train_loss": loss_sum / max(steps, 1), "lr": lr, "seconds": seconds,
+               "samples_per_s": samples * ddp.world_size / seconds,
+               "data_wait_share": wait / seconds, "select_on": recipe.select_on,
+               "select_score": score, **metrics}
+        run["history"].append(row)
+        improved = score > run["best_score"]
+        if improved:
+            run["best_score"], run["best_epoch"], run["epochs_since_best"] = score, epoch, 0
+        elif epoch_done:
+            run["epochs_since_best"] += 1
+        if epoch_done:
+            scheduler.step()
+            run["epoch"], run["step"] = epoch + 1, 0
+        if ddp.main:
+            if improved:
+                save_checkpoint(best_path(models_dir, recipe.name), checkpoint_state())
+            save_checkpoint(last_path(models_dir, recipe.name), checkpoint_state())
+            append_csv(logs_dir / f"{recipe.name}.csv", row)
+            print(f"epoch {epoch + 1}: loss {row['train_loss']:.4f}, {recipe.select_on} "
+                  f"{score:.4f} (best {run['best_score']:.4f}), {row['samples_per_s']:.1f} "
+                  f"samples/s, data wait {row['data_wait_share']:.0%}")
+        if stopped:
+            break
+        if recipe.early_stop and run["epochs_since_best"] >= recipe.early_stop:
+            if ddp.main:
+                print(f"early stop: no better {recipe.select_on} for {recipe.early_stop} epochs")
+            break
+
+    if args.record_samples:
+        rows = np.concatenate(seen_rows) if seen_rows else np.zeros(0, np.int64)
+        np.save(logs_dir / f"{recipe.name}_samples_rank{ddp.rank}.npy", rows)
+    if ddp.main and run["history"]:
+        plot_curves(run["history"], logs_dir / f"{recipe.name}.png", recipe.name)
+    if ddp.world_size > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return train(args)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
