@@ -127,21 +127,19 @@ def forgery_masks(rng: np.random.Generator, height: int, width: int) -> np.ndarr
     pixels = height * width
     lo = max(bounds[k], MIN_REGION_PIXELS / pixels)
     hi = bounds[k + 1]
-    masks = None
-    for _ in range(50):  # redraw until the rasterised union lands in class k
+    for _ in range(100):  # redraw until disjoint regions land in class k
         target = _log_uniform(rng, lo, hi) * pixels
         n = int(min(rng.integers(1, 4), max(1, target // MIN_REGION_PIXELS)))
         shares = rng.uniform(0.5, 1.5, n)
         masks = _draw_regions(rng, height, width, target * shares / shares.sum())
-        ratio = masks.max(axis=0).sum() / pixels
-        if masks.any() and size_class(ratio) == k + 1:
-            break
-    return masks
+        if masks is not None and size_class(masks.max(axis=0).sum() / pixels) == k + 1:
+            return masks
+    raise RuntimeError(f"no {k + 1}-class forgery fits a {height} x {width} image")
 
 
-def _draw_regions(rng, height, width, areas) -> np.ndarray:
-    """One layer per area: an ellipse or rectangle of that area, placed so
-    that it does not overlap the earlier ones (best effort)."""
+def _draw_regions(rng, height, width, areas) -> np.ndarray | None:
+    """One layer per area: an ellipse or rectangle of that area, placed where
+    it overlaps no earlier one; None when some region finds no such place."""
     masks = np.zeros((len(areas), height, width), np.uint8)
     union = np.zeros((height, width), np.uint8)
     for i, area in enumerate(areas):
@@ -157,8 +155,10 @@ def _draw_regions(rng, height, width, areas) -> np.ndarray:
                 cv2.ellipse(layer, ((x + bw / 2 - 0.5, y + bh / 2 - 0.5), (bw, bh), 0), 1, -1)
             else:
                 layer[y:y + bh, x:x + bw] = 1
-            if not (layer & union).any():
+            if layer.any() and not (layer & union).any():
                 break
+        else:
+            return None
         masks[i] = layer
         union |= layer
     return masks
