@@ -55,8 +55,9 @@ class WindowSource:
             starts.append(block.roi_start)
             ends.append(block.roi_end)
             side = np.sqrt(float(window[2] - window[0]) * float(window[3] - window[1]))
-            scales.append(np.float32(self.out_size / side))
-        indices = list(self.batches.rows[k].astype(np.int64))
+            scales.append(np.array(self.out_size / side, np.float32))
+        # 0-d arrays, not numpy scalars: DALI's worker processes accept only arrays
+        indices = [np.array(row, np.int64) for row in self.batches.rows[k]]
         return images, masks, starts, ends, indices, scales
 
 

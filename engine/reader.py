@@ -108,18 +108,20 @@ class WindowReader:
     make their own and open arrays lazily, caching array metadata.
     """
 
-    def __init__(self, store: str | os.PathLike, *, with_ela: bool = False, direct: bool = True):
+    def __init__(self, store: str | os.PathLike, *, with_ela: bool = False, direct: bool = True,
+                 pyramid: bool = True):
         self.store = str(store)
-        self.with_ela, self.direct = with_ela, direct
+        self.with_ela, self.direct, self.pyramid = with_ela, direct, pyramid
         self._arrays: dict[str, object] = {}
         self._group = None
         self._meta = None
 
     def __getstate__(self):
-        return {"store": self.store, "with_ela": self.with_ela, "direct": self.direct}
+        return {"store": self.store, "with_ela": self.with_ela, "direct": self.direct,
+                "pyramid": self.pyramid}
 
     def __setstate__(self, state):
-        self.__init__(state["store"], with_ela=state["with_ela"], direct=state["direct"])
+        self.__init__(**state)
 
     @property
     def group(self) -> zarr.Group:
@@ -149,7 +151,10 @@ class WindowReader:
         return arr
 
     def choose_level(self, row: int, window_h: float, window_w: float, out_size: int) -> int:
-        """Coarsest level whose pixels across the window are still >= out_size."""
+        """Coarsest level whose pixels across the window are still >= out_size
+        (always 0 without the pyramid)."""
+        if not self.pyramid:
+            return 0
         height, width = int(self.meta["height"][row]), int(self.meta["width"][row])
         levels = layout.level_count(height, width)
         shrink = min(window_h, window_w) / out_size

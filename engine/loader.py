@@ -1,0 +1,193 @@
+"""make_loader: from a store and a member's recipe to training batches.
+
+The flow of one epoch (DESIGN.md):
+  sampling  -> which rows this rank reads, in which batches, with which windows
+  reader    -> the window's chunks at the right pyramid level (DALI workers)
+  pipeline  -> DALI crop + resize to img_size (CPU or GPU operators)
+  augment   -> Kornia batch augmentation, image and mask together
+  normalise -> ImageNet mean/std on RGB; ELA (channel 4) stays in [0, 1]
+
+Everything random is a function of (seed, epoch, plan position), so the same
+arguments give the same batches, any rank layout covers the same plan, and a
+loader started at batch k yields exactly batches k, k+1, ... of a full run.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine import sampling
+from engine import store as layout
+from engine.augment import build_augmenter
+from engine.patch_bank import PatchBank
+from engine.pipeline import PlannedBatches, WindowSource, build_pipeline, iterate
+from engine.reader import WindowReader
+from engine.recipes import WHOLE_IMAGE, Recipe, get_recipe
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MIN_IMG_SIZE, MAX_IMG_SIZE = 16, 4096
+SPLITS = {"train": 0, "val": 1}
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks CUDA when present; 'cuda' without CUDA is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: the loader runs on 'cpu' or 'cuda'")
+    return dev
+
+
+def _rows_plan(rows: np.ndarray, meta, batch_size: int, rank: int, world_size: int,
+               start_batch: int) -> PlannedBatches:
+    """Each of `rows` once, in order, whole image; rank r takes every world_size-th."""
+    positions = np.arange(len(rows), dtype=np.int64)[rank::world_size]
+    mine = rows[rank::world_size]
+    windows = sampling.crop_windows(WHOLE_IMAGE, mine, positions, meta["height"], meta["width"],
+                                    meta["bbox"], meta["centroid"], 0, 0)
+    cuts = range(start_batch * batch_size, len(mine), batch_size)
+    return PlannedBatches([mine[c:c + batch_size] for c in cuts],
+                          [windows[c:c + batch_size] for c in cuts],
+                          [positions[c:c + batch_size] for c in cuts])
+
+
+def _val_rows(recipe: Recipe, meta) -> np.ndarray:
+    """Validation rows of a member: what its rule includes, read whole, once."""
+    weights = sampling.member_weights(recipe.sampling, meta["label"], meta["area_ratio"],
+                                      meta["split"], SPLITS["val"], mined=False)
+    keep = weights > 0
+    if recipe.sampling.hard_negative_weight > 0:   # members that learn from authentic images
+        keep |= (meta["label"] == 0) & (meta["split"] == SPLITS["val"])
+    return np.flatnonzero(keep).astype(np.int64)
+
+
+def _train_plan(recipe: Recipe, group, meta, *, batch_size, seed, epoch, rank, world_size,
+                start_batch) -> PlannedBatches:
+    mining = {kind: layout.read_mining(group, kind) for kind in layout.MINING_KINDS}
+    needed = recipe.mining
+    if needed and mining[needed] is None:
+        raise layout.StoreError(
+            f"{group.store}: member {recipe.name!r} samples by {needed} mining results and the "
+            f"store has none; `python trainers/train.py --member {recipe.name}` mines first")
+    flags = {kind: None if found is None else found["flag"] for kind, found in mining.items()}
+    weights = sampling.member_weights(
+        recipe.sampling, meta["label"], meta["area_ratio"], meta["split"], SPLITS["train"],
+        hard_negative=flags["hard_negative"], hard_fn=flags["hard_fn"], mined=bool(needed))
+    plan = sampling.EpochPlan.build(weights, sampling.epoch_size(recipe.sampling, weights),
+                                    seed, epoch)
+    batches = plan.for_rank(rank, world_size, batch_size, drop_last=True, start_batch=start_batch)
+    windows = [sampling.crop_windows(recipe.view, b.indices, b.positions, meta["height"],
+                                     meta["width"], meta["bbox"], meta["centroid"], seed, epoch)
+               for b in batches]
+    return PlannedBatches([b.indices for b in batches], windows, [b.positions for b in batches])
+
+
+@dataclass
+class _Settings:
+    device: torch.device
+    batch_size: int
+    img_size: int
+    seed: int
+    epoch: int
+    workers: int
+    threads: int
+
+
+class Loader:
+    """An epoch of batches for one rank. `len()` is the number of batches."""
+
+    def __init__(self, reader: WindowReader, batches: PlannedBatches, augmenter, settings: _Settings):
+        self.reader, self.batches, self.augmenter, self.settings = reader, batches, augmenter, settings
+        channels = 4 if reader.with_ela else 3
+        mean = torch.tensor(IMAGENET_MEAN + (0.0,) * (channels - 3)).view(1, channels, 1, 1)
+        std = torch.tensor(IMAGENET_STD + (1.0,) * (channels - 3)).view(1, channels, 1, 1)
+        self._mean, self._std = mean.to(settings.device), std.to(settings.device)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        if not len(self.batches):
+            return
+        s = self.settings
+        on_gpu = s.device.type == "cuda"
+        pipe = build_pipeline(
+            WindowSource(self.reader, self.batches, s.img_size), batch_size=s.batch_size,
+            out_size=s.img_size, device="gpu" if on_gpu else "cpu",
+            device_id=(s.device.index or 0) if on_gpu else None, num_threads=s.threads,
+            py_workers=s.workers, seed=s.seed)
+        for k, out in enumerate(iterate(pipe)):
+            out = out[0]
+            image, mask = out["image"], out["mask"].float()
+            if self.augmenter is not None:
+                # One seed per batch, from its first plan position: a resumed or
+                # re-run epoch draws the same augmentation parameters.
+                seed = int(sampling.sample_seeds(s.seed, s.epoch, self.batches.positions[k][:1])[0])
+                image, mask = self.augmenter(image, mask, seed,
+                                             window_scale=out["window_scale"].to(image.device))
+            image = (image - self._mean) / self._std
+            index = out["index"].reshape(-1).to(torch.int64)
+            if on_gpu:
+                index = index.pin_memory()
+            yield {"image": image, "mask": mask, "index": index}
+
+
+def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img_size: int = 512,
+                seed: int = 0, epoch: int = 0, device: str = "cpu", rank: int = 0,
+                world_size: int = 1, augment: bool = True, start_batch: int = 0,
+                rows=None, workers: int | None = None, threads: int | None = None) -> Loader:
+    """Batches of `member` (a name or a Recipe) from `store` for one rank and epoch.
+
+    split="train": the member's weighted epoch plan, view and augmentation.
+    split="val": every validation row the member's rule includes, once, whole image.
+    rows=[...]: exactly those rows once, in order, whole image, no augmentation.
+    workers: DALI reader processes (0 reads in this process); threads: DALI threads.
+    """
+    recipe = member if isinstance(member, Recipe) else get_recipe(member)
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: expected one of {list(SPLITS)}")
+    if not (isinstance(img_size, int) and MIN_IMG_SIZE <= img_size <= MAX_IMG_SIZE):
+        raise ValueError(f"img_size {img_size!r}: the pipeline makes square outputs of "
+                         f"{MIN_IMG_SIZE} to {MAX_IMG_SIZE} pixels")
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size}: must be at least 1")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    if start_batch < 0:
+        raise ValueError(f"start_batch {start_batch}: must be >= 0")
+    dev = resolve_device(device)
+    group = layout.open_store(store)
+    meta = layout.read_meta(group)
+    if rows is not None:
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(meta["label"])):
+            raise ValueError(f"rows outside the store's 0..{len(meta['label']) - 1}")
+        batches = _rows_plan(rows, meta, batch_size, rank, world_size, start_batch)
+    elif split == "val":
+        batches = _rows_plan(_val_rows(recipe, meta), meta, batch_size, rank, world_size,
+                             start_batch)
+    else:
+        batches = _train_plan(recipe, group, meta, batch_size=batch_size, seed=seed, epoch=epoch,
+                              rank=rank, world_size=world_size, start_batch=start_batch)
+    augmenter = None
+    if augment and split == "train" and rows is None:
+        bank = None
+        if recipe.copy_paste:
+            cp = recipe.copy_paste
+            bank = PatchBank.from_store(
+                group, meta, np.flatnonzero((meta["split"] == SPLITS["train"]) & (meta["label"] == 1)),
+                min_side=cp["min_side"], max_patches=cp["max_patches"], padding=cp["padding"],
+                seed=seed)
+        augmenter = build_augmenter(recipe, img_size=img_size, patch_bank=bank)
+    cores = os.cpu_count() or 1
+    settings = _Settings(dev, batch_size, img_size, seed, epoch,
+                         workers=min(2, max(1, cores - 1)) if workers is None else workers,
+                         threads=threads or min(4, cores))
+    return Loader(WindowReader(store, with_ela=recipe.in_channels == 4), batches, augmenter, settings)

@@ -1,0 +1,200 @@
+"""make_loader end to end: alignment through every member's pipeline,
+determinism, rank slices, resume, the specialist's windows, and errors."""
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from engine import make_loader
+from engine import store as layout
+from engine.loader import IMAGENET_MEAN, IMAGENET_STD
+from engine.recipes import RECIPES, get_recipe
+from preprocess.build_zarr import main as build_main
+
+SIZE = 64
+GEOMETRIC = {"hflip", "vflip", "rot90", "affine"}
+
+
+def _write_mining(store: Path, flag_rows_by_kind: dict):
+    group = layout.open_store(store, mode="r+")
+    n = group["meta/label"].shape[0]
+    for kind, rows in flag_rows_by_kind.items():
+        flag = np.zeros(n, np.uint8)
+        flag[rows] = 1
+        sub = group.require_group(layout.mining_path(kind))
+        sub.create_array("score", data=flag.astype(np.float32), overwrite=True)
+        sub.create_array("flag", data=flag, overwrite=True)
+        sub.attrs["checkpoint"] = "test"
+
+
+@pytest.fixture(scope="module")
+def green_store(tmp_path_factory):
+    """Forged pixels are pure green on a background that has no green: the
+    mask must keep covering exactly the green pixels through any geometry."""
+    root = tmp_path_factory.mktemp("green")
+    rng = np.random.default_rng(3)
+    for sub in ("train_images/forged", "train_images/authentic", "train_masks"):
+        (root / sub).mkdir(parents=True)
+    for i in range(14):
+        h, w = int(rng.integers(160, 420)), int(rng.integers(160, 420))
+        rgb = np.zeros((h, w, 3), np.uint8)
+        rgb[..., 0] = rng.integers(0, 256, (h, w))            # red noise
+        rgb[..., 2] = cv2.GaussianBlur(rgb[..., 0], (9, 9), 3)  # blue texture
+        masks = []
+        for _ in range(int(rng.integers(1, 3))):
+            side = int(rng.integers(12, min(h, w) // 3))
+            y, x = int(rng.integers(0, h - side)), int(rng.integers(0, w - side))
+            m = np.zeros((h, w), np.uint8)
+            m[y:y + side, x:x + side] = 1
+            masks.append(m)
+        union = np.max(masks, axis=0).astype(bool)
+        rgb[union] = (0, 255, 0)
+        cv2.imwrite(str(root / f"train_images/forged/g{i}.png"), rgb[..., ::-1])
+        np.save(root / f"train_masks/g{i}.npy", np.stack(masks))
+        cv2.imwrite(str(root / f"train_images/authentic/a{i}.png"), rgb[..., ::-1] * 0 + 90)
+    store = root / "store.zarr"
+    assert build_main(["--source", str(root), "--out", str(store), "--workers", "1"]) in (0, None)
+    meta = layout.read_meta(layout.open_store(store))
+    _write_mining(store, {"hard_negative": np.flatnonzero(meta["label"] == 0)[:3],
+                          "hard_fn": np.flatnonzero(meta["label"] == 1)[:3]})
+    return store
+
+
+def _rgb(image: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return image[:, :3] * std + mean
+
+
+def _green(image: torch.Tensor) -> torch.Tensor:
+    rgb = _rgb(image)
+    return (rgb[:, 1] > 0.6) & (rgb[:, 0] < 0.35) & (rgb[:, 2] < 0.35)
+
+
+def _geometric_only(recipe):
+    return dataclasses.replace(recipe, augment=tuple(op for op in recipe.augment if op[0] in GEOMETRIC),
+                               copy_paste=None)
+
+
+@pytest.mark.parametrize("member", list(RECIPES))
+def test_mask_covers_exactly_the_forged_colour_through_each_pipeline(green_store, member):
+    recipe = _geometric_only(get_recipe(member))
+    loader = make_loader(green_store, recipe, batch_size=4, img_size=SIZE, seed=5, workers=0)
+    inter = union = 0
+    for batch in loader:
+        green, mask = _green(batch["image"]), batch["mask"][:, 0] > 0.5
+        assert set(torch.unique(batch["mask"]).tolist()) <= {0.0, 1.0}
+        inter += int((green & mask).sum())
+        union += int((green | mask).sum())
+    assert union > 0
+    assert inter / union > 0.85, f"{member}: IoU {inter / union:.3f}"
+
+
+def test_batches_have_the_contracted_shapes_and_values(demo_store):
+    loader = make_loader(demo_store, "comprehensive", batch_size=3, img_size=SIZE, workers=0)
+    batch = next(iter(loader))
+    assert batch["image"].dtype == torch.float32 and batch["image"].shape == (3, 4, SIZE, SIZE)
+    assert batch["mask"].shape == (3, 1, SIZE, SIZE)
+    assert batch["index"].dtype == torch.int64
+    ela = batch["image"][:, 3]
+    assert ela.min() >= 0 and ela.max() <= 1
+    meta = layout.read_meta(layout.open_store(demo_store))
+    assert (meta["label"][batch["index"].numpy()] == 1).all()   # forged only for this member
+    assert len(loader) == sum(1 for _ in loader)
+
+
+def test_same_seed_same_batches_and_parallel_workers_agree(demo_store):
+    kwargs = dict(batch_size=4, img_size=SIZE, seed=11, epoch=2)
+    first = list(make_loader(demo_store, "small_specialist", workers=0, **kwargs))
+    again = list(make_loader(demo_store, "small_specialist", workers=2, **kwargs))
+    other = list(make_loader(demo_store, "small_specialist", workers=0, **{**kwargs, "epoch": 3}))
+    assert len(first) == len(again) > 0
+    for a, b in zip(first, again):
+        for key in ("image", "mask", "index"):
+            assert torch.equal(a[key], b[key])
+    assert any(not torch.equal(a["image"], c["image"]) for a, c in zip(first, other))
+
+
+def test_ranks_split_the_plan_and_resume_continues_it(demo_store):
+    kwargs = dict(batch_size=2, img_size=16, seed=1, workers=0, augment=False)
+    whole = make_loader(demo_store, "highres_no_ela", **kwargs)
+    ranks = [make_loader(demo_store, "highres_no_ela", rank=r, world_size=2, **kwargs) for r in (0, 1)]
+    positions = [np.concatenate(r.batches.positions) for r in ranks]
+    assert not set(positions[0]) & set(positions[1])
+    assert set(np.concatenate(whole.batches.positions)) <= set(positions[0]) | set(positions[1])
+    full = list(whole)
+    resumed = list(make_loader(demo_store, "highres_no_ela", start_batch=2, **kwargs))
+    assert len(resumed) == len(full) - 2
+    for a, b in zip(full[2:], resumed):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["index"], b["index"])
+
+
+def test_specialist_windows_hold_the_whole_forgery(demo_store):
+    meta = layout.read_meta(layout.open_store(demo_store))
+    loader = make_loader(demo_store, "small_specialist", batch_size=4, img_size=SIZE, workers=0)
+    checked = 0
+    for rows, windows in zip(loader.batches.rows, loader.batches.windows):
+        for row, (y0, x0, y1, x1) in zip(rows, windows):
+            by0, bx0, by1, bx1 = meta["bbox"][row]
+            assert 0 < meta["area_ratio"][row] < 0.02
+            side = max(by1 - by0, bx1 - bx0)
+            if 2 * side <= min(meta["height"][row], meta["width"][row]):
+                assert y0 <= by0 and x0 <= bx0 and y1 >= by1 and x1 >= bx1
+                checked += 1
+    assert checked > 0
+
+
+def test_validation_and_explicit_rows_read_whole_images_once(demo_store):
+    meta = layout.read_meta(layout.open_store(demo_store))
+    val = make_loader(demo_store, "highres_no_ela", split="val", batch_size=4, img_size=16, workers=0)
+    seen = np.concatenate([b["index"].numpy() for b in val])
+    expected = np.flatnonzero((meta["split"] == 1) & (meta["label"] == 1))
+    np.testing.assert_array_equal(np.sort(seen), expected)
+    rows = np.array([5, 0, 3])
+    got = np.concatenate([b["index"].numpy() for b in make_loader(
+        demo_store, "highres_no_ela", rows=rows, batch_size=2, img_size=16, workers=0)])
+    np.testing.assert_array_equal(got, rows)
+
+
+def test_mined_members_refuse_a_store_without_mining(demo_store):
+    with pytest.raises(layout.StoreError, match="mining"):
+        make_loader(demo_store, "hard_negative", img_size=16, workers=0)
+
+
+def test_errors_say_what_and_where(demo_store, tmp_path):
+    with pytest.raises(ValueError, match="unknown member 'nope'"):
+        make_loader(demo_store, "nope")
+    for size in (0, 8, 5000, 64.5):
+        with pytest.raises(ValueError, match="img_size"):
+            make_loader(demo_store, "highres_no_ela", img_size=size)
+    with pytest.raises(layout.StoreError, match="no store here"):
+        make_loader(tmp_path / "absent.zarr", "highres_no_ela")
+    other = tmp_path / "other.zarr"
+    zarr.open_group(str(other), mode="w").attrs.update({"format": "something-else", "version": 1})
+    with pytest.raises(layout.StoreError, match="format is 'something-else'"):
+        make_loader(other, "highres_no_ela")
+    newer = tmp_path / "newer.zarr"
+    shutil.copytree(demo_store, newer)
+    group_json = newer / "zarr.json"
+    meta = json.loads(group_json.read_text())
+    meta["attributes"]["version"] = layout.VERSION + 1
+    group_json.write_text(json.dumps(meta))
+    with pytest.raises(layout.StoreError, match="store version"):
+        make_loader(newer, "highres_no_ela")
+
+
+def test_a_damaged_chunk_stops_the_epoch_with_its_name(demo_store, tmp_path):
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(demo_store, damaged)
+    loader = make_loader(damaged, "highres_no_ela", batch_size=2, img_size=16, workers=0, augment=False)
+    row = int(loader.batches.rows[0][0])
+    for chunk in (damaged / "images" / str(row)).rglob("c/*/*/*"):
+        chunk.write_bytes(b"garbage")
+    with pytest.raises(Exception, match="corrupt chunk"):
+        next(iter(loader))
