@@ -1,15 +1,16 @@
 """engine/augment.py and engine/patch_bank.py: alignment, channels, seeds, copy-paste."""
 from dataclasses import replace
 
+import kornia.augmentation as K
 import numpy as np
 import pytest
 import torch
 import zarr
 
-from engine.augment import build_augmenter
+from engine.augment import RandomQuarterTurn, build_augmenter
 from engine.patch_bank import Patch, PatchBank
 from engine.recipes import RECIPES
-from engine.store import create_pixels, image_path, instances_mask_path
+from engine.store import create_pixels, image_path, instances_mask_path, open_store, read_meta
 
 SIZE = 96
 GEOMETRIC = {"hflip", "vflip", "rot90", "affine"}
@@ -108,6 +109,15 @@ def test_photometric_op_changes_rgb_only(name, params):
     assert 0.0 <= out.min() and out.max() <= 1.0
 
 
+@pytest.mark.parametrize("turns", [1, 2, 3])
+def test_quarter_turn_matches_kornia_rotation(turns):
+    image = torch.rand(2, 4, 32, 32)
+    exact = RandomQuarterTurn(times=(turns, turns), p=1.0)(image)
+    warped = K.RandomRotation90(times=(turns, turns), p=1.0)(image)
+    assert torch.allclose(exact, warped, atol=1e-5)
+    assert not torch.allclose(exact, image)
+
+
 def test_one_of_picks_per_image():
     image, mask = green_square_batch(batch=16)
     one_of = ("one_of", {"p": 1.0, "ops": (("hflip", {}), ("vflip", {}))})
@@ -189,6 +199,21 @@ def test_copy_paste_pastes_region_into_image_and_mask(window_scale):
         assert (out_mask[b, 0, :4, :4] == 1).all()
 
 
+def test_copy_paste_at_unit_scale_pastes_the_patch_pixels():
+    rng = np.random.default_rng(2)
+    patch = Patch(rgb=rng.integers(0, 256, (24, 18, 3), dtype=np.uint8),
+                  mask=(rng.random((24, 18)) > 0.4).astype(np.uint8), row=0, instance=0)
+    image = torch.zeros(2, 3, SIZE, SIZE)
+    out, out_mask = copy_paste_augmenter(PatchBank([patch]))(
+        image, torch.zeros(2, 1, SIZE, SIZE), seed=3, window_scale=torch.ones(2))
+    region = torch.from_numpy(patch.mask).bool()
+    expected = torch.from_numpy(patch.rgb).permute(2, 0, 1).float()[:, region] / 255
+    for b in range(2):
+        new = out_mask[b, 0] > 0.5
+        assert int(new.sum()) == int(region.sum())
+        assert torch.allclose(out[b][:, new], expected, atol=1e-6)   # row-major order on both sides
+
+
 def test_copy_paste_draws_scale_and_place_from_seed():
     augmenter = copy_paste_augmenter(one_patch_bank(), scale=(0.5, 1.5))
     image, mask = torch.zeros(8, 3, SIZE, SIZE), torch.zeros(8, 1, SIZE, SIZE)
@@ -259,6 +284,21 @@ def test_patch_bank_caps_count_with_seed(tiny_store):
     assert picks[0] == [p.instance for p in PatchBank.from_store(
         group, meta, [0, 1, 2], min_side=20, max_patches=2, padding=0, seed=0).patches]
     assert len({tuple(p) for p in picks.values()}) > 1
+
+
+def test_patch_bank_from_demo_store(demo_store):
+    group = open_store(demo_store)
+    meta = read_meta(group)
+    rows = np.flatnonzero((meta["split"] == 0) & (meta["label"] == 1))
+    bank = PatchBank.from_store(group, meta, rows, min_side=20, max_patches=5, padding=5, seed=1)
+    again = PatchBank.from_store(group, meta, rows, min_side=20, max_patches=5, padding=5, seed=1)
+    assert [p.instance for p in bank.patches] == [p.instance for p in again.patches]
+    bboxes = np.asarray(group["instances/bbox"][...])
+    for patch in bank.patches:
+        y0, x0, y1, x1 = bboxes[patch.instance]
+        assert patch.row in rows and min(y1 - y0, x1 - x0) >= 20
+        assert patch.mask.any() and patch.rgb.shape[:2] == patch.mask.shape
+        assert patch.rgb.shape[0] <= y1 - y0 + 10 and patch.rgb.shape[1] <= x1 - x0 + 10
 
 
 def test_patch_bank_refuses_empty(tiny_store):
