@@ -213,6 +213,7 @@ def test_rank_slices_are_disjoint_and_cover_the_plan(n, world_size, batch_size, 
     ranks = [plan.for_rank(r, world_size, batch_size, drop_last) for r in range(world_size)]
     counts = {len(batches) for batches in ranks}
     assert counts == {plan.num_batches(world_size, batch_size, drop_last)}
+    assert (counts == {0}) == (n == 0)
     positions = np.concatenate([b.positions for batches in ranks for b in batches] or [[]])
     assert np.unique(positions).size == positions.size
     padded = -(-n // world_size) * world_size
@@ -292,8 +293,11 @@ positions = st.integers(0, 2**40)
 def forged_images(draw):
     """(height, width, bbox, centroid) with the box and centroid inside the image."""
     height, width = draw(sides), draw(sides)
-    y0, y1 = sorted(draw(st.lists(st.integers(0, height), min_size=2, max_size=2, unique=True)))
-    x0, x1 = sorted(draw(st.lists(st.integers(0, width), min_size=2, max_size=2, unique=True)))
+    # Box sides drawn as offsets so that small boxes, whose window is not
+    # capped by the image, are common.
+    y0, x0 = draw(st.integers(0, height - 1)), draw(st.integers(0, width - 1))
+    y1 = y0 + draw(st.integers(1, height - y0))
+    x1 = x0 + draw(st.integers(1, width - x0))
     cy = draw(st.floats(y0, y1 - 1))
     cx = draw(st.floats(x0, x1 - 1))
     return height, width, (y0, x0, y1, x1), (cy, cx)
@@ -343,16 +347,50 @@ def test_random_crop_sides_in_range(height, width, position, side_range):
     assert max(1, lo * width - 0.5) <= w <= hi * width + 0.5
 
 
-def test_random_crop_places_windows_all_over_the_image():
-    view = RECIPES["highres_no_ela"].view
-    n = 4000
-    windows = crop_windows(view, np.zeros(n, dtype=np.int64), np.arange(n), np.array([1000]),
-                           np.array([1000]), np.full((1, 4), -1), np.full((1, 2), -1.0), 0, 0)
+def windows_of_one_image(view, n=4000, side=1000, bbox=(-1, -1, -1, -1),
+                         centroid=(-1.0, -1.0)):
+    """Windows of n plan positions, all on one side x side image."""
+    return crop_windows(view, np.zeros(n, dtype=np.int64), np.arange(n), np.array([side]),
+                        np.array([side]), np.array([bbox]), np.array([centroid]), 0, 0)
+
+
+def assert_spread(values, lo, hi):
+    """values (in [lo, hi]) reach both ends and fill the range evenly."""
+    assert values.min() < lo + 0.02 * (hi - lo) and values.max() > hi - 0.02 * (hi - lo)
+    assert chisquare(np.histogram(values, 10, (lo, hi))[0]).pvalue > P_MIN
+
+
+def test_random_crop_sides_and_places_are_uniform():
+    windows = windows_of_one_image(RECIPES["highres_no_ela"].view)
+    for axis in (0, 1):
+        sides = windows[:, axis + 2] - windows[:, axis]
+        assert_spread(sides, 700, 1000)
+        free = 1000 - sides
+        assert_spread(windows[free > 50, axis] / free[free > 50], 0, 1)
+
+
+def test_random_resized_crop_spreads_area_and_ratio():
+    view = RECIPES["high_recall"].view
+    windows = windows_of_one_image(view)
+    h, w = windows[:, 2] - windows[:, 0], windows[:, 3] - windows[:, 1]
+    area, log_ratio = h * w / 1e6, np.log(w / h)
+    assert np.mean((h < 1000) | (w < 1000)) > 0.9  # rarely torchvision's fallback
+    assert area.min() < view.scale[0] + 0.01 and area.max() > view.scale[1] - 0.01
+    # Below 3/4 of a square image every draw fits whatever its ratio (sides at
+    # most sqrt(3/4 * 4/3) = 1 of the image's), so there area and log ratio
+    # keep their uniform distributions.
+    fits = area < 0.75
+    assert_spread(area[fits], view.scale[0], 0.75)
+    assert_spread(log_ratio[fits], *np.log(view.ratio))
+
+
+def test_around_forgery_side_multiplier_is_uniform():
+    view = RECIPES["small_specialist"].view
+    windows = windows_of_one_image(view, side=3000, bbox=(1000, 1000, 1100, 1080),
+                                   centroid=(1050.0, 1040.0))
     sides = windows[:, 2] - windows[:, 0]
-    assert sides.min() < 720 and sides.max() > 980
-    free = 1000 - sides
-    offsets = windows[:, 0] / np.maximum(free, 1)
-    assert chisquare(np.histogram(offsets[free > 50], 10, (0, 1))[0]).pvalue > P_MIN
+    assert sides.min() >= 200 and sides.max() <= 400
+    assert_spread(sides, 200, 400)
 
 
 @PROPERTY
