@@ -140,7 +140,10 @@ def pixel_chunks(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def create_pixels(group: zarr.Group, path: str, data: np.ndarray) -> zarr.Array:
-    """Write one pixel array (image, mask or ELA level) with the store's chunking."""
+    """Write one pixel array (image, mask or ELA level) with the store's chunking.
+    Masks are written only over the chunks that meet their non-zero bounding
+    box (per layer for instances_mask): the other chunks are all zero, read
+    as the fill value, and zarr need not compress or even inspect them."""
     arr = group.create_array(
         path, shape=data.shape, dtype=data.dtype, chunks=pixel_chunks(path, data.shape),
         compressors=compressor(), fill_value=0, overwrite=True,
@@ -148,8 +151,28 @@ def create_pixels(group: zarr.Group, path: str, data: np.ndarray) -> zarr.Array:
         # every chunk so that a missing chunk file is detectably corrupt.
         config={"write_empty_chunks": path.startswith(("images/", "ela/"))},
     )
-    arr[...] = data
+    if path.startswith(("images/", "ela/")):
+        arr[...] = data
+    elif path.startswith("instances_mask/"):
+        for i, layer in enumerate(data):
+            region = _nonzero_chunks(layer)
+            if region is not None:
+                arr[(i,) + region] = layer[region]
+    else:
+        region = _nonzero_chunks(data)
+        if region is not None:
+            arr[region] = data[region]
     return arr
+
+
+def _nonzero_chunks(plane: np.ndarray) -> tuple[slice, slice] | None:
+    """The smallest chunk-aligned window holding every non-zero pixel."""
+    rows, cols = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    if len(rows) == 0:
+        return None
+    return tuple(slice(lo // CHUNK * CHUNK, min(n, -(-(hi + 1) // CHUNK) * CHUNK))
+                 for lo, hi, n in ((rows[0], rows[-1], plane.shape[0]),
+                                   (cols[0], cols[-1], plane.shape[1])))
 
 
 def open_store(path: str | os.PathLike, mode: str = "r") -> zarr.Group:

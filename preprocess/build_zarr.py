@@ -154,7 +154,7 @@ def _write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _init_worker() -> None:
+def init_worker() -> None:
     cv2.setNumThreads(1)  # one process per core already
 
 
@@ -320,7 +320,7 @@ def run_cases(partial: Path, cases: list[Case], todo: list[int], workers: int, m
     pool = None
     if workers > 1 and len(tasks) > 1:
         # spawn: zarr's event-loop thread in this process must not be forked
-        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker)
         results = pool.imap_unordered(process_case, tasks, chunksize=1)
     else:
         results = map(process_case, tasks)
