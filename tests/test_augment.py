@@ -118,6 +118,24 @@ def test_quarter_turn_matches_kornia_rotation(turns):
     assert not torch.allclose(exact, image)
 
 
+def test_coarse_dropout_blanks_1_to_8_holes_of_16_to_32_px():
+    image = torch.rand(16, 3, SIZE, SIZE) * 0.9 + 0.1
+    out, _ = op_augmenter("coarse_dropout", {"holes": (1, 8), "size": (16, 32)})(
+        image, torch.zeros(16, 1, SIZE, SIZE), seed=0)
+    blank = (out == 0).all(1).sum(dim=(1, 2))
+    assert (blank >= 16 * 16).all() and (blank <= 8 * 32 * 32).all()
+    assert len(set(blank.tolist())) > 1
+
+
+def test_hsv_integer_limits_are_opencv_units():
+    # value 30 on OpenCV's 0-255 scale: V moves by at most 30/255, and does move
+    grey = torch.full((8, 3, SIZE, SIZE), 0.5)
+    out, _ = op_augmenter("hue_saturation_value", {"hue": 0, "saturation": 0, "value": 30})(
+        grey, torch.zeros(8, 1, SIZE, SIZE), seed=0)
+    shift = (out - grey).abs().amax(dim=(1, 2, 3))
+    assert (shift <= 30 / 255 + 1e-5).all() and shift.max() > 10 / 255
+
+
 def test_one_of_picks_per_image():
     image, mask = green_square_batch(batch=16)
     one_of = ("one_of", {"p": 1.0, "ops": (("hflip", {}), ("vflip", {}))})
