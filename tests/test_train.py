@@ -1,0 +1,233 @@
+"""trainers/train.py end to end on the demo store: every member, overfitting,
+resume, checkpoints, schedules, two-process training and user-facing errors."""
+import dataclasses
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import engine
+from engine import store as layout
+from engine.recipes import RECIPES
+from trainers.checkpoint import (CheckpointError, best_path, file_sha256, last_path,
+                                 load_checkpoint, load_member, recipe_from_dict,
+                                 recipe_to_dict, save_checkpoint)
+from trainers.losses import MemberLoss
+from trainers.metrics import pixel_counts, summarize
+from trainers.model import build_model
+from trainers.schedules import build_optimizer, build_scheduler
+from trainers.train import initial_model, main, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 64
+SMALL_ENCODER = "timm-mobilenetv3_small_minimal_100"   # 5x faster than the recipes' b2
+FAST = ["--encoder-weights", "none", "--img-size", str(SIZE), "--batch-size", "2",
+        "--device", "cpu", "--workers", "0"]
+# highres_no_ela first: the mined members and high_recall read its checkpoint
+MEMBER_ORDER = ["highres_no_ela"] + [m for m in RECIPES if m != "highres_no_ela"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # two cores shared by parallel test runs: OpenMP spinning across threads costs 10x here
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def store(demo_store, tmp_path_factory):
+    """A private copy of the demo store: mining writes into it."""
+    copy = tmp_path_factory.mktemp("train") / "store.zarr"
+    shutil.copytree(demo_store, copy)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def six_members(store, tmp_path_factory):
+    """Each member trained for two steps from random init; out folder and exit statuses."""
+    out = tmp_path_factory.mktemp("six")
+    torch.set_num_threads(1)
+    status = {m: main(["--member", m, "--store", str(store), "--out", str(out), "--epochs", "1",
+                       "--max-steps", "2", "--encoder", SMALL_ENCODER, *FAST])
+              for m in MEMBER_ORDER}
+    return out, status
+
+
+@pytest.mark.parametrize("member", MEMBER_ORDER)
+def test_every_member_trains_and_writes_checkpoints_and_logs(six_members, store, member):
+    out, status = six_members
+    assert status[member] == 0
+    last = load_checkpoint(last_path(out / "models", member))
+    assert last["global_step"] == 2 and last["fingerprint"] == layout.open_store(store).attrs["fingerprint"]
+    assert recipe_from_dict(last["recipe"]) == dataclasses.replace(
+        RECIPES[member], epochs=1, img_size=SIZE, batch_size=2, encoder=SMALL_ENCODER)
+    assert best_path(out / "models", member).is_file()
+    lines = (out / "logs" / f"{member}.csv").read_text().splitlines()
+    assert len(lines) == 2
+    header, row = lines[0].split(","), dict(zip(lines[0].split(","), lines[1].split(",")))
+    assert "data_wait_share" in header and row["select_on"] == RECIPES[member].select_on
+    assert math.isfinite(float(row["train_loss"])) and float(row["train_loss"]) > 0
+    assert 0 <= float(row["data_wait_share"]) <= 1
+    assert (out / "logs" / f"{member}.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("member", [m for m in MEMBER_ORDER if RECIPES[m].mining])
+def test_mined_members_record_the_highres_checkpoint(six_members, store, member):
+    out, _ = six_members
+    result = layout.read_mining(layout.open_store(store), RECIPES[member].mining)
+    assert result["checkpoint"] == file_sha256(best_path(out / "models", "highres_no_ela"))
+
+
+def test_high_recall_starts_from_the_highres_checkpoint(six_members):
+    out, _ = six_members
+    args = parse_args(["--member", "high_recall", *FAST])
+    model, recipe = initial_model(RECIPES["high_recall"], args, out / "models")
+    parent, _, _ = load_member(best_path(out / "models", "highres_no_ela"))
+    for name, tensor in parent.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def test_load_member_gives_an_eval_model_with_logits(six_members):
+    out, _ = six_members
+    model, recipe, info = load_member(best_path(out / "models", "comprehensive"))
+    assert not model.training and recipe.in_channels == 4
+    assert "optimizer" not in info and info["fingerprint"]
+    with torch.no_grad():
+        logits = model(torch.randn(1, 4, SIZE, SIZE))
+    assert logits.shape == (1, 1, SIZE, SIZE) and (logits < 0).any()   # logits, not probabilities
+
+
+def test_a_model_overfits_a_few_batches(store):
+    """Data, loss and optimiser fit together: two fixed batches are learnt."""
+    torch.manual_seed(0)
+    recipe = dataclasses.replace(RECIPES["highres_no_ela"], encoder=SMALL_ENCODER, lr=3e-3)
+    batches = list(engine.make_loader(store, recipe, rows=np.flatnonzero(
+        layout.read_meta(layout.open_store(store))["label"] == 1)[:4], batch_size=2,
+        img_size=SIZE, workers=0))
+    model = build_model(recipe.encoder, recipe.in_channels, "none")
+    optimizer, loss_fn = build_optimizer(model, recipe), MemberLoss(recipe)
+    losses = []
+    for step in range(80):
+        batch = batches[step % len(batches)]
+        loss = loss_fn(model(batch["image"]), batch["mask"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    with torch.no_grad():
+        counts = np.concatenate([pixel_counts(model(b["image"]), b["mask"]) for b in batches])
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]) / 5
+    assert summarize(counts)["pooled_dice"] > 0.8
+
+
+def final_state(out: Path, member: str) -> dict:
+    return load_checkpoint(last_path(out / "models", member))
+
+
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(store, tmp_path, capsys):
+    common = ["--member", "highres_no_ela", "--store", str(store), "--epochs", "1",
+              "--encoder", SMALL_ENCODER, *FAST]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert main(common + ["--out", str(whole), "--max-steps", "4"]) == 0
+    assert main(common + ["--out", str(parts), "--max-steps", "2"]) == 0
+    assert final_state(parts, "highres_no_ela")["step"] == 2          # stopped mid-epoch
+    assert main(common + ["--out", str(parts), "--max-steps", "4", "--resume"]) == 0
+    a, b = final_state(whole, "highres_no_ela"), final_state(parts, "highres_no_ela")
+    assert (a["epoch"], a["step"], a["global_step"]) == (b["epoch"], b["step"], b["global_step"]) == (0, 4, 4)
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for key, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg"], b["optimizer"]["state"][key]["exp_avg"])
+
+    # the same checkpoint on a store with another fingerprint is refused
+    b["fingerprint"] = "another-store"
+    save_checkpoint(last_path(parts / "models", "highres_no_ela"), b)
+    capsys.readouterr()
+    assert main(common + ["--out", str(parts), "--resume"]) == 2
+    assert "fingerprint" in capsys.readouterr().err
+
+
+def test_a_kill_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "m_last.pth"
+    save_checkpoint(path, {"step": 1})
+
+    def killed(obj, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"step": 2})
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["m_last.pth"]
+
+
+def test_unreadable_checkpoint_is_named(tmp_path):
+    bad = tmp_path / "x_last.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="x_last.pth"):
+        load_checkpoint(bad)
+
+
+def test_recipes_survive_the_checkpoint_round_trip():
+    for recipe in RECIPES.values():
+        assert recipe_from_dict(recipe_to_dict(recipe)) == recipe
+
+
+@pytest.mark.parametrize("member", ["hard_negative", "high_recall"])
+def test_missing_highres_checkpoint_says_what_to_train(store, tmp_path, capsys, member):
+    status = main(["--member", member, "--store", str(store), "--out", str(tmp_path), *FAST])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "python trainers/train.py --member highres_no_ela" in err and "Traceback" not in err
+
+
+def test_schedules_follow_the_recipes():
+    def lrs(member, epochs):
+        recipe = dataclasses.replace(RECIPES[member], epochs=epochs)
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=recipe.lr)
+        scheduler = build_scheduler(optimizer, recipe)
+        out = []
+        for _ in range(epochs + 1):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return recipe, out
+
+    recipe, cosine = lrs("hard_negative", 30)
+    assert cosine[0] == recipe.lr and cosine[30] == pytest.approx(recipe.schedule[1])
+    assert all(a > b for a, b in zip(cosine[:30], cosine[1:31]))
+    recipe, restarts = lrs("small_specialist", 40)
+    _, t0, t_mult = recipe.schedule
+    restart_epochs = [0, t0, t0 + t0 * t_mult]
+    assert [restarts[e] for e in restart_epochs] == pytest.approx([recipe.lr] * 3)
+    assert restarts[t0 - 1] < recipe.lr / 10
+
+
+def test_two_process_gloo_run_trains_each_rank_on_its_slice(store, tmp_path):
+    args = ["--member", "highres_no_ela", "--store", str(store), "--out", str(tmp_path),
+            "--epochs", "1", "--max-steps", "2", "--encoder", SMALL_ENCODER, "--record-samples", *FAST]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", str(ROOT / "trainers" / "train.py"), *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert final_state(tmp_path, "highres_no_ela")["global_step"] == 2
+    recipe = dataclasses.replace(RECIPES["highres_no_ela"], img_size=SIZE, batch_size=2,
+                                 encoder=SMALL_ENCODER, epochs=1)
+    seen = [np.load(tmp_path / "logs" / f"highres_no_ela_samples_rank{rank}.npy") for rank in (0, 1)]
+    for rank in (0, 1):
+        loader = engine.make_loader(store, recipe, batch_size=2, img_size=SIZE, rank=rank,
+                                    world_size=2, workers=0)
+        expected = np.concatenate([b["index"].numpy() for b, _ in zip(loader, range(2))])
+        np.testing.assert_array_equal(seen[rank], expected)
+    assert not np.array_equal(seen[0], seen[1])
