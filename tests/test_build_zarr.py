@@ -314,7 +314,10 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_store(demo_source, demo_store
     _assert_same_store(out, demo_store)
 
 
-def test_kill_between_finalize_and_rename_resumes(demo_source, demo_store, tmp_path, monkeypatch):
+def test_kill_between_finalize_and_rename_resumes(bad_source, tmp_path, monkeypatch):
+    root, _ = bad_source
+    build = dict(workers=1, max_pixels=10_000, progress=False, figure=False)
+    build_store(root, tmp_path / "uninterrupted.zarr", **build)
     out = tmp_path / "store.zarr"
 
     def killed(partial, out):
@@ -322,7 +325,8 @@ def test_kill_between_finalize_and_rename_resumes(demo_source, demo_store, tmp_p
 
     monkeypatch.setattr(build_zarr, "finish", killed)
     with pytest.raises(KeyboardInterrupt):
-        build_store(demo_source, out, workers=1, progress=False, figure=False)
+        build_store(root, out, **build)
     monkeypatch.undo()
-    build_store(demo_source, out, workers=1, progress=False, figure=False)
-    _assert_same_store(out, demo_store)
+    assert not out.exists()
+    build_store(root, out, **build)
+    _assert_same_store(out, tmp_path / "uninterrupted.zarr")
