@@ -86,6 +86,16 @@ def test_member_keeps_mask_on_marker_channel(member):
         assert iou(out[b, 3] > 0.5, out_mask[b, 0] > 0.5) > 0.9
 
 
+@pytest.mark.parametrize("member", list(RECIPES))
+def test_member_geometry_keeps_mask_on_green_square(member):
+    geometric = tuple(op for op in RECIPES[member].augment if op[0] in GEOMETRIC)
+    recipe = replace(RECIPES[member], augment=forced(geometric), copy_paste=None)
+    image, mask = green_square_batch(batch=6)
+    out, out_mask = build_augmenter(recipe, img_size=SIZE)(image, mask, seed=2)
+    for b in range(len(out)):
+        assert iou(out[b, 1] > 0.5, out_mask[b, 0] > 0.5) > 0.9
+
+
 @pytest.mark.parametrize("name,params", [op for op in OPS if op[0] in GEOMETRIC],
                          ids=lambda v: v if isinstance(v, str) else "")
 def test_geometric_op_moves_image_and_mask_together(name, params):
