@@ -109,24 +109,30 @@ def test_a_model_overfits_a_few_batches(store):
     """Data, loss and optimiser fit together: two fixed batches are learnt."""
     torch.manual_seed(0)
     recipe = dataclasses.replace(RECIPES["highres_no_ela"], encoder=SMALL_ENCODER, lr=3e-3)
-    batches = list(engine.make_loader(store, recipe, rows=np.flatnonzero(
-        layout.read_meta(layout.open_store(store))["label"] == 1)[:4], batch_size=2,
-        img_size=SIZE, workers=0))
+    forged = np.flatnonzero(layout.read_meta(layout.open_store(store))["label"] == 1)
+    batches = list(engine.make_loader(store, recipe, rows=forged[:4], batch_size=2,
+                                      img_size=SIZE, workers=0))
     model = build_model(recipe.encoder, recipe.in_channels, "none")
     optimizer, loss_fn = build_optimizer(model, recipe), MemberLoss(recipe)
-    losses = []
-    for step in range(80):
+
+    def dice_now():
+        model.eval()
+        with torch.no_grad():
+            counts = np.concatenate([pixel_counts(model(b["image"]), b["mask"]) for b in batches])
+        model.train()
+        return summarize(counts)["pooled_dice"]
+
+    dice_before, losses = dice_now(), []
+    for step in range(60):
         batch = batches[step % len(batches)]
         loss = loss_fn(model(batch["image"]), batch["mask"])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    model.eval()
-    with torch.no_grad():
-        counts = np.concatenate([pixel_counts(model(b["image"]), b["mask"]) for b in batches])
-    assert np.mean(losses[-4:]) < np.mean(losses[:4]) / 5
-    assert summarize(counts)["pooled_dice"] > 0.8
+    dice_after = dice_now()
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]) / 4
+    assert dice_after > 0.6 and dice_after > dice_before + 0.3
 
 
 def final_state(out: Path, member: str) -> dict:
