@@ -36,10 +36,12 @@ always written, so a missing one means a damaged store.
 """
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
 import cv2
+import numcodecs
 import numpy as np
 import zarr
 
@@ -157,17 +159,50 @@ def create_pixels(group: zarr.Group, path: str, data: np.ndarray) -> zarr.Array:
         config={"write_empty_chunks": path.startswith(("images/", "ela/"))},
     )
     if path.startswith(("images/", "ela/")):
-        arr[...] = data
+        _write_region(arr, tuple(slice(0, n) for n in data.shape), data, keep_empty=True)
     elif path.startswith("instances_mask/"):
         for i, layer in enumerate(data):
             region = _nonzero_chunks(layer)
             if region is not None:
-                arr[(i,) + region] = layer[region]
+                _write_region(arr, (slice(i, i + 1),) + region, layer[None][(slice(None),) + region],
+                              keep_empty=False)
     else:
         region = _nonzero_chunks(data)
         if region is not None:
-            arr[region] = data[region]
+            _write_region(arr, region, data[region], keep_empty=False)
     return arr
+
+
+def _write_region(arr: zarr.Array, region: tuple[slice, ...], block: np.ndarray,
+                  keep_empty: bool) -> None:
+    """arr[region] = block, where region starts on chunk boundaries and ends
+    on them or at the array's edge. On a local store the chunk files are
+    encoded (bytes + zstd, as create_pixels declares) and written directly,
+    byte for byte what zarr writes: zarr-python's per-chunk asyncio overhead
+    made one image's pyramid, ELA and masks 1.6x slower to write. Any other
+    store goes through zarr."""
+    if not isinstance(arr.store, zarr.storage.LocalStore):
+        arr[region] = block
+        return
+    codec = numcodecs.Zstd(level=ZSTD_LEVEL)
+    base = Path(arr.store.root) / arr.path
+    chunks = arr.chunks
+    made = set()
+    grid = [range(r.start // c, -(-r.stop // c)) for r, c in zip(region, chunks)]
+    for index in itertools.product(*grid):
+        piece = block[tuple(slice(i * c - r.start, (i + 1) * c - r.start)
+                            for i, c, r in zip(index, chunks, region))]
+        if not keep_empty and not piece.any():
+            continue
+        if piece.shape != chunks:  # edge chunks are stored full size, padded with the fill value
+            padded = np.zeros(chunks, piece.dtype)
+            padded[tuple(slice(0, n) for n in piece.shape)] = piece
+            piece = padded
+        file = base / arr.metadata.encode_chunk_key(index)
+        if file.parent not in made:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            made.add(file.parent)
+        file.write_bytes(codec.encode(np.ascontiguousarray(piece)))
 
 
 def _nonzero_chunks(plane: np.ndarray) -> tuple[slice, slice] | None:

@@ -159,6 +159,35 @@ def test_conversion_of_16_bit_grey_and_alpha():
     np.testing.assert_array_equal(to_rgb8(bgra)[0], [[30, 20, 10], [255, 255, 255]])
 
 
+def test_direct_chunk_files_equal_what_zarr_writes(tmp_path):
+    """create_pixels writes local chunk files itself; zarr's own path (a
+    memory store) must give the same bytes, edge chunks and sparse masks included."""
+    rng = np.random.default_rng(1)
+    h, w = layout.CHUNK + 37, 2 * layout.CHUNK + 5
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    union = np.zeros((h, w), np.uint8)
+    union[h - 20:h - 3, 10:40] = 1          # only the bottom-left chunk is non-zero
+    instances = np.stack([union, np.zeros_like(union)])
+    instances[1, 5:9, w - 4:w] = 1
+    local = zarr.open_group(str(tmp_path / "local.zarr"), mode="w")
+    memory = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+    for path, data in ((layout.image_path(0), image), (layout.mask_path(0), union),
+                       (layout.instances_mask_path(0), instances)):
+        for group in (local, memory):
+            layout.create_pixels(group, path, data)
+        np.testing.assert_array_equal(local[path][...], data)
+        np.testing.assert_array_equal(memory[path][...], data)
+        root = tmp_path / "local.zarr"
+        local_chunks = {k.relative_to(root).as_posix(): k.read_bytes()
+                        for k in (root / path / "c").rglob("*") if k.is_file()}
+        memory_chunks = {k: v.to_bytes() for k, v in memory.store._store_dict.items()
+                         if k.startswith(f"{path}/c/")}
+        assert local_chunks == memory_chunks, path
+    mask_chunks = sorted(p.relative_to(tmp_path / "local.zarr").as_posix()
+                         for p in (tmp_path / "local.zarr" / layout.mask_path(0)).rglob("c/*/*"))
+    assert mask_chunks == [f"{layout.mask_path(0)}/c/1/0"], "all-zero mask chunks are not written"
+
+
 # ---------------------------------------------------------------- bad input
 
 def _png(path: Path, h: int, w: int, seed: int = 0, dtype=np.uint8) -> np.ndarray:
