@@ -26,6 +26,7 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from engine.loader import resolve_device
@@ -43,6 +44,7 @@ class Case:
     case_id: str
     image: np.ndarray               # (H, W, 3) uint8 RGB, original size
     ela: np.ndarray | None = None   # (H, W) uint8, when a member needs it
+    row: int | None = None          # row in the store's meta/, for store cases
 
 
 def image_files(folder: str | Path) -> list[Path]:
@@ -73,7 +75,7 @@ def store_cases(store, rows: np.ndarray, with_ela: bool) -> Iterator[Case]:
     for name, row in zip(names, rows):
         image = np.asarray(group[image_path(int(row))][...])
         ela = np.asarray(group[ela_path(int(row))][...]) if with_ela else None
-        yield Case(name, image, ela)
+        yield Case(name, image, ela, int(row))
 
 
 def batched(items: Iterable, size: int) -> Iterator[list]:
@@ -82,14 +84,26 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
+def predict_batches(ensemble: Ensemble, cases: Iterable[Case], tta: bool = False,
+                    batch_size: int = 4) -> Iterator[tuple[list[Case], dict[str, torch.Tensor]]]:
+    """Batches of cases with each member's probabilities (B, 1, S, S)."""
+    for batch in batched(cases, batch_size):
+        elas = [c.ela for c in batch] if ensemble.needs_ela else None
+        yield batch, ensemble.probabilities([c.image for c in batch], elas, tta)
+
+
+def batch_instances(batch: list[Case], final: torch.Tensor, post: PostProcess) -> list[list[np.ndarray]]:
+    """Instance masks at each case's original size from combined probabilities."""
+    return [instances(to_original_size(prob, case.image.shape[:2]), post)
+            for case, prob in zip(batch, final[:, 0].cpu().numpy())]
+
+
 def predict_instances(ensemble: Ensemble, cases: Iterable[Case], post: PostProcess,
                       tta: bool = False, batch_size: int = 4) -> Iterator[tuple[str, list[np.ndarray]]]:
     """(case id, instance masks at the original size) for every case, in order."""
-    for batch in batched(cases, batch_size):
-        elas = [c.ela for c in batch] if ensemble.needs_ela else None
-        final = ensemble.combine(ensemble.probabilities([c.image for c in batch], elas, tta))
-        for case, prob in zip(batch, final[:, 0].cpu().numpy()):
-            yield case.case_id, instances(to_original_size(prob, case.image.shape[:2]), post)
+    for batch, probs in predict_batches(ensemble, cases, tta, batch_size):
+        found = batch_instances(batch, ensemble.combine(probs), post)
+        yield from zip((case.case_id for case in batch), found)
 
 
 def write_submission(results: Iterable[tuple[str, list[np.ndarray]]], path: str | Path) -> int:
