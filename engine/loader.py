@@ -13,17 +13,18 @@ loader started at batch k yields exactly batches k, k+1, ... of a full run.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from engine import sampling
+from engine import photometric, sampling
 from engine import store as layout
 from engine.augment import build_augmenter
 from engine.patch_bank import PatchBank
-from engine.pipeline import PlannedBatches, WindowSource, build_pipeline, iterate
+from engine.pipeline import PlannedBatches, SampleAugment, WindowSource, build_pipeline, iterate
 from engine.reader import WindowReader
 from engine.recipes import WHOLE_IMAGE, Recipe, get_recipe
 
@@ -103,9 +104,10 @@ class _Settings:
 class Loader:
     """An epoch of batches for one rank. `len()` is the number of batches."""
 
-    def __init__(self, reader: WindowReader, batches: PlannedBatches, augmenter, settings: _Settings):
-        self.reader, self.batches, self.augmenter, self.settings = reader, batches, augmenter, settings
-        channels = 4 if reader.with_ela else 3
+    def __init__(self, source: WindowSource, augmenter, settings: _Settings):
+        self.source, self.augmenter, self.settings = source, augmenter, settings
+        self.reader, self.batches = source.reader, source.batches
+        channels = 4 if self.reader.with_ela else 3
         mean = torch.tensor(IMAGENET_MEAN + (0.0,) * (channels - 3)).view(1, channels, 1, 1)
         std = torch.tensor(IMAGENET_STD + (1.0,) * (channels - 3)).view(1, channels, 1, 1)
         self._mean, self._std = mean.to(settings.device), std.to(settings.device)
@@ -119,13 +121,14 @@ class Loader:
         s = self.settings
         on_gpu = s.device.type == "cuda"
         pipe = build_pipeline(
-            WindowSource(self.reader, self.batches, s.img_size), batch_size=s.batch_size,
-            out_size=s.img_size, device="gpu" if on_gpu else "cpu",
-            device_id=(s.device.index or 0) if on_gpu else None, num_threads=s.threads,
-            py_workers=s.workers, seed=s.seed)
-        for k, out in enumerate(iterate(pipe)):
+            self.source, batch_size=s.batch_size, out_size=s.img_size,
+            device="gpu" if on_gpu else "cpu", device_id=(s.device.index or 0) if on_gpu else None,
+            num_threads=s.threads, py_workers=s.workers, seed=s.seed)
+        for k, out in enumerate(iterate(pipe, self.source)):
             out = out[0]
             image, mask = out["image"], out["mask"].float()
+            if "ela" in out:
+                image = torch.cat([image, out["ela"]], dim=1)
             if self.augmenter is not None:
                 # One seed per batch, from its first plan position: a resumed or
                 # re-run epoch draws the same augmentation parameters.
@@ -176,18 +179,29 @@ def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img
     else:
         batches = _train_plan(recipe, group, meta, batch_size=batch_size, seed=seed, epoch=epoch,
                               rank=rank, world_size=world_size, start_batch=start_batch)
-    augmenter = None
+    per_sample, augmenter = SampleAugment(seed, epoch), None
     if augment and split == "train" and rows is None:
-        bank = None
-        if recipe.copy_paste:
-            cp = recipe.copy_paste
-            bank = PatchBank.from_store(
-                group, meta, np.flatnonzero((meta["split"] == SPLITS["train"]) & (meta["label"] == 1)),
-                min_side=cp["min_side"], max_patches=cp["max_patches"], padding=cp["padding"],
-                seed=seed)
-        augmenter = build_augmenter(recipe, img_size=img_size, patch_bank=bank)
+        per_sample, augmenter = _augmentation(recipe, group, meta, seed, epoch, img_size)
     cores = os.cpu_count() or 1
     settings = _Settings(dev, batch_size, img_size, seed, epoch,
                          workers=min(2, max(1, cores - 1)) if workers is None else workers,
                          threads=threads or min(4, cores))
-    return Loader(WindowReader(store, with_ela=recipe.in_channels == 4), batches, augmenter, settings)
+    reader = WindowReader(store, with_ela=recipe.in_channels == 4)
+    return Loader(WindowSource(reader, batches, img_size, per_sample), augmenter, settings)
+
+
+def _augmentation(recipe: Recipe, group, meta, seed: int, epoch: int, img_size: int):
+    """Split a recipe's augmentation where it runs best: copy-paste in the
+    reader workers (before anything else, as MEMBERS.md orders it), colour,
+    blur, noise and JPEG as DALI operators, geometry and dropout in Kornia."""
+    bank = None
+    if recipe.copy_paste:
+        cp = recipe.copy_paste
+        bank = PatchBank.from_store(
+            group, meta, np.flatnonzero((meta["split"] == SPLITS["train"]) & (meta["label"] == 1)),
+            min_side=cp["min_side"], max_patches=cp["max_patches"], padding=cp["padding"], seed=seed)
+    per_sample = SampleAugment(seed, epoch, photometric.slots(recipe.augment), bank, recipe.copy_paste)
+    batch_ops = tuple(e for e in recipe.augment if not photometric.is_photometric(e))
+    augmenter = build_augmenter(dataclasses.replace(recipe, augment=batch_ops, copy_paste=None),
+                                img_size=img_size)
+    return per_sample, augmenter

@@ -1,12 +1,18 @@
-"""The DALI pipeline: planned windows in, fixed-size crops out.
+"""The DALI pipeline: planned windows in, fixed-size augmented crops out.
 
-One pipeline definition serves both devices: window blocks are read on the
-CPU (in DALI's parallel external-source worker processes, so reading overlaps
-with whatever consumes the batches), then one `fn.resize` per output crops
-the window's fractional ROI out of its block and resizes it to the output size
-in a single pass: antialiased for pixels, nearest-neighbour for the mask. With
-`device="gpu"` the blocks are copied to the GPU first and the resize runs
-there; nothing else changes.
+One pipeline definition serves both devices. Per batch:
+  1. WindowSource (in DALI's parallel external-source worker processes, so
+     reading overlaps with whatever consumes the batches) reads each window's
+     block (engine/reader.py), pastes a patch-bank region into it when the
+     member copy-pastes, and draws the sample's photometric parameters, all
+     from the sample's counter-based seed;
+  2. one `fn.resize` per output crops the window's fractional ROI out of its
+     block and resizes it to the output size in a single pass: antialiased
+     for pixels and ELA, nearest-neighbour for the mask;
+  3. the member's photometric operations run on the RGB channels
+     (engine/photometric.py).
+With `device="gpu"` the blocks are copied to the GPU before step 2 and
+everything after runs there; nothing else changes.
 """
 from __future__ import annotations
 
@@ -16,9 +22,11 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+from engine import photometric, sampling
 from engine.reader import WindowReader
 
-OUTPUTS = ("image", "mask", "index", "window_scale")
+# Random streams of a sample's generator: what the worker draws for it.
+_STREAM_PHOTOMETRIC, _STREAM_COPY_PASTE = 1, 2
 
 
 @dataclass
@@ -33,6 +41,17 @@ class PlannedBatches:
         return len(self.rows)
 
 
+@dataclass(frozen=True)
+class SampleAugment:
+    """What the worker does to each sample besides reading it."""
+
+    seed: int = 0
+    epoch: int = 0
+    photometric: tuple = ()                 # photometric.Slot, in order
+    patch_bank: object | None = None        # engine.patch_bank.PatchBank
+    copy_paste: dict | None = None          # recipe.copy_paste
+
+
 class WindowSource:
     """DALI external source (batch mode, batch_info): batch k of a plan.
 
@@ -40,56 +59,86 @@ class WindowSource:
     source requires: the plan travels to each worker process once.
     """
 
-    def __init__(self, reader: WindowReader, batches: PlannedBatches, out_size: int):
-        self.reader, self.batches, self.out_size = reader, batches, out_size
+    def __init__(self, reader: WindowReader, batches: PlannedBatches, out_size: int,
+                 augment: SampleAugment = SampleAugment()):
+        self.reader, self.batches, self.out_size, self.augment = reader, batches, out_size, augment
+
+    def outputs(self) -> list[str]:
+        names = ["image", "mask", "roi_start", "roi_end", "index", "window_scale"]
+        names += ["ela"] if self.reader.with_ela else []
+        return names + [f"photometric_{i}" for i in range(photometric.input_count(self.augment.photometric))]
 
     def __call__(self, info):
         k = info.iteration
         if k >= len(self.batches):
             raise StopIteration
-        images, masks, starts, ends, scales = [], [], [], [], []
-        for row, window in zip(self.batches.rows[k], self.batches.windows[k]):
+        aug = self.augment
+        seeds = sampling.sample_seeds(aug.seed, aug.epoch, self.batches.positions[k])
+        columns = [[] for _ in self.outputs()]
+        for row, window, seed in zip(self.batches.rows[k], self.batches.windows[k], seeds):
             block = self.reader.read(int(row), window, self.out_size)
-            images.append(block.image)
-            masks.append(block.mask)
-            starts.append(block.roi_start)
-            ends.append(block.roi_end)
+            if aug.patch_bank is not None:
+                block.image, block.mask = aug.patch_bank.paste(
+                    block.image, block.mask, np.random.default_rng((int(seed), _STREAM_COPY_PASTE)),
+                    p=aug.copy_paste["p"], scale=aug.copy_paste["scale"], pixel_scale=block.scale)
             side = np.sqrt(float(window[2] - window[0]) * float(window[3] - window[1]))
-            scales.append(np.array(self.out_size / side, np.float32))
-        # 0-d arrays, not numpy scalars: DALI's worker processes accept only arrays
-        indices = [np.array(row, np.int64) for row in self.batches.rows[k]]
-        return images, masks, starts, ends, indices, scales
+            # 0-d arrays, not numpy scalars: DALI's worker processes accept only arrays
+            values = [block.image, block.mask, block.roi_start, block.roi_end,
+                      np.array(row, np.int64), np.array(self.out_size / side, np.float32)]
+            values += [block.ela] if self.reader.with_ela else []
+            values += photometric.draw(aug.photometric,
+                                       np.random.default_rng((int(seed), _STREAM_PHOTOMETRIC)),
+                                       self.out_size)
+            for column, value in zip(columns, values):
+                column.append(value)
+        return tuple(columns)
 
 
 def build_pipeline(source: WindowSource, *, batch_size: int, out_size: int, device: str,
                    device_id: int | None, num_threads: int, py_workers: int, seed: int):
-    """A built DALI pipeline producing OUTPUTS: image float CHW in [0, 1]
-    (3 or 4 channels), mask uint8 1HW (0/1), index int64, window_scale float32."""
+    """A built DALI pipeline producing `output_names(source)`: image float CHW
+    in [0, 1], mask uint8 1HW (0/1), index int64, window_scale float32, and
+    ela float 1HW in [0, 1] when the reader reads ELA."""
+    names = source.outputs()
+    plan = source.augment.photometric
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                   seed=seed, py_num_workers=max(py_workers, 1), py_start_method="spawn",
-                  prefetch_queue_depth=2)
-    def crop_resize():
-        image, mask, roi_start, roi_end, index, scale = fn.external_source(
-            source=source, num_outputs=6, batch=True, batch_info=True,
-            parallel=py_workers > 0, layout=["HWC", "HWC", "", "", "", ""])
-        if device == "gpu":
-            image, mask = image.gpu(), mask.gpu()
-        image = fn.resize(image, size=[out_size, out_size], roi_start=roi_start,
-                          roi_end=roi_end, antialias=True, interp_type=types.INTERP_LINEAR)
-        image = fn.crop_mirror_normalize(image, dtype=types.FLOAT, output_layout="CHW",
-                                         mean=[0.0], std=[255.0])
-        mask = fn.resize(mask, size=[out_size, out_size], roi_start=roi_start, roi_end=roi_end,
-                         antialias=False, interp_type=types.INTERP_NN)
-        mask = fn.transpose(mask, perm=[2, 0, 1])
-        return image, mask, index, scale
+                  prefetch_queue_depth=2, enable_conditionals=bool(plan))
+    def crop_resize_augment():
+        nodes = dict(zip(names, fn.external_source(
+            source=source, num_outputs=len(names), batch=True, batch_info=True,
+            parallel=py_workers > 0,
+            layout=["HWC" if n in ("image", "mask", "ela") else "" for n in names])))
+        roi = dict(roi_start=nodes["roi_start"], roi_end=nodes["roi_end"])
+        pixels = {n: nodes[n].gpu() if device == "gpu" else nodes[n]
+                  for n in ("image", "mask", "ela") if n in nodes}
+        image = fn.resize(pixels["image"], size=[out_size, out_size], antialias=True,
+                          interp_type=types.INTERP_LINEAR, **roi)
+        image = photometric.apply(image, plan, [nodes[f"photometric_{i}"] for i in
+                                                range(photometric.input_count(plan))], device)
+        outputs = [fn.crop_mirror_normalize(image, dtype=types.FLOAT, output_layout="CHW",
+                                            mean=[0.0], std=[255.0]),
+                   fn.transpose(fn.resize(pixels["mask"], size=[out_size, out_size], antialias=False,
+                                          interp_type=types.INTERP_NN, **roi), perm=[2, 0, 1]),
+                   nodes["index"], nodes["window_scale"]]
+        if "ela" in pixels:
+            ela = fn.resize(pixels["ela"], size=[out_size, out_size], antialias=True,
+                            interp_type=types.INTERP_LINEAR, **roi)
+            outputs.append(fn.crop_mirror_normalize(ela, dtype=types.FLOAT, output_layout="CHW",
+                                                    mean=[0.0], std=[255.0]))
+        return tuple(outputs)
 
-    pipe = crop_resize()
+    pipe = crop_resize_augment()
     pipe.build()
     return pipe
 
 
-def iterate(pipe) -> DALIGenericIterator:
+def output_names(source: WindowSource) -> list[str]:
+    return ["image", "mask", "index", "window_scale"] + (["ela"] if source.reader.with_ela else [])
+
+
+def iterate(pipe, source: WindowSource) -> DALIGenericIterator:
     """Batches as torch tensors on the pipeline's device; a short last batch stays short."""
-    return DALIGenericIterator([pipe], list(OUTPUTS), last_batch_policy=LastBatchPolicy.PARTIAL,
-                               auto_reset=False)
+    return DALIGenericIterator([pipe], output_names(source),
+                               last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)

@@ -34,11 +34,13 @@ from engine import store as layout
 class WindowBlock:
     """Pixels covering a window at one pyramid level."""
 
-    image: np.ndarray        # uint8 (h, w, C): RGB, plus ELA as channel 4 when asked
+    image: np.ndarray        # uint8 (h, w, 3) RGB
     mask: np.ndarray         # uint8 (h, w, 1), 0/1 union mask
+    ela: np.ndarray | None   # uint8 (h, w, 1) when asked for
     roi_start: np.ndarray    # float32 (2,): window's (y, x) start inside the block
     roi_end: np.ndarray      # float32 (2,): window's (y, x) end inside the block
     level: int
+    scale: float             # block pixels per original pixel (1 at level 0)
 
 
 class _ChunkFiles:
@@ -172,13 +174,14 @@ class WindowReader:
         by1 = min(image.shape[0], max(by0 + 1, int(math.ceil(fy1))))
         bx1 = min(image.shape[1], max(bx0 + 1, int(math.ceil(fx1))))
         pixels = image.read(by0, by1, bx0, bx1)
+        ela = None
         if self.with_ela:
-            ela = self._array(layout.ela_path(row, level)).read(by0, by1, bx0, bx1)
-            pixels = np.concatenate([pixels, ela[..., None]], axis=2)
+            ela = self._array(layout.ela_path(row, level)).read(by0, by1, bx0, bx1)[..., None]
         if self.meta["label"][row]:
             mask = self._array(layout.mask_path(row, level)).read(by0, by1, bx0, bx1)
         else:
             mask = np.zeros((by1 - by0, bx1 - bx0), np.uint8)
         roi_start = np.array([fy0 - by0, fx0 - bx0], np.float32)
         roi_end = np.array([min(fy1, by1) - by0, min(fx1, bx1) - bx0], np.float32)
-        return WindowBlock(pixels, mask[..., None], roi_start, roi_end, level)
+        return WindowBlock(pixels, mask[..., None], ela, roi_start, roi_end, level,
+                           float(np.sqrt(sy * sx)))

@@ -40,6 +40,7 @@ def test_direct_chunk_reads_equal_zarr_reads(demo_store, meta):
             assert a.level == b.level
             np.testing.assert_array_equal(a.image, b.image)
             np.testing.assert_array_equal(a.mask, b.mask)
+            np.testing.assert_array_equal(a.ela, b.ela)
             np.testing.assert_array_equal(a.roi_start, b.roi_start)
 
 
@@ -112,4 +113,4 @@ def test_reader_survives_pickling_for_worker_processes(demo_store, meta):
     clone = pickle.loads(pickle.dumps(reader))
     window = (0, 0, int(meta["height"][0]), int(meta["width"][0]))
     np.testing.assert_array_equal(clone.read(0, window, 32).image, reader.read(0, window, 32).image)
-    assert clone.read(0, window, 32).image.shape[2] == 4
+    assert clone.read(0, window, 32).ela.shape[2] == 1

@@ -1,0 +1,297 @@
+"""Loader throughput: the engine against the loader it replaces, in one run.
+
+For each member, samples per second at img_size x img_size of
+  engine      make_loader: window reads in DALI worker processes, DALI
+              crop+resize, Kornia augmentation, normalisation;
+  replaced    full PNG decode + .npy + np.where + OpenCV crop/resize/augment
+              per sample, DataLoader + WeightedRandomSampler, same workers
+              (benchmarks/baseline_loader.py);
+  read limit  only reading the windows' bytes from the store, same workers;
+plus each engine stage's share of the serial per-sample time, the ratios, and
+optionally a few CPU training steps with the share of time spent waiting for
+data. Prints a table, writes --json and a PNG chart.
+
+    python benchmarks/loader_throughput.py                  # demo store
+    python benchmarks/loader_throughput.py --realistic      # 300 images, 500-3000 px
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.baseline_loader import make_replaced_loader, unsupported_ops
+from engine import sampling
+from engine import store as layout
+from engine.loader import SPLITS, make_loader
+from engine.reader import WindowReader
+from engine.recipes import get_recipe
+from preprocess.build_zarr import REPORT
+from preprocess.source import Case, discover
+
+REALISTIC = {"count": 300, "min_side": 500, "max_side": 3000, "seed": 7}
+
+
+def _time_batches(iterable, batches: int) -> tuple[float, int]:
+    """Seconds and samples for `batches` batches after one warm-up batch."""
+    it = iter(iterable)
+    next(it)
+    samples, start = 0, time.perf_counter()
+    for _ in range(batches):
+        try:
+            batch = next(it)
+        except StopIteration:
+            break
+        samples += len(batch["index"]) if isinstance(batch, dict) else len(batch[0])
+    return time.perf_counter() - start, samples
+
+
+def _read_batch(args):
+    store, with_ela, rows, windows, out_size = args
+    reader = WindowReader(store, with_ela=with_ela)
+    return sum(reader.read(int(r), w, out_size).image.nbytes for r, w in zip(rows, windows))
+
+
+def measure_read_limit(loader, store, with_ela, img_size, workers, batches) -> float:
+    plan = loader.batches
+    jobs = [(str(store), with_ela, plan.rows[k], plan.windows[k], img_size)
+            for k in range(1, min(len(plan), batches + 1))]
+    with mp.get_context("spawn").Pool(max(1, workers)) as pool:
+        pool.map(_read_batch, jobs[:1])
+        start = time.perf_counter()
+        pool.map(_read_batch, jobs)
+        seconds = time.perf_counter() - start
+    return sum(len(plan.rows[k]) for k in range(1, len(jobs) + 1)) / seconds
+
+
+def measure_stages(loader, store, img_size, batches) -> dict[str, float]:
+    """Serial milliseconds per sample of read, crop+resize, augment, normalise."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    plan, reader = loader.batches, WindowReader(store, with_ela=loader.reader.with_ela)
+    blocks, read_s = [], 0.0
+    n = min(len(plan), batches)
+    for k in range(n):
+        start = time.perf_counter()
+        blocks.append([reader.read(int(r), w, img_size) for r, w in zip(plan.rows[k], plan.windows[k])])
+        read_s += time.perf_counter() - start
+    batch_size = max(len(b) for b in blocks)
+
+    def blocks_of(info):  # DALI prefetches past the last timed batch: wrap around
+        batch = blocks[info.iteration % n]
+        return [b.image for b in batch], [b.roi_start for b in batch], [b.roi_end for b in batch]
+
+    @pipeline_def(batch_size=batch_size, num_threads=loader.settings.threads, device_id=None)
+    def resize_only():
+        image, start, end = fn.external_source(
+            source=blocks_of,
+            num_outputs=3, batch=True, batch_info=True, layout=["HWC", "", ""])
+        image = fn.resize(image, size=[img_size] * 2, roi_start=start, roi_end=end, antialias=True)
+        return fn.crop_mirror_normalize(image, dtype=types.FLOAT, output_layout="CHW",
+                                        mean=[0.0], std=[255.0])
+
+    pipe = resize_only()
+    pipe.build()
+    resized, start = [], time.perf_counter()
+    for _ in range(n):
+        resized.append(torch.from_numpy(np.array(pipe.run()[0].as_tensor())))
+    resize_s = time.perf_counter() - start
+    aug_s = norm_s = 0.0
+    for k, image in enumerate(resized):
+        mask = torch.zeros(image.shape[0], 1, img_size, img_size)
+        start = time.perf_counter()
+        if loader.augmenter is not None:
+            image, mask = loader.augmenter(image, mask, k, window_scale=torch.ones(image.shape[0]))
+        aug_s += time.perf_counter() - start
+        start = time.perf_counter()
+        _ = (image - loader._mean) / loader._std
+        norm_s += time.perf_counter() - start
+    samples = sum(len(b) for b in blocks)
+    return {name: 1000 * sec / samples for name, sec in
+            (("read", read_s), ("crop_resize", resize_s), ("augment", aug_s), ("normalise", norm_s))}
+
+
+def source_files(store: Path) -> list[Case]:
+    """The source case of every store row (the build report lists row images)."""
+    group = layout.open_store(store)
+    by_image = {str(c.image.resolve()): c for c in discover(Path(group.attrs["build"]["source"]))[0]}
+    rows = [str(Path(p).resolve()) for p in json.loads((Path(store) / REPORT).read_text())["rows"]]
+    missing = [image for image in rows if image not in by_image]
+    if missing:
+        sys.exit(f"{store}: its source files are gone (e.g. {missing[0]}); the replaced "
+                 "loader reads them")
+    return [by_image[image] for image in rows]
+
+
+def measure_replaced(store, member, img_size, batch_size, workers, batches, seed) -> float:
+    recipe = get_recipe(member)
+    meta = layout.read_meta(layout.open_store(store))
+    weights = sampling.member_weights(recipe.sampling, meta["label"], meta["area_ratio"],
+                                      meta["split"], SPLITS["train"], mined=False)
+    rows = np.flatnonzero(weights > 0)
+    cases = source_files(store)
+    loader = make_replaced_loader([cases[r].image for r in rows], [cases[r].mask for r in rows],
+                                  weights[rows], recipe, img_size=img_size, batch_size=batch_size,
+                                  workers=workers, num_samples=batch_size * (batches + 1), seed=seed)
+    seconds, samples = _time_batches(loader, batches)
+    return samples / seconds
+
+
+def measure_training_wait(store, member, img_size, batch_size, workers, steps, seed) -> dict:
+    """Seconds per CPU training step and the share spent blocked on the loader."""
+    from trainers.losses import MemberLoss
+    from trainers.model import build_model
+
+    recipe = get_recipe(member)
+    model = build_model(recipe.encoder, recipe.in_channels, encoder_weights="none")
+    loss_fn = MemberLoss(recipe)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    loader = make_loader(store, member, batch_size=batch_size, img_size=img_size, seed=seed,
+                         workers=workers)
+    it = iter(loader)
+    next(it)  # pipeline start-up is not a per-step cost
+    wait = step = 0.0
+    done = 0
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            break
+        t1 = time.perf_counter()
+        loss = loss_fn(model(batch["image"]), batch["mask"])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        t2 = time.perf_counter()
+        wait, step, done = wait + (t1 - t0), step + (t2 - t0), done + 1
+    return {"steps": done, "seconds_per_step": step / max(done, 1),
+            "data_wait_share": wait / step if step else float("nan")}
+
+
+def realistic_store(root: Path) -> Path:
+    """The benchmark's store of realistic sizes, generated and built once."""
+    from preprocess.build_zarr import build_store
+    from preprocess.demo_data import write_demo
+
+    source, store = root / "source", root / "store.zarr"
+    if not store.exists():
+        if not (source / "train_images").exists():
+            write_demo(source, **REALISTIC)
+        build_store(source, store)
+    return store
+
+
+def draw_chart(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    members = list(results["members"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    kinds = ("engine", "replaced", "read_limit")
+    width = 0.8 / len(kinds)
+    for j, kind in enumerate(kinds):
+        axes[0].bar(np.arange(len(members)) + j * width,
+                    [results["members"][m][f"{kind}_samples_per_s"] for m in members], width, label=kind)
+    axes[0].set_xticks(np.arange(len(members)) + width, members)
+    axes[0].set_ylabel("samples / s")
+    axes[0].set_title(f"throughput at {results['img_size']} px, {results['workers']} workers")
+    axes[0].legend()
+    bottom = np.zeros(len(members))
+    for stage in ("read", "crop_resize", "augment", "normalise"):
+        vals = np.array([results["members"][m]["stage_ms"][stage] for m in members])
+        axes[1].bar(members, vals, bottom=bottom, label=stage)
+        bottom += vals
+    axes[1].set_ylabel("ms per sample (serial)")
+    axes[1].set_title("engine stages")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", type=Path, default=layout.DEFAULT_STORE)
+    p.add_argument("--realistic", action="store_true",
+                   help=f"generate and build a store of {REALISTIC['count']} images, "
+                        f"{REALISTIC['min_side']}-{REALISTIC['max_side']} px, under data/bench")
+    p.add_argument("--members", nargs="+", default=["small_specialist", "highres_no_ela"])
+    p.add_argument("--img-size", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batches", type=int, default=15, help="timed batches per measurement")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--train-steps", type=int, default=2,
+                   help="CPU training steps for the data-wait share (0: skip)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path)
+    p.add_argument("--png", type=Path, help="chart (default: next to --json, or logs/)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    store = realistic_store(Path("data/bench")) if args.realistic else args.store
+    source_files(store)  # fail early when the replaced loader cannot read the sources
+    results = {"store": str(store), "img_size": args.img_size, "batch_size": args.batch_size,
+               "workers": args.workers, "cpu_count": os.cpu_count(), "members": {}}
+    for member in args.members:
+        print(f"[{member}] engine ...", flush=True)
+        loader = make_loader(store, member, batch_size=args.batch_size, img_size=args.img_size,
+                             seed=args.seed, workers=args.workers)
+        seconds, samples = _time_batches(loader, args.batches)
+        engine_rate = samples / seconds
+        print(f"[{member}] stages, read limit, replaced loader ...", flush=True)
+        stages = measure_stages(loader, store, args.img_size, args.batches)
+        read_rate = measure_read_limit(loader, store, loader.reader.with_ela, args.img_size,
+                                       args.workers, args.batches)
+        replaced_rate = measure_replaced(store, member, args.img_size, args.batch_size,
+                                         args.workers, args.batches, args.seed)
+        row = {"engine_samples_per_s": engine_rate, "replaced_samples_per_s": replaced_rate,
+               "read_limit_samples_per_s": read_rate, "engine_over_replaced": engine_rate / replaced_rate,
+               "engine_over_read_limit": engine_rate / read_rate, "stage_ms": stages,
+               "replaced_skips": unsupported_ops(get_recipe(member))}
+        if args.train_steps:
+            print(f"[{member}] training steps ...", flush=True)
+            row["training"] = measure_training_wait(store, member, args.img_size, args.batch_size,
+                                                    args.workers, args.train_steps, args.seed)
+        results["members"][member] = row
+
+    print(f"\nstore {store}, {args.img_size}x{args.img_size}, batch {args.batch_size}, "
+          f"{args.workers} workers, {os.cpu_count()} cores")
+    header = (f"{'member':<18}{'engine/s':>10}{'replaced/s':>12}{'read lim/s':>12}"
+              f"{'x replaced':>12}{'of limit':>10}  stage share (read/resize/aug/norm)")
+    print(header + "\n" + "-" * len(header))
+    for member, r in results["members"].items():
+        total = sum(r["stage_ms"].values())
+        shares = "/".join(f"{100 * v / total:.0f}%" for v in r["stage_ms"].values())
+        print(f"{member:<18}{r['engine_samples_per_s']:>10.1f}{r['replaced_samples_per_s']:>12.1f}"
+              f"{r['read_limit_samples_per_s']:>12.1f}{r['engine_over_replaced']:>11.1f}x"
+              f"{100 * r['engine_over_read_limit']:>9.0f}%  {shares}")
+    for member, r in results["members"].items():
+        if "training" in r:
+            t = r["training"]
+            print(f"{member}: CPU training step {t['seconds_per_step']:.2f} s, waiting for data "
+                  f"{100 * t['data_wait_share']:.2f}% of the step ({t['steps']} steps)")
+        if r["replaced_skips"]:
+            print(f"{member}: the replaced loader skips {', '.join(r['replaced_skips'])}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    png = args.png or (args.json.with_suffix(".png") if args.json else Path("logs/loader_throughput.png"))
+    png.parent.mkdir(parents=True, exist_ok=True)
+    draw_chart(results, png)
+    print(f"chart: {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
