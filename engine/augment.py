@@ -176,7 +176,13 @@ class _Photometric:
 
 
 class _OneOf:
-    """With probability p per image, one of `steps`, chosen uniformly."""
+    """With probability p per image, one of `steps`, chosen uniformly per image.
+
+    Every recipe entry runs through this gate rather than Kornia's own `p`:
+    Kornia 0.9 computes an op on the whole batch and then blends by `p`, so a
+    JPEG at p .3 would cost as much as at p 1; here only the chosen images
+    are computed.
+    """
 
     def __init__(self, steps: Sequence[Callable[..., Batch]], p: float) -> None:
         self.steps = tuple(steps)
@@ -186,11 +192,14 @@ class _OneOf:
         batch = image.shape[0]
         applied = torch.rand(batch) < self.p
         choice = torch.randint(len(self.steps), (batch,))
-        image, mask = image.clone(), mask.clone()
         for k, step in enumerate(self.steps):
-            rows = torch.nonzero(applied & (choice == k)).flatten().to(image.device)
-            if rows.numel():
-                image[rows], mask[rows] = step(image[rows], mask[rows])
+            chosen = applied & (choice == k)
+            if chosen.all():
+                return step(image, mask)
+            if chosen.any():
+                rows = torch.nonzero(chosen).flatten().to(image.device)
+                new_image, new_mask = step(image[rows], mask[rows])
+                image, mask = image.index_copy(0, rows, new_image), mask.index_copy(0, rows, new_mask)
         return image, mask
 
 
@@ -274,62 +283,64 @@ def _hsv_range(value, unit: float) -> dict[str, tuple[float, float]]:
     return {"mul": (1.0, 1.0), "add": _symmetric(value / unit)}
 
 
-def _hue_saturation_value(p, hue, saturation, value):
+def _hue_saturation_value(hue, saturation, value):
     sat, val = _hsv_range(saturation, _UINT8_MAX), _hsv_range(value, _UINT8_MAX)
-    return _Photometric(RandomHSV(
+    return [_Photometric(RandomHSV(
         hue=_symmetric(hue / _OPENCV_HUE_PER_TURN), saturation_mul=sat["mul"],
-        saturation_add=sat["add"], value_mul=val["mul"], value_add=val["add"], p=p))
+        saturation_add=sat["add"], value_mul=val["mul"], value_add=val["add"]))]
 
 
-def _one_of(p, ops):
-    return _OneOf([_build_step(name, params) for name, params in ops], p)
+# The ops that move pixels (image and mask together); every other op is
+# photometric. Tests and the loader's alignment checks select by this set.
+GEOMETRIC_OPS = frozenset(("hflip", "vflip", "rot90", "affine"))
 
-
-_BUILDERS: dict[str, Callable[..., Any]] = {
-    "hflip": lambda p: _Geometric(K.RandomHorizontalFlip(p=p)),
-    "vflip": lambda p: _Geometric(K.RandomVerticalFlip(p=p)),
+# name -> builder(**params without p) -> the op's alternatives, one chosen
+# uniformly per image. Kornia modules get p=1: the gating is _build_step's.
+_BUILDERS: dict[str, Callable[..., list]] = {
+    "hflip": lambda: [_Geometric(K.RandomHorizontalFlip(p=1.0))],
+    "vflip": lambda: [_Geometric(K.RandomVerticalFlip(p=1.0))],
     # Kornia draws `times` continuously and rounds it, which would make k = 2
-    # twice as likely as 1 or 3; a one_of over fixed k keeps k uniform.
-    "rot90": lambda p, k: _OneOf(
-        [_Geometric(RandomQuarterTurn(times=(t, t), p=1.0)) for t in range(k[0], k[1] + 1)], p),
-    "affine": lambda p, shift, scale, rotate: _Geometric(K.RandomAffine(
+    # twice as likely as 1 or 3; one alternative per k keeps k uniform.
+    "rot90": lambda k: [_Geometric(RandomQuarterTurn(times=(t, t), p=1.0))
+                        for t in range(k[0], k[1] + 1)],
+    "affine": lambda shift, scale, rotate: [_Geometric(K.RandomAffine(
         degrees=rotate, translate=(shift, shift), scale=_symmetric(scale, 1.0),
         # zeros, not reflection: mirrored copies of content would look like
         # unlabelled copy-move forgeries
-        padding_mode="zeros", p=p)),
+        padding_mode="zeros", p=1.0))],
     # gain x U(range) with gamma 1 is a brightness multiplication
-    "brightness_mul": lambda p, range: _Photometric(K.RandomGamma(gain=tuple(range), p=p)),
-    "one_of": _one_of,
-    "color_jitter": lambda p, brightness, contrast, saturation, hue: _Photometric(K.ColorJitter(
-        brightness=brightness, contrast=contrast, saturation=saturation, hue=hue, p=p)),
-    # a one-step _OneOf gates the pair per image with one draw of p
-    "brightness_contrast": lambda p, brightness, contrast: _OneOf(
-        [_contrast_then_brightness(_symmetric(contrast, 1.0), _symmetric(brightness))], p),
-    "contrast_brightness": lambda p, contrast, brightness: _OneOf(
-        [_contrast_then_brightness(tuple(contrast),
-                                   (brightness[0] / _UINT8_MAX, brightness[1] / _UINT8_MAX))], p),
+    "brightness_mul": lambda range: [_Photometric(K.RandomGamma(gain=tuple(range), p=1.0))],
+    "one_of": lambda ops: [_build_step(name, params) for name, params in ops],
+    "color_jitter": lambda brightness, contrast, saturation, hue: [_Photometric(K.ColorJitter(
+        brightness=brightness, contrast=contrast, saturation=saturation, hue=hue, p=1.0))],
+    "brightness_contrast": lambda brightness, contrast: [
+        _contrast_then_brightness(_symmetric(contrast, 1.0), _symmetric(brightness))],
+    "contrast_brightness": lambda contrast, brightness: [_contrast_then_brightness(
+        tuple(contrast), (brightness[0] / _UINT8_MAX, brightness[1] / _UINT8_MAX))],
     "hue_saturation_value": _hue_saturation_value,
     # one odd kernel size per image, each with OpenCV's sigma for that size
-    "gaussian_blur": lambda p, kernel: _OneOf(
-        [_Photometric(K.RandomGaussianBlur(k, sigma=(_opencv_sigma(k),) * 2, p=1.0))
-         for k in _odd_kernels(kernel)], p),
-    "gaussian_noise": lambda p, std: _Photometric(RandomGaussianNoiseRange(std=tuple(std), p=p)),
-    "motion_blur": lambda p, kernel: _Photometric(K.RandomMotionBlur(
-        kernel_size=kernel, angle=180.0, direction=1.0, border_type="reflect", p=p)),
-    "jpeg": lambda p, quality: _Photometric(K.RandomJPEG(jpeg_quality=tuple(quality), p=p)),
-    "coarse_dropout": lambda p, holes, size: _Photometric(
-        RandomCoarseDropout(holes=tuple(holes), size=tuple(size), p=p)),
+    "gaussian_blur": lambda kernel: [
+        _Photometric(K.RandomGaussianBlur(k, sigma=(_opencv_sigma(k),) * 2, p=1.0))
+        for k in _odd_kernels(kernel)],
+    "gaussian_noise": lambda std: [_Photometric(RandomGaussianNoiseRange(std=tuple(std)))],
+    "motion_blur": lambda kernel: [_Photometric(K.RandomMotionBlur(
+        kernel_size=kernel, angle=180.0, direction=1.0, border_type="reflect", p=1.0))],
+    "jpeg": lambda quality: [_Photometric(K.RandomJPEG(jpeg_quality=tuple(quality), p=1.0))],
+    "coarse_dropout": lambda holes, size: [
+        _Photometric(RandomCoarseDropout(holes=tuple(holes), size=tuple(size)))],
 }
 
 
-def _build_step(name: str, params: dict):
+def _build_step(name: str, params: dict) -> "_OneOf":
+    """One recipe entry as a step applied with probability params["p"] (default 1)."""
     if name not in _BUILDERS:
         raise ValueError(f"unknown augmentation {name!r}; known: {', '.join(_BUILDERS)}")
-    arguments = {"p": 1.0, **params}
+    options = {key: value for key, value in params.items() if key != "p"}
     try:
-        return _BUILDERS[name](**arguments)
+        alternatives = _BUILDERS[name](**options)
     except TypeError as exc:
         raise ValueError(f"augmentation {name!r}: bad parameters {sorted(params)} ({exc})") from None
+    return _OneOf(alternatives, params.get("p", 1.0))
 
 
 # --- The augmenter ----------------------------------------------------------

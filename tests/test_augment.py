@@ -7,13 +7,12 @@ import pytest
 import torch
 import zarr
 
-from engine.augment import RandomQuarterTurn, build_augmenter
+from engine.augment import GEOMETRIC_OPS, RandomQuarterTurn, build_augmenter
 from engine.patch_bank import Patch, PatchBank
 from engine.recipes import RECIPES
 from engine.store import create_pixels, image_path, instances_mask_path, open_store, read_meta
 
 SIZE = 96
-GEOMETRIC = {"hflip", "vflip", "rot90", "affine"}
 GREEN = torch.tensor([0.0, 1.0, 0.0])
 
 
@@ -88,7 +87,7 @@ def test_member_keeps_mask_on_marker_channel(member):
 
 @pytest.mark.parametrize("member", list(RECIPES))
 def test_member_geometry_keeps_mask_on_green_square(member):
-    geometric = tuple(op for op in RECIPES[member].augment if op[0] in GEOMETRIC)
+    geometric = tuple(op for op in RECIPES[member].augment if op[0] in GEOMETRIC_OPS)
     recipe = replace(RECIPES[member], augment=forced(geometric), copy_paste=None)
     image, mask = green_square_batch(batch=6)
     out, out_mask = build_augmenter(recipe, img_size=SIZE)(image, mask, seed=2)
@@ -96,7 +95,7 @@ def test_member_geometry_keeps_mask_on_green_square(member):
         assert iou(out[b, 1] > 0.5, out_mask[b, 0] > 0.5) > 0.9
 
 
-@pytest.mark.parametrize("name,params", [op for op in OPS if op[0] in GEOMETRIC],
+@pytest.mark.parametrize("name,params", [op for op in OPS if op[0] in GEOMETRIC_OPS],
                          ids=lambda v: v if isinstance(v, str) else "")
 def test_geometric_op_moves_image_and_mask_together(name, params):
     image, mask = green_square_batch()
@@ -107,7 +106,7 @@ def test_geometric_op_moves_image_and_mask_together(name, params):
         assert iou(out[b, 1] > 0.5, out_mask[b, 0] > 0.5) > 0.9
 
 
-@pytest.mark.parametrize("name,params", [op for op in OPS if op[0] not in GEOMETRIC | {"one_of"}],
+@pytest.mark.parametrize("name,params", [op for op in OPS if op[0] not in GEOMETRIC_OPS | {"one_of"}],
                          ids=lambda v: v if isinstance(v, str) else "")
 def test_photometric_op_changes_rgb_only(name, params):
     image, mask = green_square_batch(channels=4)
