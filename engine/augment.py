@@ -242,9 +242,9 @@ class _CopyPaste:
         """Patch `index` resized by `factor` (shrunk further to fit `fit`):
         RGB 3 x h x w float in [0, 1], and its region h x w bool."""
         patch = self.bank[index]
-        side = torch.tensor(patch.mask.shape, dtype=torch.float64) * factor
-        side = side * min(1.0, *(limit / s for limit, s in zip(fit, side.tolist())))
-        size = tuple(max(1, round(s)) for s in side.tolist())
+        height, width = patch.mask.shape
+        factor = min(factor, fit[0] / height, fit[1] / width)
+        size = (max(1, round(height * factor)), max(1, round(width * factor)))
         rgb = torch.from_numpy(patch.rgb).to(device).permute(2, 0, 1)[None].float() / _UINT8_MAX
         region = torch.from_numpy(patch.mask).to(device)[None, None].float()
         rgb = F.interpolate(rgb, size=size, mode="bilinear", antialias=True, align_corners=False)

@@ -226,6 +226,17 @@ def test_copy_paste_pastes_region_into_image_and_mask(window_scale):
         assert (out_mask[b, 0, :4, :4] == 1).all()
 
 
+def test_copy_paste_shrinks_a_patch_larger_than_the_window():
+    # 20 x 30 patch at 10x would be 200 x 300: shrunk to 64 x 96 to fit SIZE = 96
+    _, out_mask = copy_paste_augmenter(one_patch_bank())(
+        torch.zeros(2, 3, SIZE, SIZE), torch.zeros(2, 1, SIZE, SIZE), seed=0,
+        window_scale=torch.full((2,), 10.0))
+    for b in range(2):
+        ys, xs = torch.nonzero(out_mask[b, 0], as_tuple=True)
+        assert int(xs.max() - xs.min()) + 1 == round(26 * SIZE / 30)
+        assert int(ys.max() - ys.min()) + 1 == round(16 * SIZE / 30)
+
+
 def test_copy_paste_at_unit_scale_pastes_the_patch_pixels():
     rng = np.random.default_rng(2)
     patch = Patch(rgb=rng.integers(0, 256, (24, 18, 3), dtype=np.uint8),
