@@ -29,8 +29,6 @@ SIZE = 64
 SMALL_ENCODER = "timm-mobilenetv3_small_minimal_100"   # 5x faster than the recipes' b2
 FAST = ["--encoder-weights", "none", "--img-size", str(SIZE), "--batch-size", "2",
         "--device", "cpu", "--workers", "0"]
-# highres_no_ela first: the mined members and high_recall read its checkpoint
-MEMBER_ORDER = ["highres_no_ela"] + [m for m in RECIPES if m != "highres_no_ela"]
 
 
 @pytest.fixture(autouse=True)
@@ -51,20 +49,30 @@ def store(demo_store, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def six_members(store, tmp_path_factory):
-    """Each member trained for two steps from random init; out folder and exit statuses."""
-    out = tmp_path_factory.mktemp("six")
-    torch.set_num_threads(1)
-    status = {m: main(["--member", m, "--store", str(store), "--out", str(out), "--epochs", "1",
-                       "--max-steps", "2", "--encoder", SMALL_ENCODER, *FAST])
-              for m in MEMBER_ORDER}
-    return out, status
+def trained(store, tmp_path_factory):
+    """train(member) trains it (after highres_no_ela, which the mined and
+    fine-tuned members read) for two steps from random init, once per module;
+    returns the exit status. Checkpoints and logs go to `out`."""
+    out = tmp_path_factory.mktemp("members")
+    status = {}
+
+    def train(member):
+        if member != "highres_no_ela":
+            train("highres_no_ela")
+        if member not in status:
+            status[member] = main(["--member", member, "--store", str(store), "--out", str(out),
+                                   "--epochs", "1", "--max-steps", "2", "--encoder", SMALL_ENCODER,
+                                   *FAST])
+        return status[member]
+
+    train.out = out
+    return train
 
 
-@pytest.mark.parametrize("member", MEMBER_ORDER)
-def test_every_member_trains_and_writes_checkpoints_and_logs(six_members, store, member):
-    out, status = six_members
-    assert status[member] == 0
+@pytest.mark.parametrize("member", list(RECIPES))
+def test_every_member_trains_and_writes_checkpoints_and_logs(trained, store, member):
+    assert trained(member) == 0
+    out = trained.out
     last = load_checkpoint(last_path(out / "models", member))
     assert last["global_step"] == 2 and last["fingerprint"] == layout.open_store(store).attrs["fingerprint"]
     assert recipe_from_dict(last["recipe"]) == dataclasses.replace(
@@ -79,25 +87,27 @@ def test_every_member_trains_and_writes_checkpoints_and_logs(six_members, store,
     assert (out / "logs" / f"{member}.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("member", [m for m in MEMBER_ORDER if RECIPES[m].mining])
-def test_mined_members_record_the_highres_checkpoint(six_members, store, member):
-    out, _ = six_members
+@pytest.mark.parametrize("member", [m for m in RECIPES if RECIPES[m].mining])
+def test_mined_members_record_the_highres_checkpoint(trained, store, member):
+    assert trained(member) == 0
     result = layout.read_mining(layout.open_store(store), RECIPES[member].mining)
-    assert result["checkpoint"] == file_sha256(best_path(out / "models", "highres_no_ela"))
+    assert result["checkpoint"] == file_sha256(best_path(trained.out / "models", "highres_no_ela"))
 
 
-def test_high_recall_starts_from_the_highres_checkpoint(six_members):
-    out, _ = six_members
+def test_high_recall_starts_from_the_highres_checkpoint(trained):
+    assert trained("highres_no_ela") == 0
+    models = trained.out / "models"
     args = parse_args(["--member", "high_recall", *FAST])
-    model, recipe = initial_model(RECIPES["high_recall"], args, out / "models")
-    parent, _, _ = load_member(best_path(out / "models", "highres_no_ela"))
+    model, recipe = initial_model(RECIPES["high_recall"], args, models)
+    parent, _, _ = load_member(best_path(models, "highres_no_ela"))
+    assert recipe.encoder == SMALL_ENCODER
     for name, tensor in parent.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name
 
 
-def test_load_member_gives_an_eval_model_with_logits(six_members):
-    out, _ = six_members
-    model, recipe, info = load_member(best_path(out / "models", "comprehensive"))
+def test_load_member_gives_an_eval_model_with_logits(trained):
+    assert trained("comprehensive") == 0
+    model, recipe, info = load_member(best_path(trained.out / "models", "comprehensive"))
     assert not model.training and recipe.in_channels == 4
     assert "optimizer" not in info and info["fingerprint"]
     with torch.no_grad():
