@@ -52,10 +52,8 @@ from __future__ import annotations
 
 import math
 import operator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 from numba import njit, prange
 
@@ -76,11 +74,14 @@ _DOMAIN_DRAW, _DOMAIN_WINDOW, _DOMAIN_AUGMENT = 1, 2, 3
 # random resized crop (4 per attempt, 10 attempts).
 _STREAMS = np.uint64(64)
 
-# Below this many samples a kernel runs on one thread: waking Numba's thread
-# pool costs more than it saves. Measured on a busy 2-core machine (best of 5):
-# 100k draws 0.5 ms on one thread, 14 ms on two; 10M draws 0.35 s on one,
-# 0.25 s on two. The loader asks for windows a batch at a time.
-PARALLEL_MIN_SAMPLES = 1 << 20
+# Every kernel comes as a serial and a parallel (prange) loop over one inlined
+# per-item function; below this many items the serial loop runs. Waking
+# Numba's thread pool costs more than it saves there (measured on a busy 2-core
+# machine, best of 5: 100k draws 0.5 ms on one thread, 14 ms on two; 10M draws
+# 0.35 s on one, 0.25 s on two), and a process that never starts the pool can
+# fork workers safely (GNU OpenMP's pool does not survive fork). The loader
+# asks for windows a batch at a time.
+PARALLEL_MIN_ITEMS = 1 << 20
 
 VIEW_KINDS = ("whole", "random_crop", "random_resized_crop", "around_forgery")
 _RRC_ATTEMPTS = 10  # torchvision's RandomResizedCrop.get_params
@@ -124,15 +125,8 @@ def _nearest(x):
     return int(math.floor(x + 0.5))
 
 
-@contextmanager
-def _threads_for(samples: int):
-    """Numba threads for a kernel over `samples` items (thread-local setting)."""
-    previous = numba.get_num_threads()
-    numba.set_num_threads(previous if samples >= PARALLEL_MIN_SAMPLES else 1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(previous)
+def _run(serial, parallel, items: int, *args) -> None:
+    (parallel if items >= PARALLEL_MIN_ITEMS else serial)(*args)
 
 
 def _output(shape: tuple, dtype) -> np.ndarray:
@@ -267,18 +261,29 @@ def _alias_table(weights):
     return prob, alias
 
 
-@njit(cache=True, parallel=True)
-def _draw_kernel(outcomes, prob, key, out):
-    """outcomes[j] = (row of column j, row of its alias)."""
+@njit(cache=True, inline="always")
+def _draw(outcomes, prob, key, i):
+    """Draw i; outcomes[j] = (row of column j, row of its alias)."""
     n = prob.shape[0]
+    # One uniform does both jobs: its integer part (x n) picks the column, its
+    # fraction, still 53 - log2(n) bits fine, tosses the coin. The coin indexes
+    # `outcomes` instead of branching: a coin is unpredictable, and the branch
+    # made draws twice as slow.
+    scaled = _uniform(key, i, 0) * n
+    column = min(int(scaled), n - 1)
+    return outcomes[column, int(scaled - column >= prob[column])]
+
+
+@njit(cache=True)
+def _draws_serial(outcomes, prob, key, out):
+    for i in range(out.shape[0]):
+        out[i] = _draw(outcomes, prob, key, i)
+
+
+@njit(cache=True, parallel=True)
+def _draws_parallel(outcomes, prob, key, out):
     for i in prange(out.shape[0]):
-        # One uniform does both jobs: its integer part (x n) picks the column,
-        # its fraction, still 53 - log2(n) bits fine, tosses the coin. The
-        # coin indexes `outcomes` instead of branching: a coin is unpredictable,
-        # and the branch made draws twice as slow.
-        scaled = _uniform(key, i, 0) * n
-        column = min(int(scaled), n - 1)
-        out[i] = outcomes[column, int(scaled - column >= prob[column])]
+        out[i] = _draw(outcomes, prob, key, i)
 
 
 def _check_weights(weights) -> np.ndarray:
@@ -324,23 +329,34 @@ def sample_indices(weights, num_samples: int, seed: int, epoch: int) -> np.ndarr
     prob, alias = _alias_table(weights[support])
     outcomes = np.stack([support, support[alias]], axis=1)
     out = _output((num_samples,), np.int64)
-    with _threads_for(num_samples):
-        _draw_kernel(outcomes, prob, _key(seed, epoch, _DOMAIN_DRAW), out)
+    _run(_draws_serial, _draws_parallel, num_samples,
+         outcomes, prob, _key(seed, epoch, _DOMAIN_DRAW), out)
     return out
 
 
+@njit(cache=True, inline="always")
+def _seed(key, position):
+    return np.int64(_bits(key, position, 0) >> np.uint64(1))
+
+
+@njit(cache=True)
+def _seeds_serial(positions, key, out):
+    for i in range(positions.shape[0]):
+        out[i] = _seed(key, positions[i])
+
+
 @njit(cache=True, parallel=True)
-def _seeds_kernel(positions, key, out):
+def _seeds_parallel(positions, key, out):
     for i in prange(positions.shape[0]):
-        out[i] = np.int64(_bits(key, positions[i], 0) >> np.uint64(1))
+        out[i] = _seed(key, positions[i])
 
 
 def sample_seeds(seed: int, epoch: int, positions) -> np.ndarray:
     """One non-negative int64 seed per plan position, for its augmentation."""
     positions = _one_d("positions", positions).astype(np.int64)
     out = _output(positions.shape, np.int64)
-    with _threads_for(positions.shape[0]):
-        _seeds_kernel(positions, _key(seed, epoch, _DOMAIN_AUGMENT), out)
+    _run(_seeds_serial, _seeds_parallel, positions.shape[0],
+         positions, _key(seed, epoch, _DOMAIN_AUGMENT), out)
     return out
 
 
@@ -480,31 +496,44 @@ def _around_forgery(height, width, box, centre_y, centre_x, key, position,
     return y0, x0, y0 + side, x0 + side
 
 
+@njit(cache=True, inline="always")
+def _window(kind, params, min_side, row, position, heights, widths, bbox, centroid, key):
+    """The window of one planned sample; params as _view_params gives them."""
+    side_lo, side_hi, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, ratio_lo, ratio_hi, \
+        mult_lo, mult_hi = params
+    height = np.int64(heights[row])
+    width = np.int64(widths[row])
+    if kind == 0 or min(height, width) < min_side:
+        return 0, 0, height, width
+    if kind == 1:
+        return _random_crop(height, width, key, position, side_lo, side_hi)
+    if kind == 2:
+        return _random_resized_crop(height, width, key, position, scale_lo, scale_hi,
+                                    log_ratio_lo, log_ratio_hi, ratio_lo, ratio_hi)
+    return _around_forgery(height, width, bbox[row], centroid[row, 0], centroid[row, 1],
+                           key, position, mult_lo, mult_hi, min_side)
+
+
+@njit(cache=True)
+def _windows_serial(kind, params, min_side, indices, positions, heights, widths, bbox,
+                    centroid, key, out):
+    for i in range(indices.shape[0]):
+        out[i] = _window(kind, params, min_side, indices[i], positions[i], heights, widths,
+                         bbox, centroid, key)
+
+
 @njit(cache=True, parallel=True)
-def _windows_kernel(kind, indices, positions, heights, widths, bbox, centroid, key,
-                    side_lo, side_hi, scale_lo, scale_hi, ratio_lo, ratio_hi,
-                    mult_lo, mult_hi, min_side, out):
-    n = indices.shape[0]
-    log_ratio_lo = math.log(ratio_lo)
-    log_ratio_hi = math.log(ratio_hi)
-    for i in prange(n):
-        row = indices[i]
-        position = positions[i]
-        height = np.int64(heights[row])
-        width = np.int64(widths[row])
-        if kind == 0 or min(height, width) < min_side:
-            window = (0, 0, height, width)
-        elif kind == 1:
-            window = _random_crop(height, width, key, position, side_lo, side_hi)
-        elif kind == 2:
-            window = _random_resized_crop(height, width, key, position, scale_lo, scale_hi,
-                                          log_ratio_lo, log_ratio_hi, ratio_lo, ratio_hi)
-        else:
-            window = _around_forgery(height, width, bbox[row], centroid[row, 0],
-                                     centroid[row, 1], key, position, mult_lo, mult_hi,
-                                     min_side)
-        for j in range(4):
-            out[i, j] = window[j]
+def _windows_parallel(kind, params, min_side, indices, positions, heights, widths, bbox,
+                      centroid, key, out):
+    for i in prange(indices.shape[0]):
+        out[i] = _window(kind, params, min_side, indices[i], positions[i], heights, widths,
+                         bbox, centroid, key)
+
+
+def _view_params(view: View) -> tuple[float, ...]:
+    return tuple(float(v) for v in (
+        *view.side_range, *view.scale, math.log(view.ratio[0]), math.log(view.ratio[1]),
+        *view.ratio, *view.side_mult))
 
 
 def _check_view(view: View) -> int:
@@ -553,13 +582,7 @@ def crop_windows(view: View, indices, positions, height, width, bbox, centroid,
     if np.any(height < 1) or np.any(width < 1):
         raise ValueError("height/width: every image needs at least 1 pixel a side")
     out = _output((indices.shape[0], 4), np.int32)
-    with _threads_for(indices.shape[0]):
-        _windows_kernel(
-            kind, indices, positions, height, width, bbox, centroid,
-            _key(seed, epoch, _DOMAIN_WINDOW),
-            float(view.side_range[0]), float(view.side_range[1]),
-            float(view.scale[0]), float(view.scale[1]),
-            float(view.ratio[0]), float(view.ratio[1]),
-            float(view.side_mult[0]), float(view.side_mult[1]), int(view.min_side), out,
-        )
+    _run(_windows_serial, _windows_parallel, indices.shape[0],
+         kind, _view_params(view), int(view.min_side), indices, positions, height, width,
+         bbox, centroid, _key(seed, epoch, _DOMAIN_WINDOW), out)
     return out

@@ -69,9 +69,11 @@ def test_draws_are_deterministic_and_depend_on_seed_and_epoch():
 
 
 _DIGEST_SCRIPT = """
-import hashlib, numpy as np
+import hashlib, sys, numpy as np
+from engine import sampling
 from engine.recipes import RECIPES
-from engine.sampling import crop_windows, sample_indices
+from engine.sampling import crop_windows, sample_indices, sample_seeds
+sampling.PARALLEL_MIN_ITEMS = int(sys.argv[1])
 w = np.arange(1, 501, dtype=float) % 17
 draws = sample_indices(w, 100_000, 11, 4)
 rng = np.random.default_rng(0)
@@ -82,16 +84,19 @@ digest = hashlib.sha256(draws.tobytes())
 for name in ("highres_no_ela", "hard_negative", "small_specialist"):
     win = crop_windows(RECIPES[name].view, draws, np.arange(draws.size), h, wd, box, cen, 11, 4)
     digest.update(win.tobytes())
+digest.update(sample_seeds(11, 4, np.arange(draws.size)).tobytes())
 print(digest.hexdigest())
 """
 
 
-def test_same_output_across_processes_and_thread_counts():
+def test_same_output_across_processes_threads_and_serial_or_parallel_kernels():
     digests = set()
-    for threads in ("1", "2"):
+    # (threads, parallel from this many items): the serial kernels, then the
+    # parallel ones on one and on two threads.
+    for threads, parallel_min in (("2", 1 << 40), ("1", 0), ("2", 0)):
         env = dict(os.environ, NUMBA_NUM_THREADS=threads)
-        result = subprocess.run([sys.executable, "-c", _DIGEST_SCRIPT], cwd=REPO, env=env,
-                                capture_output=True, text=True, check=True)
+        result = subprocess.run([sys.executable, "-c", _DIGEST_SCRIPT, str(parallel_min)],
+                                cwd=REPO, env=env, capture_output=True, text=True, check=True)
         digests.add(result.stdout.strip())
     assert len(digests) == 1
 
