@@ -2,8 +2,12 @@
 import numpy as np
 import pytest
 
-from trainers.rle import encode_annotation, encode_instance
-from trainers.score import ScoreError, image_score, main, score_files
+from engine.store import instances_mask_path, open_store, read_meta
+from trainers.rle import decode_annotation, encode_annotation, encode_instance
+from trainers.score import (
+    ScoreError, image_score, main, read_solution, score_files, split_rows, store_case_ids,
+    write_solution,
+)
 
 SHAPE = (4, 5)
 
@@ -125,3 +129,28 @@ def test_missing_column_and_missing_file(tmp_path):
         score_files(solution, solution)
     with pytest.raises(ScoreError, match="nothing.csv: no such file"):
         score_files(tmp_path / "nothing.csv", solution)
+
+
+def test_solution_from_a_store_split_holds_its_instances(demo_store, tmp_path):
+    path = tmp_path / "solution.csv"
+    group = open_store(demo_store)
+    meta = read_meta(group)
+    rows = split_rows(meta, "val")
+    assert write_solution(demo_store, path, "val") == len(rows)
+    solution = read_solution(path)
+    assert list(solution) == store_case_ids(meta["case_id"], rows)
+    for row, truth in zip(rows, solution.values()):
+        assert truth.shape == (meta["height"][row], meta["width"][row])
+        decoded = decode_annotation(truth.annotation, truth.shape)
+        if meta["label"][row] == 0:
+            assert decoded == []
+        else:
+            layers = np.asarray(group[instances_mask_path(int(row))][...]).astype(bool)
+            assert len(decoded) == len(layers)
+            assert all(np.array_equal(d, m) for d, m in zip(decoded, layers))
+
+
+def test_store_case_ids_tell_apart_an_authentic_and_a_forged_image_of_one_case():
+    ids = store_case_ids(np.array(["a", "b", "a", "c"]), np.array([0, 1, 2, 3]))
+    assert ids == ["a#0", "b", "a#2", "c"]
+    assert store_case_ids(np.array(["a", "b", "a", "c"]), np.array([0, 1, 3])) == ["a", "b", "c"]
