@@ -81,7 +81,8 @@ def stage_times(source: Path, scratch: Path) -> dict[str, float]:
     """Milliseconds per image of each stage, in this process."""
     cases, _ = discover(source)
     totals = dict.fromkeys(("decode", "masks", "ela", "pyramid+write"), 0.0)
-    for case in cases:
+    group = zarr.open_group(str(scratch / "stages.zarr"), mode="w")
+    for key, case in enumerate(cases):
         t0 = time.perf_counter()
         rgb = load_image(case.image)
         t1 = time.perf_counter()
@@ -89,8 +90,7 @@ def stage_times(source: Path, scratch: Path) -> dict[str, float]:
         t2 = time.perf_counter()
         compute_ela(rgb)
         t3 = time.perf_counter()
-        group = zarr.open_group(str(scratch / "stages.zarr"), mode="w")
-        write_pixels(group, 0, rgb, instances)  # computes ELA again: subtract it below
+        write_pixels(group, key, rgb, instances)  # computes ELA again: subtract it below
         t4 = time.perf_counter()
         for name, dt in zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3 - (t3 - t2))):
             totals[name] += dt

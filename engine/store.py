@@ -36,8 +36,11 @@ always written, so a missing one means a damaged store.
 """
 from __future__ import annotations
 
+import functools
 import itertools
+import json
 import os
+import shutil
 from pathlib import Path
 
 import cv2
@@ -146,50 +149,80 @@ def pixel_chunks(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return (CHUNK, CHUNK) + tuple(shape[2:])
 
 
-def create_pixels(group: zarr.Group, path: str, data: np.ndarray) -> zarr.Array:
+def create_pixels(group: zarr.Group, path: str, data: np.ndarray) -> None:
     """Write one pixel array (image, mask or ELA level) with the store's chunking.
-    Masks are written only over the chunks that meet their non-zero bounding
-    box (per layer for instances_mask): the other chunks are all zero, read
-    as the fill value, and zarr need not compress or even inspect them."""
-    arr = group.create_array(
-        path, shape=data.shape, dtype=data.dtype, chunks=pixel_chunks(path, data.shape),
-        compressors=compressor(), fill_value=0, overwrite=True,
-        # Masks skip all-zero chunks (most of a mask); images and ELA keep
-        # every chunk so that a missing chunk file is detectably corrupt.
-        config={"write_empty_chunks": path.startswith(("images/", "ela/"))},
-    )
-    if path.startswith(("images/", "ela/")):
-        _write_region(arr, tuple(slice(0, n) for n in data.shape), data, keep_empty=True)
+
+    Images and ELA keep every chunk, so a missing chunk file means a damaged
+    store. Masks are written only over the chunks that meet their non-zero
+    bounding box (per layer for instances_mask) and all-zero chunks are left
+    out: they read as the fill value 0, so a mask costs almost nothing where
+    there is no forgery.
+
+    On a local store the array's zarr.json and its chunk files are written
+    directly, byte for byte what zarr-python writes (tests/test_build_zarr.py):
+    its per-array and per-chunk asyncio overhead cost the builder more than
+    compressing the pixels. Any other store goes through zarr.
+    """
+    chunks = pixel_chunks(path, data.shape)
+    keep_empty = path.startswith(("images/", "ela/"))
+    if keep_empty:
+        regions = [(tuple(slice(0, n) for n in data.shape), data)]
     elif path.startswith("instances_mask/"):
-        for i, layer in enumerate(data):
-            region = _nonzero_chunks(layer)
-            if region is not None:
-                _write_region(arr, (slice(i, i + 1),) + region, layer[None][(slice(None),) + region],
-                              keep_empty=False)
+        regions = [((slice(i, i + 1),) + r, layer[r][None])
+                   for i, layer in enumerate(data) if (r := _nonzero_chunks(layer)) is not None]
     else:
-        region = _nonzero_chunks(data)
-        if region is not None:
-            _write_region(arr, region, data[region], keep_empty=False)
-    return arr
-
-
-def _write_region(arr: zarr.Array, region: tuple[slice, ...], block: np.ndarray,
-                  keep_empty: bool) -> None:
-    """arr[region] = block, where region starts on chunk boundaries and ends
-    on them or at the array's edge. On a local store the chunk files are
-    encoded (bytes + zstd, as create_pixels declares) and written directly,
-    byte for byte what zarr writes: zarr-python's per-chunk asyncio overhead
-    made one image's pyramid, ELA and masks 1.6x slower to write. Any other
-    store goes through zarr."""
-    if not isinstance(arr.store, zarr.storage.LocalStore):
-        arr[region] = block
+        regions = [(r, data[r]) for r in [_nonzero_chunks(data)] if r is not None]
+    if not isinstance(group.store, zarr.storage.LocalStore):
+        arr = group.create_array(path, shape=data.shape, dtype=data.dtype, chunks=chunks,
+                                 compressors=compressor(), fill_value=0, overwrite=True,
+                                 config={"write_empty_chunks": keep_empty})
+        for region, block in regions:
+            arr[region] = block
         return
+    node = Path(group.store.root) / group.path / path
+    _write_array_json(node, path, data.shape, data.dtype, chunks)
+    for region, block in regions:
+        _write_chunk_files(node, chunks, region, block, keep_empty)
+
+
+@functools.cache
+def _array_json(dtype: str, ndim: int) -> str:
+    """zarr-python's metadata document for a pixel array of this dtype and
+    rank, as JSON; shape and chunk shape are filled in per array."""
+    arr = zarr.create_array(zarr.storage.MemoryStore(), shape=(1,) * ndim, dtype=dtype,
+                            chunks=(1,) * ndim, compressors=compressor(), fill_value=0)
+    return json.dumps(arr.metadata.to_dict())
+
+
+_GROUP_JSON = {"attributes": {}, "zarr_format": 3, "node_type": "group"}
+
+
+def _write_array_json(node: Path, path: str, shape, dtype, chunks) -> None:
+    """The array's zarr.json (replacing any node there) and a group
+    zarr.json in each missing parent folder up to the group holding it."""
+    shutil.rmtree(node, ignore_errors=True)
+    parent = node
+    for _ in range(path.count("/")):
+        parent = parent.parent
+        if not (parent / "zarr.json").exists():
+            parent.mkdir(parents=True, exist_ok=True)
+            (parent / "zarr.json").write_text(json.dumps(_GROUP_JSON, indent=2))
+    doc = json.loads(_array_json(np.dtype(dtype).name, len(shape)))
+    doc["shape"] = list(shape)
+    doc["chunk_grid"]["configuration"]["chunk_shape"] = list(chunks)
+    node.mkdir(parents=True)
+    (node / "zarr.json").write_text(json.dumps(doc, indent=2))
+
+
+def _write_chunk_files(node: Path, chunks: tuple[int, ...], region: tuple[slice, ...],
+                       block: np.ndarray, keep_empty: bool) -> None:
+    """Encode (bytes + zstd) and write the chunks of `region`, which starts on
+    chunk boundaries and ends on them or at the array's edge; chunk keys use
+    zarr's default encoding, c/<i>/<j>/..."""
     codec = numcodecs.Zstd(level=ZSTD_LEVEL)
-    base = Path(arr.store.root) / arr.path
-    chunks = arr.chunks
     made = set()
-    grid = [range(r.start // c, -(-r.stop // c)) for r, c in zip(region, chunks)]
-    for index in itertools.product(*grid):
+    for index in itertools.product(*(range(r.start // c, -(-r.stop // c))
+                                     for r, c in zip(region, chunks))):
         piece = block[tuple(slice(i * c - r.start, (i + 1) * c - r.start)
                             for i, c, r in zip(index, chunks, region))]
         if not keep_empty and not piece.any():
@@ -198,7 +231,7 @@ def _write_region(arr: zarr.Array, region: tuple[slice, ...], block: np.ndarray,
             padded = np.zeros(chunks, piece.dtype)
             padded[tuple(slice(0, n) for n in piece.shape)] = piece
             piece = padded
-        file = base / arr.metadata.encode_chunk_key(index)
+        file = node.joinpath("c", *map(str, index))
         if file.parent not in made:
             file.parent.mkdir(parents=True, exist_ok=True)
             made.add(file.parent)

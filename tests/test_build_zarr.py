@@ -160,8 +160,9 @@ def test_conversion_of_16_bit_grey_and_alpha():
 
 
 def test_direct_chunk_files_equal_what_zarr_writes(tmp_path):
-    """create_pixels writes local chunk files itself; zarr's own path (a
-    memory store) must give the same bytes, edge chunks and sparse masks included."""
+    """create_pixels writes local arrays itself; zarr's own path (a memory
+    store) must give the same metadata and chunk bytes, edge chunks and
+    sparse masks included."""
     rng = np.random.default_rng(1)
     h, w = layout.CHUNK + 37, 2 * layout.CHUNK + 5
     image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
@@ -178,11 +179,20 @@ def test_direct_chunk_files_equal_what_zarr_writes(tmp_path):
         np.testing.assert_array_equal(local[path][...], data)
         np.testing.assert_array_equal(memory[path][...], data)
         root = tmp_path / "local.zarr"
-        local_chunks = {k.relative_to(root).as_posix(): k.read_bytes()
-                        for k in (root / path / "c").rglob("*") if k.is_file()}
-        memory_chunks = {k: v.to_bytes() for k, v in memory.store._store_dict.items()
-                         if k.startswith(f"{path}/c/")}
-        assert local_chunks == memory_chunks, path
+        local_files = {k.relative_to(root).as_posix(): k.read_bytes()
+                       for k in (root / path).rglob("*") if k.is_file()}
+        memory_files = {k: v.to_bytes() for k, v in memory.store._store_dict.items()
+                        if k.startswith(f"{path}/")}
+        assert local_files.keys() == memory_files.keys(), path
+        for key, content in local_files.items():
+            if key.endswith("zarr.json"):  # same document; whitespace may differ
+                assert json.loads(content) == json.loads(memory_files[key]), key
+            else:
+                assert content == memory_files[key], key
+        assert local[path].metadata == memory[path].metadata
+    for parent in ("images", "images/0", "masks", "masks/0", "instances_mask"):
+        assert json.loads((tmp_path / "local.zarr" / parent / "zarr.json").read_text()) == \
+            json.loads(memory.store._store_dict[f"{parent}/zarr.json"].to_bytes())
     mask_chunks = sorted(p.relative_to(tmp_path / "local.zarr").as_posix()
                          for p in (tmp_path / "local.zarr" / layout.mask_path(0)).rglob("c/*/*"))
     assert mask_chunks == [f"{layout.mask_path(0)}/c/1/0"], "all-zero mask chunks are not written"
