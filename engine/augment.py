@@ -17,9 +17,10 @@ Rules every op follows:
   mask as is (a hidden forged pixel is still a forged pixel).
 - Every random number comes from `seed`: the call seeds torch's RNG inside
   `torch.random.fork_rng` (Kornia draws from the global RNG), so the caller's
-  RNG state is untouched and the same seed gives the same batch.
-- "one_of" decides per image (as the reference's albumentations OneOf did),
-  not per batch as Kornia's `random_apply` would.
+  RNG state is untouched and the same seed gives the same batch on a given
+  device (CPU and CUDA draw per-pixel noise from different generators).
+- Each op's p and "one_of"'s choice are drawn per image (as the reference's
+  albumentations did), not per batch as Kornia's `random_apply` would.
 - Copy-paste (enhanced_aug) runs first, into the already cropped window: the
   patch is resized by U(scale) x window_scale so it keeps its source pixel
   scale relative to the window, and pasted at a uniformly random place that
@@ -34,7 +35,7 @@ hole sizes and gaussian_blur's kernels are pixels of the output window.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import kornia.augmentation as K
 import kornia.color
