@@ -84,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available on this machine")
     return args
 
 
@@ -156,9 +158,10 @@ def initial_model(recipe: Recipe, args, models_dir: Path) -> tuple[torch.nn.Modu
 
 def run_mining(recipe: Recipe, args, models_dir: Path, ddp: Distributed) -> None:
     """Mine on rank 0 (the others wait); reused while the checkpoint is unchanged."""
+    # every rank checks, so a missing checkpoint stops all of them, not only rank 0
+    path = require_checkpoint(models_dir, mining.MINING_MEMBER, recipe.name,
+                              f"{recipe.mining} mining")
     if ddp.main:
-        path = require_checkpoint(models_dir, mining.MINING_MEMBER, recipe.name,
-                                  f"{recipe.mining} mining")
         result, reused = mining.ensure_mining(
             args.store, recipe.mining, path, batch_size=recipe.batch_size,
             img_size=recipe.img_size, device=str(ddp.device), workers=args.workers)
@@ -265,6 +268,8 @@ def train(args: argparse.Namespace) -> int:
     seen_rows = []
     stopped = False
     for epoch in range(run["epoch"], recipe.epochs):
+        if args.max_steps and run["global_step"] >= args.max_steps:
+            break
         # --- train: the loader starts at the batch a resumed run left off
         loader = engine.make_loader(
             args.store, recipe, split="train", batch_size=recipe.batch_size,
