@@ -34,7 +34,7 @@ from trainers.checkpoint import CheckpointError
 from trainers.ensemble import ALL_MEMBERS, MODES, Ensemble, PostProcess
 from trainers.metrics import summarize
 from trainers.predict import (
-    batch_instances, member_names, postprocess_settings, predict_batches, store_cases,
+    add_postprocess_options, batch_instances, member_names, postprocess_settings, predict_batches, store_cases,
     write_submission,
 )
 from trainers.score import ScoreError, image_score, split_rows, true_instances, write_solution
@@ -183,9 +183,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--members", type=member_names, default=ALL_MEMBERS,
                         help=f"comma-separated subset (default all: {','.join(ALL_MEMBERS)})")
     parser.add_argument("--split", default="val", choices=["train", "val", "all"])
-    parser.add_argument("--mode", choices=list(MODES), default="default")
-    parser.add_argument("--threshold", type=float, help="overrides the mode's threshold")
-    parser.add_argument("--min-area", type=int, help="overrides the mode's minimum area (px at 512)")
+    add_postprocess_options(parser)
     parser.add_argument("--tta", action="store_true")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")

@@ -11,9 +11,9 @@ RGB, alpha over white) and computes the comprehensive member's ELA the way
 the build step does. --store reads a split's images and stored ELA, and names
 rows as trainers/score.py's solution writer does, so the two files match.
 
-Modes (threshold, minimum area in pixels at 512 x 512): high-precision
-0.80/100, balanced 0.70/50, default 0.65/50, high-recall 0.60/30, max-recall
-0.55/20; --threshold and --min-area override the mode's values.
+--mode picks one of the documented operating points (threshold, minimum
+component area in pixels at 512 x 512, scaled to each image's area; listed
+under --help); --threshold and --min-area override the mode's values.
 """
 from __future__ import annotations
 
@@ -129,6 +129,15 @@ def postprocess_settings(mode: str, threshold: float | None, min_area: int | Non
     return post
 
 
+def add_postprocess_options(parser: argparse.ArgumentParser) -> None:
+    modes = ", ".join(f"{name} {p.threshold}/{p.min_area}" for name, p in MODES.items())
+    parser.add_argument("--mode", choices=list(MODES), default="default",
+                        help=f"threshold/min area at 512 px: {modes}")
+    parser.add_argument("--threshold", type=float, help="overrides the mode's threshold")
+    parser.add_argument("--min-area", type=int, help="overrides the mode's minimum area "
+                        "(pixels at 512 x 512, scaled to each image's area)")
+
+
 def member_names(text: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     if not names:
@@ -150,10 +159,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="folder of <member>_best.pth (default models/)")
     parser.add_argument("--members", type=member_names, default=ALL_MEMBERS,
                         help=f"comma-separated subset (default all: {','.join(ALL_MEMBERS)})")
-    parser.add_argument("--mode", choices=list(MODES), default="default")
-    parser.add_argument("--threshold", type=float, help="overrides the mode's threshold")
-    parser.add_argument("--min-area", type=int, help="overrides the mode's minimum area "
-                        "(pixels at 512 x 512, scaled to each image)")
+    add_postprocess_options(parser)
     parser.add_argument("--tta", action="store_true", help="average with flipped inputs")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
