@@ -70,9 +70,11 @@ _UNIT = 1.0 / 9007199254740992.0  # 2**-53: 53 random bits -> [0, 1)
 # Every sampled thing reads its random numbers from its own domain, so draws,
 # windows and augmentation seeds never share a value.
 _DOMAIN_DRAW, _DOMAIN_WINDOW, _DOMAIN_AUGMENT = 1, 2, 3
-# Random values per plan position within a domain; the largest user is the
-# random resized crop (4 per attempt, 10 attempts).
-_STREAMS = np.uint64(64)
+# Stream s of a domain reads counters s * 2**40 + position: consecutive plan
+# positions step by the golden gamma, as in splitmix64 itself, and streams do
+# not overlap for plans under 2**40 (10^12) positions. The most streams, 40,
+# are the random resized crop's (4 per attempt, 10 attempts).
+_STREAM_STRIDE = np.uint64(1 << 40)
 
 # Every kernel comes as a serial and a parallel (prange) loop over one inlined
 # per-item function; below this many items the serial loop runs. Waking
@@ -104,8 +106,8 @@ def _domain_key(seed, epoch, domain):
 
 @njit(cache=True, inline="always")
 def _bits(key, position, stream):
-    """The splitmix64 output at counter position * _STREAMS + stream."""
-    counter = np.uint64(position) * _STREAMS + np.uint64(stream)
+    """The splitmix64 output at counter stream * _STREAM_STRIDE + position."""
+    counter = np.uint64(stream) * _STREAM_STRIDE + np.uint64(position)
     return _mix64(key + (counter + np.uint64(1)) * _GOLDEN)
 
 
@@ -514,20 +516,30 @@ def _window(kind, params, min_side, row, position, heights, widths, bbox, centro
                            key, position, mult_lo, mult_hi, min_side)
 
 
+@njit(cache=True, inline="always")
+def _store(out, i, window):
+    # Element by element: `out[i] = window` made the whole kernel 1.5x slower.
+    y0, x0, y1, x1 = window
+    out[i, 0] = y0
+    out[i, 1] = x0
+    out[i, 2] = y1
+    out[i, 3] = x1
+
+
 @njit(cache=True)
 def _windows_serial(kind, params, min_side, indices, positions, heights, widths, bbox,
                     centroid, key, out):
     for i in range(indices.shape[0]):
-        out[i] = _window(kind, params, min_side, indices[i], positions[i], heights, widths,
-                         bbox, centroid, key)
+        _store(out, i, _window(kind, params, min_side, indices[i], positions[i], heights,
+                               widths, bbox, centroid, key))
 
 
 @njit(cache=True, parallel=True)
 def _windows_parallel(kind, params, min_side, indices, positions, heights, widths, bbox,
                       centroid, key, out):
     for i in prange(indices.shape[0]):
-        out[i] = _window(kind, params, min_side, indices[i], positions[i], heights, widths,
-                         bbox, centroid, key)
+        _store(out, i, _window(kind, params, min_side, indices[i], positions[i], heights,
+                               widths, bbox, centroid, key))
 
 
 def _view_params(view: View) -> tuple[float, ...]:
