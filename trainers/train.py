@@ -53,27 +53,32 @@ CSV_FIELDS = ("epoch", "step", "global_step", "train_loss", "lr", "seconds", "sa
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--member", required=True, choices=list(RECIPES))
-    p.add_argument("--store", type=Path, default=layout.DEFAULT_STORE)
+    p.add_argument("--store", type=Path, default=layout.DEFAULT_STORE,
+                   help=f"the store (default: {layout.DEFAULT_STORE})")
     p.add_argument("--out", type=Path, default=None,
                    help="writes OUT/models and OUT/logs (default: ./models and ./logs)")
-    p.add_argument("--epochs", type=int, help="recipe override")
-    p.add_argument("--img-size", type=int, help="recipe override")
-    p.add_argument("--batch-size", type=int, help="recipe override (per process)")
-    p.add_argument("--lr", type=float, help="recipe override")
-    p.add_argument("--encoder", help="recipe override, an smp encoder name")
-    p.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value")
+    p.add_argument("--epochs", type=int, help="default: the recipe's")
+    p.add_argument("--img-size", type=int, help="default: the recipe's")
+    p.add_argument("--batch-size", type=int, help="per process; default: the recipe's")
+    p.add_argument("--lr", type=float, help="default: the recipe's")
+    p.add_argument("--encoder", help="an smp encoder name; default: the recipe's")
+    p.add_argument("--grad-clip", type=float,
+                   help="clip the gradient norm to this value (default: the recipe's, none)")
     p.add_argument("--encoder-weights", choices=ENCODER_WEIGHTS, default="imagenet",
-                   help="'none' never downloads (offline machines, tests)")
+                   help="'none' never downloads (offline machines, tests); default: imagenet")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many optimiser steps in all (resumed runs included); "
                         "validates and writes checkpoints; --resume continues from there")
     p.add_argument("--save-every", type=int, default=500,
-                   help="also write <member>_last.pth every this many steps (0: epoch ends only)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--seed", type=int, default=0)
+                   help="also write <member>_last.pth every this many steps "
+                        "(0: epoch ends only; default: 500)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA where present (default)")
+    p.add_argument("--seed", type=int, default=0, help="plan, augmentation, initialisation "
+                                                       "and dropout all follow it (default: 0)")
     p.add_argument("--resume", action="store_true", help="continue from <member>_last.pth")
     p.add_argument("--workers", type=int, default=None, help="loader reader processes")
     p.add_argument("--record-samples", action="store_true",
