@@ -95,6 +95,8 @@ def test_missing_checkpoints_are_all_named(tmp_path):
         Ensemble.load(tmp_path, ("high_recall", "small_specialist"))
     with pytest.raises(ValueError, match="unknown member 'nope'"):
         Ensemble.load(tmp_path, ("nope",))
+    with pytest.raises(ValueError, match="listed twice"):
+        Ensemble.load(tmp_path, ("comprehensive", "comprehensive"))
 
 
 def square(prob, y, x, side, value):

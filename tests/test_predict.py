@@ -18,6 +18,8 @@ from trainers import predict as predict_cli
 from trainers.score import score_files, split_rows, store_case_ids, write_solution
 from trainers.train import main as train_main
 
+pytestmark = pytest.mark.slow   # trains three tiny members (about a minute of CPU)
+
 MEMBERS = ("highres_no_ela", "comprehensive", "small_specialist")
 # The tiny models' probabilities spread around 0.2-0.7 on the demo images, so
 # 0.5 with no minimum area leaves some instances and some background.

@@ -135,6 +135,8 @@ class Ensemble:
         """Members from `<models_dir>/<member>_best.pth`; every missing one is named."""
         for name in names:
             get_recipe(name)          # an unknown name fails with the list of members
+        if len(set(names)) != len(names):
+            raise ValueError(f"members {list(names)}: a member is listed twice")
         missing = [best_path(models_dir, n) for n in names if not best_path(models_dir, n).is_file()]
         if missing:
             raise CheckpointError(
@@ -145,8 +147,8 @@ class Ensemble:
         for name in names:
             model, recipe, _ = load_member(best_path(models_dir, name), device=device)
             if recipe.name != name:
-                raise CheckpointError(f"{best_path(models_dir, name)} holds member "
-                                 f"{recipe.name!r}, not {name!r}")
+                raise CheckpointError(
+                    f"{best_path(models_dir, name)} holds member {recipe.name!r}, not {name!r}")
             members.append(Member(name, model, recipe))
         return cls(members, device)
 
