@@ -279,15 +279,16 @@ def settings_for(source: Path, cases: list[Case], max_pixels: int) -> Settings:
     )
 
 
-def open_partial(partial: Path, settings: Settings) -> tuple[zarr.Group, bool]:
-    """The partial store to build into, resumed when its settings match.
-    Returns (group, finalized): finalized when only the rename was missing."""
+def open_partial(partial: Path, settings: Settings) -> bool:
+    """Create the partial store, or resume the one there when its settings
+    match. Returns True when that one is finalized and only its rename is
+    missing."""
     if partial.exists():
         try:
             group = zarr.open_group(str(partial), mode="r+")
             if group.attrs.get("build") == asdict(settings):
                 print(f"resuming the interrupted build in {partial}")
-                return group, "fingerprint" in group.attrs
+                return "fingerprint" in group.attrs
         except Exception:  # no readable group: killed while creating it
             pass
         print(f"{partial}: left by a build with other inputs or settings; starting over")
@@ -296,7 +297,7 @@ def open_partial(partial: Path, settings: Settings) -> tuple[zarr.Group, bool]:
     group.attrs["build"] = asdict(settings)
     (partial / STAGING).mkdir()
     (partial / RECORDS).mkdir()
-    return group, False
+    return False
 
 
 def reusable_record(partial: Path, key: int, case: Case) -> dict | None:
@@ -338,6 +339,16 @@ def run_cases(partial: Path, cases: list[Case], todo: list[int], workers: int, m
     return records
 
 
+def process_all(partial: Path, cases: list[Case], workers: int, max_pixels: int, strict: bool,
+                progress: bool) -> list[dict]:
+    """Every case's record, in case order: reused where complete, else made."""
+    reused = {k: reusable_record(partial, k, case) for k, case in enumerate(cases)}
+    records = {k: r for k, r in reused.items() if r is not None}
+    todo = [k for k in range(len(cases)) if k not in records]
+    records |= run_cases(partial, cases, todo, workers, max_pixels, strict, progress)
+    return [records[k] for k in range(len(cases))]
+
+
 def build_store(source: Path, out: Path, *, workers: int | None = None, strict: bool = False,
                 overwrite: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
                 progress: bool = True, figure: bool = True) -> dict | None:
@@ -360,22 +371,17 @@ def build_store(source: Path, out: Path, *, workers: int | None = None, strict: 
     settings = settings_for(source, cases, max_pixels)
     partial = layout.partial_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    group, finalized = open_partial(partial, settings)
-    if not finalized:
-        reused = {k: reusable_record(partial, k, case) for k, case in enumerate(cases)}
-        records = {k: r for k, r in reused.items() if r is not None}
-        todo = [k for k in range(len(cases)) if k not in records]
-        records |= run_cases(partial, cases, todo, workers, max_pixels, strict, progress)
-        ordered = [records[k] for k in range(len(cases))]
-        skipped = [{"file": str(p.path), "problem": p.problem} for p in problems] + \
-                  [{"file": r["file"], "problem": r["skipped"]} for r in ordered if "skipped" in r]
+    if not open_partial(partial, settings):
+        records = process_all(partial, cases, workers, max_pixels, strict, progress)
+        skipped = [{"file": p.path, "problem": p.problem} for p in problems] + \
+                  [{"file": r["file"], "problem": r["skipped"]} for r in records if "skipped" in r]
         report = {
             "source": str(source), "skipped": skipped,
             "test_images_not_stored": count_test_images(source),
             "bytes_source": sum(r["image_stat"][0] + (r["mask_stat"] or [0])[0]
-                                for r in ordered if "skipped" not in r),
+                                for r in records if "skipped" not in r),
         }
-        finalize(partial, settings, cases, ordered, report)
+        finalize(partial, settings, cases, records, report)
     if out.exists():
         shutil.rmtree(out)  # only reached with --overwrite, checked above
     finish(partial, out)
