@@ -30,7 +30,7 @@ import torch
 from benchmarks.baseline_loader import make_replaced_loader, unsupported_ops
 from engine import sampling
 from engine import store as layout
-from engine.loader import SPLITS, make_loader
+from engine.loader import make_loader
 from engine.reader import WindowReader
 from engine.recipes import get_recipe
 from preprocess.build_zarr import REPORT
@@ -134,7 +134,7 @@ def measure_replaced(store, member, img_size, batch_size, workers, batches, seed
     recipe = get_recipe(member)
     meta = layout.read_meta(layout.open_store(store))
     weights = sampling.member_weights(recipe.sampling, meta["label"], meta["area_ratio"],
-                                      meta["split"], SPLITS["train"], mined=False)
+                                      meta["split"], layout.SPLITS["train"], mined=False)
     rows = np.flatnonzero(weights > 0)
     cases = source_files(store)
     loader = make_replaced_loader([cases[r].image for r in rows], [cases[r].mask for r in rows],

@@ -31,7 +31,6 @@ from engine.recipes import WHOLE_IMAGE, Recipe, get_recipe
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MIN_IMG_SIZE, MAX_IMG_SIZE = 16, 4096
-SPLITS = {"train": 0, "val": 1}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -62,10 +61,10 @@ def _rows_plan(rows: np.ndarray, meta, batch_size: int, rank: int, world_size: i
 def _val_rows(recipe: Recipe, meta) -> np.ndarray:
     """Validation rows of a member: what its rule includes, read whole, once."""
     weights = sampling.member_weights(recipe.sampling, meta["label"], meta["area_ratio"],
-                                      meta["split"], SPLITS["val"], mined=False)
+                                      meta["split"], layout.SPLITS["val"], mined=False)
     keep = weights > 0
     if recipe.sampling.hard_negative_weight > 0:   # members that learn from authentic images
-        keep |= (meta["label"] == 0) & (meta["split"] == SPLITS["val"])
+        keep |= (meta["label"] == 0) & (meta["split"] == layout.SPLITS["val"])
     return np.flatnonzero(keep).astype(np.int64)
 
 
@@ -79,7 +78,7 @@ def _train_plan(recipe: Recipe, group, meta, *, batch_size, seed, epoch, rank, w
             f"store has none; `python trainers/train.py --member {recipe.name}` mines first")
     flags = {kind: None if found is None else found["flag"] for kind, found in mining.items()}
     weights = sampling.member_weights(
-        recipe.sampling, meta["label"], meta["area_ratio"], meta["split"], SPLITS["train"],
+        recipe.sampling, meta["label"], meta["area_ratio"], meta["split"], layout.SPLITS["train"],
         hard_negative=flags["hard_negative"], hard_fn=flags["hard_fn"], mined=bool(needed))
     plan = sampling.EpochPlan.build(weights, sampling.epoch_size(recipe.sampling, weights),
                                     seed, epoch)
@@ -154,8 +153,8 @@ def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img
     workers: DALI reader processes (0 reads in this process); threads: DALI threads.
     """
     recipe = member if isinstance(member, Recipe) else get_recipe(member)
-    if split not in SPLITS:
-        raise ValueError(f"split {split!r}: expected one of {list(SPLITS)}")
+    if split not in layout.SPLITS:
+        raise ValueError(f"split {split!r}: expected one of {list(layout.SPLITS)}")
     if not (isinstance(img_size, int) and MIN_IMG_SIZE <= img_size <= MAX_IMG_SIZE):
         raise ValueError(f"img_size {img_size!r}: the pipeline makes square outputs of "
                          f"{MIN_IMG_SIZE} to {MAX_IMG_SIZE} pixels")
@@ -198,7 +197,7 @@ def _augmentation(recipe: Recipe, group, meta, seed: int, epoch: int, img_size: 
     if recipe.copy_paste:
         cp = recipe.copy_paste
         bank = PatchBank.from_store(
-            group, meta, np.flatnonzero((meta["split"] == SPLITS["train"]) & (meta["label"] == 1)),
+            group, meta, np.flatnonzero((meta["split"] == layout.SPLITS["train"]) & (meta["label"] == 1)),
             min_side=cp["min_side"], max_patches=cp["max_patches"], padding=cp["padding"], seed=seed)
     per_sample = SampleAugment(seed, epoch, photometric.slots(recipe.augment), bank, recipe.copy_paste)
     batch_ops = tuple(e for e in recipe.augment if not photometric.is_photometric(e))

@@ -59,6 +59,8 @@ DEFAULT_STORE = Path("data/store.zarr")
 # read about as fast as 256 through the direct chunk reader and 2x faster
 # through zarr, and write 3x faster through zarr (fewer chunks); zstd 1 vs 3:
 # 10-15 % larger, similar reads, faster writes.
+SPLITS = {"train": 0, "val": 1}   # meta/split values
+
 CHUNK = 512
 ZSTD_LEVEL = 1
 MIN_LEVEL_SIDE = 64   # no pyramid level whose short side would be below this

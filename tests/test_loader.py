@@ -12,13 +12,14 @@ import torch
 import zarr
 
 from engine import make_loader
+from engine.augment import GEOMETRIC_OPS
 from engine import store as layout
 from engine.loader import IMAGENET_MEAN, IMAGENET_STD
 from engine.recipes import RECIPES, get_recipe
 from preprocess.build_zarr import main as build_main
 
 SIZE = 64
-GEOMETRIC = {"hflip", "vflip", "rot90", "affine"}
+
 
 
 def _write_mining(store: Path, flag_rows_by_kind: dict):
@@ -78,7 +79,7 @@ def _green(image: torch.Tensor) -> torch.Tensor:
 
 
 def _geometric_only(recipe):
-    return dataclasses.replace(recipe, augment=tuple(op for op in recipe.augment if op[0] in GEOMETRIC),
+    return dataclasses.replace(recipe, augment=tuple(op for op in recipe.augment if op[0] in GEOMETRIC_OPS),
                                copy_paste=None)
 
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import engine
 from engine import store as layout
-from engine.loader import SPLITS
+from engine.store import SPLITS
 from engine.recipes import Recipe
 from trainers.checkpoint import file_sha256, load_member
 from trainers.metrics import THRESHOLD, pixel_counts, recall

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from engine.loader import SPLITS
+from engine.store import SPLITS
 from engine.store import StoreError, image_path, instances_mask_path, open_store, read_meta
 from trainers.rle import RLEError, decode_annotation, encode_annotation
 
