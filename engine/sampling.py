@@ -209,6 +209,10 @@ def member_weights(rule: SamplingRule, label, area_ratio, split, want_split: int
     split = _one_d("split", split, n)
     if not np.all(np.isfinite(area_ratio)) or np.any(area_ratio < 0) or np.any(area_ratio > 1):
         raise ValueError("area_ratio: values must be finite and within [0, 1]")
+    if not np.all((label == 0) | (label == 1)):
+        raise ValueError("label: values must be 0 (authentic) or 1 (forged)")
+    if want_split not in (0, 1):
+        raise ValueError(f"want_split: 0 (train) or 1 (val), got {want_split!r}")
     hard_negative = _mining_flag("hard_negative", hard_negative,
                                  rule.hard_negative_weight, mined, n)
     hard_fn = _mining_flag("hard_fn", hard_fn, rule.hard_fn_weight, mined, n)
@@ -294,19 +298,15 @@ def _check_weights(weights) -> np.ndarray:
         raise ValueError(f"weights: expected a 1-D array, got shape {weights.shape}")
     if weights.shape[0] == 0:
         raise ValueError("weights: empty; there is nothing to draw from")
-    if not np.issubdtype(weights.dtype, np.number) or np.issubdtype(weights.dtype, np.complexfloating):
+    if weights.dtype.kind not in "biuf":
         raise ValueError(f"weights: expected real numbers, got dtype {weights.dtype}")
     weights = weights.astype(np.float64)
-    bad = np.flatnonzero(np.isnan(weights))
-    if bad.size:
-        raise ValueError(f"weights: NaN at {bad.size} rows (first: row {bad[0]})")
-    bad = np.flatnonzero(np.isinf(weights))
-    if bad.size:
-        raise ValueError(f"weights: infinite at {bad.size} rows (first: row {bad[0]})")
-    bad = np.flatnonzero(weights < 0)
-    if bad.size:
-        raise ValueError(f"weights: negative at {bad.size} rows (first: row {bad[0]}, "
-                         f"{weights[bad[0]]})")
+    for problem, bad in (("NaN", np.isnan(weights)), ("infinite", np.isinf(weights)),
+                         ("negative", weights < 0)):
+        rows = np.flatnonzero(bad)
+        if rows.size:
+            raise ValueError(f"weights: {problem} at {rows.size} rows "
+                             f"(first: row {rows[0]}, {weights[rows[0]]})")
     if not np.any(weights > 0):
         raise ValueError("weights: all zero; the recipe excludes every image of this split")
     return weights
@@ -355,7 +355,7 @@ def _seeds_parallel(positions, key, out):
 
 def sample_seeds(seed: int, epoch: int, positions) -> np.ndarray:
     """One non-negative int64 seed per plan position, for its augmentation."""
-    positions = _one_d("positions", positions).astype(np.int64)
+    positions = np.asarray(_one_d("positions", positions), dtype=np.int64)
     out = _output(positions.shape, np.int64)
     _run(_seeds_serial, _seeds_parallel, positions.shape[0],
          positions, _key(seed, epoch, _DOMAIN_AUGMENT), out)
@@ -426,9 +426,17 @@ class EpochPlan:
 
 
 @njit(cache=True, inline="always")
+def _between(lo, hi, u):
+    """U(lo, hi) from a uniform u in [0, 1)."""
+    return lo + (hi - lo) * u
+
+
+@njit(cache=True, inline="always")
 def _random_crop(height, width, key, position, side_lo, side_hi):
-    h = min(max(_nearest(height * (side_lo + (side_hi - side_lo) * _uniform(key, position, 0))), 1), height)
-    w = min(max(_nearest(width * (side_lo + (side_hi - side_lo) * _uniform(key, position, 1))), 1), width)
+    h = min(max(_nearest(height * _between(side_lo, side_hi, _uniform(key, position, 0))), 1),
+            height)
+    w = min(max(_nearest(width * _between(side_lo, side_hi, _uniform(key, position, 1))), 1),
+            width)
     y0 = _below(_uniform(key, position, 2), height - h + 1)
     x0 = _below(_uniform(key, position, 3), width - w + 1)
     return y0, x0, y0 + h, x0 + w
@@ -441,9 +449,9 @@ def _random_resized_crop(height, width, key, position, scale_lo, scale_hi,
     area = float(height * width)
     for attempt in range(_RRC_ATTEMPTS):
         stream = 4 * attempt
-        target = area * (scale_lo + (scale_hi - scale_lo) * _uniform(key, position, stream))
-        aspect = math.exp(log_ratio_lo + (log_ratio_hi - log_ratio_lo)
-                          * _uniform(key, position, stream + 1))
+        target = area * _between(scale_lo, scale_hi, _uniform(key, position, stream))
+        aspect = math.exp(_between(log_ratio_lo, log_ratio_hi,
+                                   _uniform(key, position, stream + 1)))
         w = _nearest(math.sqrt(target * aspect))
         h = _nearest(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
@@ -480,7 +488,7 @@ def _around_forgery(height, width, box, centre_y, centre_x, key, position,
     box_h = box[2] - box[0]
     box_w = box[3] - box[1]
     extent = max(box_h, box_w)
-    mult = mult_lo + (mult_hi - mult_lo) * _uniform(key, position, 0)
+    mult = _between(mult_lo, mult_hi, _uniform(key, position, 0))
     side = min(max(_nearest(extent * mult), min_side), short)
     # Centre on the centroid, then shift: first so that the window holds the
     # whole box where its side allows, then to stay inside the image. The two
@@ -579,9 +587,10 @@ def crop_windows(view: View, indices, positions, height, width, bbox, centroid,
     # np.asarray, not astype: no copy of plan-sized arrays that are int64 already.
     indices = np.asarray(_one_d("indices", indices), dtype=np.int64)
     positions = np.asarray(_one_d("positions", positions, indices.shape[0]), dtype=np.int64)
-    height = _one_d("height", height)
+    # One dtype per argument, so that the kernels compile (and cache) once.
+    height = np.asarray(_one_d("height", height), dtype=np.int64)
     n_rows = height.shape[0]
-    width = _one_d("width", width, n_rows)
+    width = np.asarray(_one_d("width", width, n_rows), dtype=np.int64)
     bbox = np.asarray(bbox, dtype=np.int64)
     centroid = np.asarray(centroid, dtype=np.float64)
     if bbox.shape != (n_rows, 4):

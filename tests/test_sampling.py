@@ -168,6 +168,10 @@ def test_member_weights_reject_mismatched_arrays():
         member_weights(rule, np.ones(3), np.ones(2), np.zeros(3), 0)
     with pytest.raises(ValueError, match="area_ratio: values must be finite"):
         member_weights(rule, np.ones(2), np.array([np.nan, 0.1]), np.zeros(2), 0)
+    with pytest.raises(ValueError, match="label: values must be 0"):
+        member_weights(rule, np.array([1, 2]), np.full(2, 0.1), np.zeros(2), 0)
+    with pytest.raises(ValueError, match="want_split: 0 .train. or 1 .val., got 2"):
+        member_weights(rule, np.ones(2), np.full(2, 0.1), np.zeros(2), 2)
 
 
 def test_epoch_size_is_multiplier_times_nonzero():
