@@ -353,19 +353,42 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_store(demo_source, demo_store
     _assert_same_store(out, demo_store)
 
 
+def _killed(partial, out):
+    """Stands in for build_zarr.finish: the build dies just before the rename."""
+    raise KeyboardInterrupt
+
+
 def test_kill_between_finalize_and_rename_resumes(bad_source, tmp_path, monkeypatch):
     root, _ = bad_source
     build = dict(workers=1, max_pixels=10_000, progress=False, figure=False)
     build_store(root, tmp_path / "uninterrupted.zarr", **build)
     out = tmp_path / "store.zarr"
-
-    def killed(partial, out):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(build_zarr, "finish", killed)
+    monkeypatch.setattr(build_zarr, "finish", _killed)
     with pytest.raises(KeyboardInterrupt):
         build_store(root, out, **build)
     monkeypatch.undo()
     assert not out.exists()
     build_store(root, out, **build)
     _assert_same_store(out, tmp_path / "uninterrupted.zarr")
+
+
+def test_partial_of_other_settings_is_started_over(bad_source, tmp_path, monkeypatch, capsys):
+    root, _ = bad_source
+    out = tmp_path / "store.zarr"
+    monkeypatch.setattr(build_zarr, "finish", _killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_store(root, out, workers=1, max_pixels=10_000, progress=False, figure=False)
+    monkeypatch.undo()
+    report = build_store(root, out, workers=1, max_pixels=20_000, progress=False, figure=False)
+    assert "starting over" in capsys.readouterr().out
+    assert "huge" in layout.read_meta(layout.open_store(out))["case_id"].tolist()
+    assert not any("huge" in item["file"] for item in report["skipped"])
+
+
+def test_overwrite_rebuilds_an_existing_store(bad_source, tmp_path):
+    root, _ = bad_source
+    out = tmp_path / "store.zarr"
+    build_store(root, out, workers=1, max_pixels=10_000, progress=False, figure=False)
+    assert main(["--source", str(root), "--out", str(out), "--overwrite", "--workers", "1",
+                 "--max-pixels", "20000", "--no-figure"]) == 0
+    assert "huge" in layout.read_meta(layout.open_store(out))["case_id"].tolist()
