@@ -129,7 +129,10 @@ def png_size(path: Path, data: bytes) -> tuple[int, int]:
 
 def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode one PNG into (H, W, 3) uint8 RGB (the module's conversion rule)."""
-    data = Path(path).read_bytes()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise BadInput(path, f"cannot read the file ({exc.strerror})") from None
     height, width = png_size(path, data)
     if height * width > max_pixels:
         raise BadInput(path, f"{width} x {height} = {height * width} pixels exceeds the "
