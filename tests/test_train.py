@@ -168,6 +168,12 @@ def test_resume_after_interruptions_equals_an_uninterrupted_run(store, tmp_path,
     for key, state in a["optimizer"]["state"].items():
         assert torch.equal(state["exp_avg"], b["optimizer"]["state"][key]["exp_avg"])
 
+    # a resumed run keeps its recipe: another input size is refused, more epochs are not
+    capsys.readouterr()
+    assert main(common + ["--out", str(parts), "--resume", "--img-size", "32"]) == 2
+    assert "--img-size 32" in capsys.readouterr().err
+    assert main(common + ["--out", str(parts), "--resume", "--epochs", "2"]) == 0
+
     # the same checkpoint on a store with another fingerprint is refused
     b["fingerprint"] = "another-store"
     save_checkpoint(last_path(parts / "models", "highres_no_ela"), b)

@@ -77,8 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(0: epoch ends only; default: 500)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA where present (default)")
-    p.add_argument("--seed", type=int, default=0, help="plan, augmentation, initialisation "
-                                                       "and dropout all follow it (default: 0)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="plan, augmentation, initialisation and dropout all follow it "
+                        "(default: 0, or the resumed run's)")
     p.add_argument("--resume", action="store_true", help="continue from <member>_last.pth")
     p.add_argument("--workers", type=int, default=None, help="loader reader processes")
     p.add_argument("--record-samples", action="store_true",
@@ -96,6 +97,27 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def recipe_overrides(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in RECIPE_FLAGS if getattr(args, name) is not None}
+
+
+def resumed_run(state: dict, path: Path, args: argparse.Namespace, fingerprint: str) -> Recipe:
+    """The saved run's recipe with the overrides a resumed run may make (more epochs);
+    a store, seed or other recipe flag unlike the saved run's is refused."""
+    if state["fingerprint"] != fingerprint:
+        raise CheckpointError(
+            f"{path} was trained on a store with fingerprint {state['fingerprint']!r}; "
+            f"{args.store} has {fingerprint!r}. Resume on the same store, or train afresh "
+            "without --resume")
+    saved = recipe_from_dict(state["recipe"])
+    changed = {name: value for name, value in recipe_overrides(args).items()
+               if name != "epochs" and getattr(saved, name) != value}
+    if args.seed is not None and args.seed != state["seed"]:
+        changed["seed"] = args.seed
+    if changed:
+        flags = ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in changed.items())
+        raise CheckpointError(f"{path}: --resume continues the saved run as it was; {flags} "
+                              "differ from it (only --epochs may change). Drop them, or train "
+                              "afresh without --resume")
+    return dataclasses.replace(saved, epochs=args.epochs or saved.epochs)
 
 
 @dataclasses.dataclass
@@ -176,11 +198,12 @@ def run_mining(recipe: Recipe, args, models_dir: Path, ddp: Distributed) -> None
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, recipe: Recipe, args, ddp: Distributed, epoch: int) -> dict:
+def validate(model: torch.nn.Module, recipe: Recipe, args, ddp: Distributed, seed: int,
+             epoch: int) -> dict:
     """Metrics over the member's validation rows, each rank scoring its share."""
     model.eval()
     loader = engine.make_loader(args.store, recipe, split="val", batch_size=recipe.batch_size,
-                                img_size=recipe.img_size, seed=args.seed, epoch=epoch,
+                                img_size=recipe.img_size, seed=seed, epoch=epoch,
                                 device=str(ddp.device), rank=ddp.rank,
                                 world_size=ddp.world_size, augment=False, workers=args.workers)
     counts = [np.zeros((0, 4), np.int64)]
@@ -225,23 +248,21 @@ def train(args: argparse.Namespace) -> int:
 
     # --- recipe, and the run's state when resuming
     state = None
-    recipe = get_recipe(args.member)
     if args.resume:
-        state = load_checkpoint(last_path(models_dir, args.member))
-        if state["fingerprint"] != fingerprint:
-            raise CheckpointError(
-                f"{last_path(models_dir, args.member)} was trained on a store with fingerprint "
-                f"{state['fingerprint']!r}; {args.store} has {fingerprint!r}. Resume on the "
-                "same store, or train afresh without --resume")
-        recipe = recipe_from_dict(state["recipe"])
-    recipe = dataclasses.replace(recipe, **recipe_overrides(args))
+        path = last_path(models_dir, args.member)
+        state = load_checkpoint(path)
+        recipe = resumed_run(state, path, args, fingerprint)
+        seed = state["seed"]
+    else:
+        recipe = dataclasses.replace(get_recipe(args.member), **recipe_overrides(args))
+        seed = 0 if args.seed is None else args.seed
     check_metric_name(recipe.select_on)
     if recipe.mining:
         run_mining(recipe, args, models_dir, ddp)
 
     # --- model, optimiser, schedule
     if state is None:
-        torch.manual_seed(args.seed)   # initialisation of the decoder and gate
+        torch.manual_seed(seed)   # initialisation of the decoder and gate
         model, recipe = initial_model(recipe, args, models_dir)
     else:
         model = build_model(recipe.encoder, recipe.in_channels, encoder_weights="none")
@@ -267,7 +288,7 @@ def train(args: argparse.Namespace) -> int:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
-                "recipe": recipe_to_dict(recipe), "fingerprint": fingerprint, "seed": args.seed,
+                "recipe": recipe_to_dict(recipe), "fingerprint": fingerprint, "seed": seed,
                 **run}
 
     seen_rows = []
@@ -278,7 +299,7 @@ def train(args: argparse.Namespace) -> int:
         # --- train: the loader starts at the batch a resumed run left off
         loader = engine.make_loader(
             args.store, recipe, split="train", batch_size=recipe.batch_size,
-            img_size=recipe.img_size, seed=args.seed, epoch=epoch, device=str(ddp.device),
+            img_size=recipe.img_size, seed=seed, epoch=epoch, device=str(ddp.device),
             rank=ddp.rank, world_size=ddp.world_size, start_batch=run["step"],
             workers=args.workers)
         first_step, loss_sum, wait, samples = run["step"], 0.0, 0.0, 0
@@ -292,7 +313,7 @@ def train(args: argparse.Namespace) -> int:
             wait += time.perf_counter() - t0
             if batch is None:
                 break
-            torch.manual_seed(step_seed(args.seed, epoch, run["step"], ddp.rank))
+            torch.manual_seed(step_seed(seed, epoch, run["step"], ddp.rank))
             autocast = (torch.autocast("cuda", dtype=amp_dtype) if amp_dtype
                         else contextlib.nullcontext())
             with autocast:
@@ -329,7 +350,7 @@ def train(args: argparse.Namespace) -> int:
         steps = run["step"] - first_step
 
         # --- validate, select, checkpoint, log
-        metrics = validate(model, recipe, args, ddp, epoch)
+        metrics = validate(model, recipe, args, ddp, seed, epoch)
         score = metrics[recipe.select_on]
         lr = optimizer.param_groups[0]["lr"]
         epoch_done = not stopped or run["step"] == len(loader) + first_step
