@@ -83,18 +83,27 @@ def _geometric_only(recipe):
                                copy_paste=None)
 
 
+def _dilate(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.max_pool2d(x.float()[:, None], 3, stride=1, padding=1)[:, 0] > 0
+
+
 @pytest.mark.parametrize("member", list(RECIPES))
 def test_mask_covers_exactly_the_forged_colour_through_each_pipeline(green_store, member):
+    """Green pixels lie on the mask and mask pixels on green, up to the one
+    pixel that antialiasing blends at a region's edge."""
     recipe = _geometric_only(get_recipe(member))
     loader = make_loader(green_store, recipe, batch_size=4, img_size=SIZE, seed=5, workers=0)
-    inter = union = 0
+    green_total = green_on_mask = mask_total = mask_on_green = 0
     for batch in loader:
         green, mask = _green(batch["image"]), batch["mask"][:, 0] > 0.5
         assert set(torch.unique(batch["mask"]).tolist()) <= {0.0, 1.0}
-        inter += int((green & mask).sum())
-        union += int((green | mask).sum())
-    assert union > 0
-    assert inter / union > 0.85, f"{member}: IoU {inter / union:.3f}"
+        green_total += int(green.sum())
+        green_on_mask += int((green & _dilate(mask)).sum())
+        mask_total += int(mask.sum())
+        mask_on_green += int((mask & _dilate(green)).sum())
+    assert green_total > 0 and mask_total > 0
+    assert green_on_mask / green_total > 0.97, f"{member}: green off the mask"
+    assert mask_on_green / mask_total > 0.97, f"{member}: mask off the green"
 
 
 def test_batches_have_the_contracted_shapes_and_values(demo_store):
