@@ -13,7 +13,6 @@ loader started at batch k yields exactly batches k, k+1, ... of a full run.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -83,10 +82,16 @@ def _train_plan(recipe: Recipe, group, meta, *, batch_size, seed, epoch, rank, w
     plan = sampling.EpochPlan.build(weights, sampling.epoch_size(recipe.sampling, weights),
                                     seed, epoch)
     batches = plan.for_rank(rank, world_size, batch_size, drop_last=True, start_batch=start_batch)
-    windows = [sampling.crop_windows(recipe.view, b.indices, b.positions, meta["height"],
-                                     meta["width"], meta["bbox"], meta["centroid"], seed, epoch)
-               for b in batches]
-    return PlannedBatches([b.indices for b in batches], windows, [b.positions for b in batches])
+    if not batches:
+        return PlannedBatches([], [], [])
+    # one kernel call for the whole epoch, split per batch
+    windows = sampling.crop_windows(
+        recipe.view, np.concatenate([b.indices for b in batches]),
+        np.concatenate([b.positions for b in batches]), meta["height"], meta["width"],
+        meta["bbox"], meta["centroid"], seed, epoch)
+    cuts = np.cumsum([len(b.indices) for b in batches])[:-1]
+    return PlannedBatches([b.indices for b in batches], np.split(windows, cuts),
+                          [b.positions for b in batches])
 
 
 @dataclass
@@ -132,8 +137,7 @@ class Loader:
                 # One seed per batch, from its first plan position: a resumed or
                 # re-run epoch draws the same augmentation parameters.
                 seed = int(sampling.sample_seeds(s.seed, s.epoch, self.batches.positions[k][:1])[0])
-                image, mask = self.augmenter(image, mask, seed,
-                                             window_scale=out["window_scale"].to(image.device))
+                image, mask = self.augmenter(image, mask, seed)
             image = (image - self._mean) / self._std
             index = out["index"].reshape(-1).to(torch.int64)
             if on_gpu:
@@ -192,15 +196,16 @@ def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img
 def _augmentation(recipe: Recipe, group, meta, seed: int, epoch: int, img_size: int):
     """Split a recipe's augmentation where it runs best: copy-paste in the
     reader workers (before anything else, as MEMBERS.md orders it), colour,
-    blur, noise and JPEG as DALI operators, geometry and dropout in Kornia."""
+    blur, noise and JPEG as DALI operators, geometry and dropout in Kornia
+    (build_augmenter keeps only those)."""
     bank = None
     if recipe.copy_paste:
+        if recipe.in_channels != 3:
+            raise ValueError(f"member {recipe.name!r}: copy-paste pastes RGB patches and the recipe "
+                             f"has {recipe.in_channels} input channels (a pasted patch has no ELA)")
         cp = recipe.copy_paste
         bank = PatchBank.from_store(
             group, meta, np.flatnonzero((meta["split"] == layout.SPLITS["train"]) & (meta["label"] == 1)),
             min_side=cp["min_side"], max_patches=cp["max_patches"], padding=cp["padding"], seed=seed)
     per_sample = SampleAugment(seed, epoch, photometric.slots(recipe.augment), bank, recipe.copy_paste)
-    batch_ops = tuple(e for e in recipe.augment if not photometric.is_photometric(e))
-    augmenter = build_augmenter(dataclasses.replace(recipe, augment=batch_ops, copy_paste=None),
-                                img_size=img_size)
-    return per_sample, augmenter
+    return per_sample, build_augmenter(recipe, img_size=img_size)

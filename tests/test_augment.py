@@ -1,14 +1,14 @@
-"""engine/augment.py and engine/patch_bank.py: alignment, channels, seeds, copy-paste."""
+"""engine/augment.py (geometry, dropout) and engine/patch_bank.py (bank, copy-paste)."""
 from dataclasses import replace
 
-import kornia.augmentation as K
 import numpy as np
 import pytest
 import torch
 import zarr
 
-from engine.augment import GEOMETRIC_OPS, RandomQuarterTurn, build_augmenter
+from engine.augment import GEOMETRIC_OPS, build_augmenter
 from engine.patch_bank import Patch, PatchBank
+from engine.photometric import is_photometric
 from engine.recipes import RECIPES
 from engine.store import create_pixels, image_path, instances_mask_path, open_store, read_meta
 
@@ -47,7 +47,7 @@ OPS = ops_used()
 
 
 def op_augmenter(name, params, img_size=SIZE):
-    recipe = replace(RECIPES["high_recall"], augment=forced(((name, params),)), copy_paste=None)
+    recipe = replace(RECIPES["high_recall"], augment=forced(((name, params),)))
     return build_augmenter(recipe, img_size=img_size)
 
 
@@ -75,7 +75,7 @@ def iou(a, b):
 def test_member_keeps_mask_on_marker_channel(member):
     # The 4th channel carries the mask as a marker: geometric ops move it with
     # the image, photometric ops leave it, so it must still match the mask.
-    recipe = replace(RECIPES[member], augment=forced(RECIPES[member].augment), copy_paste=None)
+    recipe = replace(RECIPES[member], augment=forced(RECIPES[member].augment))
     augmenter = build_augmenter(recipe, img_size=SIZE)
     image, mask = green_square_batch(channels=4)
     image[:, 3] = mask[:, 0]
@@ -88,7 +88,7 @@ def test_member_keeps_mask_on_marker_channel(member):
 @pytest.mark.parametrize("member", list(RECIPES))
 def test_member_geometry_keeps_mask_on_green_square(member):
     geometric = tuple(op for op in RECIPES[member].augment if op[0] in GEOMETRIC_OPS)
-    recipe = replace(RECIPES[member], augment=forced(geometric), copy_paste=None)
+    recipe = replace(RECIPES[member], augment=forced(geometric))
     image, mask = green_square_batch(batch=6)
     out, out_mask = build_augmenter(recipe, img_size=SIZE)(image, mask, seed=2)
     for b in range(len(out)):
@@ -106,27 +106,6 @@ def test_geometric_op_moves_image_and_mask_together(name, params):
         assert iou(out[b, 1] > 0.5, out_mask[b, 0] > 0.5) > 0.9
 
 
-@pytest.mark.parametrize("name,params", [op for op in OPS if op[0] not in GEOMETRIC_OPS | {"one_of"}],
-                         ids=lambda v: v if isinstance(v, str) else "")
-def test_photometric_op_changes_rgb_only(name, params):
-    image, mask = green_square_batch(channels=4)
-    out, out_mask = op_augmenter(name, params)(image, mask, seed=3)
-    changed = (out[:, :3] - image[:, :3]).abs().amax(dim=(1, 2, 3))
-    assert (changed > 0.01).all(), f"{name} left an image unchanged"
-    assert torch.equal(out[:, 3], image[:, 3])
-    assert torch.equal(out_mask, mask)
-    assert 0.0 <= out.min() and out.max() <= 1.0
-
-
-@pytest.mark.parametrize("turns", [1, 2, 3])
-def test_quarter_turn_matches_kornia_rotation(turns):
-    image = torch.rand(2, 4, 32, 32)
-    exact = RandomQuarterTurn(times=(turns, turns), p=1.0)(image)
-    warped = K.RandomRotation90(times=(turns, turns), p=1.0)(image)
-    assert torch.allclose(exact, warped, atol=1e-5)
-    assert not torch.allclose(exact, image)
-
-
 def test_coarse_dropout_blanks_1_to_8_holes_of_16_to_32_px():
     image = torch.rand(16, 3, SIZE, SIZE) * 0.9 + 0.1
     out, _ = op_augmenter("coarse_dropout", {"holes": (1, 8), "size": (16, 32)})(
@@ -134,15 +113,6 @@ def test_coarse_dropout_blanks_1_to_8_holes_of_16_to_32_px():
     blank = (out == 0).all(1).sum(dim=(1, 2))
     assert (blank >= 16 * 16).all() and (blank <= 8 * 32 * 32).all()
     assert len(set(blank.tolist())) > 1
-
-
-def test_hsv_integer_limits_are_opencv_units():
-    # value 30 on OpenCV's 0-255 scale: V moves by at most 30/255, and does move
-    grey = torch.full((8, 3, SIZE, SIZE), 0.5)
-    out, _ = op_augmenter("hue_saturation_value", {"hue": 0, "saturation": 0, "value": 30})(
-        grey, torch.zeros(8, 1, SIZE, SIZE), seed=0)
-    shift = (out - grey).abs().amax(dim=(1, 2, 3))
-    assert (shift <= 30 / 255 + 1e-5).all() and shift.max() > 10 / 255
 
 
 def test_one_of_picks_per_image():
@@ -160,8 +130,10 @@ def test_same_seed_same_batch_and_caller_rng_untouched():
     image, mask = green_square_batch(batch=8)
     torch.manual_seed(123)
     state = torch.get_rng_state()
+    given = image.clone()
     first = augmenter(image, mask, seed=11)
     assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(image, given)
     again = augmenter(image, mask, seed=11)
     other = augmenter(image, mask, seed=12)
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
@@ -169,8 +141,25 @@ def test_same_seed_same_batch_and_caller_rng_untouched():
 
 
 def test_no_augmentation_gives_none():
-    recipe = replace(RECIPES["highres_no_ela"], augment=())
-    assert build_augmenter(recipe, img_size=SIZE) is None
+    assert build_augmenter(replace(RECIPES["highres_no_ela"], augment=()), img_size=SIZE) is None
+    # colour, blur, noise, JPEG run in DALI and copy-paste in the reader worker
+    enhanced = RECIPES["enhanced_aug"]
+    in_dali = tuple(entry for entry in enhanced.augment if is_photometric(entry))
+    assert in_dali and enhanced.copy_paste
+    assert build_augmenter(replace(enhanced, augment=in_dali), img_size=SIZE) is None
+
+
+def test_photometric_entries_leave_the_batch_alone():
+    # enhanced_aug forced: its only RGB-changing batch op is coarse_dropout, so
+    # a pixel that is not blanked keeps its value up to the geometry
+    recipe = replace(RECIPES["enhanced_aug"], augment=forced(
+        tuple(e for e in RECIPES["enhanced_aug"].augment if e[0] not in GEOMETRIC_OPS)))
+    image, mask = green_square_batch(channels=4)
+    out, out_mask = build_augmenter(recipe, img_size=SIZE)(image, mask, seed=1)
+    kept = (out[:, :3] != 0).any(1, keepdim=True).expand(-1, 3, -1, -1)
+    assert kept.any() and not kept.all()
+    assert torch.equal(out[:, :3][kept], image[:, :3][kept])
+    assert torch.equal(out[:, 3], image[:, 3]) and torch.equal(out_mask, mask)
 
 
 def test_bad_input_is_named():
@@ -180,15 +169,14 @@ def test_bad_input_is_named():
         augmenter(image, mask[:, :, :-1], seed=0)
     with pytest.raises(ValueError, match="built for 64 x 64"):
         build_augmenter(RECIPES["highres_no_ela"], img_size=64)(image, mask, seed=0)
-    with pytest.raises(ValueError, match="unknown augmentation 'sharpen'"):
+    with pytest.raises(ValueError, match="unknown batch augmentation 'sharpen'"):
         build_augmenter(replace(RECIPES["highres_no_ela"], augment=(("sharpen", {}),)), img_size=SIZE)
-    with pytest.raises(ValueError, match="patch_bank"):
-        build_augmenter(RECIPES["enhanced_aug"], img_size=SIZE)
 
 
-# --- copy-paste -------------------------------------------------------------
+# --- copy-paste (PatchBank.paste, in the reader worker) -----------------------
 
 PATCH_COLOUR = (10, 200, 30)
+BLOCK = 96
 
 
 def one_patch_bank(height=20, width=30):
@@ -199,73 +187,100 @@ def one_patch_bank(height=20, width=30):
     return PatchBank([Patch(rgb=rgb, mask=mask, row=0, instance=0)])
 
 
-def copy_paste_augmenter(bank, scale=(1.0, 1.0)):
-    recipe = replace(RECIPES["enhanced_aug"], augment=(),
-                     copy_paste={**RECIPES["enhanced_aug"].copy_paste, "p": 1.0, "scale": scale})
-    return build_augmenter(recipe, img_size=SIZE, patch_bank=bank)
+def dark_block(height=BLOCK, width=BLOCK):
+    """A block nothing like the patch colour, with an existing forgery top left."""
+    image = np.random.default_rng(0).integers(0, 5, (height, width, 3), dtype=np.uint8)
+    mask = np.zeros((height, width, 1), np.uint8)
+    mask[:4, :4] = 1
+    return image, mask
 
 
-@pytest.mark.parametrize("window_scale", [0.5, 1.0, 2.0])
-def test_copy_paste_pastes_region_into_image_and_mask(window_scale):
-    image = torch.rand(4, 3, SIZE, SIZE) * 0.02           # nothing like the patch colour
-    mask = torch.zeros(4, 1, SIZE, SIZE)
-    mask[:, :, :4, :4] = 1.0                               # an existing forgery stays marked
-    out, out_mask = copy_paste_augmenter(one_patch_bank())(
-        image, mask, seed=1, window_scale=torch.full((4,), window_scale))
-    colour = torch.tensor(PATCH_COLOUR, dtype=torch.float32)[:, None] / 255
-    expected_side = (round(16 * window_scale), round(26 * window_scale))
-    for b in range(4):
-        new = (out_mask[b, 0] > 0.5) & (mask[b, 0] < 0.5)
-        pasted = (out[b] - image[b]).abs().amax(0) > 0
-        assert torch.equal(new, pasted & (mask[b, 0] < 0.5))
-        ys, xs = torch.nonzero(new, as_tuple=True)
-        side = (int(ys.max() - ys.min()) + 1, int(xs.max() - xs.min()) + 1)
-        assert abs(side[0] - expected_side[0]) <= 1 and abs(side[1] - expected_side[1]) <= 1
-        assert new.sum().item() == side[0] * side[1]       # the region is a full rectangle
-        assert torch.allclose(out[b][:, new], colour.expand(3, int(new.sum())), atol=1e-5)
-        assert (out_mask[b, 0, :4, :4] == 1).all()
+def paste(bank, image, mask, seed=0, p=1.0, scale=(1.0, 1.0), pixel_scale=1.0):
+    return bank.paste(image, mask, np.random.default_rng(seed), p=p, scale=scale,
+                      pixel_scale=pixel_scale)
 
 
-def test_copy_paste_shrinks_a_patch_larger_than_the_window():
-    # 20 x 30 patch at 10x would be 200 x 300: shrunk to 64 x 96 to fit SIZE = 96
-    _, out_mask = copy_paste_augmenter(one_patch_bank())(
-        torch.zeros(2, 3, SIZE, SIZE), torch.zeros(2, 1, SIZE, SIZE), seed=0,
-        window_scale=torch.full((2,), 10.0))
-    for b in range(2):
-        ys, xs = torch.nonzero(out_mask[b, 0], as_tuple=True)
-        assert int(xs.max() - xs.min()) + 1 == round(26 * SIZE / 30)
-        assert int(ys.max() - ys.min()) + 1 == round(16 * SIZE / 30)
+def new_region(mask, out_mask):
+    return (out_mask[..., 0] == 1) & (mask[..., 0] == 0)
 
 
-def test_copy_paste_at_unit_scale_pastes_the_patch_pixels():
+def region_sides(region):
+    ys, xs = np.nonzero(region)
+    return int(ys.max() - ys.min()) + 1, int(xs.max() - xs.min()) + 1
+
+
+def test_paste_at_unit_scale_pastes_the_patch_pixels_under_the_union_mask():
     rng = np.random.default_rng(2)
     patch = Patch(rgb=rng.integers(0, 256, (24, 18, 3), dtype=np.uint8),
                   mask=(rng.random((24, 18)) > 0.4).astype(np.uint8), row=0, instance=0)
-    image = torch.zeros(2, 3, SIZE, SIZE)
-    out, out_mask = copy_paste_augmenter(PatchBank([patch]))(
-        image, torch.zeros(2, 1, SIZE, SIZE), seed=3, window_scale=torch.ones(2))
-    region = torch.from_numpy(patch.mask).bool()
-    expected = torch.from_numpy(patch.rgb).permute(2, 0, 1).float()[:, region] / 255
-    for b in range(2):
-        new = out_mask[b, 0] > 0.5
-        assert int(new.sum()) == int(region.sum())
-        assert torch.allclose(out[b][:, new], expected, atol=1e-6)   # row-major order on both sides
+    image, mask = np.zeros((BLOCK, BLOCK, 3), np.uint8), np.zeros((BLOCK, BLOCK, 1), np.uint8)
+    mask[:4, :4] = 1
+    out, out_mask = paste(PatchBank([patch]), image, mask, seed=3)
+    region = patch.mask.astype(bool)
+    pasted = (out_mask[..., 0] == 1) & ~(mask[..., 0] == 1)
+    assert pasted.sum() == region.sum()
+    np.testing.assert_array_equal(out[pasted], patch.rgb[region])   # row-major on both sides
+    assert (out_mask[:4, :4] == 1).all()                                 # union, not replacement
+    assert set(np.unique(out_mask)) <= {0, 1}
+    assert (out[~pasted] == 0).all()
 
 
-def test_copy_paste_draws_scale_and_place_from_seed():
-    augmenter = copy_paste_augmenter(one_patch_bank(), scale=(0.5, 1.5))
-    image, mask = torch.zeros(8, 3, SIZE, SIZE), torch.zeros(8, 1, SIZE, SIZE)
-    first = augmenter(image, mask, seed=4, window_scale=torch.ones(8))[1]
-    assert torch.equal(first, augmenter(image, mask, seed=4, window_scale=torch.ones(8))[1])
-    areas = first.sum(dim=(1, 2, 3))
-    assert len(set(areas.tolist())) > 1                    # sizes vary with U(.5, 1.5)
-    assert (areas < first[0].numel()).all()
+def test_paste_changes_exactly_the_new_mask_pixels():
+    image, mask = dark_block()
+    out, out_mask = paste(one_patch_bank(), image, mask, seed=5)
+    new = new_region(mask, out_mask)
+    changed = (out != image).any(-1)
+    np.testing.assert_array_equal(changed & (mask[..., 0] == 0), new)
+    assert region_sides(new) == (16, 26) and new.sum() == 16 * 26       # a full rectangle
+    assert (out[new] == PATCH_COLOUR).all()
 
 
-def test_copy_paste_refuses_ela_channel():
-    augmenter = copy_paste_augmenter(one_patch_bank())
-    with pytest.raises(ValueError, match="4-channel"):
-        augmenter(torch.zeros(2, 4, SIZE, SIZE), torch.zeros(2, 1, SIZE, SIZE), seed=0)
+@pytest.mark.parametrize("p,pastes", [(0.0, False), (1.0, True)])
+def test_paste_probability_0_never_1_always(p, pastes):
+    image, mask = dark_block()
+    for seed in range(20):
+        out, out_mask = paste(one_patch_bank(), image, mask, seed=seed, p=p)
+        assert new_region(mask, out_mask).any() == pastes
+        assert np.array_equal(out, image) != pastes
+
+
+@pytest.mark.parametrize("pixel_scale", [0.25, 0.5, 2.0])
+def test_pixel_scale_resizes_the_pasted_region(pixel_scale):
+    image, mask = dark_block()
+    _, out_mask = paste(one_patch_bank(), image, mask, seed=1, pixel_scale=pixel_scale)
+    sides = region_sides(new_region(mask, out_mask))
+    expected = (16 * pixel_scale, 26 * pixel_scale)
+    assert all(abs(side - want) <= 1 for side, want in zip(sides, expected)), sides
+
+
+def test_paste_shrinks_a_patch_larger_than_the_block():
+    # 20 x 30 patch at 10x would be 200 x 300: shrunk to 64 x 96 to fit a 64 x 96 block
+    image, mask = dark_block(64, 96)
+    mask[:] = 0
+    _, out_mask = paste(one_patch_bank(), image, mask, pixel_scale=10.0)
+    assert region_sides(new_region(mask, out_mask)) == (round(16 * 96 / 30), round(26 * 96 / 30))
+
+
+def test_paste_is_a_function_of_the_rng_seed_and_returns_new_arrays():
+    bank = one_patch_bank()
+    image, mask = dark_block()
+    given = image.copy(), mask.copy()
+    runs = {seed: paste(bank, image, mask, seed=seed, scale=(0.5, 1.5)) for seed in range(8)}
+    again = paste(bank, image, mask, seed=3, scale=(0.5, 1.5))
+    assert all(np.array_equal(a, b) for a, b in zip(runs[3], again))
+    assert len({out_mask.sum() for _, out_mask in runs.values()}) > 1   # sizes follow U(.5, 1.5)
+    np.testing.assert_array_equal(image, given[0])
+    np.testing.assert_array_equal(mask, given[1])
+    out, _ = paste(bank, image, mask, p=0.0)
+    assert out is not image and not np.shares_memory(out, bank[0].rgb)
+
+
+def test_paste_names_a_bad_block():
+    image, mask = dark_block()
+    with pytest.raises(ValueError, match="image must be uint8 h x w x 3"):
+        paste(one_patch_bank(), image.astype(np.float32), mask)
+    with pytest.raises(ValueError, match="mask must be uint8"):
+        paste(one_patch_bank(), image, mask[:-1])
 
 
 # --- patch bank from a store ------------------------------------------------
