@@ -1,5 +1,6 @@
 """trainers/train.py end to end on the demo store: every member, overfitting,
 resume, checkpoints, schedules, two-process training and user-facing errors."""
+import csv
 import dataclasses
 import math
 import os
@@ -180,6 +181,19 @@ def test_resume_after_interruptions_equals_an_uninterrupted_run(store, tmp_path,
     capsys.readouterr()
     assert main(common + ["--out", str(parts), "--resume"]) == 2
     assert "fingerprint" in capsys.readouterr().err
+
+
+def test_early_stop_ends_the_run_after_epochs_without_improvement(store, tmp_path):
+    # lr 0: the weights stay put, so the selection metric cannot keep improving
+    assert main(["--member", "small_specialist", "--store", str(store), "--out", str(tmp_path),
+                 "--epochs", "6", "--early-stop", "1", "--lr", "0", "--encoder", SMALL_ENCODER,
+                 *FAST, "--batch-size", "8"]) == 0
+    with open(tmp_path / "logs" / "small_specialist.csv") as f:
+        scores = [float(row["select_score"]) for row in csv.DictReader(f)]
+    assert 2 <= len(scores) < 6
+    assert all(later > earlier for earlier, later in zip(scores[:-2], scores[1:-1]))
+    assert scores[-1] <= max(scores[:-1])
+    assert final_state(tmp_path, "small_specialist")["epoch"] == len(scores)
 
 
 def test_a_kill_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):

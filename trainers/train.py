@@ -45,7 +45,7 @@ from trainers.schedules import build_optimizer, build_scheduler
 # Errors that are the user's to fix: printed as one message, exit status 2.
 USER_ERRORS = (CheckpointError, WeightsUnavailable, layout.StoreError)
 # Flags that override a recipe field of the same name for one run.
-RECIPE_FLAGS = ("epochs", "img_size", "batch_size", "lr", "encoder", "grad_clip")
+RECIPE_FLAGS = ("epochs", "img_size", "batch_size", "lr", "encoder", "grad_clip", "early_stop")
 CSV_FIELDS = ("epoch", "step", "global_step", "train_loss", "lr", "seconds", "samples_per_s",
               "data_wait_share", "select_on", "select_score", "mean_image_mcc", "pooled_mcc",
               "mean_image_dice", "pooled_dice", "mean_image_recall", "pooled_recall",
@@ -67,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--encoder", help="an smp encoder name; default: the recipe's")
     p.add_argument("--grad-clip", type=float,
                    help="clip the gradient norm to this value (default: the recipe's, none)")
+    p.add_argument("--early-stop", type=int,
+                   help="stop after this many epochs without a better selection metric "
+                        "(default: the recipe's; small_specialist 10, others never)")
     p.add_argument("--encoder-weights", choices=ENCODER_WEIGHTS, default="imagenet",
                    help="'none' never downloads (offline machines, tests); default: imagenet")
     p.add_argument("--max-steps", type=int, default=None,
@@ -86,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="write the meta rows this process trained on to "
                         "logs/<member>_samples_rank<R>.npy")
     args = p.parse_args(argv)
-    for name in ("epochs", "img_size", "batch_size", "max_steps"):
+    for name in ("epochs", "img_size", "batch_size", "max_steps", "early_stop"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
