@@ -23,7 +23,7 @@ from trainers.losses import MemberLoss
 from trainers.metrics import pixel_counts, summarize
 from trainers.model import build_model
 from trainers.schedules import build_optimizer, build_scheduler
-from trainers.train import initial_model, main, parse_args
+from trainers.train import initial_model, main, optimiser_step, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -194,6 +194,15 @@ def test_early_stop_ends_the_run_after_epochs_without_improvement(store, tmp_pat
     assert all(later > earlier for earlier, later in zip(scores[:-2], scores[1:-1]))
     assert scores[-1] <= max(scores[:-1])
     assert final_state(tmp_path, "small_specialist")["epoch"] == len(scores)
+
+
+def test_gradient_clipping_bounds_the_update():
+    net = torch.nn.Linear(3, 1, bias=False)
+    torch.nn.init.zeros_(net.weight)
+    batch = {"image": torch.full((4, 3), 100.0), "mask": torch.ones(4, 1)}
+    optimizer = torch.optim.SGD(net.parameters(), lr=1.0)
+    optimiser_step(net, batch, torch.nn.MSELoss(), optimizer, None, None, grad_clip=0.5)
+    assert net.weight.norm().item() == pytest.approx(0.5)   # the unclipped step is 200 * sqrt(3)
 
 
 def test_a_kill_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -172,6 +172,27 @@ def autocast_settings(device: torch.device) -> tuple[torch.dtype | None, torch.a
     return torch.float16, torch.amp.GradScaler("cuda")
 
 
+def optimiser_step(net, batch: dict, criterion, optimizer, scaler, amp_dtype, grad_clip) -> float:
+    """Forward (under autocast on CUDA), backward, optional clipping, update; the batch loss."""
+    autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    with autocast:
+        loss = criterion(net(batch["image"]), batch["mask"])
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)   # clip the true gradients, not the scaled ones
+    else:
+        loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return loss.item()
+
+
 def initial_model(recipe: Recipe, args, models_dir: Path) -> tuple[torch.nn.Module, Recipe]:
     """ImageNet (or random) initialisation, or the best checkpoint of the member it fine-tunes."""
     if recipe.init.startswith("finetune:"):
@@ -317,31 +338,16 @@ def train(args: argparse.Namespace) -> int:
             if batch is None:
                 break
             torch.manual_seed(step_seed(seed, epoch, run["step"], ddp.rank))
-            autocast = (torch.autocast("cuda", dtype=amp_dtype) if amp_dtype
-                        else contextlib.nullcontext())
-            with autocast:
-                loss = criterion(net(batch["image"]), batch["mask"])
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if recipe.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            loss = optimiser_step(net, batch, criterion, optimizer, scaler, amp_dtype,
+                                  recipe.grad_clip)
             run["step"] += 1
             run["global_step"] += 1
-            loss_sum += loss.item()
+            loss_sum += loss
             samples += len(batch["index"])
             if args.record_samples:
                 seen_rows.append(batch["index"].cpu().numpy())
             bar.update()
-            bar.set_postfix(loss=f"{loss.item():.4f}",
+            bar.set_postfix(loss=f"{loss:.4f}",
                             samples_s=f"{samples * ddp.world_size / (time.perf_counter() - started):.1f}")
             if ddp.main and args.save_every and run["global_step"] % args.save_every == 0:
                 save_checkpoint(last_path(models_dir, recipe.name), checkpoint_state())
