@@ -7,6 +7,7 @@ import torch
 import zarr
 
 from engine.augment import GEOMETRIC_OPS, build_augmenter
+from engine.loader import make_loader
 from engine.patch_bank import Patch, PatchBank
 from engine.photometric import is_photometric
 from engine.recipes import RECIPES
@@ -273,6 +274,22 @@ def test_paste_is_a_function_of_the_rng_seed_and_returns_new_arrays():
     np.testing.assert_array_equal(mask, given[1])
     out, _ = paste(bank, image, mask, p=0.0)
     assert out is not image and not np.shares_memory(out, bank[0].rgb)
+
+
+def test_loader_copy_paste_only_adds_forged_pixels(demo_store):
+    # the same plan with and without copy-paste at p 1: masks only gain pixels
+    recipe = RECIPES["enhanced_aug"]
+    pasting = replace(recipe, augment=(), copy_paste={**recipe.copy_paste, "p": 1.0})
+    kwargs = dict(batch_size=4, img_size=48, seed=3, workers=0)
+    with_paste = list(make_loader(demo_store, pasting, **kwargs))
+    without = list(make_loader(demo_store, replace(pasting, copy_paste=None), **kwargs))
+    assert len(with_paste) == len(without) > 0
+    grown = 0
+    for a, b in zip(with_paste, without):
+        assert torch.equal(a["index"], b["index"])
+        assert not (a["mask"] < b["mask"]).any()
+        grown += int((a["mask"].sum((1, 2, 3)) > b["mask"].sum((1, 2, 3))).sum())
+    assert grown > len(with_paste)     # most of the 4 per batch show a pasted region
 
 
 def test_paste_names_a_bad_block():
