@@ -108,7 +108,7 @@ def measure_stages(loader, store, img_size, batches) -> dict[str, float]:
         mask = torch.zeros(image.shape[0], 1, img_size, img_size)
         start = time.perf_counter()
         if loader.augmenter is not None:
-            image, mask = loader.augmenter(image, mask, k, window_scale=torch.ones(image.shape[0]))
+            image, mask = loader.augmenter(image, mask, k)
         aug_s += time.perf_counter() - start
         start = time.perf_counter()
         _ = (image - loader._mean) / loader._std

@@ -64,7 +64,7 @@ class WindowSource:
         self.reader, self.batches, self.out_size, self.augment = reader, batches, out_size, augment
 
     def outputs(self) -> list[str]:
-        names = ["image", "mask", "roi_start", "roi_end", "index", "window_scale"]
+        names = ["image", "mask", "roi_start", "roi_end", "index"]
         names += ["ela"] if self.reader.with_ela else []
         return names + [f"photometric_{i}" for i in range(photometric.input_count(self.augment.photometric))]
 
@@ -81,10 +81,9 @@ class WindowSource:
                 block.image, block.mask = aug.patch_bank.paste(
                     block.image, block.mask, np.random.default_rng((int(seed), _STREAM_COPY_PASTE)),
                     p=aug.copy_paste["p"], scale=aug.copy_paste["scale"], pixel_scale=block.scale)
-            side = np.sqrt(float(window[2] - window[0]) * float(window[3] - window[1]))
             # 0-d arrays, not numpy scalars: DALI's worker processes accept only arrays
             values = [block.image, block.mask, block.roi_start, block.roi_end,
-                      np.array(row, np.int64), np.array(self.out_size / side, np.float32)]
+                      np.array(row, np.int64)]
             values += [block.ela] if self.reader.with_ela else []
             values += photometric.draw(aug.photometric,
                                        np.random.default_rng((int(seed), _STREAM_PHOTOMETRIC)),
@@ -97,7 +96,7 @@ class WindowSource:
 def build_pipeline(source: WindowSource, *, batch_size: int, out_size: int, device: str,
                    device_id: int | None, num_threads: int, py_workers: int, seed: int):
     """A built DALI pipeline producing `output_names(source)`: image float CHW
-    in [0, 1], mask uint8 1HW (0/1), index int64, window_scale float32, and
+    in [0, 1], mask uint8 1HW (0/1), index int64, and
     ela float 1HW in [0, 1] when the reader reads ELA."""
     names = source.outputs()
     plan = source.augment.photometric
@@ -121,7 +120,7 @@ def build_pipeline(source: WindowSource, *, batch_size: int, out_size: int, devi
                                             mean=[0.0], std=[255.0]),
                    fn.transpose(fn.resize(pixels["mask"], size=[out_size, out_size], antialias=False,
                                           interp_type=types.INTERP_NN, **roi), perm=[2, 0, 1]),
-                   nodes["index"], nodes["window_scale"]]
+                   nodes["index"]]
         if "ela" in pixels:
             ela = fn.resize(pixels["ela"], size=[out_size, out_size], antialias=True,
                             interp_type=types.INTERP_LINEAR, **roi)
@@ -135,7 +134,7 @@ def build_pipeline(source: WindowSource, *, batch_size: int, out_size: int, devi
 
 
 def output_names(source: WindowSource) -> list[str]:
-    return ["image", "mask", "index", "window_scale"] + (["ela"] if source.reader.with_ela else [])
+    return ["image", "mask", "index"] + (["ela"] if source.reader.with_ela else [])
 
 
 def iterate(pipe, source: WindowSource) -> DALIGenericIterator:
