@@ -53,20 +53,27 @@ def _time_batches(iterable, batches: int) -> tuple[float, int]:
     return time.perf_counter() - start, samples
 
 
+_READER = None
+
+
+def _open_reader(store, with_ela):
+    global _READER
+    _READER = WindowReader(store, with_ela=with_ela)
+
+
 def _read_batch(args):
-    store, with_ela, rows, windows, out_size = args
-    reader = WindowReader(store, with_ela=with_ela)
-    return sum(reader.read(int(r), w, out_size).image.nbytes for r, w in zip(rows, windows))
+    rows, windows, out_size = args
+    return sum(_READER.read(int(r), w, out_size).image.nbytes for r, w in zip(rows, windows))
 
 
 def measure_read_limit(loader, store, with_ela, img_size, workers, batches) -> float:
+    """Samples/s of reading the windows' blocks alone, in `workers` processes."""
     plan = loader.batches
-    jobs = [(str(store), with_ela, plan.rows[k], plan.windows[k], img_size)
-            for k in range(1, min(len(plan), batches + 1))]
-    with mp.get_context("spawn").Pool(max(1, workers)) as pool:
-        pool.map(_read_batch, jobs[:1])
+    jobs = [(plan.rows[k], plan.windows[k], img_size) for k in range(1, min(len(plan), batches + 1))]
+    with mp.get_context("spawn").Pool(max(1, workers), _open_reader, (str(store), with_ela)) as pool:
+        pool.map(_read_batch, jobs[:max(1, workers)], chunksize=1)
         start = time.perf_counter()
-        pool.map(_read_batch, jobs)
+        pool.map(_read_batch, jobs, chunksize=1)
         seconds = time.perf_counter() - start
     return sum(len(plan.rows[k]) for k in range(1, len(jobs) + 1)) / seconds
 
@@ -111,7 +118,7 @@ def measure_stages(loader, store, img_size, batches) -> dict[str, float]:
             image, mask = loader.augmenter(image, mask, k)
         aug_s += time.perf_counter() - start
         start = time.perf_counter()
-        _ = (image - loader._mean) / loader._std
+        loader.normalise(image)
         norm_s += time.perf_counter() - start
     samples = sum(len(b) for b in blocks)
     return {name: 1000 * sec / samples for name, sec in

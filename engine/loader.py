@@ -114,10 +114,15 @@ class Loader:
         channels = 4 if self.reader.with_ela else 3
         mean = torch.tensor(IMAGENET_MEAN + (0.0,) * (channels - 3)).view(1, channels, 1, 1)
         std = torch.tensor(IMAGENET_STD + (1.0,) * (channels - 3)).view(1, channels, 1, 1)
-        self._mean, self._std = mean.to(settings.device), std.to(settings.device)
+        # (x - mean) / std as x * scale + shift, in place: two passes, no copies
+        self._scale, self._shift = (1 / std).to(settings.device), (-mean / std).to(settings.device)
 
     def __len__(self) -> int:
         return len(self.batches)
+
+    def normalise(self, image: torch.Tensor) -> torch.Tensor:
+        """ImageNet mean/std on RGB, ELA unchanged; overwrites `image`."""
+        return image.mul_(self._scale).add_(self._shift)
 
     def __iter__(self):
         if not len(self.batches):
@@ -138,7 +143,7 @@ class Loader:
                 # re-run epoch draws the same augmentation parameters.
                 seed = int(sampling.sample_seeds(s.seed, s.epoch, self.batches.positions[k][:1])[0])
                 image, mask = self.augmenter(image, mask, seed)
-            image = (image - self._mean) / self._std
+            image = self.normalise(image)
             index = out["index"].reshape(-1).to(torch.int64)
             if on_gpu:
                 index = index.pin_memory()
