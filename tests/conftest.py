@@ -3,6 +3,7 @@ made once per test session (a few seconds)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from preprocess.build_zarr import build_store
 from preprocess.demo_data import write_demo
@@ -28,3 +29,13 @@ def demo_store(demo_source, tmp_path_factory):
     out = tmp_path_factory.mktemp("store") / "store.zarr"
     build_store(demo_source, out, workers=2, progress=False, figure=False)
     return out
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tests use tiny tensors: one torch thread beats two spinning OpenMP
+    threads on a 2-core machine shared with DALI's threads and workers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

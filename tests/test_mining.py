@@ -19,14 +19,6 @@ SMALL_ENCODER = "timm-mobilenetv3_small_minimal_100"
 MINE = dict(batch_size=4, img_size=SIZE, device="cpu", workers=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def store(demo_store, tmp_path):
     copy = tmp_path / "store.zarr"

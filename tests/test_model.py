@@ -12,15 +12,6 @@ from trainers.train import main
 SIZE = 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two cores shared by parallel test runs: OpenMP spinning across threads costs 10x here
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def network_calls(monkeypatch):
     """Every outgoing connection is refused and recorded; retries do not sleep."""

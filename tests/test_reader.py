@@ -4,7 +4,6 @@ import shutil
 
 import numpy as np
 import pytest
-import zarr
 
 from engine import store as layout
 from engine.pipeline import PlannedBatches, WindowSource, build_pipeline

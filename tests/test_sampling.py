@@ -1,7 +1,6 @@
 """engine/sampling.py: weights, draws, epoch plans and crop windows."""
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys

@@ -32,15 +32,6 @@ FAST = ["--encoder-weights", "none", "--img-size", str(SIZE), "--batch-size", "2
         "--device", "cpu", "--workers", "0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two cores shared by parallel test runs: OpenMP spinning across threads costs 10x here
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def store(demo_store, tmp_path_factory):
     """A private copy of the demo store: mining writes into it."""

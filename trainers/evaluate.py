@@ -27,14 +27,13 @@ import numpy as np
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from engine.loader import resolve_device
 from engine.recipes import SIZE_CLASS_NAMES
 from engine.store import StoreError, open_store, read_meta
 from trainers.checkpoint import CheckpointError
-from trainers.ensemble import ALL_MEMBERS, MODES, Ensemble, PostProcess
+from trainers.ensemble import MODES, Ensemble, PostProcess
 from trainers.metrics import summarize
 from trainers.predict import (
-    add_postprocess_options, batch_instances, member_names, postprocess_settings, predict_batches, store_cases,
+    add_ensemble_options, batch_instances, ensemble_from_args, predict_batches, store_cases,
     write_submission,
 )
 from trainers.score import ScoreError, image_score, split_rows, true_instances, write_solution
@@ -179,27 +178,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", type=Path, required=True)
-    parser.add_argument("--models", type=Path, default=Path("models"))
-    parser.add_argument("--members", type=member_names, default=ALL_MEMBERS,
-                        help=f"comma-separated subset (default all: {','.join(ALL_MEMBERS)})")
-    parser.add_argument("--split", default="val", choices=["train", "val", "all"])
-    add_postprocess_options(parser)
-    parser.add_argument("--tta", action="store_true")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--out", type=Path, default=Path("runs/evaluate"),
                         help="folder for evaluation.png, solution.csv and submission.csv")
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch-size {args.batch_size}: must be at least 1")
-    return args
+    add_ensemble_options(parser)
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        post = postprocess_settings(args.mode, args.threshold, args.min_area)
-        ensemble = Ensemble.load(args.models, args.members, resolve_device(args.device))
+        post, ensemble = ensemble_from_args(args)
         reports = evaluate(ensemble, args.store, args.split, post, args.tta, args.batch_size,
                            submission=args.out / "submission.csv")
         write_solution(args.store, args.out / "solution.csv", args.split)

@@ -120,22 +120,11 @@ def write_submission(results: Iterable[tuple[str, list[np.ndarray]]], path: str 
     return count
 
 
-def postprocess_settings(mode: str, threshold: float | None, min_area: int | None) -> PostProcess:
-    post = MODES[mode]
-    if threshold is not None:
-        post = replace(post, threshold=threshold)
-    if min_area is not None:
-        post = replace(post, min_area=min_area)
-    return post
-
-
-def add_postprocess_options(parser: argparse.ArgumentParser) -> None:
-    modes = ", ".join(f"{name} {p.threshold}/{p.min_area}" for name, p in MODES.items())
-    parser.add_argument("--mode", choices=list(MODES), default="default",
-                        help=f"threshold/min area at 512 px: {modes}")
-    parser.add_argument("--threshold", type=float, help="overrides the mode's threshold")
-    parser.add_argument("--min-area", type=int, help="overrides the mode's minimum area "
-                        "(pixels at 512 x 512, scaled to each image's area)")
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
 
 
 def member_names(text: str) -> tuple[str, ...]:
@@ -145,6 +134,36 @@ def member_names(text: str) -> tuple[str, ...]:
     return names
 
 
+def add_ensemble_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by predict and evaluate: which checkpoints, which rows
+    of a store, post-processing, TTA, batching and device."""
+    parser.add_argument("--split", default="val", choices=["train", "val", "all"],
+                        help="with --store: which rows (default val)")
+    parser.add_argument("--models", type=Path, default=Path("models"),
+                        help="folder of <member>_best.pth (default models/)")
+    parser.add_argument("--members", type=member_names, default=ALL_MEMBERS,
+                        help=f"comma-separated subset (default all: {','.join(ALL_MEMBERS)})")
+    modes = ", ".join(f"{name} {p.threshold}/{p.min_area}" for name, p in MODES.items())
+    parser.add_argument("--mode", choices=list(MODES), default="default",
+                        help=f"threshold/min area at 512 px: {modes}")
+    parser.add_argument("--threshold", type=float, help="overrides the mode's threshold")
+    parser.add_argument("--min-area", type=int, help="overrides the mode's minimum area "
+                        "(pixels at 512 x 512, scaled to each image's area)")
+    parser.add_argument("--tta", action="store_true", help="average with flipped inputs")
+    parser.add_argument("--batch-size", type=positive_int, default=4)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+
+def ensemble_from_args(args: argparse.Namespace) -> tuple[PostProcess, Ensemble]:
+    """The post-processing and the loaded members that add_ensemble_options asked for."""
+    post = MODES[args.mode]
+    if args.threshold is not None:
+        post = replace(post, threshold=args.threshold)
+    if args.min_area is not None:
+        post = replace(post, min_area=args.min_area)
+    return post, Ensemble.load(args.models, args.members, resolve_device(args.device))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
@@ -152,28 +171,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", type=Path, help="folder of PNG images (case id = file stem)")
     source.add_argument("--store", type=Path, help="forgery store to predict a split of")
-    parser.add_argument("--split", default="val", choices=["train", "val", "all"],
-                        help="with --store: which rows (default val)")
     parser.add_argument("--out", type=Path, default=Path("submission.csv"))
-    parser.add_argument("--models", type=Path, default=Path("models"),
-                        help="folder of <member>_best.pth (default models/)")
-    parser.add_argument("--members", type=member_names, default=ALL_MEMBERS,
-                        help=f"comma-separated subset (default all: {','.join(ALL_MEMBERS)})")
-    add_postprocess_options(parser)
-    parser.add_argument("--tta", action="store_true", help="average with flipped inputs")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch-size {args.batch_size}: must be at least 1")
-    return args
+    add_ensemble_options(parser)
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        post = postprocess_settings(args.mode, args.threshold, args.min_area)
-        ensemble = Ensemble.load(args.models, args.members, resolve_device(args.device))
+        post, ensemble = ensemble_from_args(args)
         if args.images:
             files = image_files(args.images)
             total, cases = len(files), folder_cases(files, ensemble.needs_ela)
