@@ -1,11 +1,14 @@
 """make_loader: from a store and a member's recipe to training batches.
 
 The flow of one epoch (DESIGN.md):
-  sampling  -> which rows this rank reads, in which batches, with which windows
-  reader    -> the window's chunks at the right pyramid level (DALI workers)
-  pipeline  -> DALI crop + resize to img_size (CPU or GPU operators)
-  augment   -> Kornia batch augmentation, image and mask together
-  normalise -> ImageNet mean/std on RGB; ELA (channel 4) stays in [0, 1]
+  sampling    -> which rows this rank reads, in which batches, with which windows
+  reader      -> the window's chunks at the right pyramid level, in DALI's
+                 worker processes, where enhanced_aug's copy-paste also runs
+  pipeline    -> DALI crop + resize to img_size, then the member's colour,
+                 blur, noise and JPEG operations (CPU or GPU operators)
+  augment     -> Kornia: geometric operations and coarse dropout on the batch,
+                 image, ELA and mask together
+  normalise   -> ImageNet mean/std on RGB; ELA (channel 4) stays in [0, 1]
 
 Everything random is a function of (seed, epoch, plan position), so the same
 arguments give the same batches, any rank layout covers the same plan, and a
