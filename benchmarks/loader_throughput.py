@@ -254,7 +254,13 @@ def main(argv=None) -> int:
         print(f"[{member}] engine ...", flush=True)
         loader = make_loader(store, member, batch_size=args.batch_size, img_size=args.img_size,
                              seed=args.seed, workers=args.workers)
-        seconds, samples = _time_batches(loader, args.batches)
+        # steady state: neither the first batch (pipeline start-up) nor the
+        # epoch's last (draining DALI's prefetch queue) is timed
+        timed = min(args.batches, len(loader) - 2)
+        if timed < 1:
+            sys.exit(f"{store}: {member}'s epoch has {len(loader)} batches of {args.batch_size}; "
+                     "too few to time (use a bigger store, e.g. --realistic)")
+        seconds, samples = _time_batches(loader, timed)
         engine_rate = samples / seconds
         print(f"[{member}] stages, read limit, replaced loader ...", flush=True)
         stages = measure_stages(loader, store, args.img_size, args.batches)
