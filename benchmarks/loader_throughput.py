@@ -79,7 +79,9 @@ def measure_read_limit(loader, store, with_ela, img_size, workers, batches) -> f
 
 
 def measure_stages(loader, store, img_size, batches) -> dict[str, float]:
-    """Serial milliseconds per sample of read, crop+resize, augment, normalise."""
+    """Serial milliseconds per sample of read, crop+resize, augment (the Kornia
+    batch operations), normalise. The member's DALI colour/blur/JPEG operators
+    are not in this breakdown; the engine's samples/s includes them."""
     from nvidia.dali import fn, pipeline_def, types
 
     plan, reader = loader.batches, WindowReader(store, with_ela=loader.reader.with_ela)
