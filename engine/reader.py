@@ -54,16 +54,16 @@ class _ChunkFiles:
         self.chunks = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
         self.dtype = np.dtype(meta["data_type"])
         self.fill = meta.get("fill_value", 0)
-        self.missing_is_fill = not path.startswith(("images/", "ela/"))
+        self.missing_is_fill = not layout.keeps_every_chunk(path)
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         cy, cx = self.chunks[0], self.chunks[1]
         trailing = self.shape[2:]
         out = np.empty((y1 - y0, x1 - x0) + trailing, self.dtype)
-        tail = "/0" * len(trailing)
+        tail = (0,) * len(trailing)
         for i in range(y0 // cy, (y1 - 1) // cy + 1):
             for j in range(x0 // cx, (x1 - 1) // cx + 1):
-                chunk = self._chunk(f"{self.path}/c/{i}/{j}{tail}")
+                chunk = self._chunk(layout.chunk_key(self.path, (i, j) + tail))
                 ys, ye = max(y0, i * cy), min(y1, (i + 1) * cy)
                 xs, xe = max(x0, j * cx), min(x1, (j + 1) * cx)
                 out[ys - y0:ye - y0, xs - x0:xe - x0] = (

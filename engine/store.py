@@ -151,6 +151,17 @@ def pixel_chunks(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return (CHUNK, CHUNK) + tuple(shape[2:])
 
 
+def keeps_every_chunk(path: str) -> bool:
+    """Images and ELA store every chunk (a missing one means damage); masks
+    leave all-zero chunks out (they read as 0)."""
+    return path.startswith(("images/", "ela/"))
+
+
+def chunk_key(path: str, index) -> str:
+    """Key of chunk `index` of array `path`: zarr v3's default encoding."""
+    return "/".join((path, "c", *map(str, index)))
+
+
 def create_pixels(group: zarr.Group, path: str, data: np.ndarray) -> None:
     """Write one pixel array (image, mask or ELA level) with the store's chunking.
 
@@ -166,7 +177,7 @@ def create_pixels(group: zarr.Group, path: str, data: np.ndarray) -> None:
     compressing the pixels. Any other store goes through zarr.
     """
     chunks = pixel_chunks(path, data.shape)
-    keep_empty = path.startswith(("images/", "ela/"))
+    keep_empty = keeps_every_chunk(path)
     if keep_empty:
         regions = [(tuple(slice(0, n) for n in data.shape), data)]
     elif path.startswith("instances_mask/"):
@@ -181,10 +192,10 @@ def create_pixels(group: zarr.Group, path: str, data: np.ndarray) -> None:
         for region, block in regions:
             arr[region] = block
         return
-    node = Path(group.store.root) / group.path / path
-    _write_array_json(node, path, data.shape, data.dtype, chunks)
+    root = Path(group.store.root) / group.path
+    _write_array_json(root / path, path, data.shape, data.dtype, chunks)
     for region, block in regions:
-        _write_chunk_files(node, chunks, region, block, keep_empty)
+        _write_chunk_files(root, path, chunks, region, block, keep_empty)
 
 
 @functools.cache
@@ -216,11 +227,11 @@ def _write_array_json(node: Path, path: str, shape, dtype, chunks) -> None:
     (node / "zarr.json").write_text(json.dumps(doc, indent=2))
 
 
-def _write_chunk_files(node: Path, chunks: tuple[int, ...], region: tuple[slice, ...],
+def _write_chunk_files(root: Path, path: str, chunks: tuple[int, ...], region: tuple[slice, ...],
                        block: np.ndarray, keep_empty: bool) -> None:
-    """Encode (bytes + zstd) and write the chunks of `region`, which starts on
-    chunk boundaries and ends on them or at the array's edge; chunk keys use
-    zarr's default encoding, c/<i>/<j>/..."""
+    """Encode (bytes + zstd) and write the chunks of `region` of array `path`
+    under `root`; the region starts on chunk boundaries and ends on them or at
+    the array's edge."""
     codec = numcodecs.Zstd(level=ZSTD_LEVEL)
     made = set()
     for index in itertools.product(*(range(r.start // c, -(-r.stop // c))
@@ -233,7 +244,7 @@ def _write_chunk_files(node: Path, chunks: tuple[int, ...], region: tuple[slice,
             padded = np.zeros(chunks, piece.dtype)
             padded[tuple(slice(0, n) for n in piece.shape)] = piece
             piece = padded
-        file = node.joinpath("c", *map(str, index))
+        file = root / chunk_key(path, index)
         if file.parent not in made:
             file.parent.mkdir(parents=True, exist_ok=True)
             made.add(file.parent)

@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from engine.recipes import SIZE_CLASS_NAMES
-from engine.store import StoreError, open_store, read_meta
+from engine.store import StoreError
 from trainers.checkpoint import CheckpointError
 from trainers.ensemble import MODES, Ensemble, PostProcess
 from trainers.metrics import summarize
@@ -36,7 +36,7 @@ from trainers.predict import (
     add_ensemble_options, batch_instances, ensemble_from_args, predict_batches, store_cases,
     write_submission,
 )
-from trainers.score import ScoreError, image_score, split_rows, true_instances, write_solution
+from trainers.score import ScoreError, image_score, open_split, true_instances, write_solution
 
 FULL = "ensemble"
 WITHOUT_SPECIALIST = "without specialist"
@@ -97,11 +97,7 @@ def evaluate(ensemble: Ensemble, store: str | Path, split: str = "val",
              submission: Path | None = None) -> dict[str, Report]:
     """Reports of every variant over a store split; optionally writes the full
     ensemble's submission CSV."""
-    group = open_store(store)
-    meta = read_meta(group)
-    rows = split_rows(meta, split)
-    if not len(rows):
-        raise StoreError(f"{store}: the {split} split has no images")
+    group, meta, rows = open_split(store, split)
     chosen = variants(ensemble)
     reports = {name: Report() for name in chosen}
     predicted = []

@@ -177,13 +177,19 @@ def true_instances(group, row: int) -> list[np.ndarray]:
     return [layer for layer in layers if layer.any()]
 
 
-def write_solution(store: str | Path, path: str | Path, split: str = "val") -> int:
-    """Write the solution CSV of a store split; returns the number of rows."""
+def open_split(store: str | Path, split: str):
+    """(group, meta, rows) of a store split; an empty split is a StoreError."""
     group = open_store(store)
     meta = read_meta(group)
     rows = split_rows(meta, split)
     if not len(rows):
-        raise ScoreError(f"{store}: the {split} split has no images")
+        raise StoreError(f"{store}: the {split} split has no images")
+    return group, meta, rows
+
+
+def write_solution(store: str | Path, path: str | Path, split: str = "val") -> int:
+    """Write the solution CSV of a store split; returns the number of rows."""
+    group, meta, rows = open_split(store, split)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
