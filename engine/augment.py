@@ -230,10 +230,14 @@ def _check_batch(image: torch.Tensor, mask: torch.Tensor, img_size: int) -> None
         raise ValueError(f"mask must be {expected} to match the image, got {tuple(mask.shape)}")
 
 
+def batch_entries(recipe: Recipe) -> tuple:
+    """The recipe's geometric and coarse_dropout entries, in order: what is
+    left once the photometric ones (engine.photometric.is_photometric) are
+    placed elsewhere. copy_paste is not an augment entry."""
+    return tuple(entry for entry in recipe.augment if not is_photometric(entry))
+
+
 def build_augmenter(recipe: Recipe, *, img_size: int) -> Augmenter | None:
-    """The augmenter of the recipe's geometric and coarse_dropout entries, or
-    None when it has none. Photometric entries (engine.photometric.is_photometric)
-    run in DALI and copy_paste in the reader worker: both are skipped here."""
-    steps = [_build_step(name, params) for name, params in recipe.augment
-             if not is_photometric((name, params))]
+    """The Kornia augmenter of the recipe's batch_entries, or None when it has none."""
+    steps = [_build_step(name, params) for name, params in batch_entries(recipe)]
     return Augmenter(steps, img_size) if steps else None

@@ -4,11 +4,18 @@ The flow of one epoch (DESIGN.md):
   sampling    -> which rows this rank reads, in which batches, with which windows
   reader      -> the window's chunks at the right pyramid level, in DALI's
                  worker processes, where enhanced_aug's copy-paste also runs
+then, with backend="dali" (the default on CUDA):
   pipeline    -> DALI crop + resize to img_size, then the member's colour,
                  blur, noise and JPEG operations (CPU or GPU operators)
   augment     -> Kornia: geometric operations and coarse dropout on the batch,
                  image, ELA and mask together
   normalise   -> ImageNet mean/std on RGB; ELA (channel 4) stays in [0, 1]
+or, with backend="opencv" (the default on the CPU; engine/worker_ops.py
+says why):
+  worker_ops  -> in the same worker processes, on uint8: resize, colour,
+                 blur, noise, JPEG, geometric operations, coarse dropout
+  pipeline    -> DALI normalises the batch (ImageNet mean/std on RGB, ELA
+                 scaled to [0, 1]) into float CHW
 
 Everything random is a function of (seed, epoch, plan position), so the same
 arguments give the same batches, any rank layout covers the same plan, and a
@@ -24,9 +31,9 @@ import torch
 
 from engine import photometric, sampling
 from engine import store as layout
-from engine.augment import build_augmenter
+from engine.augment import batch_entries, build_augmenter
 from engine.patch_bank import PatchBank
-from engine.pipeline import PlannedBatches, SampleAugment, WindowSource, build_pipeline, iterate
+from engine.pipeline import BACKENDS, PlannedBatches, SampleAugment, WindowSource, build_pipeline, iterate
 from engine.reader import WindowReader
 from engine.recipes import WHOLE_IMAGE, Recipe, get_recipe
 
@@ -45,6 +52,15 @@ def resolve_device(device: str) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r}: the loader runs on 'cpu' or 'cuda'")
     return dev
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'auto': the dali backend on CUDA, the opencv one on the CPU."""
+    if backend == "auto":
+        return "dali" if device.type == "cuda" else "opencv"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}: expected 'auto' or one of {BACKENDS}")
+    return backend
 
 
 def _rows_plan(rows: np.ndarray, meta, batch_size: int, rank: int, world_size: int,
@@ -115,8 +131,10 @@ class Loader:
         self.source, self.augmenter, self.settings = source, augmenter, settings
         self.reader, self.batches = source.reader, source.batches
         channels = 4 if self.reader.with_ela else 3
-        mean = torch.tensor(IMAGENET_MEAN + (0.0,) * (channels - 3)).view(1, channels, 1, 1)
-        std = torch.tensor(IMAGENET_STD + (1.0,) * (channels - 3)).view(1, channels, 1, 1)
+        self.mean = IMAGENET_MEAN + (0.0,) * (channels - 3)
+        self.std = IMAGENET_STD + (1.0,) * (channels - 3)
+        mean = torch.tensor(self.mean).view(1, channels, 1, 1)
+        std = torch.tensor(self.std).view(1, channels, 1, 1)
         # (x - mean) / std as x * scale + shift, in place: two passes, no copies
         self._scale, self._shift = (1 / std).to(settings.device), (-mean / std).to(settings.device)
 
@@ -135,10 +153,17 @@ class Loader:
         pipe = build_pipeline(
             self.source, batch_size=s.batch_size, out_size=s.img_size,
             device="gpu" if on_gpu else "cpu", device_id=(s.device.index or 0) if on_gpu else None,
-            num_threads=s.threads, py_workers=s.workers, seed=s.seed)
+            num_threads=s.threads, py_workers=s.workers, seed=s.seed,
+            mean=[255 * m for m in self.mean], std=[255 * d for d in self.std])
         for k, out in enumerate(iterate(pipe, self.source)):
             out = out[0]
             image, mask = out["image"], out["mask"].float()
+            index = out["index"].reshape(-1).to(torch.int64)
+            if on_gpu:
+                index = index.pin_memory()
+            if self.source.backend == "opencv":  # augmented and normalised already
+                yield {"image": image, "mask": mask, "index": index}
+                continue
             if "ela" in out:
                 image = torch.cat([image, out["ela"]], dim=1)
             if self.augmenter is not None:
@@ -147,22 +172,23 @@ class Loader:
                 seed = int(sampling.sample_seeds(s.seed, s.epoch, self.batches.positions[k][:1])[0])
                 image, mask = self.augmenter(image, mask, seed)
             image = self.normalise(image)
-            index = out["index"].reshape(-1).to(torch.int64)
-            if on_gpu:
-                index = index.pin_memory()
             yield {"image": image, "mask": mask, "index": index}
 
 
 def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img_size: int = 512,
                 seed: int = 0, epoch: int = 0, device: str = "cpu", rank: int = 0,
                 world_size: int = 1, augment: bool = True, start_batch: int = 0,
-                rows=None, workers: int | None = None, threads: int | None = None) -> Loader:
+                rows=None, workers: int | None = None, threads: int | None = None,
+                backend: str = "auto") -> Loader:
     """Batches of `member` (a name or a Recipe) from `store` for one rank and epoch.
 
     split="train": the member's weighted epoch plan, view and augmentation.
     split="val": every validation row the member's rule includes, once, whole image.
     rows=[...]: exactly those rows once, in order, whole image, no augmentation.
     workers: DALI reader processes (0 reads in this process); threads: DALI threads.
+    backend: where the per-sample work runs, "dali" (DALI operators + Kornia),
+    "opencv" (OpenCV in the reader processes) or "auto" (dali on CUDA,
+    opencv on the CPU); engine/worker_ops.py says why.
     """
     recipe = member if isinstance(member, Recipe) else get_recipe(member)
     if split not in layout.SPLITS:
@@ -177,6 +203,7 @@ def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img
     if start_batch < 0:
         raise ValueError(f"start_batch {start_batch}: must be >= 0")
     dev = resolve_device(device)
+    backend = resolve_backend(backend, dev)
     group = layout.open_store(store)
     meta = layout.read_meta(group)
     if rows is not None:
@@ -192,20 +219,21 @@ def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img
                               rank=rank, world_size=world_size, start_batch=start_batch)
     per_sample, augmenter = SampleAugment(seed, epoch), None
     if augment and split == "train" and rows is None:
-        per_sample, augmenter = _augmentation(recipe, group, meta, seed, epoch, img_size)
+        per_sample, augmenter = _augmentation(recipe, group, meta, seed, epoch, img_size, backend)
     cores = os.cpu_count() or 1
     settings = _Settings(dev, batch_size, img_size, seed, epoch,
                          workers=min(2, max(1, cores - 1)) if workers is None else workers,
                          threads=threads or min(4, cores))
     reader = WindowReader(store, with_ela=recipe.in_channels == 4)
-    return Loader(WindowSource(reader, batches, img_size, per_sample), augmenter, settings)
+    return Loader(WindowSource(reader, batches, img_size, per_sample, backend), augmenter, settings)
 
 
-def _augmentation(recipe: Recipe, group, meta, seed: int, epoch: int, img_size: int):
+def _augmentation(recipe: Recipe, group, meta, seed: int, epoch: int, img_size: int, backend: str):
     """Split a recipe's augmentation where it runs best: copy-paste in the
-    reader workers (before anything else, as MEMBERS.md orders it), colour,
-    blur, noise and JPEG as DALI operators, geometry and dropout in Kornia
-    (build_augmenter keeps only those)."""
+    reader workers (before anything else, as MEMBERS.md orders it); with the
+    dali backend colour, blur, noise and JPEG as DALI operators and geometry
+    and dropout in Kornia (build_augmenter keeps only those); with the opencv
+    backend all of it in the reader workers."""
     bank = None
     if recipe.copy_paste:
         if recipe.in_channels != 3:
@@ -215,5 +243,7 @@ def _augmentation(recipe: Recipe, group, meta, seed: int, epoch: int, img_size: 
         bank = PatchBank.from_store(
             group, meta, np.flatnonzero((meta["split"] == layout.SPLITS["train"]) & (meta["label"] == 1)),
             min_side=cp["min_side"], max_patches=cp["max_patches"], padding=cp["padding"], seed=seed)
-    per_sample = SampleAugment(seed, epoch, photometric.slots(recipe.augment), bank, recipe.copy_paste)
-    return per_sample, build_augmenter(recipe, img_size=img_size)
+    plan = photometric.slots(recipe.augment)
+    if backend == "opencv":
+        return SampleAugment(seed, epoch, plan, bank, recipe.copy_paste, batch_entries(recipe)), None
+    return SampleAugment(seed, epoch, plan, bank, recipe.copy_paste), build_augmenter(recipe, img_size=img_size)

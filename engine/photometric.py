@@ -127,7 +127,8 @@ def _draw_params(slot: Slot, rng, out_size: int):
         return [k, _opencv_sigma(k)], None
     if slot.name == "gaussian_noise":
         std = rng.uniform(*p["std"]) * _UINT8_MAX
-        return [], rng.normal(0.0, std, (out_size, out_size, 3)).astype(np.float32)
+        # float32 draws directly: 4x cheaper than float64 normal() and a cast
+        return [], rng.standard_normal((out_size, out_size, 3), dtype=np.float32) * np.float32(std)
     if slot.name == "motion_blur":
         return [], _line_kernel(int(p["kernel"]), rng)
     if slot.name == "jpeg":
@@ -188,17 +189,23 @@ def _apply_one(name: str, image, params, extra):
     raise ValueError(f"unknown photometric operation {name!r}")
 
 
+def per_slot(plan: tuple[Slot, ...], inputs: list):
+    """(slot, flag, parameters or None, extra or None) of each slot, from the
+    flat per-sample values `draw` made (or the DALI nodes holding them)."""
+    at = 0
+    for slot in plan:
+        params = inputs[at + 1] if _PARAM_COUNT[slot.name] else None
+        extra = inputs[at + _inputs_of(slot) - 1] if slot.name in _IDLE_EXTRA else None
+        yield slot, inputs[at], params, extra
+        at += _inputs_of(slot)
+
+
 def apply(image, plan: tuple[Slot, ...], inputs: list, device: str):
     """The DALI graph of `plan` on `image` (uint8 HWC RGB on `device`);
     `inputs` are the external-source outputs in the order `draw` made them."""
-    at = 0
-    for slot in plan:
-        on = inputs[at]
-        params = inputs[at + 1] if _PARAM_COUNT[slot.name] else None
-        extra = inputs[at + _inputs_of(slot) - 1] if slot.name in _IDLE_EXTRA else None
+    for slot, on, params, extra in per_slot(plan, inputs):
         if slot.name == "gaussian_noise" and device == "gpu":
             extra = extra.gpu()
-        at += _inputs_of(slot)
         if on:  # DALI conditional: only the samples whose flag is set pass
             image = _apply_one(slot.name, image, params, extra)
     return image

@@ -1,32 +1,40 @@
 """The DALI pipeline: planned windows in, fixed-size augmented crops out.
 
-One pipeline definition serves both devices. Per batch:
+One pipeline definition serves both devices and both backends
+(engine/worker_ops.py says why there are two). Per batch:
   1. WindowSource (in DALI's parallel external-source worker processes, so
      reading overlaps with whatever consumes the batches) reads each window's
      block (engine/reader.py), pastes a patch-bank region into it when the
      member copy-pastes, and draws the sample's photometric parameters, all
      from the sample's counter-based seed;
+backend "dali":
   2. one `fn.resize` per output crops the window's fractional ROI out of its
      block and resizes it to the output size in a single pass: antialiased
      for pixels and ELA, nearest-neighbour for the mask;
   3. the member's photometric operations run on the RGB channels
-     (engine/photometric.py).
-With `device="gpu"` the blocks are copied to the GPU before step 2 and
-everything after runs there; nothing else changes.
+     (engine/photometric.py); pixels leave as float in [0, 1] for Kornia;
+backend "opencv":
+  2. the worker finishes the sample on uint8 (engine/worker_ops.py):
+     resize, photometric, geometric and dropout;
+  3. `crop_mirror_normalize` turns the batch into normalised float CHW.
+With `device="gpu"` the worker's arrays are copied to the GPU and everything
+after runs there; nothing else changes.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from engine import photometric, sampling
+from engine import photometric, sampling, worker_ops
 from engine.reader import WindowReader
 
 # Random streams of a sample's generator: what the worker draws for it.
-_STREAM_PHOTOMETRIC, _STREAM_COPY_PASTE = 1, 2
+_STREAM_PHOTOMETRIC, _STREAM_COPY_PASTE, _STREAM_GEOMETRIC = 1, 2, 3
+BACKENDS = ("dali", "opencv")
 
 
 @dataclass
@@ -50,6 +58,7 @@ class SampleAugment:
     photometric: tuple = ()                 # photometric.Slot, in order
     patch_bank: object | None = None        # engine.patch_bank.PatchBank
     copy_paste: dict | None = None          # recipe.copy_paste
+    geometric: tuple = ()                   # recipe entries the opencv backend applies
 
 
 class WindowSource:
@@ -60,10 +69,21 @@ class WindowSource:
     """
 
     def __init__(self, reader: WindowReader, batches: PlannedBatches, out_size: int,
-                 augment: SampleAugment = SampleAugment()):
+                 augment: SampleAugment = SampleAugment(), backend: str = "dali"):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend {backend!r}: expected one of {BACKENDS}")
         self.reader, self.batches, self.out_size, self.augment = reader, batches, out_size, augment
+        self.backend = backend
+
+    def __setstate__(self, state):
+        # In a worker process: the workers are the parallelism, so each runs
+        # one OpenCV thread instead of a pool competing for the cores.
+        self.__dict__.update(state)
+        cv2.setNumThreads(1)
 
     def outputs(self) -> list[str]:
+        if self.backend == "opencv":
+            return ["image", "mask", "index"]
         names = ["image", "mask", "roi_start", "roi_end", "index"]
         names += ["ela"] if self.reader.with_ela else []
         return names + [f"photometric_{i}" for i in range(photometric.input_count(self.augment.photometric))]
@@ -81,37 +101,55 @@ class WindowSource:
                 block.image, block.mask = aug.patch_bank.paste(
                     block.image, block.mask, np.random.default_rng((int(seed), _STREAM_COPY_PASTE)),
                     p=aug.copy_paste["p"], scale=aug.copy_paste["scale"], pixel_scale=block.scale)
+            drawn = photometric.draw(aug.photometric,
+                                     np.random.default_rng((int(seed), _STREAM_PHOTOMETRIC)),
+                                     self.out_size)
             # 0-d arrays, not numpy scalars: DALI's worker processes accept only arrays
-            values = [block.image, block.mask, block.roi_start, block.roi_end,
-                      np.array(row, np.int64)]
-            values += [block.ela] if self.reader.with_ela else []
-            values += photometric.draw(aug.photometric,
-                                       np.random.default_rng((int(seed), _STREAM_PHOTOMETRIC)),
-                                       self.out_size)
+            index = np.array(row, np.int64)
+            if self.backend == "opencv":
+                geometric = worker_ops.draw_geometric(
+                    aug.geometric, np.random.default_rng((int(seed), _STREAM_GEOMETRIC)), self.out_size)
+                values = worker_ops.finish(block, self.out_size, aug.photometric, drawn, geometric)
+                values.append(index)
+            else:
+                values = [block.image, block.mask, block.roi_start, block.roi_end, index]
+                values += [block.ela] if self.reader.with_ela else []
+                values += drawn
             for column, value in zip(columns, values):
                 column.append(value)
         return tuple(columns)
 
 
 def build_pipeline(source: WindowSource, *, batch_size: int, out_size: int, device: str,
-                   device_id: int | None, num_threads: int, py_workers: int, seed: int):
-    """A built DALI pipeline producing `output_names(source)`: image float CHW
-    in [0, 1], mask uint8 1HW (0/1), index int64, and
-    ela float 1HW in [0, 1] when the reader reads ELA."""
+                   device_id: int | None, num_threads: int, py_workers: int, seed: int,
+                   mean=(), std=()):
+    """A built DALI pipeline producing `output_names(source)`.
+
+    backend "dali": image float CHW in [0, 1], mask uint8 1HW (0/1), index
+    int64, and ela float 1HW in [0, 1] when the reader reads ELA.
+    backend "opencv": image float CHW normalised as (x - mean) / std per
+    channel (mean, std in 0-255 units, ELA included), mask, index."""
     names = source.outputs()
-    plan = source.augment.photometric
+    plan = source.augment.photometric if source.backend == "dali" else ()
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                   seed=seed, py_num_workers=max(py_workers, 1), py_start_method="spawn",
                   prefetch_queue_depth=2, enable_conditionals=bool(plan))
     def crop_resize_augment():
+        # a parallel source computes prefetch_queue_depth batches ahead (DALI's
+        # default: 1); two per worker keep every worker busy while one is consumed
+        ahead = dict(prefetch_queue_depth=2 * py_workers) if py_workers > 0 else {}
         nodes = dict(zip(names, fn.external_source(
             source=source, num_outputs=len(names), batch=True, batch_info=True,
-            parallel=py_workers > 0,
+            parallel=py_workers > 0, **ahead,
             layout=["HWC" if n in ("image", "mask", "ela") else "" for n in names])))
-        roi = dict(roi_start=nodes["roi_start"], roi_end=nodes["roi_end"])
         pixels = {n: nodes[n].gpu() if device == "gpu" else nodes[n]
                   for n in ("image", "mask", "ela") if n in nodes}
+        if source.backend == "opencv":
+            return (fn.crop_mirror_normalize(pixels["image"], dtype=types.FLOAT, output_layout="CHW",
+                                             mean=list(mean), std=list(std)),
+                    fn.transpose(pixels["mask"], perm=[2, 0, 1]), nodes["index"])
+        roi = dict(roi_start=nodes["roi_start"], roi_end=nodes["roi_end"])
         image = fn.resize(pixels["image"], size=[out_size, out_size], antialias=True,
                           interp_type=types.INTERP_LINEAR, **roi)
         image = photometric.apply(image, plan, [nodes[f"photometric_{i}"] for i in
@@ -134,7 +172,8 @@ def build_pipeline(source: WindowSource, *, batch_size: int, out_size: int, devi
 
 
 def output_names(source: WindowSource) -> list[str]:
-    return ["image", "mask", "index"] + (["ela"] if source.reader.with_ela else [])
+    ela = source.backend == "dali" and source.reader.with_ela  # opencv: ELA is image channel 4
+    return ["image", "mask", "index"] + (["ela"] if ela else [])
 
 
 def iterate(pipe, source: WindowSource) -> DALIGenericIterator:

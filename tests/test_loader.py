@@ -87,12 +87,17 @@ def _dilate(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.max_pool2d(x.float()[:, None], 3, stride=1, padding=1)[:, 0] > 0
 
 
+BACKENDS = ("dali", "opencv")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("member", list(RECIPES))
-def test_mask_covers_exactly_the_forged_colour_through_each_pipeline(green_store, member):
+def test_mask_covers_exactly_the_forged_colour_through_each_pipeline(green_store, member, backend):
     """Green pixels lie on the mask and mask pixels on green, up to the one
     pixel that antialiasing blends at a region's edge."""
     recipe = _geometric_only(get_recipe(member))
-    loader = make_loader(green_store, recipe, batch_size=4, img_size=SIZE, seed=5, workers=0)
+    loader = make_loader(green_store, recipe, batch_size=4, img_size=SIZE, seed=5, workers=0,
+                         backend=backend)
     green_total = green_on_mask = mask_total = mask_on_green = 0
     for batch in loader:
         green, mask = _green(batch["image"]), batch["mask"][:, 0] > 0.5
@@ -106,8 +111,10 @@ def test_mask_covers_exactly_the_forged_colour_through_each_pipeline(green_store
     assert mask_on_green / mask_total > 0.97, f"{member}: mask off the green"
 
 
-def test_batches_have_the_contracted_shapes_and_values(demo_store):
-    loader = make_loader(demo_store, "comprehensive", batch_size=3, img_size=SIZE, workers=0)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batches_have_the_contracted_shapes_and_values(demo_store, backend):
+    loader = make_loader(demo_store, "comprehensive", batch_size=3, img_size=SIZE, workers=0,
+                         backend=backend)
     batch = next(iter(loader))
     assert batch["image"].dtype == torch.float32 and batch["image"].shape == (3, 4, SIZE, SIZE)
     assert batch["mask"].shape == (3, 1, SIZE, SIZE)
@@ -119,8 +126,9 @@ def test_batches_have_the_contracted_shapes_and_values(demo_store):
     assert len(loader) == sum(1 for _ in loader)
 
 
-def test_same_seed_same_batches_and_parallel_workers_agree(demo_store):
-    kwargs = dict(batch_size=4, img_size=SIZE, seed=11, epoch=2)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_seed_same_batches_and_parallel_workers_agree(demo_store, backend):
+    kwargs = dict(batch_size=4, img_size=SIZE, seed=11, epoch=2, backend=backend)
     first = list(make_loader(demo_store, "small_specialist", workers=0, **kwargs))
     again = list(make_loader(demo_store, "small_specialist", workers=2, **kwargs))
     other = list(make_loader(demo_store, "small_specialist", workers=0, **{**kwargs, "epoch": 3}))
@@ -131,8 +139,9 @@ def test_same_seed_same_batches_and_parallel_workers_agree(demo_store):
     assert any(not torch.equal(a["image"], c["image"]) for a, c in zip(first, other))
 
 
-def test_ranks_split_the_plan_and_resume_continues_it(demo_store):
-    kwargs = dict(batch_size=2, img_size=16, seed=1, workers=0, augment=False)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ranks_split_the_plan_and_resume_continues_it(demo_store, backend):
+    kwargs = dict(batch_size=2, img_size=16, seed=1, workers=0, augment=False, backend=backend)
     whole = make_loader(demo_store, "highres_no_ela", **kwargs)
     ranks = [make_loader(demo_store, "highres_no_ela", rank=r, world_size=2, **kwargs) for r in (0, 1)]
     positions = [np.concatenate(r.batches.positions) for r in ranks]
@@ -180,6 +189,8 @@ def test_mined_members_refuse_a_store_without_mining(demo_store):
 def test_errors_say_what_and_where(demo_store, tmp_path):
     with pytest.raises(ValueError, match="unknown member 'nope'"):
         make_loader(demo_store, "nope")
+    with pytest.raises(ValueError, match="backend 'numpy'"):
+        make_loader(demo_store, "highres_no_ela", backend="numpy")
     for size in (0, 8, 5000, 64.5):
         with pytest.raises(ValueError, match="img_size"):
             make_loader(demo_store, "highres_no_ela", img_size=size)
