@@ -1,14 +1,16 @@
 """Loader throughput: the engine against the loader it replaces, in one run.
 
 For each member, samples per second at img_size x img_size of
-  engine      make_loader: window reads in DALI worker processes, DALI
-              crop+resize, Kornia augmentation, normalisation;
+  engine      make_loader with the device's default backend (opencv on the
+              CPU: each sample finished on uint8 in the DALI reader workers;
+              dali on CUDA: DALI crop+resize and photometric operators,
+              Kornia geometry), and the other backend beside it;
   replaced    full PNG decode + .npy + np.where + OpenCV crop/resize/augment
               per sample, DataLoader + WeightedRandomSampler, same workers
               (benchmarks/baseline_loader.py);
   read limit  only reading the windows' bytes from the store, same workers;
-plus each engine stage's share of the serial per-sample time, the ratios, and
-optionally a few CPU training steps with the share of time spent waiting for
+plus each opencv-backend stage's share of the serial per-sample time, the
+ratios, and optionally a few training steps with the share of time spent waiting for
 data. Prints a table, writes --json and a PNG chart.
 
     python benchmarks/loader_throughput.py                  # demo store
@@ -28,9 +30,10 @@ import numpy as np
 import torch
 
 from benchmarks.baseline_loader import make_replaced_loader, unsupported_ops
-from engine import sampling
+from engine import photometric, sampling, worker_ops
 from engine import store as layout
-from engine.loader import make_loader
+from engine.loader import make_loader, resolve_backend, resolve_device
+from engine.pipeline import BACKENDS, STREAM_GEOMETRIC, STREAM_PHOTOMETRIC
 from engine.reader import WindowReader
 from engine.recipes import get_recipe
 from preprocess.build_zarr import REPORT
@@ -79,52 +82,55 @@ def measure_read_limit(loader, store, with_ela, img_size, workers, batches) -> f
 
 
 def measure_stages(loader, store, img_size, batches) -> dict[str, float]:
-    """Serial milliseconds per sample of read, crop+resize, augment (the Kornia
-    batch operations), normalise. The member's DALI colour/blur/JPEG operators
-    are not in this breakdown; the engine's samples/s includes them."""
+    """Serial milliseconds per sample of each stage of the opencv backend,
+    the same calls its reader workers make: read, resize, photometric
+    (drawing included), geometric (+ dropout), and DALI's normalisation."""
     from nvidia.dali import fn, pipeline_def, types
 
-    plan, reader = loader.batches, WindowReader(store, with_ela=loader.reader.with_ela)
-    blocks, read_s = [], 0.0
+    source, plan = loader.source, loader.batches
+    aug, reader = source.augment, WindowReader(store, with_ela=loader.reader.with_ela)
     n = min(len(plan), batches)
+    seconds = dict.fromkeys(("read", "resize", "photometric", "geometric"), 0.0)
+    finished = []
     for k in range(n):
-        start = time.perf_counter()
-        blocks.append([reader.read(int(r), w, img_size) for r, w in zip(plan.rows[k], plan.windows[k])])
-        read_s += time.perf_counter() - start
-    batch_size = max(len(b) for b in blocks)
+        seeds = sampling.sample_seeds(aug.seed, aug.epoch, plan.positions[k])
+        batch = []
+        for row, window, seed in zip(plan.rows[k], plan.windows[k], seeds):
+            t0 = time.perf_counter()
+            block = reader.read(int(row), window, img_size)
+            t1 = time.perf_counter()
+            image, mask, ela = worker_ops.resize_block(block, img_size)
+            t2 = time.perf_counter()
+            drawn = photometric.draw(aug.photometric, np.random.default_rng((int(seed), STREAM_PHOTOMETRIC)), img_size)
+            image = worker_ops.apply_photometric(image, aug.photometric, drawn)
+            t3 = time.perf_counter()
+            ops = worker_ops.draw_geometric(aug.geometric, np.random.default_rng((int(seed), STREAM_GEOMETRIC)), img_size)
+            image, mask, ela = worker_ops.apply_geometric(image, mask, ela, ops)
+            t4 = time.perf_counter()
+            for stage, (a, b) in zip(seconds, ((t0, t1), (t1, t2), (t2, t3), (t3, t4))):
+                seconds[stage] += b - a
+            batch.append(image if ela is None else np.dstack([image, ela]))
+        finished.append(batch)
 
-    def blocks_of(info):  # DALI prefetches past the last timed batch: wrap around
-        batch = blocks[info.iteration % n]
-        return [b.image for b in batch], [b.roi_start for b in batch], [b.roi_end for b in batch]
+    def finished_batch(info):  # DALI prefetches past the last timed batch: wrap around
+        return finished[info.iteration % n]
 
-    @pipeline_def(batch_size=batch_size, num_threads=loader.settings.threads, device_id=None)
-    def resize_only():
-        image, start, end = fn.external_source(
-            source=blocks_of,
-            num_outputs=3, batch=True, batch_info=True, layout=["HWC", "", ""])
-        image = fn.resize(image, size=[img_size] * 2, roi_start=start, roi_end=end, antialias=True)
-        return fn.crop_mirror_normalize(image, dtype=types.FLOAT, output_layout="CHW",
-                                        mean=[0.0], std=[255.0])
+    @pipeline_def(batch_size=max(len(b) for b in finished), num_threads=loader.settings.threads,
+                  device_id=None)
+    def normalise():
+        pixels = fn.external_source(source=finished_batch, batch=True, batch_info=True, layout="HWC")
+        return fn.crop_mirror_normalize(pixels, dtype=types.FLOAT, output_layout="CHW",
+                                        mean=[255 * m for m in loader.mean],
+                                        std=[255 * d for d in loader.std])
 
-    pipe = resize_only()
+    pipe = normalise()
     pipe.build()
-    resized, start = [], time.perf_counter()
+    start = time.perf_counter()
     for _ in range(n):
-        resized.append(torch.from_numpy(np.array(pipe.run()[0].as_tensor())))
-    resize_s = time.perf_counter() - start
-    aug_s = norm_s = 0.0
-    for k, image in enumerate(resized):
-        mask = torch.zeros(image.shape[0], 1, img_size, img_size)
-        start = time.perf_counter()
-        if loader.augmenter is not None:
-            image, mask = loader.augmenter(image, mask, k)
-        aug_s += time.perf_counter() - start
-        start = time.perf_counter()
-        loader.normalise(image)
-        norm_s += time.perf_counter() - start
-    samples = sum(len(b) for b in blocks)
-    return {name: 1000 * sec / samples for name, sec in
-            (("read", read_s), ("crop_resize", resize_s), ("augment", aug_s), ("normalise", norm_s))}
+        torch.from_numpy(np.array(pipe.run()[0].as_tensor()))
+    seconds["normalise"] = time.perf_counter() - start
+    samples = sum(len(b) for b in finished)
+    return {name: 1000 * sec / samples for name, sec in seconds.items()}
 
 
 def source_files(store: Path) -> list[Case]:
@@ -153,17 +159,17 @@ def measure_replaced(store, member, img_size, batch_size, workers, batches, seed
     return samples / seconds
 
 
-def measure_training_wait(store, member, img_size, batch_size, workers, steps, seed) -> dict:
-    """Seconds per CPU training step and the share spent blocked on the loader."""
+def measure_training_wait(store, member, img_size, batch_size, workers, steps, seed, device) -> dict:
+    """Seconds per training step and the share spent blocked on the loader."""
     from trainers.losses import MemberLoss
     from trainers.model import build_model
 
     recipe = get_recipe(member)
-    model = build_model(recipe.encoder, recipe.in_channels, encoder_weights="none")
+    model = build_model(recipe.encoder, recipe.in_channels, encoder_weights="none").to(device)
     loss_fn = MemberLoss(recipe)
     optimiser = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     loader = make_loader(store, member, batch_size=batch_size, img_size=img_size, seed=seed,
-                         workers=workers)
+                         workers=workers, device=str(device))
     it = iter(loader)
     next(it)  # pipeline start-up is not a per-step cost
     wait = step = 0.0
@@ -179,6 +185,8 @@ def measure_training_wait(store, member, img_size, batch_size, workers, steps, s
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         t2 = time.perf_counter()
         wait, step, done = wait + (t1 - t0), step + (t2 - t0), done + 1
     return {"steps": done, "seconds_per_step": step / max(done, 1),
@@ -205,22 +213,26 @@ def draw_chart(results: dict, path: Path) -> None:
 
     members = list(results["members"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    kinds = ("engine", "replaced", "read_limit")
-    width = 0.8 / len(kinds)
-    for j, kind in enumerate(kinds):
-        axes[0].bar(np.arange(len(members)) + j * width,
-                    [results["members"][m][f"{kind}_samples_per_s"] for m in members], width, label=kind)
-    axes[0].set_xticks(np.arange(len(members)) + width, members)
+    rows = {"engine (" + "/".join(sorted({r["backend"] for r in results["members"].values()})) + ")":
+            [results["members"][m]["engine_samples_per_s"] for m in members],
+            "other backend": [next(v for b, v in results["members"][m]["backend_samples_per_s"].items()
+                                   if b != results["members"][m]["backend"]) for m in members],
+            "replaced": [results["members"][m]["replaced_samples_per_s"] for m in members],
+            "read limit": [results["members"][m]["read_limit_samples_per_s"] for m in members]}
+    width = 0.8 / len(rows)
+    for j, (label, values) in enumerate(rows.items()):
+        axes[0].bar(np.arange(len(members)) + j * width, values, width, label=label)
+    axes[0].set_xticks(np.arange(len(members)) + 1.5 * width, members)
     axes[0].set_ylabel("samples / s")
     axes[0].set_title(f"throughput at {results['img_size']} px, {results['workers']} workers")
     axes[0].legend()
     bottom = np.zeros(len(members))
-    for stage in ("read", "crop_resize", "augment", "normalise"):
+    for stage in results["members"][members[0]]["stage_ms"]:
         vals = np.array([results["members"][m]["stage_ms"][stage] for m in members])
         axes[1].bar(members, vals, bottom=bottom, label=stage)
         bottom += vals
     axes[1].set_ylabel("ms per sample (serial)")
-    axes[1].set_title("engine stages")
+    axes[1].set_title("opencv backend stages")
     axes[1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -241,6 +253,7 @@ def parse_args(argv=None):
     p.add_argument("--train-steps", type=int, default=2,
                    help="CPU training steps for the data-wait share (0: skip)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--json", type=Path)
     p.add_argument("--png", type=Path, help="chart (default: next to --json, or logs/)")
     return p.parse_args(argv)
@@ -250,51 +263,65 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     store = realistic_store(Path("data/bench")) if args.realistic else args.store
     source_files(store)  # fail early when the replaced loader cannot read the sources
+    device = resolve_device(args.device)
     results = {"store": str(store), "img_size": args.img_size, "batch_size": args.batch_size,
-               "workers": args.workers, "cpu_count": os.cpu_count(), "members": {}}
+               "workers": args.workers, "cpu_count": os.cpu_count(), "device": str(device),
+               "members": {}}
+    default_backend = resolve_backend("auto", device)
+    backends = [default_backend] + [b for b in BACKENDS if b != default_backend]
     for member in args.members:
-        print(f"[{member}] engine ...", flush=True)
-        loader = make_loader(store, member, batch_size=args.batch_size, img_size=args.img_size,
-                             seed=args.seed, workers=args.workers)
-        # steady state: neither the first batch (pipeline start-up) nor the
-        # epoch's last (draining DALI's prefetch queue) is timed
-        timed = min(args.batches, len(loader) - 2)
-        if timed < 1:
-            sys.exit(f"{store}: {member}'s epoch has {len(loader)} batches of {args.batch_size}; "
-                     "too few to time (use a bigger store, e.g. --realistic)")
-        seconds, samples = _time_batches(loader, timed)
-        engine_rate = samples / seconds
+        rates, loaders = {}, {}
+        for backend in backends:
+            print(f"[{member}] engine, {backend} backend ...", flush=True)
+            loader = make_loader(store, member, batch_size=args.batch_size, img_size=args.img_size,
+                                 seed=args.seed, workers=args.workers, device=str(device),
+                                 backend=backend)
+            # steady state: neither the first batch (pipeline start-up) nor the
+            # epoch's last (draining DALI's prefetch queue) is timed
+            timed = min(args.batches, len(loader) - 2)
+            if timed < 1:
+                sys.exit(f"{store}: {member}'s epoch has {len(loader)} batches of {args.batch_size}; "
+                         "too few to time (use a bigger store, e.g. --realistic)")
+            seconds, samples = _time_batches(loader, timed)
+            rates[backend], loaders[backend] = samples / seconds, loader
+        engine_rate = rates[default_backend]
         print(f"[{member}] stages, read limit, replaced loader ...", flush=True)
-        stages = measure_stages(loader, store, args.img_size, args.batches)
+        stages = measure_stages(loaders["opencv"], store, args.img_size, args.batches)
         read_rate = measure_read_limit(loader, store, loader.reader.with_ela, args.img_size,
                                        args.workers, args.batches)
         replaced_rate = measure_replaced(store, member, args.img_size, args.batch_size,
                                          args.workers, args.batches, args.seed)
-        row = {"engine_samples_per_s": engine_rate, "replaced_samples_per_s": replaced_rate,
+        row = {"backend": default_backend, "engine_samples_per_s": engine_rate,
+               "backend_samples_per_s": rates, "replaced_samples_per_s": replaced_rate,
                "read_limit_samples_per_s": read_rate, "engine_over_replaced": engine_rate / replaced_rate,
                "engine_over_read_limit": engine_rate / read_rate, "stage_ms": stages,
                "replaced_skips": unsupported_ops(get_recipe(member))}
         if args.train_steps:
             print(f"[{member}] training steps ...", flush=True)
             row["training"] = measure_training_wait(store, member, args.img_size, args.batch_size,
-                                                    args.workers, args.train_steps, args.seed)
+                                                    args.workers, args.train_steps, args.seed, device)
         results["members"][member] = row
 
     print(f"\nstore {store}, {args.img_size}x{args.img_size}, batch {args.batch_size}, "
           f"{args.workers} workers, {os.cpu_count()} cores")
-    header = (f"{'member':<18}{'engine/s':>10}{'replaced/s':>12}{'read lim/s':>12}"
-              f"{'x replaced':>12}{'of limit':>10}  stage share (read/resize/aug/norm)")
+    other = {b: "/".join(x for x in BACKENDS if x != b) for b in BACKENDS}
+    header = (f"{'member':<18}{'backend':>8}{'engine/s':>10}{'other/s':>9}{'replaced/s':>12}"
+              f"{'read lim/s':>12}{'x replaced':>12}{'of limit':>10}  stage share "
+              f"({'/'.join(next(iter(results['members'].values()))['stage_ms'])})")
     print(header + "\n" + "-" * len(header))
     for member, r in results["members"].items():
         total = sum(r["stage_ms"].values())
         shares = "/".join(f"{100 * v / total:.0f}%" for v in r["stage_ms"].values())
-        print(f"{member:<18}{r['engine_samples_per_s']:>10.1f}{r['replaced_samples_per_s']:>12.1f}"
+        print(f"{member:<18}{r['backend']:>8}{r['engine_samples_per_s']:>10.1f}"
+              f"{r['backend_samples_per_s'][other[r['backend']]]:>9.1f}"
+              f"{r['replaced_samples_per_s']:>12.1f}"
               f"{r['read_limit_samples_per_s']:>12.1f}{r['engine_over_replaced']:>11.1f}x"
               f"{100 * r['engine_over_read_limit']:>9.0f}%  {shares}")
+    print("engine: the device's default backend; other: the other backend on the same device")
     for member, r in results["members"].items():
         if "training" in r:
             t = r["training"]
-            print(f"{member}: CPU training step {t['seconds_per_step']:.2f} s, waiting for data "
+            print(f"{member}: {results['device']} training step {t['seconds_per_step']:.2f} s, waiting for data "
                   f"{100 * t['data_wait_share']:.2f}% of the step ({t['steps']} steps)")
         if r["replaced_skips"]:
             print(f"{member}: the replaced loader skips {', '.join(r['replaced_skips'])}")

@@ -1,6 +1,7 @@
 """Batch augmentation of a member's training windows: geometry and dropout.
 
-A member's augmentation (engine/recipes.py) runs in three places, each where
+With the dali backend (engine/worker_ops.py describes both backends), a
+member's augmentation (engine/recipes.py) runs in three places, each where
 it is cheapest (measured figures in engine/photometric.py's docstring: on the
 CPU, Kornia's per-pixel colour, blur, noise and JPEG ops cost 10-30x DALI's):
   1. copy-paste (enhanced_aug) in the DALI reader worker, on the block read

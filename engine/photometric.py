@@ -7,6 +7,8 @@ are drawn per sample in the reader worker, from the sample's counter-based
 seed (engine.sampling.sample_seeds), and handed to the operators as
 per-sample inputs: drawn in one place, applied in another, and identical for
 a resumed epoch. Kornia keeps the geometric operations (engine/augment.py).
+This is the dali backend's placement; the opencv backend applies the same
+drawn values with OpenCV in the reader workers (engine/worker_ops.py).
 
 Why DALI and not Kornia for these: measured on this 2-core machine, batch 8
 at 512 x 512, Kornia's CPU implementations cost 10-30x DALI's (JPEG 450 vs

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 import engine
 from engine import store as layout
-from engine.loader import resolve_device
+from engine.loader import BACKENDS, resolve_device
 from engine.recipes import RECIPES, Recipe, get_recipe
 from trainers import mining
 from trainers.checkpoint import (CheckpointError, best_path, last_path, load_checkpoint,
@@ -85,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default: 0, or the resumed run's)")
     p.add_argument("--resume", action="store_true", help="continue from <member>_last.pth")
     p.add_argument("--workers", type=int, default=None, help="loader reader processes")
+    p.add_argument("--backend", choices=("auto",) + BACKENDS, default="auto",
+                   help="where the loader's per-sample work runs: dali (DALI operators + Kornia), "
+                        "opencv (OpenCV in the reader processes); auto: dali on CUDA, opencv on the CPU")
     p.add_argument("--record-samples", action="store_true",
                    help="write the meta rows this process trained on to "
                         "logs/<member>_samples_rank<R>.npy")
@@ -229,7 +232,8 @@ def validate(model: torch.nn.Module, recipe: Recipe, args, ddp: Distributed, see
     loader = engine.make_loader(args.store, recipe, split="val", batch_size=recipe.batch_size,
                                 img_size=recipe.img_size, seed=seed, epoch=epoch,
                                 device=str(ddp.device), rank=ddp.rank,
-                                world_size=ddp.world_size, augment=False, workers=args.workers)
+                                world_size=ddp.world_size, augment=False, workers=args.workers,
+                                backend=args.backend)
     counts = [np.zeros((0, 4), np.int64)]
     for batch in loader:
         counts.append(pixel_counts(model(batch["image"]), batch["mask"]))
@@ -325,7 +329,7 @@ def train(args: argparse.Namespace) -> int:
             args.store, recipe, split="train", batch_size=recipe.batch_size,
             img_size=recipe.img_size, seed=seed, epoch=epoch, device=str(ddp.device),
             rank=ddp.rank, world_size=ddp.world_size, start_batch=run["step"],
-            workers=args.workers)
+            workers=args.workers, backend=args.backend)
         first_step, loss_sum, wait, samples = run["step"], 0.0, 0.0, 0
         started = time.perf_counter()
         bar = tqdm(total=len(loader) + first_step, initial=first_step, disable=not ddp.main,
