@@ -69,30 +69,59 @@ def _read_batch(args):
     return sum(_READER.read(int(r), w, out_size).image.nbytes for r, w in zip(rows, windows))
 
 
-def measure_read_limit(loader, store, with_ela, img_size, workers, batches) -> float:
+def epoch_loaders(store, member, *, batches: int, **kwargs) -> list:
+    """make_loader for epochs 0, 1, ... until their steady-state batches (all
+    but the first, pipeline start-up, and the last, DALI's prefetch drain)
+    add up to `batches`: short epochs would make short, noisy timings."""
+    loaders, counted = [], 0
+    while counted < batches:
+        loader = make_loader(store, member, epoch=len(loaders), **kwargs)
+        if len(loader) < 3:
+            sys.exit(f"{store}: {member}'s epoch has {len(loader)} batches; too few to time "
+                     "(use a bigger store, e.g. --realistic)")
+        loaders.append(loader)
+        counted += len(loader) - 2
+    return loaders
+
+
+def _planned(loaders, batches: int):
+    """(loader, batch index) of the first `batches` planned batches of `loaders`."""
+    pairs = [(loader, k) for loader in loaders for k in range(len(loader.batches))]
+    return pairs[:batches]
+
+
+def measure_engine(loaders, batches: int) -> float:
+    """Steady-state samples/s over `batches` batches of successive epochs."""
+    seconds = samples = 0
+    for loader in loaders:
+        timed = min(len(loader) - 2, batches)
+        sec, n = _time_batches(loader, timed)
+        seconds, samples, batches = seconds + sec, samples + n, batches - timed
+    return samples / seconds
+
+
+def measure_read_limit(loaders, store, with_ela, img_size, workers, batches) -> float:
     """Samples/s of reading the windows' blocks alone, in `workers` processes."""
-    plan = loader.batches
-    jobs = [(plan.rows[k], plan.windows[k], img_size) for k in range(1, min(len(plan), batches + 1))]
+    jobs = [(loader.batches.rows[k], loader.batches.windows[k], img_size)
+            for loader, k in _planned(loaders, batches)]
     with mp.get_context("spawn").Pool(max(1, workers), _open_reader, (str(store), with_ela)) as pool:
         pool.map(_read_batch, jobs[:max(1, workers)], chunksize=1)
         start = time.perf_counter()
         pool.map(_read_batch, jobs, chunksize=1)
         seconds = time.perf_counter() - start
-    return sum(len(plan.rows[k]) for k in range(1, len(jobs) + 1)) / seconds
+    return sum(len(rows) for rows, _, _ in jobs) / seconds
 
 
-def measure_stages(loader, store, img_size, batches) -> dict[str, float]:
+def measure_stages(loaders, store, img_size, batches) -> dict[str, float]:
     """Serial milliseconds per sample of each stage of the opencv backend,
     the same calls its reader workers make: read, resize, photometric
-    (drawing included), geometric (+ dropout), and DALI's normalisation."""
-    from nvidia.dali import fn, pipeline_def, types
-
-    source, plan = loader.source, loader.batches
-    aug, reader = source.augment, WindowReader(store, with_ela=loader.reader.with_ela)
-    n = min(len(plan), batches)
+    (drawing included), geometric (+ dropout), and the consumer's conversion
+    of the uint8 batch to normalised floats."""
+    reader = WindowReader(store, with_ela=loaders[0].reader.with_ela)
     seconds = dict.fromkeys(("read", "resize", "photometric", "geometric"), 0.0)
     finished = []
-    for k in range(n):
+    for loader, k in _planned(loaders, batches):
+        aug, plan = loader.source.augment, loader.batches
         seeds = sampling.sample_seeds(aug.seed, aug.epoch, plan.positions[k])
         batch = []
         for row, window, seed in zip(plan.rows[k], plan.windows[k], seeds):
@@ -101,10 +130,12 @@ def measure_stages(loader, store, img_size, batches) -> dict[str, float]:
             t1 = time.perf_counter()
             image, mask, ela = worker_ops.resize_block(block, img_size)
             t2 = time.perf_counter()
-            drawn = photometric.draw(aug.photometric, np.random.default_rng((int(seed), STREAM_PHOTOMETRIC)), img_size)
+            drawn = photometric.draw(aug.photometric, np.random.default_rng((int(seed), STREAM_PHOTOMETRIC)),
+                                     img_size)
             image = worker_ops.apply_photometric(image, aug.photometric, drawn)
             t3 = time.perf_counter()
-            ops = worker_ops.draw_geometric(aug.geometric, np.random.default_rng((int(seed), STREAM_GEOMETRIC)), img_size)
+            ops = worker_ops.draw_geometric(aug.geometric, np.random.default_rng((int(seed), STREAM_GEOMETRIC)),
+                                            img_size)
             image, mask, ela = worker_ops.apply_geometric(image, mask, ela, ops)
             t4 = time.perf_counter()
             for stage, (a, b) in zip(seconds, ((t0, t1), (t1, t2), (t2, t3), (t3, t4))):
@@ -112,22 +143,9 @@ def measure_stages(loader, store, img_size, batches) -> dict[str, float]:
             batch.append(image if ela is None else np.dstack([image, ela]))
         finished.append(batch)
 
-    def finished_batch(info):  # DALI prefetches past the last timed batch: wrap around
-        return finished[info.iteration % n]
-
-    @pipeline_def(batch_size=max(len(b) for b in finished), num_threads=loader.settings.threads,
-                  device_id=None)
-    def normalise():
-        pixels = fn.external_source(source=finished_batch, batch=True, batch_info=True, layout="HWC")
-        return fn.crop_mirror_normalize(pixels, dtype=types.FLOAT, output_layout="CHW",
-                                        mean=[255 * m for m in loader.mean],
-                                        std=[255 * d for d in loader.std])
-
-    pipe = normalise()
-    pipe.build()
     start = time.perf_counter()
-    for _ in range(n):
-        torch.from_numpy(np.array(pipe.run()[0].as_tensor()))
+    for batch in finished:
+        loaders[0].to_float(torch.from_numpy(np.stack(batch)))
     seconds["normalise"] = time.perf_counter() - start
     samples = sum(len(b) for b in finished)
     return {name: 1000 * sec / samples for name, sec in seconds.items()}
@@ -248,7 +266,8 @@ def parse_args(argv=None):
     p.add_argument("--members", nargs="+", default=["small_specialist", "highres_no_ela"])
     p.add_argument("--img-size", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--batches", type=int, default=15, help="timed batches per measurement")
+    p.add_argument("--batches", type=int, default=40,
+                   help="timed batches per measurement (over successive epochs when one is shorter)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--train-steps", type=int, default=2,
                    help="CPU training steps for the data-wait share (0: skip)")
@@ -273,22 +292,16 @@ def main(argv=None) -> int:
         rates, loaders = {}, {}
         for backend in backends:
             print(f"[{member}] engine, {backend} backend ...", flush=True)
-            loader = make_loader(store, member, batch_size=args.batch_size, img_size=args.img_size,
-                                 seed=args.seed, workers=args.workers, device=str(device),
-                                 backend=backend)
-            # steady state: neither the first batch (pipeline start-up) nor the
-            # epoch's last (draining DALI's prefetch queue) is timed
-            timed = min(args.batches, len(loader) - 2)
-            if timed < 1:
-                sys.exit(f"{store}: {member}'s epoch has {len(loader)} batches of {args.batch_size}; "
-                         "too few to time (use a bigger store, e.g. --realistic)")
-            seconds, samples = _time_batches(loader, timed)
-            rates[backend], loaders[backend] = samples / seconds, loader
+            loaders[backend] = epoch_loaders(store, member, batches=args.batches,
+                                             batch_size=args.batch_size, img_size=args.img_size,
+                                             seed=args.seed, workers=args.workers,
+                                             device=str(device), backend=backend)
+            rates[backend] = measure_engine(loaders[backend], args.batches)
         engine_rate = rates[default_backend]
         print(f"[{member}] stages, read limit, replaced loader ...", flush=True)
         stages = measure_stages(loaders["opencv"], store, args.img_size, args.batches)
-        read_rate = measure_read_limit(loader, store, loader.reader.with_ela, args.img_size,
-                                       args.workers, args.batches)
+        read_rate = measure_read_limit(loaders["opencv"], store, loaders["opencv"][0].reader.with_ela,
+                                       args.img_size, args.workers, args.batches)
         replaced_rate = measure_replaced(store, member, args.img_size, args.batch_size,
                                          args.workers, args.batches, args.seed)
         row = {"backend": default_backend, "engine_samples_per_s": engine_rate,

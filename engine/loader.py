@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from numba import njit
 
 from engine import photometric, sampling
 from engine import store as layout
@@ -40,6 +41,35 @@ from engine.recipes import WHOLE_IMAGE, Recipe, get_recipe
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MIN_IMG_SIZE, MAX_IMG_SIZE = 16, 4096
+
+
+@njit(cache=True, nogil=True)
+def _planar_float_kernel(pixels, scale, shift, out):
+    batch, height, width, channels = pixels.shape
+    for b in range(batch):
+        for c in range(channels):
+            s, t = scale[c], shift[c]
+            for y in range(height):
+                for x in range(width):
+                    out[b, c, y, x] = pixels[b, y, x, c] * s + t
+
+
+def planar_float(pixels: torch.Tensor, scale, shift) -> torch.Tensor:
+    """uint8 B x H x W x C -> float32 B x C x H x W as x * scale + shift
+    (scale, shift: numbers or 1 x C x 1 x 1). On the CPU one Numba pass:
+    DALI's crop_mirror_normalize plus the iterator's copy of its floats
+    measured about twice the consumer's time, and torch's ops wake its
+    thread pool, whose spinning takes CPU from the reader workers."""
+    channels = pixels.shape[-1]
+    shape = (1, channels, 1, 1)
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=pixels.device).expand(shape)
+    shift = torch.as_tensor(shift, dtype=torch.float32, device=pixels.device).expand(shape)
+    if pixels.is_cuda:
+        return pixels.permute(0, 3, 1, 2).float().mul_(scale).add_(shift)
+    out = torch.empty((pixels.shape[0], channels) + tuple(pixels.shape[1:3]), dtype=torch.float32)
+    _planar_float_kernel(pixels.numpy(), scale.reshape(-1).contiguous().numpy(),
+                         shift.reshape(-1).contiguous().numpy(), out.numpy())
+    return out
 
 
 def resolve_device(device: str) -> torch.device:
@@ -131,12 +161,13 @@ class Loader:
         self.source, self.augmenter, self.settings = source, augmenter, settings
         self.reader, self.batches = source.reader, source.batches
         channels = 4 if self.reader.with_ela else 3
-        self.mean = IMAGENET_MEAN + (0.0,) * (channels - 3)
-        self.std = IMAGENET_STD + (1.0,) * (channels - 3)
-        mean = torch.tensor(self.mean).view(1, channels, 1, 1)
-        std = torch.tensor(self.std).view(1, channels, 1, 1)
+        mean = torch.tensor(IMAGENET_MEAN + (0.0,) * (channels - 3)).view(1, channels, 1, 1)
+        std = torch.tensor(IMAGENET_STD + (1.0,) * (channels - 3)).view(1, channels, 1, 1)
         # (x - mean) / std as x * scale + shift, in place: two passes, no copies
-        self._scale, self._shift = (1 / std).to(settings.device), (-mean / std).to(settings.device)
+        scale, shift = 1 / std, -mean / std
+        if source.backend == "opencv":   # its batches arrive as uint8, 0-255
+            scale = scale / 255
+        self._scale, self._shift = scale.to(settings.device), shift.to(settings.device)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -144,6 +175,11 @@ class Loader:
     def normalise(self, image: torch.Tensor) -> torch.Tensor:
         """ImageNet mean/std on RGB, ELA unchanged; overwrites `image`."""
         return image.mul_(self._scale).add_(self._shift)
+
+    def to_float(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The opencv backend's uint8 B x H x W x C batch as the normalised
+        float32 B x C x H x W one (ImageNet mean/std on RGB, ELA to [0, 1])."""
+        return planar_float(pixels, self._scale, self._shift)
 
     def __iter__(self):
         if not len(self.batches):
@@ -153,17 +189,17 @@ class Loader:
         pipe = build_pipeline(
             self.source, batch_size=s.batch_size, out_size=s.img_size,
             device="gpu" if on_gpu else "cpu", device_id=(s.device.index or 0) if on_gpu else None,
-            num_threads=s.threads, py_workers=s.workers, seed=s.seed,
-            mean=[255 * m for m in self.mean], std=[255 * d for d in self.std])
+            num_threads=s.threads, py_workers=s.workers, seed=s.seed)
         for k, out in enumerate(iterate(pipe, self.source)):
             out = out[0]
-            image, mask = out["image"], out["mask"].float()
             index = out["index"].reshape(-1).to(torch.int64)
             if on_gpu:
                 index = index.pin_memory()
-            if self.source.backend == "opencv":  # augmented and normalised already
-                yield {"image": image, "mask": mask, "index": index}
+            if self.source.backend == "opencv":  # finished uint8 HWC: only floats to make
+                yield {"image": self.to_float(out["image"]),
+                       "mask": planar_float(out["mask"], 1.0, 0.0), "index": index}
                 continue
+            image, mask = out["image"], out["mask"]
             if "ela" in out:
                 image = torch.cat([image, out["ela"]], dim=1)
             if self.augmenter is not None:

@@ -15,8 +15,8 @@ backend "dali":
      (engine/photometric.py); pixels leave as float in [0, 1] for Kornia;
 backend "opencv":
   2. the worker finishes the sample on uint8 (engine/worker_ops.py):
-     resize, photometric, geometric and dropout;
-  3. `crop_mirror_normalize` turns the batch into normalised float CHW.
+     resize, photometric, geometric and dropout; the batch leaves as uint8
+     and the loader makes normalised floats of it in one pass.
 With `device="gpu"` the worker's arrays are copied to the GPU and everything
 after runs there; nothing else changes.
 """
@@ -120,15 +120,20 @@ class WindowSource:
         return tuple(columns)
 
 
+def _float_chw(mask):
+    # in DALI's threads: a torch conversion in the consumer would wake torch's
+    # thread pool, whose spinning costs the reader workers CPU on small machines
+    return fn.crop_mirror_normalize(mask, dtype=types.FLOAT, output_layout="CHW", mean=[0.0], std=[1.0])
+
+
 def build_pipeline(source: WindowSource, *, batch_size: int, out_size: int, device: str,
-                   device_id: int | None, num_threads: int, py_workers: int, seed: int,
-                   mean=(), std=()):
+                   device_id: int | None, num_threads: int, py_workers: int, seed: int):
     """A built DALI pipeline producing `output_names(source)`.
 
-    backend "dali": image float CHW in [0, 1], mask uint8 1HW (0/1), index
+    backend "dali": image float CHW in [0, 1], mask float 1HW (0/1), index
     int64, and ela float 1HW in [0, 1] when the reader reads ELA.
-    backend "opencv": image float CHW normalised as (x - mean) / std per
-    channel (mean, std in 0-255 units, ELA included), mask, index."""
+    backend "opencv": the finished image uint8 HWC (RGB, + ELA), mask uint8
+    HW1, index."""
     names = source.outputs()
     plan = source.augment.photometric if source.backend == "dali" else ()
 
@@ -145,10 +150,8 @@ def build_pipeline(source: WindowSource, *, batch_size: int, out_size: int, devi
             layout=["HWC" if n in ("image", "mask", "ela") else "" for n in names])))
         pixels = {n: nodes[n].gpu() if device == "gpu" else nodes[n]
                   for n in ("image", "mask", "ela") if n in nodes}
-        if source.backend == "opencv":
-            return (fn.crop_mirror_normalize(pixels["image"], dtype=types.FLOAT, output_layout="CHW",
-                                             mean=list(mean), std=list(std)),
-                    fn.transpose(pixels["mask"], perm=[2, 0, 1]), nodes["index"])
+        if source.backend == "opencv":   # finished uint8 HWC: the loader makes floats
+            return pixels["image"], pixels["mask"], nodes["index"]
         roi = dict(roi_start=nodes["roi_start"], roi_end=nodes["roi_end"])
         image = fn.resize(pixels["image"], size=[out_size, out_size], antialias=True,
                           interp_type=types.INTERP_LINEAR, **roi)
@@ -156,8 +159,8 @@ def build_pipeline(source: WindowSource, *, batch_size: int, out_size: int, devi
                                                 range(photometric.input_count(plan))], device)
         outputs = [fn.crop_mirror_normalize(image, dtype=types.FLOAT, output_layout="CHW",
                                             mean=[0.0], std=[255.0]),
-                   fn.transpose(fn.resize(pixels["mask"], size=[out_size, out_size], antialias=False,
-                                          interp_type=types.INTERP_NN, **roi), perm=[2, 0, 1]),
+                   _float_chw(fn.resize(pixels["mask"], size=[out_size, out_size], antialias=False,
+                                        interp_type=types.INTERP_NN, **roi)),
                    nodes["index"]]
         if "ela" in pixels:
             ela = fn.resize(pixels["ela"], size=[out_size, out_size], antialias=True,
