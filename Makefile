@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(PY) preprocess/build_zarr.py --out $(STORE)
 	$(PY) trainers/train.py --member small_specialist --store $(STORE) \
 	    --encoder-weights none --epochs 1 --max-steps 10 --img-size 256 --batch-size 4
-	$(PY) benchmarks/loader_throughput.py --store $(STORE) --batches 20 --train-steps 1
+	$(PY) benchmarks/loader_throughput.py --store $(STORE) --batches 20 --rounds 1 --train-steps 1
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -268,6 +268,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batches", type=int, default=40,
                    help="timed batches per measurement (over successive epochs when one is shorter)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of measurements; medians are reported")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--train-steps", type=int, default=2,
                    help="CPU training steps for the data-wait share (0: skip)")
@@ -289,26 +290,35 @@ def main(argv=None) -> int:
     default_backend = resolve_backend("auto", device)
     backends = [default_backend] + [b for b in BACKENDS if b != default_backend]
     for member in args.members:
-        rates, loaders = {}, {}
-        for backend in backends:
-            print(f"[{member}] engine, {backend} backend ...", flush=True)
-            loaders[backend] = epoch_loaders(store, member, batches=args.batches,
-                                             batch_size=args.batch_size, img_size=args.img_size,
-                                             seed=args.seed, workers=args.workers,
-                                             device=str(device), backend=backend)
-            rates[backend] = measure_engine(loaders[backend], args.batches)
-        engine_rate = rates[default_backend]
-        print(f"[{member}] stages, read limit, replaced loader ...", flush=True)
-        stages = measure_stages(loaders["opencv"], store, args.img_size, args.batches)
-        read_rate = measure_read_limit(loaders["opencv"], store, loaders["opencv"][0].reader.with_ela,
-                                       args.img_size, args.workers, args.batches)
-        replaced_rate = measure_replaced(store, member, args.img_size, args.batch_size,
-                                         args.workers, args.batches, args.seed)
+        loaders = {backend: epoch_loaders(store, member, batches=args.batches,
+                                          batch_size=args.batch_size, img_size=args.img_size,
+                                          seed=args.seed, workers=args.workers, device=str(device),
+                                          backend=backend) for backend in backends}
+        opencv = loaders["opencv"]
+        # Rounds of every measurement in turn, then medians: this machine's
+        # speed drifts (shared host), and a drift would otherwise land on
+        # one column and skew the ratios.
+        rounds = {name: [] for name in backends + ["replaced", "read_limit"]}
+        for r in range(args.rounds):
+            print(f"[{member}] round {r + 1}/{args.rounds}: engine ({', '.join(backends)}), "
+                  "read limit, replaced loader ...", flush=True)
+            for backend in backends:
+                rounds[backend].append(measure_engine(loaders[backend], args.batches))
+            rounds["read_limit"].append(measure_read_limit(
+                opencv, store, opencv[0].reader.with_ela, args.img_size, args.workers, args.batches))
+            rounds["replaced"].append(measure_replaced(store, member, args.img_size, args.batch_size,
+                                                       args.workers, args.batches, args.seed))
+        median = {name: float(np.median(values)) for name, values in rounds.items()}
+        rates = {backend: median[backend] for backend in backends}
+        engine_rate, read_rate, replaced_rate = (median[default_backend], median["read_limit"],
+                                                 median["replaced"])
+        print(f"[{member}] stages ...", flush=True)
+        stages = measure_stages(opencv, store, args.img_size, args.batches)
         row = {"backend": default_backend, "engine_samples_per_s": engine_rate,
                "backend_samples_per_s": rates, "replaced_samples_per_s": replaced_rate,
                "read_limit_samples_per_s": read_rate, "engine_over_replaced": engine_rate / replaced_rate,
                "engine_over_read_limit": engine_rate / read_rate, "stage_ms": stages,
-               "replaced_skips": unsupported_ops(get_recipe(member))}
+               "replaced_skips": unsupported_ops(get_recipe(member)), "rounds": rounds}
         if args.train_steps:
             print(f"[{member}] training steps ...", flush=True)
             row["training"] = measure_training_wait(store, member, args.img_size, args.batch_size,
@@ -330,7 +340,8 @@ def main(argv=None) -> int:
               f"{r['replaced_samples_per_s']:>12.1f}"
               f"{r['read_limit_samples_per_s']:>12.1f}{r['engine_over_replaced']:>11.1f}x"
               f"{100 * r['engine_over_read_limit']:>9.0f}%  {shares}")
-    print("engine: the device's default backend; other: the other backend on the same device")
+    print(f"medians of {args.rounds} rounds; engine: the device's default backend; other: the "
+          "other backend on the same device")
     for member, r in results["members"].items():
         if "training" in r:
             t = r["training"]

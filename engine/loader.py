@@ -258,7 +258,9 @@ def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img
         per_sample, augmenter = _augmentation(recipe, group, meta, seed, epoch, img_size, backend)
     cores = os.cpu_count() or 1
     settings = _Settings(dev, batch_size, img_size, seed, epoch,
-                         workers=min(2, max(1, cores - 1)) if workers is None else workers,
+                         # one core left to the consumer; the workers idle once
+                         # DALI's prefetch queues are full
+                         workers=max(1, min(8, cores - 1)) if workers is None else workers,
                          threads=threads or min(4, cores))
     reader = WindowReader(store, with_ela=recipe.in_channels == 4)
     return Loader(WindowSource(reader, batches, img_size, per_sample, backend), augmenter, settings)

@@ -74,7 +74,9 @@ def resize_block(block, size: int):
     else:   # enlarging: nothing to antialias
         def resize(pixels):
             return cv2.resize(pixels, (size, size), interpolation=cv2.INTER_LINEAR)
-    mask = cv2.resize(block.mask[..., 0], (size, size), interpolation=cv2.INTER_NEAREST)
+    # NEAREST_EXACT samples at pixel centres, as the bilinear image resize does
+    # (INTER_NEAREST is off by half a source pixel)
+    mask = cv2.resize(block.mask[..., 0], (size, size), interpolation=cv2.INTER_NEAREST_EXACT)
     ela = None if block.ela is None else resize(block.ela[..., 0])
     return resize(block.image), mask, ela
 
