@@ -10,18 +10,21 @@ make_loader places the per-sample operations in one of two ways (`backend`):
   opencv  this module, in the reader workers after the read (and after
           enhanced_aug's copy-paste): crop-and-resize, the photometric
           operations, then the geometric ones and coarse dropout, all on
-          uint8. DALI then only normalises the finished crops into the batch.
-          The CPU placement (the default without CUDA).
+          uint8. DALI then only gathers the finished crops into the batch,
+          which the loader turns into normalised floats in one pass. The
+          CPU placement (the default without CUDA).
 
 Why two placements: on a CPU, per-sample work parallelises best in the
 worker processes, and OpenCV is far cheaper there than the alternatives.
 Measured on this 2-core machine, 512 x 512 output from blocks of about
 570-700 px, one thread: DALI's CPU fn.resize 5.6 ms a sample for RGB and
-2.3 ms for the mask, against about 1.5 ms for the antialiased resize here
-and 0.17 ms for OpenCV's nearest-neighbour one; Kornia's batch flips
+2.3 ms for the mask, against 1.0-1.3 ms for the antialiased resize here
+and 0.12 ms for OpenCV's nearest-neighbour one; Kornia's batch flips
 and quarter turns on float tensors about 2 ms a sample, in the consumer
-process, against 0.04-0.14 ms for OpenCV's flip and rotate here. On a GPU
-the dali placement is the fast one.
+process, against 0.04-0.14 ms for OpenCV's flip and rotate here. End to
+end the loader benchmark measured this backend at 3-3.4x the dali one on
+the CPU (benchmarks/loader_throughput.py). On a GPU the dali placement is
+the fast one.
 
 Parameters are drawn in one place each: the photometric values are the ones
 photometric.draw makes for the sample (OpenCV applies here what DALI applies
@@ -38,7 +41,7 @@ pre-filter then bilinear (_antialiased). Against DALI's antialiased resize
 of the same region from full resolution this measured 33-52 dB, against
 26-46 dB for plain bilinear (worst at shrinks near 2); torch's antialiased
 uint8 resize and INTER_AREA measured as good or better but 2-3x slower.
-Masks resize nearest-neighbour, so they stay 0/1.
+Masks resize nearest-neighbour at pixel centres, so they stay 0/1.
 """
 from __future__ import annotations
 
