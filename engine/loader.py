@@ -44,32 +44,35 @@ MIN_IMG_SIZE, MAX_IMG_SIZE = 16, 4096
 
 
 @njit(cache=True, nogil=True)
-def _planar_float_kernel(pixels, scale, shift, out):
+def _planar_float_kernel(pixels, table, out):
     batch, height, width, channels = pixels.shape
     for b in range(batch):
         for c in range(channels):
-            s, t = scale[c], shift[c]
+            values = table[c]
             for y in range(height):
                 for x in range(width):
-                    out[b, c, y, x] = pixels[b, y, x, c] * s + t
+                    out[b, c, y, x] = values[pixels[b, y, x, c]]
 
 
 def planar_float(pixels: torch.Tensor, scale, shift) -> torch.Tensor:
     """uint8 B x H x W x C -> float32 B x C x H x W as x * scale + shift
-    (scale, shift: numbers or 1 x C x 1 x 1). On the CPU one Numba pass:
-    DALI's crop_mirror_normalize plus the iterator's copy of its floats
-    measured about twice the consumer's time, and torch's ops wake its
-    thread pool, whose spinning takes CPU from the reader workers."""
+    (scale, shift: numbers or 1 x C x 1 x 1). On the CPU one Numba pass
+    through a 256-entry table per channel: DALI's crop_mirror_normalize plus
+    the iterator's copy of its floats measured about twice the consumer's
+    time, and torch's ops wake its thread pool, whose spinning takes CPU
+    from the reader workers."""
     channels = pixels.shape[-1]
     shape = (1, channels, 1, 1)
     scale = torch.as_tensor(scale, dtype=torch.float32, device=pixels.device).expand(shape)
     shift = torch.as_tensor(shift, dtype=torch.float32, device=pixels.device).expand(shape)
     if pixels.is_cuda:
         return pixels.permute(0, 3, 1, 2).float().mul_(scale).add_(shift)
-    out = torch.empty((pixels.shape[0], channels) + tuple(pixels.shape[1:3]), dtype=torch.float32)
-    _planar_float_kernel(pixels.numpy(), scale.reshape(-1).contiguous().numpy(),
-                         shift.reshape(-1).contiguous().numpy(), out.numpy())
-    return out
+    table = torch.arange(256, dtype=torch.float32) * scale.reshape(channels, 1) + shift.reshape(channels, 1)
+    # numpy's allocation, not torch.empty's: measured a third cheaper to fill
+    # here (fewer fresh pages to fault in)
+    out = np.empty((pixels.shape[0], channels) + tuple(pixels.shape[1:3]), np.float32)
+    _planar_float_kernel(pixels.numpy(), table.numpy(), out)
+    return torch.from_numpy(out)
 
 
 def resolve_device(device: str) -> torch.device:
