@@ -231,10 +231,10 @@ def draw_chart(results: dict, path: Path) -> None:
 
     members = list(results["members"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    rows = {"engine (" + "/".join(sorted({r["backend"] for r in results["members"].values()})) + ")":
-            [results["members"][m]["engine_samples_per_s"] for m in members],
-            "other backend": [next(v for b, v in results["members"][m]["backend_samples_per_s"].items()
-                                   if b != results["members"][m]["backend"]) for m in members],
+    default = results["members"][members[0]]["backend"]   # the device's: the same for every member
+    other = next(b for b in results["members"][members[0]]["backend_samples_per_s"] if b != default)
+    rows = {f"engine ({default} backend)": [results["members"][m]["engine_samples_per_s"] for m in members],
+            f"{other} backend": [results["members"][m]["backend_samples_per_s"][other] for m in members],
             "replaced": [results["members"][m]["replaced_samples_per_s"] for m in members],
             "read limit": [results["members"][m]["read_limit_samples_per_s"] for m in members]}
     width = 0.8 / len(rows)

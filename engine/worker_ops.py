@@ -22,8 +22,8 @@ Measured on this 2-core machine, 512 x 512 output from blocks of about
 and 0.12 ms for OpenCV's nearest-neighbour one; Kornia's batch flips
 and quarter turns on float tensors about 2 ms a sample, in the consumer
 process, against 0.04-0.14 ms for OpenCV's flip and rotate here. End to
-end the loader benchmark measured this backend at 3-3.4x the dali one on
-the CPU (benchmarks/loader_throughput.py). On a GPU the dali placement is
+end the loader benchmark measured this backend at about 3x the dali one
+on the CPU (2.8-3.4x over two runs, benchmarks/loader_throughput.py). On a GPU the dali placement is
 the fast one.
 
 Parameters are drawn in one place each: the photometric values are the ones
