@@ -14,8 +14,9 @@ or, with backend="opencv" (the default on the CPU; engine/worker_ops.py
 says why):
   worker_ops  -> in the same worker processes, on uint8: resize, colour,
                  blur, noise, JPEG, geometric operations, coarse dropout
-  pipeline    -> DALI normalises the batch (ImageNet mean/std on RGB, ELA
-                 scaled to [0, 1]) into float CHW
+  pipeline    -> DALI gathers the finished uint8 batch
+  normalise   -> one Numba pass (planar_float) to float CHW: ImageNet
+                 mean/std on RGB, ELA scaled to [0, 1]
 
 Everything random is a function of (seed, epoch, plan position), so the same
 arguments give the same batches, any rank layout covers the same plan, and a

@@ -129,7 +129,7 @@ def _draw_params(slot: Slot, rng, out_size: int):
         return [k, _opencv_sigma(k)], None
     if slot.name == "gaussian_noise":
         std = rng.uniform(*p["std"]) * _UINT8_MAX
-        # float32 draws directly: 4x cheaper than float64 normal() and a cast
+        # float32 draws directly: measured 1.5x cheaper than float64 normal() and a cast
         return [], rng.standard_normal((out_size, out_size, 3), dtype=np.float32) * np.float32(std)
     if slot.name == "motion_blur":
         return [], _line_kernel(int(p["kernel"]), rng)

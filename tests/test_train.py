@@ -231,6 +231,23 @@ def test_missing_highres_checkpoint_says_what_to_train(store, tmp_path, capsys, 
     assert "python trainers/train.py --member highres_no_ela" in err and "Traceback" not in err
 
 
+def test_backend_option_reaches_every_loader_of_the_run(store, tmp_path, monkeypatch):
+    seen = []
+    real = engine.make_loader
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs.get("split"), kwargs.get("backend")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "make_loader", recording)
+    status = main(["--member", "small_specialist", "--store", str(store), "--out", str(tmp_path),
+                   "--epochs", "1", "--max-steps", "1", "--encoder", SMALL_ENCODER,
+                   "--backend", "dali", *FAST])
+    assert status in (0, None)
+    assert {split for split, _ in seen} == {"train", "val"}
+    assert all(backend == "dali" for _, backend in seen)
+
+
 def test_schedules_follow_the_recipes():
     def lrs(member, epochs):
         recipe = dataclasses.replace(RECIPES[member], epochs=epochs)
