@@ -185,7 +185,8 @@ def _affine(angle: float, scale: float, dx: float, dy: float, size: int, arrays:
 
 def apply_geometric(image, mask, ela, ops: list[tuple[str, tuple]]):
     """(image, mask, ela) after `ops`: geometry moves all three together
-    (pixels bilinear, mask nearest), coarse dropout blanks RGB only."""
+    (pixels bilinear, mask nearest), coarse dropout blanks RGB only, in
+    place (the worker's image is its own fresh resize)."""
     size = image.shape[0]
     arrays = [image, mask, ela]
     for name, drawn in ops:
@@ -200,10 +201,8 @@ def apply_geometric(image, mask, ela, ops: list[tuple[str, tuple]]):
         elif name == "affine":
             arrays = _affine(*drawn, size, arrays, [cv2.INTER_LINEAR, cv2.INTER_NEAREST, cv2.INTER_LINEAR])
         elif name == "coarse_dropout":
-            rgb = arrays[0]
             for top, left, height, width in drawn[0]:
-                rgb[top:top + height, left:left + width] = 0
-            arrays[0] = rgb
+                arrays[0][top:top + height, left:left + width] = 0
         elif name != "rot90":
             raise ValueError(f"unknown batch augmentation {name!r}")
     return arrays
