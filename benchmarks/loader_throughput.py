@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from benchmarks.baseline_loader import make_replaced_loader, unsupported_ops
-from engine import photometric, sampling, worker_ops
+from engine import sampling, worker_ops
 from engine import store as layout
 from engine.loader import make_loader, resolve_backend, resolve_device
-from engine.pipeline import BACKENDS, STREAM_GEOMETRIC, STREAM_PHOTOMETRIC
+from engine.pipeline import BACKENDS
 from engine.reader import WindowReader
 from engine.recipes import get_recipe
 from preprocess.build_zarr import REPORT
@@ -115,7 +115,7 @@ def measure_read_limit(loaders, store, with_ela, img_size, workers, batches) -> 
 def measure_stages(loaders, store, img_size, batches) -> dict[str, float]:
     """Serial milliseconds per sample of each stage of the opencv backend,
     the same calls its reader workers make: read, resize, photometric
-    (drawing included), geometric (+ dropout), and the consumer's conversion
+    (with the sample's parameter draws), geometric (+ dropout), and the consumer's conversion
     of the uint8 batch to normalised floats."""
     reader = WindowReader(store, with_ela=loaders[0].reader.with_ela)
     seconds = dict.fromkeys(("read", "resize", "photometric", "geometric"), 0.0)
@@ -130,12 +130,9 @@ def measure_stages(loaders, store, img_size, batches) -> dict[str, float]:
             t1 = time.perf_counter()
             image, mask, ela = worker_ops.resize_block(block, img_size)
             t2 = time.perf_counter()
-            drawn = photometric.draw(aug.photometric, np.random.default_rng((int(seed), STREAM_PHOTOMETRIC)),
-                                     img_size)
+            drawn, ops = loader.source.draw(seed)
             image = worker_ops.apply_photometric(image, aug.photometric, drawn)
             t3 = time.perf_counter()
-            ops = worker_ops.draw_geometric(aug.geometric, np.random.default_rng((int(seed), STREAM_GEOMETRIC)),
-                                            img_size)
             image, mask, ela = worker_ops.apply_geometric(image, mask, ela, ops)
             t4 = time.perf_counter()
             for stage, (a, b) in zip(seconds, ((t0, t1), (t1, t2), (t2, t3), (t3, t4))):

@@ -33,7 +33,7 @@ from engine import photometric, sampling, worker_ops
 from engine.reader import WindowReader
 
 # Random streams of a sample's generator: what the worker draws for it.
-STREAM_PHOTOMETRIC, STREAM_COPY_PASTE, STREAM_GEOMETRIC = 1, 2, 3
+_STREAM_PHOTOMETRIC, _STREAM_COPY_PASTE, _STREAM_GEOMETRIC = 1, 2, 3
 BACKENDS = ("dali", "opencv")
 
 
@@ -88,6 +88,17 @@ class WindowSource:
         names += ["ela"] if self.reader.with_ela else []
         return names + [f"photometric_{i}" for i in range(photometric.input_count(self.augment.photometric))]
 
+    def draw(self, seed) -> tuple[list, list]:
+        """A sample's photometric values (photometric.draw) and the geometric
+        operations the opencv backend applies to it (none for dali: Kornia
+        draws those per batch), from the sample's seed."""
+        aug = self.augment
+        photometric_values = photometric.draw(
+            aug.photometric, np.random.default_rng((int(seed), _STREAM_PHOTOMETRIC)), self.out_size)
+        geometric = worker_ops.draw_geometric(
+            aug.geometric, np.random.default_rng((int(seed), _STREAM_GEOMETRIC)), self.out_size)
+        return photometric_values, geometric
+
     def __call__(self, info):
         k = info.iteration
         if k >= len(self.batches):
@@ -99,16 +110,12 @@ class WindowSource:
             block = self.reader.read(int(row), window, self.out_size)
             if aug.patch_bank is not None:
                 block.image, block.mask = aug.patch_bank.paste(
-                    block.image, block.mask, np.random.default_rng((int(seed), STREAM_COPY_PASTE)),
+                    block.image, block.mask, np.random.default_rng((int(seed), _STREAM_COPY_PASTE)),
                     p=aug.copy_paste["p"], scale=aug.copy_paste["scale"], pixel_scale=block.scale)
-            drawn = photometric.draw(aug.photometric,
-                                     np.random.default_rng((int(seed), STREAM_PHOTOMETRIC)),
-                                     self.out_size)
+            drawn, geometric = self.draw(seed)
             # 0-d arrays, not numpy scalars: DALI's worker processes accept only arrays
             index = np.array(row, np.int64)
             if self.backend == "opencv":
-                geometric = worker_ops.draw_geometric(
-                    aug.geometric, np.random.default_rng((int(seed), STREAM_GEOMETRIC)), self.out_size)
                 values = worker_ops.finish(block, self.out_size, aug.photometric, drawn, geometric)
                 values.append(index)
             else:

@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import fn, pipeline_def
 from skimage import data
 
 from engine import photometric, worker_ops
@@ -13,6 +13,7 @@ from engine import store as layout
 from engine.loader import resolve_backend
 from engine.reader import WindowReader
 from tests.test_photometric import OPS
+from tests.test_reader import _psnr
 
 SIZE = 96
 
@@ -74,15 +75,12 @@ def _dali_resize(blocks, size, **kwargs):
     return [np.asarray(out[i]) for i in range(len(blocks))]
 
 
-def _psnr(a, b) -> float:
-    return float(10 * np.log10(255 ** 2 / max(np.mean((a.astype(float) - b.astype(float)) ** 2), 1e-12)))
-
-
 def test_resize_from_the_pyramid_stays_close_to_dali_antialiased_from_full_resolution(demo_store):
     """The opencv resize snaps the window outward to the pyramid level's
-    pixel grid (under one output pixel), then resizes bilinearly. Against
-    DALI's antialiased resize of that same region from level 0 it loses
-    little; masks stay 0/1 and land where DALI's nearest-neighbour ones do."""
+    pixel grid (under one output pixel), then pre-filters and resizes
+    bilinearly. Against DALI's antialiased resize of that same region from
+    level 0 it loses little, and masks stay 0/1 (where they land against
+    DALI's: test_loader.py's test of both backends)."""
     meta = layout.read_meta(layout.open_store(demo_store))
     rows = [int(r) for r in np.argsort(-meta["height"].astype(int) * meta["width"])[:6]]
     out = 64
