@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from trainers.rle import (
-    AUTHENTIC, RLEError, decode_annotation, decode_instance, encode_annotation, encode_instance,
+    AUTHENTIC, RLEError, decode_annotation, decode_instance, decode_runs, encode_annotation,
+    encode_instance, mask_runs,
 )
 
 masks = st.tuples(st.integers(1, 12), st.integers(1, 12)).flatmap(
@@ -19,6 +20,12 @@ masks = st.tuples(st.integers(1, 12), st.integers(1, 12)).flatmap(
 @given(masks)
 def test_instance_round_trip(mask):
     assert np.array_equal(decode_instance(encode_instance(mask), mask.shape), mask)
+    runs = decode_runs(encode_instance(mask), mask.shape)
+    assert np.array_equal(runs, mask_runs(mask))
+    covered = np.zeros(mask.size, bool)              # [first, end) of column-major indices
+    for first, end in runs:
+        covered[first:end] = True
+    assert np.array_equal(covered, mask.T.ravel())
 
 
 @settings(max_examples=200, deadline=None)
@@ -81,6 +88,12 @@ def test_empty_instance_is_refused_when_encoding():
     ("[3, 1, 1, 1]", "not ascending"),
     ("[1, 3, 2, 1]", "overlaps"),
     ("[1, 0]", "length 0"),
+    ("[1, -3]", "length -3"),
+    ("[99999999999999999999999, 1]", r"run 0 \(start 9+, length 1\) lies outside"),
+    ("[1, 1, 9223372036854775807, 2]", "run 1 .* lies outside"),      # int64 max: would wrap
+    ("[-99999999999999999999999, 1]", "run 0 .* lies outside"),
+    ("[1, " + "9" * 5000 + "]", "not a JSON list of integers"),      # past int()'s digit limit
+    ("[" * 100_000, "not a JSON list"),                               # past the recursion limit
 ])
 def test_malformed_instance(text, problem):
     with pytest.raises(RLEError, match=problem):
@@ -92,3 +105,8 @@ def test_malformed_annotation_names_the_instance():
         decode_annotation("[1, 1];[9, 1]", (2, 3))
     with pytest.raises(RLEError, match="empty annotation"):
         decode_annotation("  ", (2, 3))
+
+
+def test_an_image_past_64_bit_pixel_indices_is_refused():
+    with pytest.raises(RLEError, match="beyond 64-bit pixel indices"):
+        decode_runs("[1, 1]", (2**40, 2**40))

@@ -1,8 +1,12 @@
 """The competition's metric on hand-built cases, and every malformed-row error."""
+import re
+import tracemalloc
+
 import numpy as np
 import pytest
 
 from engine.store import instances_mask_path, open_store, read_meta
+from trainers import score as score_module
 from trainers.rle import decode_annotation, encode_annotation, encode_instance
 from trainers.score import (
     ScoreError, image_score, main, read_solution, score_files, split_rows, store_case_ids,
@@ -154,3 +158,85 @@ def test_store_case_ids_tell_apart_an_authentic_and_a_forged_image_of_one_case()
     ids = store_case_ids(np.array(["a", "b", "a", "c"]), np.array([0, 1, 2, 3]))
     assert ids == ["a#0", "b", "a#2", "c"]
     assert store_case_ids(np.array(["a", "b", "a", "c"]), np.array([0, 1, 3])) == ["a", "b", "c"]
+
+
+def test_thousands_of_instances_on_a_large_image_score_in_little_memory(tmp_path):
+    # 3000 one-pixel instances on 3000 x 3000: one dense mask per instance
+    # would take 27 GB. Every other prediction adds a neighbouring pixel:
+    # F1 2 x 1 / (1 + 2) = 2/3 there, 1 elsewhere, so the mean is 5/6.
+    pixels = np.arange(3000) * 2999 + 1
+    truth = ";".join(f"[{p}, 1]" for p in pixels)
+    guess = ";".join(f"[{p}, {1 + k % 2}]" for k, p in enumerate(pixels))
+    solution = write_csv(tmp_path / "s.csv", "case_id,annotation,shape",
+                         [["a", quoted(truth), '"[3000, 3000]"']])
+    submission = write_csv(tmp_path / "p.csv", "case_id,annotation", [["a", quoted(guess)]])
+    tracemalloc.start()
+    try:
+        score = score_files(solution, submission)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert score == pytest.approx(5 / 6)
+    assert peak < 300e6
+
+
+def test_annotations_longer_than_csvs_default_field_limit(tmp_path):
+    # A 300 x 300 checkerboard: 45000 runs, over 400k characters.
+    mask = np.add.outer(np.arange(300), np.arange(300)) % 2 == 0
+    annotation = encode_annotation([mask])
+    assert len(annotation) > 131_072
+    solution = write_csv(tmp_path / "s.csv", "case_id,annotation,shape",
+                         [["a", quoted(annotation), '"[300, 300]"']])
+    # The left half: 2 x 22500 / (45000 + 22500) = 2/3.
+    half = mask.copy()
+    half[:, 150:] = False
+    submission = write_csv(tmp_path / "p.csv", "case_id,annotation",
+                           [["a", quoted(encode_instance(half))]])
+    assert score_files(solution, submission) == pytest.approx(2 / 3)
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    solution = write_csv(tmp_path / "s.csv", "case_id,annotation,shape", GOOD_SOLUTION)
+    submission = tmp_path / "p.csv"
+    submission.write_bytes(b'\xef\xbb\xbfcase_id,annotation\na,"[1, 4]"\nb,authentic\n')
+    assert score_files(solution, submission) == 1.0
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b'case_id,annotation\na,"[1, 4]"\nb\xe9,authentic\n',
+     r"p.csv, line 3, case 'b\ufffd': byte 0xe9 is not UTF-8"),
+    (b'case_id,annotation\na,"[99999999999999999999999999, 1]"\nb,authentic\n',
+     r"p.csv, line 2, case 'a': instance 0: run 0 \(start 9+, length 1\) lies outside"),
+    (b'case_id,annotation\na,"[9223372036854775807, 2]"\nb,authentic\n',   # int64 max
+     r"line 2, case 'a': instance 0: run 0 .* lies outside the image's 20 pixels"),
+    (b'case_id,annotation\na,"[1, ' + b"9" * 5000 + b']"\nb,authentic\n',
+     r"line 2, case 'a': instance 0: not a JSON list of integers"),
+])
+def test_undecodable_or_out_of_range_rows_are_named(tmp_path, capsys, content, problem):
+    solution = write_csv(tmp_path / "s.csv", "case_id,annotation,shape", GOOD_SOLUTION)
+    submission = tmp_path / "p.csv"
+    submission.write_bytes(content)
+    with pytest.raises(ScoreError, match=problem):
+        score_files(solution, submission)
+    assert main(["--solution", str(solution), "--submission", str(submission)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and re.search(problem, err)
+
+
+def test_a_failed_solution_write_leaves_the_old_file(demo_store, tmp_path, monkeypatch):
+    path = tmp_path / "solution.csv"
+    path.write_text("old\n")
+    calls = []
+
+    def fail_on_the_second_row(group, row):
+        calls.append(row)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return []
+
+    monkeypatch.setattr(score_module, "true_instances", fail_on_the_second_row)
+    with pytest.raises(OSError, match="disk full"):
+        write_solution(demo_store, path, "val")
+    assert path.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["solution.csv"]
+    assert main(["--write-solution", str(tmp_path), "--store", str(demo_store)]) == 2

@@ -10,9 +10,16 @@ max(n_pred, n_true). That equals the competition's "mean matched F1 x
 n_true / max(n_pred, n_true)": its matrix is padded with zero rows up to
 n_true, so its mean runs over n_true pairs. The score is the mean over images.
 
+Instances are scored as runs (trainers/rle.py), never as one H x W array
+each: memory grows with the annotations' length and the overlapping pairs,
+so 3000 one-pixel instances on a 3000 x 3000 image take megabytes.
+
 A solution file has `case_id,annotation,shape` (shape a JSON list [H, W]); a
-submission has `case_id,annotation`. Every row is checked, and a bad one stops
-the run with its file, line and case id.
+submission has `case_id,annotation`. Both are UTF-8 (a byte-order mark is
+allowed) and fields may be of any length. Every row is checked, and a bad one
+(not UTF-8, too few fields, a malformed or out-of-range run...) stops the run with
+its file, line and case id; the CLI then prints `error: ...` and exits 2.
+Solution files are written whole or not at all (trainers/atomic.py).
 """
 from __future__ import annotations
 
@@ -24,14 +31,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import sparse
 from scipy.optimize import linear_sum_assignment
 
 from engine.store import SPLITS
 from engine.store import StoreError, image_path, instances_mask_path, open_store, read_meta
-from trainers.rle import RLEError, decode_annotation, encode_annotation
+from trainers.atomic import atomic_open
+from trainers.rle import RLEError, decode_annotation_runs, encode_annotation, mask_runs
 
 SOLUTION_COLUMNS = ("case_id", "annotation", "shape")
 SUBMISSION_COLUMNS = ("case_id", "annotation")
+# A fragmented mask's annotation is far longer than csv's default field limit
+# of 131,072 characters (a 1500 x 1500 one reaches 560k); 2**31 - 1 is the
+# largest limit every platform's C long holds.
+CSV_FIELD_LIMIT = 2**31 - 1
 
 
 class ScoreError(ValueError):
@@ -52,7 +65,7 @@ def _where(path: Path, line: int, case_id: str) -> str:
 def _parse_shape(text: str, where: str) -> tuple[int, int]:
     try:
         shape = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):   # not JSON, an integer of over 4300 digits, deep nesting
         shape = None
     if not (isinstance(shape, list) and len(shape) == 2
             and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
@@ -61,29 +74,65 @@ def _parse_shape(text: str, where: str) -> tuple[int, int]:
     return shape[0], shape[1]
 
 
+def _encoding_problem(fields: list[str]) -> str | None:
+    """What is wrong with fields decoded with surrogateescape, if a byte was not UTF-8."""
+    for value in fields:
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                byte = value[exc.start].encode("utf-8", "surrogateescape")[0]
+                return f"byte {byte:#04x} is not UTF-8; save the file as UTF-8"
+    return None
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _parse_rows(path: Path, reader, columns: tuple[str, ...]) -> dict[str, Row]:
+    header = next(reader, None)
+    if header is None:
+        raise ScoreError(f"{path}: empty file; expected the header {','.join(columns)}")
+    if problem := _encoding_problem(header):
+        raise ScoreError(f"{path}, line 1: {problem}")
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise ScoreError(f"{path}, line 1: header {header} lacks the "
+                         f"column(s) {missing}; expected {','.join(columns)}")
+    index = {c: header.index(c) for c in columns}
+    rows: dict[str, Row] = {}
+    for fields in reader:
+        if not fields:
+            continue                    # a blank line
+        line = reader.line_num
+        case_id = fields[index["case_id"]].strip() if len(fields) > index["case_id"] else ""
+        where = _where(path, line, _printable(case_id))
+        if problem := _encoding_problem(fields):
+            raise ScoreError(f"{where}: {problem}")
+        if len(fields) <= max(index.values()):
+            raise ScoreError(f"{where}: fewer fields than the header's {len(columns)}")
+        if not case_id:
+            raise ScoreError(f"{where}: empty case_id")
+        if case_id in rows:
+            raise ScoreError(f"{where}: duplicate row (first at line {rows[case_id].line})")
+        shape = _parse_shape(fields[index["shape"]], where) if "shape" in index else None
+        rows[case_id] = Row(fields[index["annotation"]].strip(), line, shape)
+    return rows
+
+
 def _read_rows(path: Path, columns: tuple[str, ...]) -> dict[str, Row]:
     path = Path(path)
     if not path.is_file():
         raise ScoreError(f"{path}: no such file")
-    rows: dict[str, Row] = {}
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in columns if c not in (reader.fieldnames or ())]
-        if missing:
-            raise ScoreError(f"{path}, line 1: header {reader.fieldnames} lacks the "
-                             f"column(s) {missing}; expected {','.join(columns)}")
-        for record in reader:
-            line, case_id = reader.line_num, (record["case_id"] or "").strip()
-            where = _where(path, line, case_id)
-            if any(record.get(c) is None for c in columns):
-                raise ScoreError(f"{where}: fewer fields than the header's {len(columns)}")
-            if not case_id:
-                raise ScoreError(f"{where}: empty case_id")
-            if case_id in rows:
-                raise ScoreError(f"{where}: duplicate row (first at line {rows[case_id].line})")
-            shape = _parse_shape(record["shape"], where) if "shape" in columns else None
-            rows[case_id] = Row(record["annotation"].strip(), line, shape)
-    return rows
+    previous_limit = csv.field_size_limit(CSV_FIELD_LIMIT)
+    # utf-8-sig: a leading byte-order mark is dropped. surrogateescape: a byte
+    # that is not UTF-8 reaches its row, which is then named in the error.
+    try:
+        with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
+            return _parse_rows(path, csv.reader(handle), columns)
+    finally:
+        csv.field_size_limit(previous_limit)
 
 
 def read_solution(path: str | Path) -> dict[str, Row]:
@@ -94,25 +143,57 @@ def read_submission(path: str | Path) -> dict[str, Row]:
     return _read_rows(Path(path), SUBMISSION_COLUMNS)
 
 
-def _f1_matrix(pred: list[np.ndarray], true: list[np.ndarray]) -> np.ndarray:
-    pred_area = [np.count_nonzero(p) for p in pred]
-    true_area = [np.count_nonzero(t) for t in true]
-    f1 = np.zeros((len(pred), len(true)))
-    for i, p in enumerate(pred):
-        for j, t in enumerate(true):
-            overlap = np.count_nonzero(p & t)
-            # 2 tp / (2 tp + fp + fn); two empty masks score 0 as in the competition.
-            f1[i, j] = 2 * overlap / (pred_area[i] + true_area[j]) if overlap else 0.0
-    return f1
+def _segment_incidence(instances: list[np.ndarray], cuts: np.ndarray,
+                       weights: np.ndarray | None = None) -> sparse.csr_matrix:
+    """(instances, segments) sparse: which segments between consecutive cuts
+    each instance covers (every run boundary is a cut, so coverage is whole),
+    with the segment's weight, or 1."""
+    runs = np.concatenate(instances)
+    owner = np.repeat(np.arange(len(instances)), [len(r) for r in instances])
+    first, stop = np.searchsorted(cuts, runs[:, 0]), np.searchsorted(cuts, runs[:, 1])
+    count = stop - first
+    # Each run's segment indices first..stop-1, all runs' concatenated.
+    segment = np.arange(count.sum()) + np.repeat(first - (np.cumsum(count) - count), count)
+    values = np.ones(len(segment)) if weights is None else weights[segment]
+    return sparse.csr_matrix((values, (np.repeat(owner, count), segment)),
+                             shape=(len(instances), len(cuts) - 1))
+
+
+def _overlaps(pred: list[np.ndarray], true: list[np.ndarray]) -> sparse.coo_matrix:
+    """(n_pred, n_true) sparse shared-pixel counts of instances given as runs."""
+    cuts = np.unique(np.concatenate([runs.ravel() for runs in pred + true]))
+    if len(cuts) < 2:                   # no instance has a pixel
+        return sparse.coo_matrix((len(pred), len(true)))
+    covered_pixels = _segment_incidence(pred, cuts, np.diff(cuts).astype(np.float64))
+    return (covered_pixels @ _segment_incidence(true, cuts).T).tocoo()
+
+
+def runs_score(true: list[np.ndarray], pred: list[np.ndarray]) -> float:
+    """One image's score from its true and predicted instances as runs
+    (trainers/rle.py; [] = authentic). Memory grows with the runs and the
+    overlapping pairs, never with the image: pixel overlaps are a sparse
+    product over the segments that the runs' boundaries cut, and only
+    instances that overlap something enter the matching."""
+    if not true or not pred:
+        return float(not true and not pred)
+    overlap = _overlaps(pred, true)
+    if not overlap.nnz:
+        return 0.0
+    pred_area = np.array([np.sum(r[:, 1] - r[:, 0]) for r in pred], np.float64)
+    true_area = np.array([np.sum(r[:, 1] - r[:, 0]) for r in true], np.float64)
+    # 2 tp / (2 tp + fp + fn); pairs without overlap score 0, as in the
+    # competition, and cannot raise the matched sum, so they are left out.
+    rows, row = np.unique(overlap.row, return_inverse=True)
+    cols, col = np.unique(overlap.col, return_inverse=True)
+    f1 = np.zeros((len(rows), len(cols)))
+    f1[row, col] = 2 * overlap.data / (pred_area[overlap.row] + true_area[overlap.col])
+    matched_rows, matched_cols = linear_sum_assignment(f1, maximize=True)
+    return float(f1[matched_rows, matched_cols].sum() / max(len(pred), len(true)))
 
 
 def image_score(true: list[np.ndarray], pred: list[np.ndarray]) -> float:
     """One image's score from its true and predicted instance masks ([] = authentic)."""
-    if not true or not pred:
-        return float(not true and not pred)
-    f1 = _f1_matrix(pred, true)
-    rows, cols = linear_sum_assignment(f1, maximize=True)
-    return float(f1[rows, cols].sum() / max(len(pred), len(true)))
+    return runs_score([mask_runs(m) for m in true], [mask_runs(m) for m in pred])
 
 
 def per_image_scores(solution: dict[str, Row], submission: dict[str, Row],
@@ -130,14 +211,14 @@ def per_image_scores(solution: dict[str, Row], submission: dict[str, Row],
                              f"(solution {solution_path}, line {truth.line})")
         guess = submission[case_id]
         try:
-            true = decode_annotation(truth.annotation, truth.shape)
+            true = decode_annotation_runs(truth.annotation, truth.shape)
         except RLEError as exc:
             raise ScoreError(f"{_where(solution_path, truth.line, case_id)}: {exc}") from None
         try:
-            pred = decode_annotation(guess.annotation, truth.shape)
+            pred = decode_annotation_runs(guess.annotation, truth.shape)
         except RLEError as exc:
             raise ScoreError(f"{_where(submission_path, guess.line, case_id)}: {exc}") from None
-        scores[case_id] = image_score(true, pred)
+        scores[case_id] = runs_score(true, pred)
     return scores
 
 
@@ -190,9 +271,7 @@ def open_split(store: str | Path, split: str):
 def write_solution(store: str | Path, path: str | Path, split: str = "val") -> int:
     """Write the solution CSV of a store split; returns the number of rows."""
     group, meta, rows = open_split(store, split)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
+    with atomic_open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(SOLUTION_COLUMNS)
         for case_id, row in zip(store_case_ids(meta["case_id"], rows), rows):
@@ -224,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"score {score_files(args.solution, args.submission):.6f}")
     except (ScoreError, StoreError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

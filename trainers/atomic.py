@@ -1,0 +1,37 @@
+"""Output files that appear complete or not at all.
+
+`atomic_open(path)` writes a hidden `.NAME.PID.partial` beside the target and
+renames it over the target (os.replace) only when the block ends without an
+error: a failed or killed run leaves the previous file as it was. The
+leftover of a killed run is never read by anything here; delete it freely.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+
+def partial_path(path: Path) -> Path:
+    """Where `path` is written before it is renamed into place."""
+    return path.with_name(f".{path.name}.{os.getpid()}.partial")
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "w", **open_args) -> Iterator[IO]:
+    """open(path, mode) for writing, replacing `path` only when the block succeeds."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder; name the file to write")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = partial_path(path)
+    try:
+        with open(partial, mode, **open_args) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
