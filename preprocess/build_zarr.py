@@ -20,19 +20,45 @@ uninterrupted build gives. Every step of the final phase can be repeated.
 
 Bad input (a file that cannot be stored): by default the case is skipped and
 listed with its reason in the summary and in `<out>/build_report.json`;
---strict stops at the first one with exit status 1.
+--strict stops at the first one. Only regular files are read: symlinks are
+followed, while loops, dangling links, FIFOs, devices, hidden files and names
+that cannot be case ids are skipped and listed too (preprocess/source.py says
+which and why). A build that would store nothing (an empty source, or every
+input skipped) fails instead of leaving an empty store.
+
+One build at a time per output: the whole build, from the check for an
+existing store to the final rename, holds an exclusive flock on
+`<out>.lock` beside the store, which records the holder's PID, host and
+start time. A second build into the same output refuses at once and names
+the holder. flock rather than a lock file made with O_EXCL: the kernel
+drops the lock when its holder dies, even by kill -9, so a lock file left by
+a dead build never blocks the next one and no PID has to be checked for
+being alive (PIDs are reused and mean nothing on another host sharing the
+file system). The file is removed when the build ends; a build that finds it
+removed between opening and locking it locks the new one instead.
+
+Errors (bad arguments, another build running, --strict's first bad input,
+nothing to store, a full disk or any other error reading or writing a
+file) print one line `build_zarr: error: <path>: <problem>` and exit with
+status 2; after a full disk, free space and rerun the same command: the
+build resumes.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 
 import cv2
@@ -44,8 +70,8 @@ from engine import store as layout
 from engine.recipes import SIZE_CLASS_NAMES
 from preprocess import ela as ela_module
 from preprocess.demo_data import DEFAULT_COUNT, write_demo
-from preprocess.source import (DEFAULT_MAX_PIXELS, BadInput, Case, count_test_images, discover,
-                               load_image, load_masks)
+from preprocess.source import (DEFAULT_MAX_PIXELS, FOLDERS, BadInput, Case, count_test_images,
+                               discover, load_image, load_masks, shown)
 
 STAGING = "staging"
 RECORDS = "records"
@@ -55,7 +81,70 @@ DEMO_DIR = Path("data/demo")
 
 
 class BuildError(RuntimeError):
-    """A build that cannot go on (strict mode's first bad input, bad arguments)."""
+    """A build that cannot go on (strict mode's first bad input, bad arguments,
+    another build holding the output, nothing to store, a file error)."""
+
+
+def os_error(exc: OSError, where: Path) -> BuildError:
+    """`exc` as one line naming its file (`where` when it names none, as a
+    failed write() does)."""
+    path = shown(exc.filename if exc.filename is not None else where)
+    if exc.errno == errno.ENOSPC:
+        return BuildError(f"{path}: no space left on the device; free space there and rerun "
+                          "the same command (the build resumes where it stopped)")
+    return BuildError(f"{path}: {exc.strerror or exc}")
+
+
+def lock_path(out: Path) -> Path:
+    return out.with_name(out.name + ".lock")
+
+
+@contextlib.contextmanager
+def output_lock(out: Path):
+    """Hold the exclusive lock on `out` (module docstring) while the block
+    runs, or raise BuildError naming the build that holds it."""
+    path = lock_path(out)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise BuildError(f"{out}: another build is writing it ({holder}; lock {path}); wait "
+                             "for it to finish, or stop that process and rerun") from None
+        if _is_file_at(fd, path):
+            break
+        os.close(fd)  # its holder removed it after we opened it: lock the new one
+    try:
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": datetime.now().astimezone().isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        yield
+    finally:
+        # removed while still locked: whoever opened this file meanwhile
+        # finds it gone from `path` after locking it, and retries
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0))
+        return f"PID {holder['pid']} on host {holder['host']}, started {holder['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "holder not recorded yet: it is just starting"
+
+
+def _is_file_at(fd: int, path: Path) -> bool:
+    try:
+        on_disk = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (on_disk.st_dev, on_disk.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 @dataclass(frozen=True)
@@ -72,6 +161,7 @@ class Settings:
     max_levels: int
     val_fraction: float
     cases_sha256: str
+    store_version: int = layout.VERSION   # chunk encoding: a partial of another version starts over
 
 
 # ---------------------------------------------------------------- one image
@@ -119,7 +209,10 @@ def write_pixels(group: zarr.Group, key: int, rgb: np.ndarray, instances: np.nda
 def _file_stat(path: Path | None) -> list[int] | None:
     if path is None:
         return None
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except OSError as exc:  # removed or replaced since discovery
+        raise BadInput(path, f"cannot read the file's status ({exc.strerror})") from None
     return [st.st_size, st.st_mtime_ns]
 
 
@@ -132,19 +225,23 @@ def process_case(task: tuple[int, Case, str, int]) -> dict:
     """Worker: decode, validate and write one case; returns its record."""
     key, case, partial, max_pixels = task
     staging = Path(partial) / STAGING / str(key)
-    shutil.rmtree(staging, ignore_errors=True)  # leftovers of a killed attempt
-    record = {"key": key, **case_fingerprint(case)}
+    record = {"key": key}
     try:
-        rgb = load_image(case.image, max_pixels)
-        instances = load_masks(case.mask, *rgb.shape[:2]) if case.label else None
-    except BadInput as exc:
-        record.update(skipped=exc.problem, file=exc.path)
-    else:
-        write_pixels(zarr.open_group(str(staging), mode="w"), key, rgb, instances)
-        record.update(height=rgb.shape[0], width=rgb.shape[1])
-        if instances is not None:
-            record.update(mask_stats(instances))
-    _write_json_atomic(Path(partial) / RECORDS / f"{key}.json", record)
+        shutil.rmtree(staging, ignore_errors=True)  # leftovers of a killed attempt
+        try:
+            record.update(case_fingerprint(case))
+            rgb = load_image(case.image, max_pixels)
+            instances = load_masks(case.mask, *rgb.shape[:2]) if case.label else None
+        except BadInput as exc:
+            record.update(skipped=exc.problem, file=exc.path)
+        else:
+            write_pixels(zarr.open_group(str(staging), mode="w"), key, rgb, instances)
+            record.update(height=rgb.shape[0], width=rgb.shape[1])
+            if instances is not None:
+                record.update(mask_stats(instances))
+        _write_json_atomic(Path(partial) / RECORDS / f"{key}.json", record)
+    except OSError as exc:  # reading the sources is BadInput: this is the store's side
+        raise os_error(exc, staging) from None
     return record
 
 
@@ -307,7 +404,12 @@ def reusable_record(partial: Path, key: int, case: Case) -> dict | None:
     if not path.exists():
         return None
     record = json.loads(path.read_text())
-    if "skipped" in record or any(record[k] != v for k, v in case_fingerprint(case).items()):
+    if "skipped" in record:
+        return None
+    try:
+        if any(record[k] != v for k, v in case_fingerprint(case).items()):
+            return None
+    except BadInput:  # the source file is gone: process_case reports it
         return None
     return record
 
@@ -353,8 +455,22 @@ def build_store(source: Path, out: Path, *, workers: int | None = None, strict: 
                 overwrite: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
                 progress: bool = True, figure: bool = True) -> dict | None:
     """Build `out` from `source`; returns the build report, or None when a
-    complete store already exists there (and overwrite is False)."""
+    complete store already exists there (and overwrite is False). Holds the
+    output's lock throughout (module docstring)."""
     source, out = Path(source), Path(out)
+    if out.parent.exists() and not out.parent.is_dir():
+        raise BuildError(f"{out.parent}: not a folder, so {out.name} cannot be made in it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with output_lock(out):
+            return _build_locked(source, out, workers=workers, strict=strict, overwrite=overwrite,
+                                 max_pixels=max_pixels, progress=progress, figure=figure)
+    except OSError as exc:  # the sources' are BadInput: this names the store's side
+        raise os_error(exc, layout.partial_path(out)) from None
+
+
+def _build_locked(source: Path, out: Path, *, workers: int | None, strict: bool, overwrite: bool,
+                  max_pixels: int, progress: bool, figure: bool) -> dict | None:
     if out.exists():
         if not overwrite:
             layout.open_store(out)  # raises StoreError when it is not a store
@@ -370,11 +486,13 @@ def build_store(source: Path, out: Path, *, workers: int | None = None, strict: 
         raise BuildError(str(problems[0]))
     settings = settings_for(source, cases, max_pixels)
     partial = layout.partial_path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if not open_partial(partial, settings):
         records = process_all(partial, cases, workers, max_pixels, strict, progress)
         skipped = [{"file": p.path, "problem": p.problem} for p in problems] + \
                   [{"file": r["file"], "problem": r["skipped"]} for r in records if "skipped" in r]
+        if all("skipped" in r for r in records):  # no case, or none stored
+            shutil.rmtree(partial)
+            raise nothing_stored(source, skipped)
         report = {
             "source": str(source), "skipped": skipped,
             "test_images_not_stored": count_test_images(source),
@@ -398,6 +516,15 @@ def build_store(source: Path, out: Path, *, workers: int | None = None, strict: 
         write_summary_figure(group, png)
         print(f"summary figure: {png}")
     return report
+
+
+def nothing_stored(source: Path, skipped: list[dict]) -> BuildError:
+    if not skipped:
+        folders = ", ".join(folder for folder, _, _ in FOLDERS)
+        return BuildError(f"{source}: no <case>.png files in {folders}; nothing to store")
+    first = skipped[0]
+    return BuildError(f"{source}: nothing to store: all {len(skipped)} input files were skipped "
+                      f"(the first: {first['file']}: {first['problem']}); fix or replace them")
 
 
 def summary_figure_path(out: Path) -> Path:
@@ -435,13 +562,18 @@ def print_summary(meta: dict, report: dict) -> None:
 def ensure_demo(folder: Path, count: int, seed: int, progress: bool = True) -> None:
     """Write the demo folder unless it exists (written to a temporary
     folder and renamed, so a killed run leaves no half folder)."""
-    if folder.exists():
-        print(f"using the demo folder {folder} (delete it to regenerate)")
-        return
     tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_demo(tmp, count=count, seed=seed, progress=progress)
-    os.rename(tmp, folder)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with output_lock(folder):  # a second build would delete this one's tmp
+            if folder.exists():
+                print(f"using the demo folder {folder} (delete it to regenerate)")
+                return
+            shutil.rmtree(tmp, ignore_errors=True)
+            write_demo(tmp, count=count, seed=seed, progress=progress)
+            os.rename(tmp, folder)
+    except OSError as exc:
+        raise os_error(exc, tmp) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -449,7 +581,10 @@ def main(argv: list[str] | None = None) -> int:
         description="Build the forgery store (Zarr v3) from a Kaggle-layout folder, "
                     "or from the built-in demo data when --source is not given.",
         epilog="Row order: by folder, then case id. Exit status 0 on success or when a "
-               "complete store exists, 1 on failure.")
+               "complete store exists; 2 with a one-line message when the build cannot be "
+               "done (another build holds STORE.lock, nothing to store, --strict's first "
+               "bad input, a full disk...). Skipped files are listed in the summary and in "
+               "STORE/build_report.json.")
     parser.add_argument("--source", type=Path, help="Kaggle-layout folder (default: demo data)")
     parser.add_argument("--out", type=Path, default=layout.DEFAULT_STORE, help="store path")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
@@ -472,9 +607,9 @@ def main(argv: list[str] | None = None) -> int:
         build_store(source, args.out, workers=args.workers, strict=args.strict,
                     overwrite=args.overwrite, max_pixels=args.max_pixels,
                     figure=not args.no_figure)
-    except (BuildError, BadInput, FileNotFoundError, layout.StoreError) as exc:
+    except (BuildError, BadInput, layout.StoreError) as exc:
         print(f"build_zarr: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

@@ -286,7 +286,7 @@ def test_strict_stops_at_the_first_bad_input(bad_source, tmp_path, capsys):
     out = tmp_path / "store.zarr"
     code = main(["--source", str(root), "--out", str(out), "--strict", "--workers", "1",
                  "--no-figure"])
-    assert code == 1
+    assert code == 2
     err = capsys.readouterr().err
     assert "error:" in err and str(root) in err
     assert not out.exists()
