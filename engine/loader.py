@@ -24,7 +24,10 @@ loader started at batch k yields exactly batches k, k+1, ... of a full run.
 """
 from __future__ import annotations
 
+import functools
 import os
+import shutil
+import subprocess
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +38,7 @@ from engine import photometric, sampling
 from engine import store as layout
 from engine.augment import batch_entries, build_augmenter
 from engine.patch_bank import PatchBank
-from engine.pipeline import BACKENDS, PlannedBatches, SampleAugment, WindowSource, build_pipeline, iterate
+from engine.pipeline import BACKENDS, PREFETCH_PER_WORKER, PlannedBatches, SampleAugment, WindowSource, build_pipeline, iterate
 from engine.reader import WindowReader
 from engine.recipes import WHOLE_IMAGE, Recipe, get_recipe
 
@@ -76,13 +79,50 @@ def planar_float(pixels: torch.Tensor, scale, shift) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def cores_per_process() -> int:
+    """This process's share of the machine's cores: torchrun's LOCAL_WORLD_SIZE
+    ranks on one node split them, so their loader workers and threads do not
+    fight over the same cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+@functools.cache
+def gpus_seen_by_driver() -> list[str]:
+    """GPUs `nvidia-smi -L` lists (empty without nvidia-smi or a GPU)."""
+    try:
+        done = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line for line in done.stdout.splitlines() if line.startswith("GPU ")] if done.returncode == 0 else []
+
+
+def _cuda_unusable_message(asked: str) -> str:
+    gpus = gpus_seen_by_driver()
+    if not gpus:
+        return f"device {asked!r} asked for, but CUDA is not available on this machine"
+    return (f"nvidia-smi sees {len(gpus)} GPU(s) ({gpus[0]}) but torch {torch.__version__} "
+            f"(built for CUDA {torch.version.cuda}) cannot use them: the NVIDIA driver is likely "
+            "too old for this CUDA build. Update the driver (nvidia-smi shows its version and the "
+            "newest CUDA it supports), or pass --device cpu to run on the CPU on purpose")
+
+
 def resolve_device(device: str) -> torch.device:
-    """'auto' picks CUDA when present; 'cuda' without CUDA is an error."""
+    """'auto' picks CUDA when present; 'cuda' without CUDA is an error, and so
+    is 'auto' where the driver sees a GPU that torch cannot use (rather than
+    training on the CPU for days without anyone noticing)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if gpus_seen_by_driver():
+            raise ValueError(_cuda_unusable_message(device))
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but CUDA is not available on this machine")
+        raise ValueError(_cuda_unusable_message(device))
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r}: the loader runs on 'cpu' or 'cuda'")
     return dev
@@ -147,6 +187,30 @@ def _train_plan(recipe: Recipe, group, meta, *, batch_size, seed, epoch, rank, w
                           [b.positions for b in batches])
 
 
+SHARED_MEMORY = "/dev/shm"
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+class SharedMemoryError(RuntimeError):
+    """/dev/shm is too small for the loader's reader workers."""
+
+
+def check_shared_memory(need: int, folder: str = SHARED_MEMORY) -> None:
+    """Refuse to start reader workers that would run /dev/shm out of space:
+    a worker writing past it dies of SIGBUS, which DALI reports as a lost
+    worker, not as the small /dev/shm (Docker's default is 64 MB)."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return   # no /dev/shm to check (not Linux): DALI's own error stands
+    if free < need:
+        raise SharedMemoryError(
+            f"{folder} has {free / 2**20:.0f} MB free; the loader's reader workers need about "
+            f"{need / 2**20:.0f} MB of shared memory. Give the container more "
+            "(`docker run --shm-size=8g ...`), or use fewer --workers, a smaller --batch-size "
+            "or --workers 0")
+
+
 @dataclass
 class _Settings:
     device: torch.device
@@ -156,6 +220,7 @@ class _Settings:
     epoch: int
     workers: int
     threads: int
+    memory_format: torch.memory_format = torch.contiguous_format
 
 
 class Loader:
@@ -172,6 +237,9 @@ class Loader:
         if source.backend == "opencv":   # its batches arrive as uint8, 0-255
             scale = scale / 255
         self._scale, self._shift = scale.to(settings.device), shift.to(settings.device)
+        # the mask's 0/1 bytes become 0./1. floats: built once, not per batch
+        # (a tiny tensor made on the GPU per batch is a host-device sync)
+        self._unit = (torch.ones((), device=settings.device), torch.zeros((), device=settings.device))
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -190,36 +258,50 @@ class Loader:
             return
         s = self.settings
         on_gpu = s.device.type == "cuda"
+        if s.workers > 0:
+            check_shared_memory(self.shared_memory_need())
         pipe = build_pipeline(
             self.source, batch_size=s.batch_size, out_size=s.img_size,
             device="gpu" if on_gpu else "cpu", device_id=(s.device.index or 0) if on_gpu else None,
             num_threads=s.threads, py_workers=s.workers, seed=s.seed)
         for k, out in enumerate(iterate(pipe, self.source)):
             out = out[0]
+            # the index stays on the CPU (the trainer records rows with it): not pinned
             index = out["index"].reshape(-1).to(torch.int64)
-            if on_gpu:
-                index = index.pin_memory()
             if self.source.backend == "opencv":  # finished uint8 HWC: only floats to make
-                yield {"image": self.to_float(out["image"]),
-                       "mask": planar_float(out["mask"], 1.0, 0.0), "index": index}
-                continue
-            image, mask = out["image"], out["mask"]
-            if "ela" in out:
-                image = torch.cat([image, out["ela"]], dim=1)
-            if self.augmenter is not None:
-                # One seed per batch, from its first plan position: a resumed or
-                # re-run epoch draws the same augmentation parameters.
-                seed = int(sampling.sample_seeds(s.seed, s.epoch, self.batches.positions[k][:1])[0])
-                image, mask = self.augmenter(image, mask, seed)
-            image = self.normalise(image)
-            yield {"image": image, "mask": mask, "index": index}
+                image, mask = self.to_float(out["image"]), planar_float(out["mask"], *self._unit)
+            else:
+                image, mask = out["image"], out["mask"]
+                if "ela" in out:
+                    image = torch.cat([image, out["ela"]], dim=1)
+                if self.augmenter is not None:
+                    # One seed per batch, from its first plan position: a resumed or
+                    # re-run epoch draws the same augmentation parameters.
+                    seed = int(sampling.sample_seeds(s.seed, s.epoch, self.batches.positions[k][:1])[0])
+                    image, mask = self.augmenter(image, mask, seed)
+                image = self.normalise(image)
+            # both backends hand over the same layout (a no-op when it already is)
+            yield {"image": image.contiguous(memory_format=s.memory_format),
+                   "mask": mask.contiguous(memory_format=s.memory_format), "index": index}
+
+    def shared_memory_need(self) -> int:
+        """Bytes of /dev/shm the reader workers may fill at once: DALI keeps
+        (2 + prefetch) batches in shared memory, each sample at most a block
+        of twice the output side (the pyramid level is the coarsest with at
+        least the output's resolution) or, for the opencv backend, the
+        finished output."""
+        s = self.settings
+        channels = (4 if self.reader.with_ela else 3) + 1   # + mask
+        side = s.img_size if self.source.backend == "opencv" else 2 * s.img_size + 1
+        batches_in_flight = 2 + PREFETCH_PER_WORKER * s.workers
+        return batches_in_flight * s.batch_size * side * side * channels
 
 
 def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img_size: int = 512,
                 seed: int = 0, epoch: int = 0, device: str = "cpu", rank: int = 0,
                 world_size: int = 1, augment: bool = True, start_batch: int = 0,
                 rows=None, workers: int | None = None, threads: int | None = None,
-                backend: str = "auto") -> Loader:
+                backend: str = "auto", memory_format: str = "contiguous") -> Loader:
     """Batches of `member` (a name or a Recipe) from `store` for one rank and epoch.
 
     split="train": the member's weighted epoch plan, view and augmentation.
@@ -229,6 +311,10 @@ def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img
     backend: where the per-sample work runs, "dali" (DALI operators + Kornia),
     "opencv" (OpenCV in the reader processes) or "auto" (dali on CUDA,
     opencv on the CPU); engine/worker_ops.py says why.
+    memory_format: "contiguous" (NCHW) or "channels_last" (NHWC strides), the
+    same from both backends.
+    workers and threads default to this process's share of the cores
+    (cores_per_process: torchrun's ranks on a node split them).
     """
     recipe = member if isinstance(member, Recipe) else get_recipe(member)
     if split not in layout.SPLITS:
@@ -242,6 +328,8 @@ def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img
         raise ValueError(f"rank {rank} outside world_size {world_size}")
     if start_batch < 0:
         raise ValueError(f"start_batch {start_batch}: must be >= 0")
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"memory_format {memory_format!r}: expected one of {list(MEMORY_FORMATS)}")
     dev = resolve_device(device)
     backend = resolve_backend(backend, dev)
     group = layout.open_store(store)
@@ -260,12 +348,13 @@ def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img
     per_sample, augmenter = SampleAugment(seed, epoch), None
     if augment and split == "train" and rows is None:
         per_sample, augmenter = _augmentation(recipe, group, meta, seed, epoch, img_size, backend)
-    cores = os.cpu_count() or 1
+    cores = cores_per_process()
     settings = _Settings(dev, batch_size, img_size, seed, epoch,
                          # one core left to the consumer; the workers idle once
                          # DALI's prefetch queues are full
                          workers=max(1, min(8, cores - 1)) if workers is None else workers,
-                         threads=threads or min(4, cores))
+                         threads=threads or min(4, cores),
+                         memory_format=MEMORY_FORMATS[memory_format])
     reader = WindowReader(store, with_ela=recipe.in_channels == 4)
     return Loader(WindowSource(reader, batches, img_size, per_sample, backend), augmenter, settings)
 

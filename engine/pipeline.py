@@ -35,6 +35,9 @@ from engine.reader import WindowReader
 # Random streams of a sample's generator: what the worker draws for it.
 _STREAM_PHOTOMETRIC, _STREAM_COPY_PASTE, _STREAM_GEOMETRIC = 1, 2, 3
 BACKENDS = ("dali", "opencv")
+# A parallel source computes prefetch_queue_depth batches ahead (DALI's
+# default: 1); two per worker keep every worker busy while one is consumed.
+PREFETCH_PER_WORKER = 2
 
 
 @dataclass
@@ -148,9 +151,7 @@ def build_pipeline(source: WindowSource, *, batch_size: int, out_size: int, devi
                   seed=seed, py_num_workers=max(py_workers, 1), py_start_method="spawn",
                   prefetch_queue_depth=2, enable_conditionals=bool(plan))
     def crop_resize_augment():
-        # a parallel source computes prefetch_queue_depth batches ahead (DALI's
-        # default: 1); two per worker keep every worker busy while one is consumed
-        ahead = dict(prefetch_queue_depth=2 * py_workers) if py_workers > 0 else {}
+        ahead = dict(prefetch_queue_depth=PREFETCH_PER_WORKER * py_workers) if py_workers > 0 else {}
         nodes = dict(zip(names, fn.external_source(
             source=source, num_outputs=len(names), batch=True, batch_info=True,
             parallel=py_workers > 0, **ahead,

@@ -2,8 +2,10 @@
 determinism, rank slices, resume, the specialist's windows, and errors."""
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -14,7 +16,9 @@ import zarr
 from engine import make_loader
 from engine.augment import GEOMETRIC_OPS
 from engine import store as layout
-from engine.loader import IMAGENET_MEAN, IMAGENET_STD, planar_float
+from engine import loader as engine_loader
+from engine.loader import (IMAGENET_MEAN, IMAGENET_STD, SharedMemoryError, check_shared_memory,
+                           cores_per_process, gpus_seen_by_driver, planar_float, resolve_device)
 from engine.recipes import RECIPES, get_recipe
 from preprocess.build_zarr import main as build_main
 
@@ -244,3 +248,59 @@ def test_a_damaged_chunk_stops_the_epoch_with_its_name(demo_store, tmp_path):
         chunk.write_bytes(b"garbage")
     with pytest.raises(Exception, match="corrupt chunk"):
         next(iter(loader))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_both_backends_hand_over_the_memory_format_asked_for(demo_store, backend):
+    kwargs = dict(batch_size=2, img_size=SIZE, workers=0, backend=backend)
+    default = next(iter(make_loader(demo_store, "comprehensive", **kwargs)))
+    nhwc = next(iter(make_loader(demo_store, "comprehensive", memory_format="channels_last", **kwargs)))
+    assert default["image"].is_contiguous() and default["mask"].is_contiguous()
+    assert nhwc["image"].is_contiguous(memory_format=torch.channels_last)
+    assert nhwc["mask"].is_contiguous(memory_format=torch.channels_last)
+    assert not nhwc["image"].is_contiguous()
+    assert torch.equal(default["image"], nhwc["image"]) and torch.equal(default["mask"], nhwc["mask"])
+    with pytest.raises(ValueError, match="memory_format 'nhwc'"):
+        make_loader(demo_store, "comprehensive", memory_format="nhwc", **kwargs)
+
+
+def test_a_small_dev_shm_is_refused_before_workers_start(demo_store, monkeypatch):
+    loader = make_loader(demo_store, "highres_no_ela", batch_size=4, img_size=512, workers=3,
+                         backend="dali")
+    need = loader.shared_memory_need()
+    # (2 + 2 per worker) batches of 4 blocks of up to 1025 x 1025 x (RGB + mask)
+    assert need == (2 + 2 * 3) * 4 * 1025 * 1025 * 4
+    monkeypatch.setattr(engine_loader.shutil, "disk_usage", lambda folder: SimpleNamespace(free=need - 1))
+    with pytest.raises(SharedMemoryError, match=r"--shm-size=8g.*fewer --workers"):
+        next(iter(loader))
+    monkeypatch.setattr(engine_loader.shutil, "disk_usage", lambda folder: SimpleNamespace(free=need))
+    check_shared_memory(need)   # exactly enough passes
+
+
+def test_workers_and_threads_are_this_ranks_share_of_the_cores(demo_store, monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert cores_per_process() == cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))   # more ranks than cores: one each
+    assert cores_per_process() == 1
+    loader = make_loader(demo_store, "highres_no_ela", img_size=SIZE)
+    assert loader.settings.workers == 1 and loader.settings.threads == 1
+
+
+def test_a_gpu_that_torch_cannot_use_is_an_error_not_a_cpu_run(monkeypatch, tmp_path):
+    """nvidia-smi lists a GPU but torch has no CUDA (a driver too old for the wheels)."""
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1234)'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    gpus_seen_by_driver.cache_clear()
+    try:
+        for asked in ("auto", "cuda"):
+            with pytest.raises(ValueError, match=r"nvidia-smi sees 1 GPU.*H100.*driver.*--device cpu"):
+                resolve_device(asked)
+        assert resolve_device("cpu") == torch.device("cpu")   # asked for on purpose
+    finally:
+        gpus_seen_by_driver.cache_clear()
+    with pytest.raises(ValueError, match="device 'gpu'"):
+        resolve_device("gpu")

@@ -23,7 +23,9 @@ from engine import store as layout
 from engine.store import SPLITS
 from engine.recipes import Recipe
 from trainers.checkpoint import file_sha256, load_member
+from trainers.distributed import Distributed
 from trainers.metrics import THRESHOLD, pixel_counts, recall
+from trainers.precision import autocast
 
 MINING_MEMBER = "highres_no_ela"
 HARD_NEGATIVE_PIXEL_SHARE = 0.001
@@ -61,17 +63,21 @@ def flags_from_scores(score: np.ndarray, rows: np.ndarray, kind: str) -> np.ndar
 
 @torch.no_grad()
 def score_rows(model: torch.nn.Module, store, recipe: Recipe, rows: np.ndarray, kind: str, *,
-               batch_size: int, img_size: int, device: str, workers: int | None = None) -> np.ndarray:
-    """float32 score per meta row (NaN for rows not in `rows`), from `model` at img_size."""
-    n_rows = len(layout.read_meta(layout.open_store(store))["label"])
-    score = np.full(n_rows, np.nan, np.float32)
+               batch_size: int, img_size: int, device: str, workers: int | None = None,
+               rank: int = 0, world_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, float32 scores) of this rank's share of `rows` (every world_size-th),
+    from `model` at img_size, in the precision training uses on `device`."""
     loader = engine.make_loader(store, recipe, rows=rows, batch_size=batch_size, img_size=img_size,
-                                device=device, workers=workers)
+                                device=device, workers=workers, rank=rank, world_size=world_size)
     model.eval()
-    for batch in tqdm(loader, desc=f"mining {kind}", unit="batch"):
-        counts = pixel_counts(model(batch["image"]), batch["mask"], THRESHOLD)
-        score[batch["index"].cpu().numpy()] = image_scores(counts, kind)
-    return score
+    done, scores = [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
+    for batch in tqdm(loader, desc=f"mining {kind}", unit="batch", disable=rank != 0):
+        with autocast(device):
+            logits = model(batch["image"])
+        counts = pixel_counts(logits.float(), batch["mask"], THRESHOLD)
+        done.append(batch["index"].cpu().numpy())
+        scores.append(image_scores(counts, kind).astype(np.float32))
+    return np.concatenate(done), np.concatenate(scores)
 
 
 def write_mining(store, kind: str, score: np.ndarray, flag: np.ndarray, checkpoint_sha: str) -> None:
@@ -85,17 +91,30 @@ def write_mining(store, kind: str, score: np.ndarray, flag: np.ndarray, checkpoi
 
 
 def mine(store, kind: str, model: torch.nn.Module, recipe: Recipe, checkpoint_sha: str, *,
-         batch_size: int, img_size: int, device: str, workers: int | None = None) -> dict:
-    """Score, flag and write one kind of mining result; returns it as read_mining does."""
-    rows = mining_rows(layout.read_meta(layout.open_store(store)), kind)
-    score = score_rows(model, store, recipe, rows, kind, batch_size=batch_size,
-                       img_size=img_size, device=device, workers=workers)
-    write_mining(store, kind, score, flags_from_scores(score, rows, kind), checkpoint_sha)
+         batch_size: int, img_size: int, device: str, workers: int | None = None,
+         ddp: Distributed | None = None) -> dict:
+    """Score, flag and write one kind of mining result; returns it as read_mining does.
+    Under torchrun every rank scores its share and rank 0 writes the whole:
+    no rank waits for another to mine alone (a wait the process group's
+    timeout would end)."""
+    ddp = ddp or Distributed.single(torch.device(device))
+    meta = layout.read_meta(layout.open_store(store))
+    rows = mining_rows(meta, kind)
+    share = score_rows(model, store, recipe, rows, kind, batch_size=batch_size, img_size=img_size,
+                       device=device, workers=workers, rank=ddp.rank, world_size=ddp.world_size)
+    shares = ddp.all_gather(share)
+    if ddp.main:
+        score = np.full(len(meta["label"]), np.nan, np.float32)
+        for done, scores in shares:
+            score[done] = scores
+        write_mining(store, kind, score, flags_from_scores(score, rows, kind), checkpoint_sha)
+    ddp.barrier()
     return layout.read_mining(layout.open_store(store), kind)
 
 
 def ensure_mining(store, kind: str, checkpoint: Path, *, batch_size: int, img_size: int,
-                  device: str, workers: int | None = None) -> tuple[dict, bool]:
+                  device: str, workers: int | None = None,
+                  ddp: Distributed | None = None) -> tuple[dict, bool]:
     """The store's `kind` result for this checkpoint, mined now unless already there.
     Returns (result, reused)."""
     sha = file_sha256(checkpoint)
@@ -104,4 +123,4 @@ def ensure_mining(store, kind: str, checkpoint: Path, *, batch_size: int, img_si
         return existing, True
     model, recipe, _ = load_member(checkpoint, device=device)
     return mine(store, kind, model, recipe, sha, batch_size=batch_size, img_size=img_size,
-                device=device, workers=workers), False
+                device=device, workers=workers, ddp=ddp), False

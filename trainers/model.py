@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 
 import segmentation_models_pytorch as smp
+import torch
 from torch import nn
 
 ENCODER_WEIGHTS = ("imagenet", "none")
@@ -65,3 +66,36 @@ def build_model(encoder: str, in_channels: int, encoder_weights: str = "imagenet
                 "weights in the Hugging Face cache (HF_HOME) first."
             ) from None
     return GatedFPN(fpn)
+
+
+# Side of the probe input: FPN needs sides divisible by 32, and every encoder
+# smp offers reaches its deepest stage at 64 px.
+_PROBE_SIDE = 64
+
+
+def freeze_unused(model: nn.Module, in_channels: int) -> list[str]:
+    """Stop training the parameters the forward pass never reaches; their names.
+
+    smp's timm-efficientnet encoders keep the classifier's conv_head and bn2,
+    which the segmentation forward skips. DistributedDataParallel expects a
+    gradient for every trainable parameter and fails at the second step
+    without one. Freezing them (rather than deleting them) keeps every
+    checkpoint's keys, so old and new checkpoints load alike; DDP and the
+    optimiser skip frozen parameters. `find_unused_parameters=True` would
+    instead walk the autograd graph after every backward pass.
+
+    Found by one backward pass of a zero image in eval mode: nothing random is
+    drawn and BatchNorm's running statistics do not move."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            model(torch.zeros(1, in_channels, _PROBE_SIDE, _PROBE_SIDE)).sum().backward()
+        unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    for name, parameter in model.named_parameters():
+        if name in unused:
+            parameter.requires_grad_(False)
+    return unused

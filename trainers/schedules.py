@@ -7,8 +7,12 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, CosineAnnealingWarmResta
 from engine.recipes import Recipe
 
 
-def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.AdamW:
-    return torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+def build_optimizer(model: torch.nn.Module, recipe: Recipe, *, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW over every parameter (frozen ones never get a gradient and are
+    skipped, and the optimiser state keeps one layout for old and new
+    checkpoints); fused=True runs one kernel for all of them (CUDA)."""
+    return torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay,
+                             fused=fused)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe):

@@ -10,12 +10,18 @@ one run. One loop, top to bottom:
   -> PNG of the curves
 
 Multi-process: `torchrun --nproc_per_node N trainers/train.py ...` (gloo on
-CPU, NCCL on GPU); each rank trains on its slice of the epoch plan.
+CPU, NCCL on GPU, one GPU per rank); each rank trains on its slice of the
+epoch plan, mines and validates its share, and uses its share of the node's
+cores for loader workers. `--ddp` runs that code path in one process too.
+
+On CUDA: bf16 autocast (fp16 with a gradient scaler on GPUs without bf16) in
+training, validation and mining alike, cuDNN autotuning for the fixed input
+size, channels-last tensors, fused AdamW; the loss stays on the GPU and is
+read only when the progress bar shows it.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import dataclasses
 import os
@@ -25,25 +31,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import engine
 from engine import store as layout
-from engine.loader import BACKENDS, resolve_device
+from engine.loader import BACKENDS, MEMORY_FORMATS, SharedMemoryError, cores_per_process, resolve_device
 from engine.recipes import RECIPES, Recipe, get_recipe
-from trainers import mining
+from trainers import distributed, mining
 from trainers.checkpoint import (CheckpointError, best_path, last_path, load_checkpoint,
                                  load_member, recipe_from_dict, recipe_to_dict,
                                  require_checkpoint, save_checkpoint)
 from trainers.losses import MemberLoss
 from trainers.metrics import check_metric_name, pixel_counts, summarize
-from trainers.model import ENCODER_WEIGHTS, WeightsUnavailable, build_model
+from trainers.model import ENCODER_WEIGHTS, WeightsUnavailable, build_model, freeze_unused
+from trainers.precision import autocast, grad_scaler, precision_name
 from trainers.schedules import build_optimizer, build_scheduler
 
 # Errors that are the user's to fix: printed as one message, exit status 2.
-USER_ERRORS = (CheckpointError, WeightsUnavailable, layout.StoreError)
+USER_ERRORS = (CheckpointError, WeightsUnavailable, layout.StoreError, SharedMemoryError)
+# The progress bar's loss is read from the device every this many steps
+# (each read waits for the GPU to finish the step).
+SHOW_LOSS_EVERY = 10
 # Flags that override a recipe field of the same name for one run.
 RECIPE_FLAGS = ("epochs", "img_size", "batch_size", "lr", "encoder", "grad_clip", "early_stop")
 CSV_FIELDS = ("epoch", "step", "global_step", "train_loss", "lr", "seconds", "samples_per_s",
@@ -88,6 +96,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backend", choices=("auto",) + BACKENDS, default="auto",
                    help="where the loader's per-sample work runs: dali (DALI operators + Kornia), "
                         "opencv (OpenCV in the reader processes); auto: dali on CUDA, opencv on the CPU")
+    p.add_argument("--memory-format", choices=("auto",) + tuple(MEMORY_FORMATS), default="auto",
+                   help="layout of the model's activations and input batches; auto: channels_last "
+                        "on CUDA (tensor-core convolutions take NHWC), contiguous on the CPU")
+    p.add_argument("--ddp", action="store_true",
+                   help="use torch.distributed and DistributedDataParallel even in one process "
+                        "(automatic under torchrun with more than one process); checks that path")
+    p.add_argument("--dist-timeout", type=float, default=distributed.DEFAULT_TIMEOUT_MINUTES,
+                   help="minutes a rank waits for the others before the run fails "
+                        f"(default: {distributed.DEFAULT_TIMEOUT_MINUTES})")
     p.add_argument("--record-samples", action="store_true",
                    help="write the meta rows this process trained on to "
                         "logs/<member>_samples_rank<R>.npy")
@@ -96,8 +113,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: CUDA is not available on this machine")
+    try:
+        resolve_device(args.device)
+    except ValueError as exc:
+        p.error(f"--device {args.device}: {exc}")
     return args
 
 
@@ -126,60 +145,18 @@ def resumed_run(state: dict, path: Path, args: argparse.Namespace, fingerprint: 
     return dataclasses.replace(saved, epochs=args.epochs or saved.epochs)
 
 
-@dataclasses.dataclass
-class Distributed:
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_gather(self, obj) -> list:
-        if self.world_size == 1:
-            return [obj]
-        gathered = [None] * self.world_size
-        dist.all_gather_object(gathered, obj)
-        return gathered
-
-    def barrier(self):
-        if self.world_size > 1:
-            dist.barrier()
-
-
-def setup_distributed(device_flag: str) -> Distributed:
-    """One process, or one rank of a torchrun job (WORLD_SIZE, LOCAL_RANK set)."""
-    device = resolve_device(device_flag)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Distributed(0, 1, device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Distributed(dist.get_rank(), world_size, device)
-
-
 def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
     """Seed of torch's generator (dropout) for one step: a resumed run redraws the same."""
     return int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1)[0])
 
 
-def autocast_settings(device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
-    """Mixed precision on CUDA only: bf16 where supported, else fp16 with a grad scaler."""
-    if device.type != "cuda":
-        return None, None
-    if torch.cuda.is_bf16_supported():
-        return torch.bfloat16, None
-    return torch.float16, torch.amp.GradScaler("cuda")
-
-
-def optimiser_step(net, batch: dict, criterion, optimizer, scaler, amp_dtype, grad_clip) -> float:
-    """Forward (under autocast on CUDA), backward, optional clipping, update; the batch loss."""
-    autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    with autocast:
-        loss = criterion(net(batch["image"]), batch["mask"])
+def optimiser_step(net, batch: dict, criterion, optimizer, scaler, device: torch.device,
+                   grad_clip) -> torch.Tensor:
+    """Forward (under autocast on CUDA), backward, optional clipping, update;
+    the batch loss, detached, still on the device (reading it waits for the GPU)."""
+    with autocast(device):
+        logits = net(batch["image"])
+    loss = criterion(logits.float(), batch["mask"])
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -193,7 +170,7 @@ def optimiser_step(net, batch: dict, criterion, optimizer, scaler, amp_dtype, gr
         scaler.update()
     else:
         optimizer.step()
-    return loss.item()
+    return loss.detach()
 
 
 def initial_model(recipe: Recipe, args, models_dir: Path) -> tuple[torch.nn.Module, Recipe]:
@@ -210,33 +187,35 @@ def initial_model(recipe: Recipe, args, models_dir: Path) -> tuple[torch.nn.Modu
     return build_model(recipe.encoder, recipe.in_channels, args.encoder_weights), recipe
 
 
-def run_mining(recipe: Recipe, args, models_dir: Path, ddp: Distributed) -> None:
-    """Mine on rank 0 (the others wait); reused while the checkpoint is unchanged."""
+def run_mining(recipe: Recipe, args, models_dir: Path, ddp: distributed.Distributed) -> None:
+    """Every rank mines its share, rank 0 writes; reused while the checkpoint is unchanged."""
     # every rank checks, so a missing checkpoint stops all of them, not only rank 0
     path = require_checkpoint(models_dir, mining.MINING_MEMBER, recipe.name,
                               f"{recipe.mining} mining")
+    result, reused = mining.ensure_mining(
+        args.store, recipe.mining, path, batch_size=recipe.batch_size, img_size=recipe.img_size,
+        device=str(ddp.device), workers=args.workers, ddp=ddp)
     if ddp.main:
-        result, reused = mining.ensure_mining(
-            args.store, recipe.mining, path, batch_size=recipe.batch_size,
-            img_size=recipe.img_size, device=str(ddp.device), workers=args.workers)
         print(f"{recipe.mining} mining ({'reused' if reused else 'new'}, checkpoint "
               f"{result['checkpoint'][:12]}): {int(result['flag'].sum())} images flagged")
-    ddp.barrier()
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, recipe: Recipe, args, ddp: Distributed, seed: int,
+def validate(model: torch.nn.Module, recipe: Recipe, args, ddp: distributed.Distributed, seed: int,
              epoch: int) -> dict:
-    """Metrics over the member's validation rows, each rank scoring its share."""
+    """Metrics over the member's validation rows, each rank scoring its share,
+    in the precision of training."""
     model.eval()
     loader = engine.make_loader(args.store, recipe, split="val", batch_size=recipe.batch_size,
                                 img_size=recipe.img_size, seed=seed, epoch=epoch,
                                 device=str(ddp.device), rank=ddp.rank,
                                 world_size=ddp.world_size, augment=False, workers=args.workers,
-                                backend=args.backend)
+                                backend=args.backend, memory_format=args.memory_format)
     counts = [np.zeros((0, 4), np.int64)]
     for batch in loader:
-        counts.append(pixel_counts(model(batch["image"]), batch["mask"]))
+        with autocast(ddp.device):
+            logits = model(batch["image"])
+        counts.append(pixel_counts(logits.float(), batch["mask"]))
     model.train()
     return summarize(np.concatenate(ddp.all_gather(np.concatenate(counts))))
 
@@ -267,7 +246,22 @@ def plot_curves(history: list[dict], path: Path, member: str) -> None:
 
 
 def train(args: argparse.Namespace) -> int:
-    ddp = setup_distributed(args.device)
+    ddp = distributed.setup(resolve_device(args.device), force=args.ddp,
+                            timeout_minutes=args.dist_timeout)
+    try:
+        return train_member(args, ddp)
+    finally:
+        ddp.close()
+
+
+def train_member(args: argparse.Namespace, ddp: distributed.Distributed) -> int:
+    on_cuda = ddp.device.type == "cuda"
+    if args.memory_format == "auto":
+        args.memory_format = "channels_last" if on_cuda else "contiguous"
+    if ddp.local_world_size > 1:
+        torch.set_num_threads(cores_per_process())
+    # one input size all run long: let cuDNN time its algorithms once and keep the fastest
+    torch.backends.cudnn.benchmark = on_cuda
     out = args.out or Path(".")
     models_dir, logs_dir = out / "models", out / "logs"
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -285,6 +279,12 @@ def train(args: argparse.Namespace) -> int:
         recipe = dataclasses.replace(get_recipe(args.member), **recipe_overrides(args))
         seed = 0 if args.seed is None else args.seed
     check_metric_name(recipe.select_on)
+    if ddp.main:
+        print(f"{recipe.name}: device {ddp.device}"
+              f"{f' ({torch.cuda.get_device_name(ddp.device)})' if on_cuda else ''}, "
+              f"backend {args.backend if args.backend != 'auto' else ('dali' if on_cuda else 'opencv')}, "
+              f"world size {ddp.world_size} ({ddp.backend}), precision {precision_name(ddp.device)}, "
+              f"memory format {args.memory_format}, {cores_per_process()} cores per process")
     if recipe.mining:
         run_mining(recipe, args, models_dir, ddp)
 
@@ -295,10 +295,11 @@ def train(args: argparse.Namespace) -> int:
     else:
         model = build_model(recipe.encoder, recipe.in_channels, encoder_weights="none")
         model.load_state_dict(state["model"])
-    model.to(ddp.device).train()
-    optimizer = build_optimizer(model, recipe)
+    freeze_unused(model, recipe.in_channels)
+    model.to(ddp.device, memory_format=MEMORY_FORMATS[args.memory_format]).train()
+    optimizer = build_optimizer(model, recipe, fused=on_cuda)
     scheduler = build_scheduler(optimizer, recipe)
-    amp_dtype, scaler = autocast_settings(ddp.device)
+    scaler = grad_scaler(ddp.device)
     criterion = MemberLoss(recipe)
     run = {"epoch": 0, "step": 0, "global_step": 0, "best_score": -np.inf, "best_epoch": -1,
            "epochs_since_best": 0, "history": []}
@@ -310,7 +311,7 @@ def train(args: argparse.Namespace) -> int:
         run.update({k: state[k] for k in run})
     elif ddp.main:
         (logs_dir / f"{recipe.name}.csv").unlink(missing_ok=True)
-    net = DistributedDataParallel(model) if ddp.world_size > 1 else model
+    net = ddp.wrap(model)
 
     def checkpoint_state() -> dict:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -329,10 +330,14 @@ def train(args: argparse.Namespace) -> int:
             args.store, recipe, split="train", batch_size=recipe.batch_size,
             img_size=recipe.img_size, seed=seed, epoch=epoch, device=str(ddp.device),
             rank=ddp.rank, world_size=ddp.world_size, start_batch=run["step"],
-            workers=args.workers, backend=args.backend)
-        first_step, loss_sum, wait, samples = run["step"], 0.0, 0.0, 0
+            workers=args.workers, backend=args.backend, memory_format=args.memory_format)
+        first_step, wait, samples = run["step"], 0.0, 0
+        loss_sum = torch.zeros((), device=ddp.device)
+        steps_to_run = len(loader)
+        if args.max_steps:
+            steps_to_run = min(steps_to_run, args.max_steps - run["global_step"])
         started = time.perf_counter()
-        bar = tqdm(total=len(loader) + first_step, initial=first_step, disable=not ddp.main,
+        bar = tqdm(total=first_step + steps_to_run, initial=first_step, disable=not ddp.main,
                    desc=f"{recipe.name} epoch {epoch + 1}/{recipe.epochs}", unit="step")
         batches = iter(loader)
         while True:
@@ -342,17 +347,19 @@ def train(args: argparse.Namespace) -> int:
             if batch is None:
                 break
             torch.manual_seed(step_seed(seed, epoch, run["step"], ddp.rank))
-            loss = optimiser_step(net, batch, criterion, optimizer, scaler, amp_dtype,
+            loss = optimiser_step(net, batch, criterion, optimizer, scaler, ddp.device,
                                   recipe.grad_clip)
             run["step"] += 1
             run["global_step"] += 1
             loss_sum += loss
             samples += len(batch["index"])
             if args.record_samples:
-                seen_rows.append(batch["index"].cpu().numpy())
+                seen_rows.append(batch["index"].numpy())
             bar.update()
-            bar.set_postfix(loss=f"{loss:.4f}",
-                            samples_s=f"{samples * ddp.world_size / (time.perf_counter() - started):.1f}")
+            done = run["step"] - first_step
+            if done % SHOW_LOSS_EVERY == 0 or done == steps_to_run:
+                rate = samples * ddp.world_size / (time.perf_counter() - started)
+                bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:.1f}")
             if ddp.main and args.save_every and run["global_step"] % args.save_every == 0:
                 save_checkpoint(last_path(models_dir, recipe.name), checkpoint_state())
             if args.max_steps and run["global_step"] >= args.max_steps:
@@ -368,7 +375,7 @@ def train(args: argparse.Namespace) -> int:
         lr = optimizer.param_groups[0]["lr"]
         epoch_done = not stopped or run["step"] == len(loader) + first_step
         row = {"epoch": epoch, "step": run["step"], "global_step": run["global_step"],
-               "train_loss": loss_sum / max(steps, 1), "lr": lr, "seconds": seconds,
+               "train_loss": loss_sum.item() / max(steps, 1), "lr": lr, "seconds": seconds,
                "samples_per_s": samples * ddp.world_size / seconds,
                "data_wait_share": wait / seconds, "select_on": recipe.select_on,
                "select_score": score, **metrics}
@@ -401,8 +408,6 @@ def train(args: argparse.Namespace) -> int:
         np.save(logs_dir / f"{recipe.name}_samples_rank{ddp.rank}.npy", rows)
     if ddp.main and run["history"]:
         plot_curves(run["history"], logs_dir / f"{recipe.name}.png", recipe.name)
-    if ddp.world_size > 1:
-        dist.destroy_process_group()
     return 0
 
 
