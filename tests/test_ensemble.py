@@ -1,4 +1,5 @@
 """Ensemble arithmetic, model inputs, TTA and post-processing, with tiny stand-in models."""
+import contextlib
 from dataclasses import replace
 
 import numpy as np
@@ -8,6 +9,7 @@ from torch import nn
 
 from engine.loader import IMAGENET_MEAN
 from engine.recipes import ENSEMBLE_AVERAGE, RECIPES, get_recipe
+from trainers import ensemble as ensemble_module
 from trainers.checkpoint import CheckpointError
 from trainers.ensemble import (
     MODES, Ensemble, Member, PostProcess, combine, instances, member_probabilities, model_input,
@@ -141,3 +143,32 @@ def test_connected_components_become_instances():
 def test_bad_postprocess_settings_are_refused(threshold, min_area):
     with pytest.raises(ValueError):
         PostProcess(threshold, min_area)
+
+
+def test_every_forward_runs_under_the_devices_autocast_and_gives_float32(monkeypatch):
+    entered, inside = [], []
+
+    @contextlib.contextmanager
+    def recording_autocast(device):
+        entered.append(torch.device(device))
+        inside.append(True)
+        yield
+        inside.pop()
+
+    class HalfPrecision(nn.Module):
+        """Records whether autocast is on, and answers in bf16 as autocast would."""
+
+        def __init__(self):
+            super().__init__()
+            self.under_autocast = []
+
+        def forward(self, x):
+            self.under_autocast.append(bool(inside))
+            return x[:, :1].to(torch.bfloat16)
+
+    monkeypatch.setattr(ensemble_module, "autocast", recording_autocast)
+    model = HalfPrecision()
+    prob = member_probabilities(model, torch.zeros(2, 3, 4, 4), tta=True)
+    assert model.under_autocast == [True, True, True]        # plain and both flips
+    assert entered == [torch.device("cpu")] * 3
+    assert prob.dtype == torch.float32 and torch.allclose(prob, torch.full_like(prob, 0.5))

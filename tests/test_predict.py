@@ -1,25 +1,31 @@
-"""Prediction and evaluation end to end, with tiny checkpoints trained here.
+"""Prediction and evaluation: unreadable images, output files and options with
+a stand-in member; end to end with tiny checkpoints trained here (slow).
 
 Three members are trained for one step at 64 px by the trainer itself: one
 averaged RGB member, the 4-channel (RGB + ELA) member and the specialist, so
 the average, the union and the ELA path all run.
 """
 import csv
+import re
+import struct
+from dataclasses import replace
 
 import cv2
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
-from engine.recipes import SIZE_CLASS_NAMES
+from engine.recipes import SIZE_CLASS_NAMES, get_recipe
 from engine.store import image_path, open_store, read_meta
-from preprocess.source import BadInput
+from preprocess.source import PNG_SIGNATURE, BadInput
 from trainers import evaluate as evaluate_cli
 from trainers import predict as predict_cli
+from trainers.ensemble import Ensemble, Member, PostProcess
 from trainers.score import score_files, split_rows, store_case_ids, write_solution
 from trainers.train import main as train_main
 
-pytestmark = pytest.mark.slow   # trains three tiny members (about a minute of CPU)
-
+SLOW = pytest.mark.slow   # trains three tiny members (about a minute of CPU)
 MEMBERS = ("highres_no_ela", "comprehensive", "small_specialist")
 # The tiny models' probabilities spread around 0.2-0.7 on the demo images, so
 # 0.5 with no minimum area leaves some instances and some background.
@@ -55,6 +61,7 @@ def read_rows(path):
         return list(csv.reader(handle))
 
 
+@SLOW
 def test_store_prediction_is_a_submission_the_scorer_accepts(demo_store, store_submission, tmp_path):
     solution = tmp_path / "solution.csv"
     write_solution(demo_store, solution, "val")
@@ -65,6 +72,7 @@ def test_store_prediction_is_a_submission_the_scorer_accepts(demo_store, store_s
     assert 0.0 <= score_files(solution, store_submission) <= 1.0
 
 
+@SLOW
 def test_image_folder_gives_the_same_submission(demo_store, models_dir, store_submission, tmp_path):
     group = open_store(demo_store)
     rows = split_rows(read_meta(group), "val")
@@ -78,11 +86,12 @@ def test_image_folder_gives_the_same_submission(demo_store, models_dir, store_su
     assert out.read_text() == store_submission.read_text()
 
 
+@SLOW
 def test_a_missing_checkpoint_is_named(demo_store, models_dir, tmp_path, capsys):
     rc = predict_cli.main(["--store", str(demo_store), "--models", str(models_dir),
                            "--members", "highres_no_ela,hard_negative", "--out",
                            str(tmp_path / "s.csv")])
-    assert rc == 1
+    assert rc == 2
     assert "hard_negative_best.pth" in capsys.readouterr().err
     assert not (tmp_path / "s.csv").exists()
 
@@ -97,6 +106,7 @@ def test_image_folder_problems_are_named(tmp_path):
             predict_cli.image_files(tmp_path)
 
 
+@SLOW
 def test_evaluation_agrees_with_the_scorer_and_counts_every_image(demo_store, models_dir,
                                                                   tmp_path, capsys):
     rc = evaluate_cli.main(["--store", str(demo_store), "--models", str(models_dir),
@@ -119,3 +129,93 @@ def test_evaluation_agrees_with_the_scorer_and_counts_every_image(demo_store, mo
     for label in ("MCC (pooled)", "Dice (pooled)", "MCC (mean per image)"):
         assert len(lines[label].split()) == len(label.split()) + 2
     assert cv2.imread(str(tmp_path / "evaluation.png")) is not None
+
+
+def sure_member():
+    """A stand-in member that finds every pixel forged (sigmoid(8) > 0.99)."""
+    model = nn.Conv2d(3, 1, 1)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.fill_(8.0)
+    return Ensemble([Member("highres_no_ela", model, replace(get_recipe("highres_no_ela"),
+                                                                img_size=16))])
+
+
+def huge_png(path):
+    """A PNG whose header claims 60000 x 60000 pixels."""
+    header = struct.pack(">II", 60000, 60000) + bytes([8, 2, 0, 0, 0])
+    path.write_bytes(PNG_SIGNATURE + struct.pack(">I", 13) + b"IHDR" + header + bytes(4))
+
+
+@pytest.fixture
+def images_with_a_bad_one(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("a", "c"):
+        cv2.imwrite(str(folder / f"{name}.png"), np.full((20, 30, 3), 128, np.uint8))
+    huge_png(folder / "b.png")
+    return folder
+
+
+@pytest.fixture
+def stand_in_ensemble(monkeypatch):
+    monkeypatch.setattr(predict_cli, "ensemble_from_args",
+                        lambda args: (PostProcess(0.5, 0), sure_member()))
+
+
+def test_an_unreadable_image_gets_an_authentic_row_and_the_run_goes_on(
+        images_with_a_bad_one, stand_in_ensemble, tmp_path, capsys):
+    out = tmp_path / "submission.csv"
+    assert predict_cli.main(["--images", str(images_with_a_bad_one), "--out", str(out)]) == 0
+    full = f"[1, {20 * 30}]"                           # every pixel, one run
+    assert read_rows(out) == [["case_id", "annotation"], ["a", full], ["b", "authentic"],
+                              ["c", full]]
+    err = capsys.readouterr().err
+    assert "b.png: 60000 x 60000 = 3600000000 pixels exceeds the limit" in err
+    assert "1 of 3 images could not be read" in err
+
+
+def test_max_pixels_is_the_builds_limit_and_can_be_lowered(images_with_a_bad_one,
+                                                            stand_in_ensemble, tmp_path, capsys):
+    out = tmp_path / "submission.csv"
+    assert predict_cli.main(["--images", str(images_with_a_bad_one), "--out", str(out),
+                             "--max-pixels", "599"]) == 0
+    assert [row[1] for row in read_rows(out)[1:]] == ["authentic"] * 3
+    assert "30 x 20 = 600 pixels exceeds the limit of 599" in capsys.readouterr().err
+
+
+def test_strict_stops_at_an_unreadable_image_and_keeps_the_old_file(
+        images_with_a_bad_one, stand_in_ensemble, tmp_path, capsys):
+    out = tmp_path / "submission.csv"
+    out.write_text("old\n")
+    assert predict_cli.main(["--images", str(images_with_a_bad_one), "--out", str(out),
+                             "--strict"]) == 2
+    assert re.search(r"^error: .*b\.png: 60000 x 60000", capsys.readouterr().err, re.M)
+    assert out.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "submission.csv"]
+
+
+def test_a_failed_write_leaves_the_old_submission_whole(tmp_path):
+    out = tmp_path / "submission.csv"
+    out.write_text("old\n")
+
+    def results():
+        yield "a", []
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        predict_cli.write_submission(results(), out)
+    assert out.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["submission.csv"]
+
+
+@pytest.mark.parametrize("option, problem", [
+    (["--out", "."], r"--out \. is a folder; name the CSV to write, e\.g\. submission\.csv"),
+    (["--device", "gpu"], r"argument --device: invalid choice: 'gpu'"),
+    (["--max-pixels", "0"], r"argument --max-pixels: .*must be at least 1"),
+])
+def test_bad_options_are_one_error_line(tmp_path, capsys, option, problem):
+    with pytest.raises(SystemExit) as exit_status:
+        predict_cli.main(["--images", str(tmp_path), *option])
+    assert exit_status.value.code == 2
+    assert re.search(r"^\S+: error: " + problem, capsys.readouterr().err, re.M)

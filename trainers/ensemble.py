@@ -11,6 +11,9 @@ Each member sees the whole image resized to its own input size (with ELA as a
 fourth channel when its recipe has 4 input channels). Member outputs are
 brought to one common size, combined, resized to the original image, then
 thresholded; each connected component that is large enough is one instance.
+Forward passes run under trainers/precision.py's autocast (bf16 on CUDA,
+float32 on the CPU), as in training; outputs become float32 before the
+sigmoid, so thresholds always compare float32 probabilities.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from torch import nn
 from engine.loader import IMAGENET_MEAN, IMAGENET_STD
 from engine.recipes import ENSEMBLE_AVERAGE, ENSEMBLE_UNION, Recipe, get_recipe
 from trainers.checkpoint import CheckpointError, best_path, load_member
+from trainers.precision import autocast
 
 ALL_MEMBERS = ENSEMBLE_AVERAGE + ENSEMBLE_UNION
 # Minimum component areas are given in pixels of a 512 x 512 model input
@@ -99,12 +103,19 @@ def model_input(images: list[np.ndarray], elas: list[np.ndarray] | None, size: i
 
 @torch.inference_mode()
 def member_probabilities(model: nn.Module, x: torch.Tensor, tta: bool) -> torch.Tensor:
-    """sigmoid(model(x)); with tta, the mean over identity, horizontal and vertical flips."""
-    prob = torch.sigmoid(model(x).float())
+    """sigmoid(model(x)) in float32; with tta, the mean over identity,
+    horizontal and vertical flips. Every forward runs in the precision the
+    member was trained in (trainers/precision.py: bf16 autocast on CUDA)."""
+    def forward(inputs: torch.Tensor) -> torch.Tensor:
+        with autocast(inputs.device):
+            logits = model(inputs)
+        return torch.sigmoid(logits.float())
+
+    prob = forward(x)
     if not tta:
         return prob
     for dims in ((3,), (2,)):
-        prob = prob + torch.sigmoid(model(x.flip(dims)).float()).flip(dims)
+        prob = prob + forward(x.flip(dims)).flip(dims)
     return prob / 3
 
 

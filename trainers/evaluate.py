@@ -15,6 +15,9 @@ it ("Performance Analysis" of small_forgery_specialist.md). For each:
   pooled over all pixels and averaged per image (trainers/metrics.py).
 Tables go to stdout; OUT/evaluation.png draws them; OUT/solution.csv and
 OUT/submission.csv (full ensemble) let trainers/score.py reproduce the score.
+Each file is written beside its name and renamed into place when complete
+(trainers/atomic.py), so a failed or killed run leaves earlier files whole.
+User errors print one `error:` line and exit 2.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from tqdm import tqdm
 
 from engine.recipes import SIZE_CLASS_NAMES
 from engine.store import StoreError
+from trainers.atomic import atomic_open
 from trainers.checkpoint import CheckpointError
 from trainers.ensemble import MODES, Ensemble, PostProcess
 from trainers.metrics import summarize
@@ -165,19 +169,25 @@ def draw(reports: dict[str, Report], path: Path) -> None:
               xticks=np.arange(len(summary_labels)) + centre, xticklabels=summary_labels)
     left.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    with atomic_open(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=100)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    # A short usage line: an argument error is two lines, not the whole option list.
+    parser = argparse.ArgumentParser(usage="%(prog)s --store STORE [--models DIR] [--out DIR] "
+                                           "[options; see --help]",
+                                     description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("runs/evaluate"),
                         help="folder for evaluation.png, solution.csv and submission.csv")
     add_ensemble_options(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file; name the folder to write the results in")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,14 +197,14 @@ def main(argv: list[str] | None = None) -> int:
         reports = evaluate(ensemble, args.store, args.split, post, args.tta, args.batch_size,
                            submission=args.out / "submission.csv")
         write_solution(args.store, args.out / "solution.csv", args.split)
-    except (CheckpointError, StoreError, ScoreError, FileNotFoundError, ValueError) as exc:
+        draw(reports, args.out / "evaluation.png")
+    except (CheckpointError, StoreError, ScoreError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     print(f"{args.split} split of {args.store}; members: {', '.join(args.members)}; "
           f"threshold {post.threshold}, min area {post.min_area} px at 512"
           + ("; flip TTA" if args.tta else ""))
     print(format_tables(reports))
-    draw(reports, args.out / "evaluation.png")
     print(f"figure: {args.out / 'evaluation.png'}; score again with `python trainers/score.py "
           f"--solution {args.out / 'solution.csv'} --submission {args.out / 'submission.csv'}`")
     return 0

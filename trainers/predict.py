@@ -1,15 +1,24 @@
 """Ensemble prediction: images in, the competition's submission.csv out.
 
-    python trainers/predict.py --images DIR --out submission.csv
+    python trainers/predict.py --images DIR --out submission.csv [--max-pixels P] [--strict]
     python trainers/predict.py --store data/store.zarr [--split val] --out submission.csv
         [--models models/] [--members a,b,...] [--mode default] [--threshold T]
         [--min-area A] [--tta] [--batch-size B] [--device auto|cpu|cuda]
 
 --images reads every PNG of DIR (case id = file stem) with the build step's
-decoding and pixel conversion (preprocess/source.py: 16-bit to 8-bit, grey to
-RGB, alpha over white) and computes the comprehensive member's ELA the way
-the build step does. --store reads a split's images and stored ELA, and names
-rows as trainers/score.py's solution writer does, so the two files match.
+decoding, checks and pixel conversion (preprocess/source.py: 16-bit to 8-bit,
+grey to RGB, alpha over white; at most --max-pixels, as the build) and
+computes the comprehensive member's ELA the way the build step does. An image
+that cannot be read is named in one line and gets the row `authentic` (the
+competition wants a row for every id); the run goes on, says at the end how
+many there were, and exits 0. With --strict it stops at the first, exit 2.
+--store reads a split's images and stored ELA, and names rows as
+trainers/score.py's solution writer does, so the two files match.
+
+The CSV is written beside --out and renamed over it when complete
+(trainers/atomic.py): a failed or killed run leaves an existing file as it
+was. User errors (a missing checkpoint or store, --out naming a folder,
+--device cuda without CUDA...) print one `error:` line and exit 2.
 
 --mode picks one of the documented operating points (threshold, minimum
 component area in pixels at 512 x 512, scaled to each image's area; listed
@@ -32,19 +41,21 @@ from tqdm import tqdm
 from engine.loader import resolve_device
 from engine.store import StoreError, ela_path, image_path, open_store, read_meta
 from preprocess.ela import compute_ela
-from preprocess.source import BadInput, load_image
+from preprocess.source import DEFAULT_MAX_PIXELS, BadInput, load_image
+from trainers.atomic import atomic_open
 from trainers.checkpoint import CheckpointError
 from trainers.ensemble import ALL_MEMBERS, MODES, Ensemble, PostProcess, instances, to_original_size
-from trainers.rle import encode_annotation
+from trainers.rle import AUTHENTIC, encode_annotation
 from trainers.score import SUBMISSION_COLUMNS, split_rows, store_case_ids
 
 
 @dataclass
 class Case:
     case_id: str
-    image: np.ndarray               # (H, W, 3) uint8 RGB, original size
+    image: np.ndarray | None        # (H, W, 3) uint8 RGB, original size; None if unreadable
     ela: np.ndarray | None = None   # (H, W) uint8, when a member needs it
     row: int | None = None          # row in the store's meta/, for store cases
+    problem: BadInput | None = None  # why the image could not be read
 
 
 def image_files(folder: str | Path) -> list[Path]:
@@ -62,9 +73,15 @@ def image_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def folder_cases(files: list[Path], with_ela: bool) -> Iterator[Case]:
+def folder_cases(files: list[Path], with_ela: bool,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Case]:
+    """A case per file; one that cannot be read carries its problem instead of pixels."""
     for path in files:
-        image = load_image(path)
+        try:
+            image = load_image(path, max_pixels)
+        except BadInput as exc:
+            yield Case(path.stem, None, problem=exc)
+            continue
         yield Case(path.stem, image, compute_ela(image) if with_ela else None)
 
 
@@ -84,12 +101,18 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
+def batch_probabilities(ensemble: Ensemble, batch: list[Case],
+                        tta: bool = False) -> dict[str, torch.Tensor]:
+    """Each member's probabilities (B, 1, S, S) for a batch of readable cases."""
+    elas = [c.ela for c in batch] if ensemble.needs_ela else None
+    return ensemble.probabilities([c.image for c in batch], elas, tta)
+
+
 def predict_batches(ensemble: Ensemble, cases: Iterable[Case], tta: bool = False,
                     batch_size: int = 4) -> Iterator[tuple[list[Case], dict[str, torch.Tensor]]]:
-    """Batches of cases with each member's probabilities (B, 1, S, S)."""
+    """Batches of readable cases with each member's probabilities (B, 1, S, S)."""
     for batch in batched(cases, batch_size):
-        elas = [c.ela for c in batch] if ensemble.needs_ela else None
-        yield batch, ensemble.probabilities([c.image for c in batch], elas, tta)
+        yield batch, batch_probabilities(ensemble, batch, tta)
 
 
 def batch_instances(batch: list[Case], final: torch.Tensor, post: PostProcess) -> list[list[np.ndarray]]:
@@ -100,18 +123,22 @@ def batch_instances(batch: list[Case], final: torch.Tensor, post: PostProcess) -
 
 def predict_instances(ensemble: Ensemble, cases: Iterable[Case], post: PostProcess,
                       tta: bool = False, batch_size: int = 4) -> Iterator[tuple[str, list[np.ndarray]]]:
-    """(case id, instance masks at the original size) for every case, in order."""
-    for batch, probs in predict_batches(ensemble, cases, tta, batch_size):
-        found = batch_instances(batch, ensemble.combine(probs), post)
-        yield from zip((case.case_id for case in batch), found)
+    """(case id, instance masks at the original size) for every case, in order;
+    a case that could not be read has none, as an authentic image has none
+    (the competition wants a row for every id)."""
+    for batch in batched(cases, batch_size):
+        readable = [case for case in batch if case.problem is None]
+        found = iter(batch_instances(readable, ensemble.combine(
+            batch_probabilities(ensemble, readable, tta)), post) if readable else [])
+        for case in batch:
+            yield case.case_id, [] if case.problem else next(found)
 
 
 def write_submission(results: Iterable[tuple[str, list[np.ndarray]]], path: str | Path) -> int:
-    """Write `case_id,annotation` rows; returns how many."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `case_id,annotation` rows, whole or not at all (trainers/atomic.py);
+    returns how many."""
     count = 0
-    with path.open("w", newline="") as handle:
+    with atomic_open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(SUBMISSION_COLUMNS)
         for case_id, masks in results:
@@ -151,7 +178,8 @@ def add_ensemble_options(parser: argparse.ArgumentParser) -> None:
                         "(pixels at 512 x 512, scaled to each image's area)")
     parser.add_argument("--tta", action="store_true", help="average with flipped inputs")
     parser.add_argument("--batch-size", type=positive_int, default=4)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: CUDA where present (default)")
 
 
 def ensemble_from_args(args: argparse.Namespace) -> tuple[PostProcess, Ensemble]:
@@ -165,35 +193,68 @@ def ensemble_from_args(args: argparse.Namespace) -> tuple[PostProcess, Ensemble]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    # A short usage line: an argument error is two lines, not the whole option list.
+    parser = argparse.ArgumentParser(usage="%(prog)s (--images DIR | --store STORE) [--out CSV] "
+                                           "[options; see --help]",
+                                     description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", type=Path, help="folder of PNG images (case id = file stem)")
     source.add_argument("--store", type=Path, help="forgery store to predict a split of")
-    parser.add_argument("--out", type=Path, default=Path("submission.csv"))
+    parser.add_argument("--out", type=Path, default=Path("submission.csv"),
+                        help="the CSV to write (default submission.csv); replaced only "
+                             "when complete")
+    parser.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
+                        help="with --images: an image with more pixels is not read, as in the "
+                             f"build (default {DEFAULT_MAX_PIXELS:,})")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop at the first image that cannot be read (exit 2, nothing "
+                             "written) instead of writing 'authentic' for it")
     add_ensemble_options(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.out.is_dir():
+        parser.error(f"--out {args.out} is a folder; name the CSV to write, "
+                     f"e.g. {args.out / 'submission.csv'}")
+    return args
+
+
+def reported(cases: Iterable[Case], unreadable: list[Case], strict: bool) -> Iterator[Case]:
+    """The cases, with a line for each one that could not be read (kept in
+    `unreadable`); strict stops at the first."""
+    for case in cases:
+        if case.problem is not None:
+            if strict:
+                raise case.problem
+            tqdm.write(f"warning: {case.problem}; its row says {AUTHENTIC!r}", file=sys.stderr)
+            unreadable.append(case)
+        yield case
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    unreadable: list[Case] = []
     try:
         post, ensemble = ensemble_from_args(args)
         if args.images:
             files = image_files(args.images)
-            total, cases = len(files), folder_cases(files, ensemble.needs_ela)
+            total = len(files)
+            cases = folder_cases(files, ensemble.needs_ela, args.max_pixels)
         else:
             rows = split_rows(read_meta(open_store(args.store)), args.split)
             total, cases = len(rows), store_cases(args.store, rows, ensemble.needs_ela)
-        results = predict_instances(ensemble, tqdm(cases, total=total, desc="predict", unit="img"),
-                                    post, args.tta, args.batch_size)
-        count = write_submission(results, args.out)
-    except (CheckpointError, StoreError, BadInput, FileNotFoundError, ValueError) as exc:
+        cases = reported(tqdm(cases, total=total, desc="predict", unit="img"), unreadable,
+                         args.strict)
+        count = write_submission(predict_instances(ensemble, cases, post, args.tta,
+                                                   args.batch_size), args.out)
+    except (CheckpointError, StoreError, BadInput, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     print(f"wrote {count} rows to {args.out} (members: {', '.join(args.members)}; "
           f"threshold {post.threshold}, min area {post.min_area} px at 512)")
+    if unreadable:
+        print(f"warning: {len(unreadable)} of {count} images could not be read (named above); "
+              f"their rows say {AUTHENTIC!r}", file=sys.stderr)
     return 0
 
 
