@@ -7,22 +7,36 @@ the window touches at that level, and returns the covering pixel block with
 the window's exact, fractional position inside it (DALI's resize takes a
 fractional ROI, so no precision is lost to the level's integer grid).
 
+Whole arrays are read the same way (read_array, read_instances): prediction,
+scoring and evaluation read pixels through this reader too, so every read of
+the store's pixels refuses damage alike.
+
 Why a hand-written chunk path: zarr-python spends about 0.3 ms of Python and
-asyncio per `__getitem__` before decoding (REFERENCES.md), several times a
-sample's decode cost for small windows. For local stores whose arrays use the
-layout that engine/store.py writes (regular chunks, default "/" key encoding,
-bytes + zstd codecs), chunk files are read and decoded directly with
-numcodecs; anything else (another codec, an fsspec URL) goes through zarr
-itself. Both give identical pixels (tests/test_reader.py).
+asyncio per `__getitem__` before decoding (`benchmarks/build_throughput.py
+--layout-sweep` times both paths), several times a
+sample's decode cost for small windows. Chunk files of the layout that
+engine/store.py writes (regular chunks, default "/" key encoding, codecs
+bytes, zstd, crc32c) are read and decoded directly: the CRC-32C of the zstd
+frame is compared with the 4-byte trailer (google-crc32c, which zarr's own
+crc32c codec uses), then numcodecs decompresses it; the pixels equal zarr's
+(tests/test_reader.py). Checking the trailer measured 13 us per 512 x 512 x 3
+image chunk of the demo store (182 kB on disk on average), about 3 % of its
+zstd decode (0.4-0.5 ms). Zarr itself fills a missing chunk
+with the fill value; this reader instead raises StoreDamaged naming the chunk
+file for an image or ELA chunk, or a mask chunk its array lists as written
+(engine.store.required_chunks), and for a chunk whose checksum or size is
+wrong. An array with another layout is refused, not read some other way.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import google_crc32c
 import numcodecs
 import numpy as np
 import zarr
@@ -44,7 +58,8 @@ class WindowBlock:
 
 
 class _ChunkFiles:
-    """Direct reads of one local Zarr v3 array with the store's codecs."""
+    """Direct reads of one local Zarr v3 array of bytes, zstd[, crc32c] codecs
+    (benchmarks/build_throughput.py reads zstd-only arrays with it)."""
 
     _codec = numcodecs.Zstd()
 
@@ -54,53 +69,93 @@ class _ChunkFiles:
         self.chunks = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
         self.dtype = np.dtype(meta["data_type"])
         self.fill = meta.get("fill_value", 0)
-        self.missing_is_fill = not layout.keeps_every_chunk(path)
+        self.checksum = meta["codecs"][-1]["name"] == "crc32c"
+        self.required = layout.required_chunks(path, meta.get("attributes", {}))
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        cy, cx = self.chunks[0], self.chunks[1]
-        trailing = self.shape[2:]
-        out = np.empty((y1 - y0, x1 - x0) + trailing, self.dtype)
-        tail = (0,) * len(trailing)
-        for i in range(y0 // cy, (y1 - 1) // cy + 1):
-            for j in range(x0 // cx, (x1 - 1) // cx + 1):
-                chunk = self._chunk(layout.chunk_key(self.path, (i, j) + tail))
-                ys, ye = max(y0, i * cy), min(y1, (i + 1) * cy)
-                xs, xe = max(x0, j * cx), min(x1, (j + 1) * cx)
-                out[ys - y0:ye - y0, xs - x0:xe - x0] = (
-                    self.fill if chunk is None else
-                    chunk[ys - i * cy:ye - i * cy, xs - j * cx:xe - j * cx])
+        """Rows y0:y1 and columns x0:x1, every trailing axis whole."""
+        return self.read_box((y0, x0) + (0,) * (len(self.shape) - 2), (y1, x1) + self.shape[2:])
+
+    def read_box(self, start: tuple[int, ...], stop: tuple[int, ...]) -> np.ndarray:
+        """The pixels of [start, stop) along every axis."""
+        out = np.empty(tuple(b - a for a, b in zip(start, stop)), self.dtype)
+        for index in itertools.product(*(range(a // c, (b - 1) // c + 1)
+                                         for a, b, c in zip(start, stop, self.chunks))):
+            lo = [max(a, i * c) for a, i, c in zip(start, index, self.chunks)]
+            hi = [min(b, (i + 1) * c) for b, i, c in zip(stop, index, self.chunks)]
+            chunk = self._chunk(index)
+            out[tuple(slice(l - a, h - a) for l, h, a in zip(lo, hi, start))] = (
+                self.fill if chunk is None else
+                chunk[tuple(slice(l - i * c, h - i * c)
+                            for l, h, i, c in zip(lo, hi, index, self.chunks))])
         return out
 
-    def _chunk(self, key: str) -> np.ndarray | None:
-        file = self.root / key
+    def _chunk(self, index: tuple[int, ...]) -> np.ndarray | None:
+        """Chunk `index` decoded, or None for a mask chunk left out as all-zero."""
+        file = self.root / layout.chunk_key(self.path, index)
         try:
-            raw = file.read_bytes()
+            raw = np.frombuffer(file.read_bytes(), np.uint8)
         except FileNotFoundError:
-            if self.missing_is_fill:
-                return None
-            raise layout.StoreError(f"{file}: chunk missing; the store is damaged, rebuild it") from None
+            if self.required is None or index in self.required:
+                raise layout.StoreDamaged(self.root, file, "chunk missing") from None
+            return None
+        if self.checksum:
+            if len(raw) < 4:
+                raise layout.StoreDamaged(self.root, file, f"corrupt chunk ({len(raw)} bytes, "
+                                          "shorter than its 4-byte checksum)")
+            raw, stored = raw[:-4], int.from_bytes(raw[-4:].tobytes(), "little")
+            if google_crc32c.value(raw) != stored:
+                raise layout.StoreDamaged(self.root, file, "corrupt chunk (crc32c checksum "
+                                          "mismatch: flipped bytes or a truncated file)")
         try:
-            return np.frombuffer(self._codec.decode(raw), self.dtype).reshape(self.chunks)
-        except Exception as exc:
-            raise layout.StoreError(f"{file}: corrupt chunk ({exc}); the store is damaged, rebuild it") from None
+            pixels = np.frombuffer(self._codec.decode(raw), self.dtype)
+        except Exception as exc:  # numcodecs raises RuntimeError and others on a bad frame
+            raise layout.StoreDamaged(self.root, file, f"corrupt chunk ({exc})") from None
+        if pixels.size != math.prod(self.chunks):
+            raise layout.StoreDamaged(self.root, file, f"corrupt chunk ({pixels.size} values, "
+                                      f"expected {math.prod(self.chunks)})")
+        return pixels.reshape(self.chunks)
+
+    def problems(self) -> list[layout.StoreDamaged]:
+        """Every damaged chunk: each one the array should have (missing, or
+        failing its checksum or size), a file outside its chunk grid, and a
+        mask chunk on disk that its written_chunks does not list."""
+        folder = self.root / self.path / "c"
+        on_disk = {f.relative_to(folder).parts for f in folder.rglob("*") if f.is_file()}
+        found = []
+        for index in itertools.product(*(range(-(-s // c)) for s, c in zip(self.shape, self.chunks))):
+            present = tuple(map(str, index)) in on_disk
+            on_disk.discard(tuple(map(str, index)))
+            listed = self.required is None or index in self.required
+            if present and not listed:
+                found.append(layout.StoreDamaged(self.root, self.root / layout.chunk_key(self.path, index),
+                                                 f"chunk not listed in {layout.WRITTEN_CHUNKS}"))
+            if present or listed:
+                try:
+                    self._chunk(index)
+                except layout.StoreDamaged as exc:
+                    found.append(exc)
+        found += [layout.StoreDamaged(self.root, folder.joinpath(*parts),
+                                      "unexpected file: not a chunk of the array's grid")
+                  for parts in sorted(on_disk)]
+        return found
 
 
-class _ZarrArray:
-    """Reads through zarr-python: any store zarr can open, any codec."""
-
-    def __init__(self, array: zarr.Array):
-        self.array, self.shape = array, tuple(array.shape)
-
-    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        return np.asarray(self.array[y0:y1, x0:x1])
-
-
-def _is_direct(meta: dict) -> bool:
-    codecs = [c["name"] for c in meta.get("codecs", [])]
-    return (meta.get("chunk_grid", {}).get("name") == "regular"
-            and meta.get("chunk_key_encoding", {}).get("name") == "default"
-            and meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/") == "/"
-            and codecs == ["bytes", "zstd"] and np.dtype(meta["data_type"]).itemsize == 1)
+def _layout_problem(path: str, meta: dict) -> str | None:
+    """Why array `path`'s zarr.json is not the store's pixel layout, or None."""
+    codecs = tuple(c.get("name") for c in meta.get("codecs", []))
+    if meta.get("node_type") != "array" or meta.get("data_type") != "uint8":
+        return f"not a uint8 array (node_type {meta.get('node_type')!r}, " \
+               f"data_type {meta.get('data_type')!r})"
+    if codecs != layout.CODECS:
+        return f"codecs {', '.join(codecs)}, expected {', '.join(layout.CODECS)}"
+    if (meta.get("chunk_grid", {}).get("name") != "regular"
+            or meta.get("chunk_key_encoding", {}).get("name") != "default"
+            or meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/") != "/"):
+        return "chunk grid or key encoding other than regular with '/' keys"
+    if not layout.keeps_every_chunk(path) and layout.WRITTEN_CHUNKS not in meta.get("attributes", {}):
+        return f"mask array without its {layout.WRITTEN_CHUNKS} attribute"
+    return None
 
 
 class WindowReader:
@@ -110,17 +165,17 @@ class WindowReader:
     make their own and open arrays lazily, caching array metadata.
     """
 
-    def __init__(self, store: str | os.PathLike, *, with_ela: bool = False, direct: bool = True,
+    def __init__(self, store: str | os.PathLike | zarr.Group, *, with_ela: bool = False,
                  pyramid: bool = True):
-        self.store = str(store)
-        self.with_ela, self.direct, self.pyramid = with_ela, direct, pyramid
-        self._arrays: dict[str, object] = {}
-        self._group = None
+        """`store`: its path, or the group engine.store.open_store returned."""
+        self._group = store if isinstance(store, zarr.Group) else None
+        self.store = str(store.store.root if self._group is not None else store)
+        self.with_ela, self.pyramid = with_ela, pyramid
+        self._arrays: dict[str, _ChunkFiles] = {}
         self._meta = None
 
     def __getstate__(self):
-        return {"store": self.store, "with_ela": self.with_ela, "direct": self.direct,
-                "pyramid": self.pyramid}
+        return {"store": self.store, "with_ela": self.with_ela, "pyramid": self.pyramid}
 
     def __setstate__(self, state):
         self.__init__(**state)
@@ -137,20 +192,58 @@ class WindowReader:
             self._meta = layout.read_meta(self.group)
         return self._meta
 
-    def _array(self, path: str):
+    def _array(self, path: str) -> _ChunkFiles:
         arr = self._arrays.get(path)
         if arr is None:
+            self.group  # opening the store first refuses another format or version
             root = Path(self.store)
-            meta_file = root / path / "zarr.json"
-            if self.direct and meta_file.is_file():
-                meta = json.loads(meta_file.read_text())
-                arr = _ChunkFiles(root, path, meta) if _is_direct(meta) else None
-            if arr is None:
-                if path not in self.group:
-                    raise layout.StoreError(f"{self.store}: array {path} missing; the store is damaged")
-                arr = _ZarrArray(self.group[path])
-            self._arrays[path] = arr
+            try:
+                meta = json.loads((root / path / "zarr.json").read_text())
+            except FileNotFoundError:
+                raise layout.StoreDamaged(root, root / path, "array missing") from None
+            except (OSError, ValueError) as exc:
+                raise layout.StoreDamaged(root, root / path / "zarr.json",
+                                          f"unreadable array metadata ({exc})") from None
+            problem = _layout_problem(path, meta)
+            if problem:
+                raise layout.StoreDamaged(root, root / path / "zarr.json", problem)
+            try:
+                arr = self._arrays[path] = _ChunkFiles(root, path, meta)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise layout.StoreDamaged(root, root / path / "zarr.json",
+                                          f"unreadable array metadata ({exc!r})") from None
         return arr
+
+    def check_array(self, path: str, shape: tuple[int, ...] | None = None) -> list[layout.StoreDamaged]:
+        """Every damaged piece of one pixel array (that should have `shape`,
+        when given): its metadata, then each chunk (_ChunkFiles.problems)."""
+        try:
+            arr = self._array(path)
+        except layout.StoreDamaged as exc:
+            return [exc]
+        if shape is not None and arr.shape != tuple(shape):
+            return [layout.StoreDamaged(self.store, Path(self.store) / path / "zarr.json",
+                                        f"shape {arr.shape}, expected {tuple(shape)} from meta/")]
+        return arr.problems()
+
+    def read_array(self, path: str) -> np.ndarray:
+        """A whole pixel array of the store (e.g. engine.store.image_path(row))."""
+        arr = self._array(path)
+        return arr.read_box((0,) * len(arr.shape), arr.shape)
+
+    def read_instances(self, row: int) -> list[np.ndarray]:
+        """Row `row`'s instance masks, uint8 (H, W) each, [] for an authentic
+        row; a forged row without them is a damaged store. Reads only its
+        meta/n_instances value, not all of meta/: scorers make a reader per row."""
+        count = int(self.group["meta/n_instances"][row])
+        if not count:
+            return []
+        path = layout.instances_mask_path(row)
+        layers = self.read_array(path)
+        if len(layers) != count:
+            raise layout.StoreDamaged(self.store, Path(self.store) / path,
+                                      f"{len(layers)} instance layers, meta/n_instances says {count}")
+        return list(layers)
 
     def choose_level(self, row: int, window_h: float, window_w: float, out_size: int) -> int:
         """Coarsest level whose pixels across the window are still >= out_size

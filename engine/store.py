@@ -8,7 +8,7 @@ in `meta/`, written as a decimal integer):
 
     zarr.json                 attributes: format="forgery-store", version,
                               fingerprint, chunk, levels, build settings
-    meta/<name>               1-D (or N x k) arrays of DESIGN.md's schema, plus
+    meta/<name>               1-D (or N x k) arrays of META_SCHEMA below, with
                               instance_start (N+1,) int64: instances of row r
                               are instances/*[instance_start[r]:instance_start[r+1]]
     instances/image_row       int32 (M,)  row in meta/ of each forged region
@@ -29,10 +29,19 @@ in `meta/`, written as a decimal integer):
     build_report.json         skipped files with reasons, timings
 
 Authentic images have no masks/ or instances_mask/ entry. Chunks are
-CHUNK x CHUNK pixels (all channels together), zstd-compressed, unsharded;
-all-zero mask chunks are not written (zarr's write_empty_chunks=False), so a
-mask costs almost nothing where there is no forgery; image and ELA chunks are
-always written, so a missing one means a damaged store.
+CHUNK x CHUNK pixels (all channels together), unsharded, encoded with the
+codecs `bytes, zstd, crc32c` (CODECS): each chunk file is the zstd frame
+followed by the CRC-32C of that frame, 4 bytes little-endian, so a flipped
+byte or a truncated file is caught when the chunk is read. All-zero mask
+chunks are not written (zarr's write_empty_chunks=False), so a mask costs
+almost nothing where there is no forgery; each mask array lists the chunks it
+did write in its attribute `written_chunks` (WRITTEN_CHUNKS), so a missing
+mask chunk is told apart from an all-zero one. Image and ELA arrays keep
+every chunk. A chunk that an array should have and has not, or one whose
+checksum or size is wrong, is damage: engine/reader.py refuses it (naming
+the chunk file) and `python preprocess/verify_store.py STORE` lists all of it.
+Version 2 (VERSION) brought the checksums and written_chunks: open_store
+refuses an older store with the command that rebuilds it.
 """
 from __future__ import annotations
 
@@ -44,6 +53,7 @@ import shutil
 from pathlib import Path
 
 import cv2
+import google_crc32c
 import numcodecs
 import numpy as np
 import zarr
@@ -51,7 +61,7 @@ import zarr
 from engine.recipes import SIZE_CLASS_EDGES
 
 FORMAT = "forgery-store"
-VERSION = 1
+VERSION = 2   # 2: crc32c chunk checksums and masks' written_chunks (1 had neither)
 DEFAULT_STORE = Path("data/store.zarr")
 
 # Measured with benchmarks/build_throughput.py --layout-sweep (random 200-800
@@ -80,6 +90,7 @@ META_SCHEMA = {
     "split": (np.uint8, ()),
     "instance_start": (np.int64, ()),
 }
+INSTANCE_ARRAYS = ("image_row", "bbox", "area")   # instances/<name>, one entry per forged region
 
 
 def size_class(area_ratio):
@@ -91,6 +102,28 @@ def size_class(area_ratio):
 
 class StoreError(RuntimeError):
     """A store that is missing, incomplete, of another format or version."""
+
+
+def rebuild_command(store: str | os.PathLike) -> str:
+    """The command that rebuilds `store` from the source folder its build
+    settings (root attribute `build`) record; without --source the builder
+    would write the demo over it, so an unknown source stays a placeholder."""
+    try:
+        source = json.loads((Path(store) / "zarr.json").read_text())["attributes"]["build"]["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        source = "SOURCE_FOLDER"
+    return f"python preprocess/build_zarr.py --source {source} --out {store} --overwrite"
+
+
+class StoreDamaged(StoreError):
+    """A complete store missing a piece it should have (an array, a chunk) or
+    holding a corrupt one; `where` is that piece's path."""
+
+    def __init__(self, store: str | os.PathLike, where: str | os.PathLike, problem: str):
+        self.where, self.problem = str(where), problem
+        super().__init__(f"{where}: {problem}; the store is damaged: "
+                         f"`python preprocess/verify_store.py {store}` lists all of the damage, "
+                         f"`{rebuild_command(store)}` rebuilds it")
 
 
 def partial_path(store: Path) -> Path:
@@ -141,8 +174,21 @@ def level_count(height: int, width: int) -> int:
     return n
 
 
-def compressor():
-    return zarr.codecs.ZstdCodec(level=ZSTD_LEVEL)
+CODECS = ("bytes", "zstd", "crc32c")   # every pixel array's codec chain, as named in zarr.json
+WRITTEN_CHUNKS = "written_chunks"       # mask arrays' attribute: indices of the chunks written
+_ZSTD = numcodecs.Zstd(level=ZSTD_LEVEL)
+
+
+def compressors():
+    """zarr's bytes-to-bytes codecs of a pixel array: CODECS after `bytes`."""
+    return zarr.codecs.ZstdCodec(level=ZSTD_LEVEL), zarr.codecs.Crc32cCodec()
+
+
+def encode_chunk(piece: np.ndarray) -> bytes:
+    """A chunk file's bytes, as zarr writes them with compressors(): the zstd
+    frame, then its CRC-32C as 4 bytes little-endian."""
+    frame = _ZSTD.encode(np.ascontiguousarray(piece))
+    return frame + google_crc32c.value(frame).to_bytes(4, "little")
 
 
 def pixel_chunks(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -152,9 +198,19 @@ def pixel_chunks(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def keeps_every_chunk(path: str) -> bool:
-    """Images and ELA store every chunk (a missing one means damage); masks
-    leave all-zero chunks out (they read as 0)."""
+    """Images and ELA store every chunk; masks leave all-zero chunks out
+    (they read as 0) and list the ones written (required_chunks)."""
     return path.startswith(("images/", "ela/"))
+
+
+def required_chunks(path: str, attributes: dict) -> set[tuple[int, ...]] | None:
+    """The chunk indices array `path` must have on disk: None for every chunk
+    of its grid (images and ELA), else those its zarr.json attributes list as
+    WRITTEN_CHUNKS (none without the list: any chunk may then be absent, as
+    zarr leaves out all-fill chunks by default)."""
+    if keeps_every_chunk(path):
+        return None
+    return {tuple(index) for index in attributes.get(WRITTEN_CHUNKS, ())}
 
 
 def chunk_key(path: str, index) -> str:
@@ -169,7 +225,10 @@ def create_pixels(group: zarr.Group, path: str, data: np.ndarray) -> None:
     store. Masks are written only over the chunks that meet their non-zero
     bounding box (per layer for instances_mask) and all-zero chunks are left
     out: they read as the fill value 0, so a mask costs almost nothing where
-    there is no forgery.
+    there is no forgery. The chunks a mask did write are listed in its
+    WRITTEN_CHUNKS attribute (required_chunks): recording them cost nothing,
+    where writing the all-zero chunks too would have added 28 % more files
+    (2 % more disk) to the demo store.
 
     On a local store the array's zarr.json and its chunk files are written
     directly, byte for byte what zarr-python writes (tests/test_build_zarr.py):
@@ -185,17 +244,20 @@ def create_pixels(group: zarr.Group, path: str, data: np.ndarray) -> None:
                    for i, layer in enumerate(data) if (r := _nonzero_chunks(layer)) is not None]
     else:
         regions = [(r, data[r]) for r in [_nonzero_chunks(data)] if r is not None]
+    pieces = [(index, piece) for region, block in regions
+              for index, piece in _chunk_pieces(chunks, region, block)
+              if keep_empty or piece.any()]
+    attributes = {} if keep_empty else {WRITTEN_CHUNKS: [list(index) for index, _ in pieces]}
     if not isinstance(group.store, zarr.storage.LocalStore):
         arr = group.create_array(path, shape=data.shape, dtype=data.dtype, chunks=chunks,
-                                 compressors=compressor(), fill_value=0, overwrite=True,
-                                 config={"write_empty_chunks": keep_empty})
+                                 compressors=compressors(), fill_value=0, overwrite=True,
+                                 attributes=attributes, config={"write_empty_chunks": keep_empty})
         for region, block in regions:
             arr[region] = block
         return
     root = Path(group.store.root) / group.path
-    _write_array_json(root / path, path, data.shape, data.dtype, chunks)
-    for region, block in regions:
-        _write_chunk_files(root, path, chunks, region, block, keep_empty)
+    _write_array_json(root / path, path, data.shape, data.dtype, chunks, attributes)
+    _write_chunk_files(root, path, chunks, pieces)
 
 
 @functools.cache
@@ -203,14 +265,14 @@ def _array_json(dtype: str, ndim: int) -> str:
     """zarr-python's metadata document for a pixel array of this dtype and
     rank, as JSON; shape and chunk shape are filled in per array."""
     arr = zarr.create_array(zarr.storage.MemoryStore(), shape=(1,) * ndim, dtype=dtype,
-                            chunks=(1,) * ndim, compressors=compressor(), fill_value=0)
+                            chunks=(1,) * ndim, compressors=compressors(), fill_value=0)
     return json.dumps(arr.metadata.to_dict())
 
 
 _GROUP_JSON = {"attributes": {}, "zarr_format": 3, "node_type": "group"}
 
 
-def _write_array_json(node: Path, path: str, shape, dtype, chunks) -> None:
+def _write_array_json(node: Path, path: str, shape, dtype, chunks, attributes: dict) -> None:
     """The array's zarr.json (replacing any node there) and a group
     zarr.json in each missing parent folder up to the group holding it."""
     shutil.rmtree(node, ignore_errors=True)
@@ -223,23 +285,26 @@ def _write_array_json(node: Path, path: str, shape, dtype, chunks) -> None:
     doc = json.loads(_array_json(np.dtype(dtype).name, len(shape)))
     doc["shape"] = list(shape)
     doc["chunk_grid"]["configuration"]["chunk_shape"] = list(chunks)
+    doc["attributes"] = attributes
     node.mkdir(parents=True)
     (node / "zarr.json").write_text(json.dumps(doc, indent=2))
 
 
-def _write_chunk_files(root: Path, path: str, chunks: tuple[int, ...], region: tuple[slice, ...],
-                       block: np.ndarray, keep_empty: bool) -> None:
-    """Encode (bytes + zstd) and write the chunks of `region` of array `path`
-    under `root`; the region starts on chunk boundaries and ends on them or at
-    the array's edge."""
-    codec = numcodecs.Zstd(level=ZSTD_LEVEL)
-    made = set()
+def _chunk_pieces(chunks: tuple[int, ...], region: tuple[slice, ...], block: np.ndarray):
+    """(index, pixels) of each chunk of `region`, which starts on chunk
+    boundaries and ends on them or at the array's edge (edge pieces are
+    smaller than a chunk)."""
     for index in itertools.product(*(range(r.start // c, -(-r.stop // c))
                                      for r, c in zip(region, chunks))):
-        piece = block[tuple(slice(i * c - r.start, (i + 1) * c - r.start)
-                            for i, c, r in zip(index, chunks, region))]
-        if not keep_empty and not piece.any():
-            continue
+        yield index, block[tuple(slice(i * c - r.start, (i + 1) * c - r.start)
+                                 for i, c, r in zip(index, chunks, region))]
+
+
+def _write_chunk_files(root: Path, path: str, chunks: tuple[int, ...], pieces) -> None:
+    """Encode (encode_chunk) and write chunk files of array `path` under
+    `root` from its (index, pixels) pieces."""
+    made = set()
+    for index, piece in pieces:
         if piece.shape != chunks:  # edge chunks are stored full size, padded with the fill value
             padded = np.zeros(chunks, piece.dtype)
             padded[tuple(slice(0, n) for n in piece.shape)] = piece
@@ -248,7 +313,7 @@ def _write_chunk_files(root: Path, path: str, chunks: tuple[int, ...], region: t
         if file.parent not in made:
             file.parent.mkdir(parents=True, exist_ok=True)
             made.add(file.parent)
-        file.write_bytes(codec.encode(np.ascontiguousarray(piece)))
+        file.write_bytes(encode_chunk(piece))
 
 
 def _nonzero_chunks(plane: np.ndarray) -> tuple[slice, slice] | None:
@@ -282,8 +347,9 @@ def open_store(path: str | os.PathLike, mode: str = "r") -> zarr.Group:
         )
     if attrs.get("version") != VERSION:
         raise StoreError(
-            f"{path}: store version {attrs.get('version')!r}, this engine reads "
-            f"version {VERSION}; rebuild it with `python preprocess/build_zarr.py`"
+            f"{path}: store version {attrs.get('version')!r}, this engine reads version "
+            f"{VERSION} (chunk checksums); rebuild it with "
+            f"`{rebuild_command(path)}`"
         )
     return group
 

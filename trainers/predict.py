@@ -39,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from engine.loader import resolve_device
+from engine.reader import WindowReader
 from engine.store import StoreError, ela_path, image_path, open_store, read_meta
 from preprocess.ela import compute_ela
 from preprocess.source import DEFAULT_MAX_PIXELS, BadInput, load_image
@@ -87,11 +88,11 @@ def folder_cases(files: list[Path], with_ela: bool,
 
 def store_cases(store, rows: np.ndarray, with_ela: bool) -> Iterator[Case]:
     """Cases of store rows, named as the solution writer names them."""
-    group = open_store(store)
-    names = store_case_ids(read_meta(group)["case_id"], rows)
+    reader = WindowReader(store)   # refuses missing or corrupt chunks (StoreDamaged)
+    names = store_case_ids(reader.meta["case_id"], rows)
     for name, row in zip(names, rows):
-        image = np.asarray(group[image_path(int(row))][...])
-        ela = np.asarray(group[ela_path(int(row))][...]) if with_ela else None
+        image = reader.read_array(image_path(int(row)))
+        ela = reader.read_array(ela_path(int(row))) if with_ela else None
         yield Case(name, image, ela, int(row))
 
 

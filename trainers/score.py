@@ -34,8 +34,9 @@ import numpy as np
 from scipy import sparse
 from scipy.optimize import linear_sum_assignment
 
+from engine.reader import WindowReader
 from engine.store import SPLITS
-from engine.store import StoreError, image_path, instances_mask_path, open_store, read_meta
+from engine.store import StoreError, image_path, open_store, read_meta
 from trainers.atomic import atomic_open
 from trainers.rle import RLEError, decode_annotation_runs, encode_annotation, mask_runs
 
@@ -252,10 +253,8 @@ def split_rows(meta: dict[str, np.ndarray], split: str) -> np.ndarray:
 def true_instances(group, row: int) -> list[np.ndarray]:
     """A store row's forged regions at original size ([] for authentic);
     empty layers are left out, since an instance without pixels is not one."""
-    if instances_mask_path(row) not in group:
-        return []
-    layers = np.asarray(group[instances_mask_path(row)][...]).astype(bool)
-    return [layer for layer in layers if layer.any()]
+    layers = WindowReader(group).read_instances(row)   # refuses missing or corrupt chunks
+    return [layer.astype(bool) for layer in layers if layer.any()]
 
 
 def open_split(store: str | Path, split: str):

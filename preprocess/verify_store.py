@@ -1,0 +1,122 @@
+"""Check a whole forgery store: every chunk of every pixel array, and meta/.
+
+    python preprocess/verify_store.py STORE
+
+Every chunk file of every image, ELA and mask array is read, its CRC-32C
+checksum compared and its pixels decoded, as the engine's reader does
+(engine/reader.py); chunks an array should have and has not are missing
+(images and ELA keep every chunk, a mask lists the ones it wrote, see
+engine/store.py). meta/ is checked against the arrays present: every row has
+its image and ELA levels of the right shapes, forged rows have their masks
+and instance masks, authentic rows none, and nothing else is there; meta/
+and instances/ must still match the store's fingerprint.
+
+Each problem is printed on its own line, starting with the path of the chunk,
+array or meta/ at fault. Exit status: 0 clean, 1 damaged (then rebuild the
+store, as the last line says), 2 when STORE is not a store this engine reads
+(nothing there, an unfinished build, another format or version).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import zarr
+from tqdm import tqdm
+
+from engine import store as layout
+from engine.reader import WindowReader
+from preprocess.build_zarr import fingerprint
+
+
+def expected_arrays(meta: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """Path and shape of every pixel array meta/ says the store holds."""
+    shapes = {}
+    for row, (label, height, width, layers) in enumerate(zip(
+            meta["label"], meta["height"].tolist(), meta["width"].tolist(),
+            meta["n_instances"].tolist())):
+        for level in range(layout.level_count(height, width)):
+            side = (height >> level, width >> level)   # each level halves, rounding down
+            shapes[layout.image_path(row, level)] = side + (3,)
+            shapes[layout.ela_path(row, level)] = side
+            if label:
+                shapes[layout.mask_path(row, level)] = side
+        if label:
+            shapes[layout.instances_mask_path(row)] = (layers, height, width)
+    return shapes
+
+
+def stored_arrays(root: Path) -> set[str]:
+    """Paths of the pixel arrays in the store (folders holding a zarr.json)."""
+    patterns = ("images/*/*/zarr.json", "masks/*/*/zarr.json", "ela/*/*/zarr.json",
+                "instances_mask/*/zarr.json")
+    return {f.parent.relative_to(root).as_posix() for p in patterns for f in root.glob(p)}
+
+
+def check_meta(group: zarr.Group, root: Path) -> tuple[dict | None, list[str]]:
+    """meta/ (None when unusable) and what is wrong with it and instances/."""
+    try:
+        meta = layout.read_meta(group)
+        instances = {n: np.asarray(group[f"instances/{n}"][...]) for n in layout.INSTANCE_ARRAYS}
+    except Exception as exc:  # zarr raises several types for missing or undecodable arrays
+        return None, [f"{root / 'meta'}: unreadable ({type(exc).__name__}: {exc})"]
+    rows = len(meta["label"])
+    lengths = {name: len(arr) for name, arr in meta.items()}
+    wrong = {name: n for name, n in lengths.items()
+             if n != (rows + 1 if name == "instance_start" else rows)}
+    if wrong:
+        return None, [f"{root / 'meta'}: array lengths disagree ({wrong}; meta/label has {rows})"]
+    problems = []
+    if fingerprint(meta, instances) != group.attrs.get("fingerprint"):
+        problems.append(f"{root / 'meta'}: meta/ and instances/ no longer match the store's "
+                        "fingerprint (damaged or changed after the build)")
+    return meta, problems
+
+
+def verify(store: Path, progress: bool = True) -> list[str]:
+    """Every problem of a complete store, one line each, path first (empty
+    when clean); StoreError when it is not a store this engine reads."""
+    group = layout.open_store(store)
+    meta, problems = check_meta(group, store)
+    stored = stored_arrays(store)
+    if meta is None:   # without meta/, check the chunks of what is there
+        expected = {path: None for path in stored}
+    else:
+        expected = expected_arrays(meta)
+        problems += [f"{store / path}: array missing (meta/ lists its row and level)"
+                     for path in sorted(expected.keys() - stored)]
+        problems += [f"{store / path}: unexpected array (meta/ has no such row or level, "
+                     "or the row is authentic)" for path in sorted(stored - expected.keys())]
+    reader = WindowReader(group)
+    for path in tqdm(sorted(stored & expected.keys()), desc="verify", unit="array",
+                     disable=None if progress else True):   # None: only on a terminal
+        problems += [f"{exc.where}: {exc.problem}"
+                     for exc in reader.check_array(path, expected[path])]
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("store", type=Path, help="the store to check")
+    args = parser.parse_args(argv)
+    try:
+        problems = verify(args.store)
+    except layout.StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for line in problems:
+        print(line)
+    if problems:
+        print(f"{args.store}: damaged ({len(problems)} problems); rebuild it with "
+              f"`{layout.rebuild_command(args.store)}`", file=sys.stderr)
+        return 1
+    print(f"{args.store}: clean")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
