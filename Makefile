@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 STORE ?= data/store.zarr
 
-.PHONY: install demo test clean
+.PHONY: install demo test gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# on a machine with a CUDA GPU: every stage the CPU tests cannot show
+# (benchmarks/gpu_check.py); without one it says so and exits 0
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf data models logs runs .pytest_cache

@@ -63,20 +63,22 @@ class RandomCoarseDropout(K.IntensityAugmentationBase2D):
         self.size = size
 
     def generate_parameters(self, batch_shape):
+        # drawn where Kornia's generators draw (self.device: the batch's device
+        # once Augmenter.to moved the module), so nothing is copied per batch
         b, _, height, width = batch_shape
-        most = self.holes[1]
-        count = torch.randint(self.holes[0], most + 1, (b,))
-        side = torch.randint(self.size[0], self.size[1] + 1, (b, most, 2))
-        room = (torch.tensor([height, width]) - side + 1).clamp(min=1)
-        corner = (torch.rand(b, most, 2) * room).long()
+        most, device = self.holes[1], self.device
+        count = torch.randint(self.holes[0], most + 1, (b,), device=device)
+        side = torch.randint(self.size[0], self.size[1] + 1, (b, most, 2), device=device)
+        room = (torch.tensor([height, width], device=device) - side + 1).clamp(min=1)
+        corner = (torch.rand(b, most, 2, device=device) * room).long()
         return {"count": count, "side": side, "corner": corner}
 
     def apply_transform(self, input, params, flags, transform=None):
         device = input.device
         most = params["side"].shape[1]
-        used = (torch.arange(most) < params["count"][:, None]).to(device)[..., None]   # B x n x 1
-        top, left = params["corner"].to(device).unbind(-1)
-        height, width = params["side"].to(device).unbind(-1)
+        used = (torch.arange(most, device=device) < params["count"][:, None])[..., None]  # B x n x 1
+        top, left = params["corner"].unbind(-1)
+        height, width = params["side"].unbind(-1)
         ys = torch.arange(input.shape[-2], device=device)
         xs = torch.arange(input.shape[-1], device=device)
         in_rows = (ys >= top[..., None]) & (ys < (top + height)[..., None]) & used       # B x n x H
@@ -97,29 +99,38 @@ class _Permute:
     def __call__(self, images: Images, masks: Images) -> tuple[Images, Images]:
         return [self.move(i) for i in images], [self.move(m) for m in masks]
 
+    def to(self, device: torch.device) -> None:
+        """Nothing to move: a permutation has no parameters."""
+
 
 class _Batched:
     """A Kornia op on the chosen images stacked into one batch."""
 
-    def __init__(self, apply: Callable[[torch.Tensor, torch.Tensor], tuple]) -> None:
-        self.apply = apply
+    def __init__(self, module: torch.nn.Module,
+                 apply: Callable[[torch.Tensor, torch.Tensor], tuple]) -> None:
+        self.module, self.apply = module, apply
 
     def __call__(self, images: Images, masks: Images) -> tuple[Images, Images]:
         image, mask = self.apply(torch.stack(images), torch.stack(masks))
         return list(image.unbind(0)), list(mask.unbind(0))
 
+    def to(self, device: torch.device) -> None:
+        """Kornia's documented way to draw parameters on `device`: moving the
+        module moves its random generators (set_rng_device_and_dtype)."""
+        self.module.to(device)
+
 
 def _geometric(module: K.AugmentationBase2D) -> _Batched:
     """Moves the whole image (all channels) and the mask together."""
     sequence = K.AugmentationSequential(module, data_keys=["input", "mask"])
-    return _Batched(lambda image, mask: tuple(sequence(image, mask)))
+    return _Batched(sequence, lambda image, mask: tuple(sequence(image, mask)))
 
 
 def _rgb_only(module: torch.nn.Module) -> _Batched:
     """Changes the RGB channels only; ELA (channel 4) and the mask pass."""
     def apply(image, mask):
         return torch.cat((module(image[:, :3]), image[:, 3:]), 1), mask
-    return _Batched(apply)
+    return _Batched(module, apply)
 
 
 def _quarter_turn(k: int) -> _Permute:
@@ -150,6 +161,10 @@ class _OneOf:
                 for b, image, mask in zip(rows, new_images, new_masks):
                     images[b], masks[b] = image, mask
         return images, masks
+
+    def to(self, device: torch.device) -> None:
+        for alternative in self.alternatives:
+            alternative.to(device)
 
 
 # --- Recipe names -> steps --------------------------------------------------
@@ -201,6 +216,14 @@ class Augmenter:
     def __init__(self, steps: Sequence[_OneOf], img_size: int) -> None:
         self.steps = tuple(steps)
         self.img_size = img_size
+
+    def to(self, device: torch.device) -> "Augmenter":
+        """Draw Kornia's parameters on `device`, where the batches are (on
+        CUDA: no per-batch copies of parameters, each a host-device sync).
+        Which device draws changes the numbers, not their distribution."""
+        for step in self.steps:
+            step.to(device)
+        return self
 
     def __call__(self, image: torch.Tensor, mask: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """New augmented (image, mask): image clamped to [0, 1], mask exactly 0/1."""

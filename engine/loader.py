@@ -347,7 +347,7 @@ def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img
                               rank=rank, world_size=world_size, start_batch=start_batch)
     per_sample, augmenter = SampleAugment(seed, epoch), None
     if augment and split == "train" and rows is None:
-        per_sample, augmenter = _augmentation(recipe, group, meta, seed, epoch, img_size, backend)
+        per_sample, augmenter = _augmentation(recipe, group, meta, seed, epoch, img_size, backend, dev)
     cores = cores_per_process()
     settings = _Settings(dev, batch_size, img_size, seed, epoch,
                          # one core left to the consumer; the workers idle once
@@ -359,7 +359,8 @@ def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img
     return Loader(WindowSource(reader, batches, img_size, per_sample, backend), augmenter, settings)
 
 
-def _augmentation(recipe: Recipe, group, meta, seed: int, epoch: int, img_size: int, backend: str):
+def _augmentation(recipe: Recipe, group, meta, seed: int, epoch: int, img_size: int, backend: str,
+                  device: torch.device):
     """Split a recipe's augmentation where it runs best: copy-paste in the
     reader workers (before anything else, as MEMBERS.md orders it); with the
     dali backend colour, blur, noise and JPEG as DALI operators and geometry
@@ -377,4 +378,5 @@ def _augmentation(recipe: Recipe, group, meta, seed: int, epoch: int, img_size: 
     plan = photometric.slots(recipe.augment)
     if backend == "opencv":
         return SampleAugment(seed, epoch, plan, bank, recipe.copy_paste, batch_entries(recipe)), None
-    return SampleAugment(seed, epoch, plan, bank, recipe.copy_paste), build_augmenter(recipe, img_size=img_size)
+    augmenter = build_augmenter(recipe, img_size=img_size)
+    return SampleAugment(seed, epoch, plan, bank, recipe.copy_paste), augmenter and augmenter.to(device)

@@ -7,17 +7,17 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
-import cv2
 import numpy as np
 import pytest
 import torch
 import zarr
 
+from benchmarks.golden import alignment, rgb_of, write_golden_source, write_mining_flags
 from engine import make_loader
 from engine.augment import GEOMETRIC_OPS
 from engine import store as layout
 from engine import loader as engine_loader
-from engine.loader import (IMAGENET_MEAN, IMAGENET_STD, SharedMemoryError, check_shared_memory,
+from engine.loader import (SharedMemoryError, check_shared_memory,
                            cores_per_process, gpus_seen_by_driver, planar_float, resolve_device)
 from engine.recipes import RECIPES, get_recipe
 from preprocess.build_zarr import main as build_main
@@ -26,69 +26,22 @@ SIZE = 64
 
 
 
-def _write_mining(store: Path, flag_rows_by_kind: dict):
-    group = layout.open_store(store, mode="r+")
-    n = group["meta/label"].shape[0]
-    for kind, rows in flag_rows_by_kind.items():
-        flag = np.zeros(n, np.uint8)
-        flag[rows] = 1
-        sub = group.require_group(layout.mining_path(kind))
-        sub.create_array("score", data=flag.astype(np.float32), overwrite=True)
-        sub.create_array("flag", data=flag, overwrite=True)
-        sub.attrs["checkpoint"] = "test"
-
-
 @pytest.fixture(scope="module")
 def green_store(tmp_path_factory):
-    """Forged pixels are pure green on a background that has no green: the
-    mask must keep covering exactly the green pixels through any geometry."""
-    root = tmp_path_factory.mktemp("green")
-    rng = np.random.default_rng(3)
-    for sub in ("train_images/forged", "train_images/authentic", "train_masks"):
-        (root / sub).mkdir(parents=True)
-    for i in range(14):
-        h, w = int(rng.integers(160, 420)), int(rng.integers(160, 420))
-        rgb = np.zeros((h, w, 3), np.uint8)
-        rgb[..., 0] = rng.integers(0, 256, (h, w))            # red noise
-        rgb[..., 2] = cv2.GaussianBlur(rgb[..., 0], (9, 9), 3)  # blue texture
-        masks = []
-        for _ in range(int(rng.integers(1, 3))):
-            side = int(rng.integers(12, min(h, w) // 3))
-            y, x = int(rng.integers(0, h - side)), int(rng.integers(0, w - side))
-            m = np.zeros((h, w), np.uint8)
-            m[y:y + side, x:x + side] = 1
-            masks.append(m)
-        union = np.max(masks, axis=0).astype(bool)
-        rgb[union] = (0, 255, 0)
-        cv2.imwrite(str(root / f"train_images/forged/g{i}.png"), rgb[..., ::-1])
-        np.save(root / f"train_masks/g{i}.npy", np.stack(masks))
-        cv2.imwrite(str(root / f"train_images/authentic/a{i}.png"), rgb[..., ::-1] * 0 + 90)
+    """benchmarks/golden.py's set: the mask must keep covering exactly the
+    green pixels through any geometry."""
+    root = write_golden_source(tmp_path_factory.mktemp("green"))
     store = root / "store.zarr"
     assert build_main(["--source", str(root), "--out", str(store), "--workers", "1"]) in (0, None)
     meta = layout.read_meta(layout.open_store(store))
-    _write_mining(store, {"hard_negative": np.flatnonzero(meta["label"] == 0)[:3],
+    write_mining_flags(store, {"hard_negative": np.flatnonzero(meta["label"] == 0)[:3],
                           "hard_fn": np.flatnonzero(meta["label"] == 1)[:3]})
     return store
-
-
-def _rgb(image: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return image[:, :3] * std + mean
-
-
-def _green(image: torch.Tensor) -> torch.Tensor:
-    rgb = _rgb(image)
-    return (rgb[:, 1] > 0.6) & (rgb[:, 0] < 0.35) & (rgb[:, 2] < 0.35)
 
 
 def _geometric_only(recipe):
     return dataclasses.replace(recipe, augment=tuple(op for op in recipe.augment if op[0] in GEOMETRIC_OPS),
                                copy_paste=None)
-
-
-def _dilate(x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.max_pool2d(x.float()[:, None], 3, stride=1, padding=1)[:, 0] > 0
 
 
 BACKENDS = ("dali", "opencv")
@@ -102,17 +55,12 @@ def test_mask_covers_exactly_the_forged_colour_through_each_pipeline(green_store
     recipe = _geometric_only(get_recipe(member))
     loader = make_loader(green_store, recipe, batch_size=4, img_size=SIZE, seed=5, workers=0,
                          backend=backend)
-    green_total = green_on_mask = mask_total = mask_on_green = 0
-    for batch in loader:
-        green, mask = _green(batch["image"]), batch["mask"][:, 0] > 0.5
+    batches = list(loader)
+    for batch in batches:
         assert set(torch.unique(batch["mask"]).tolist()) <= {0.0, 1.0}
-        green_total += int(green.sum())
-        green_on_mask += int((green & _dilate(mask)).sum())
-        mask_total += int(mask.sum())
-        mask_on_green += int((mask & _dilate(green)).sum())
-    assert green_total > 0 and mask_total > 0
-    assert green_on_mask / green_total > 0.97, f"{member}: green off the mask"
-    assert mask_on_green / mask_total > 0.97, f"{member}: mask off the green"
+    green_on_mask, mask_on_green = alignment(batches)
+    assert green_on_mask > 0.97, f"{member}: green off the mask"
+    assert mask_on_green > 0.97, f"{member}: mask off the green"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -152,7 +100,7 @@ def test_both_backends_make_nearly_the_same_unaugmented_batches(demo_store):
     assert len(dali) == len(opencv) == 3
     for a, b in zip(dali, opencv):
         assert torch.equal(a["index"], b["index"]) and a["image"].shape == b["image"].shape
-        for channels, pixels in ((slice(0, 3), _rgb), (slice(3, 4), lambda x: x[:, 3:])):
+        for channels, pixels in ((slice(0, 3), rgb_of), (slice(3, 4), lambda x: x[:, 3:])):
             error = ((pixels(a["image"]) - pixels(b["image"])) * 255).pow(2).mean()
             assert 10 * torch.log10(255 ** 2 / error) > 30, channels
         union = (a["mask"] + b["mask"]).clamp(max=1).sum()

@@ -3,27 +3,16 @@ draws its parameters from the sample seed, and one_of picks at most one."""
 import numpy as np
 import pytest
 
+from benchmarks.golden import recipe_photometric_ops
 from engine import photometric
 from engine import store as layout
 from engine.pipeline import PlannedBatches, SampleAugment, WindowSource, build_pipeline
 from engine.reader import WindowReader
-from engine.recipes import RECIPES
 
 SIZE = 48
 
 
-def _recipe_ops():
-    """Every photometric (name, params) the recipes use, one_of members included."""
-    seen = {}
-    for recipe in RECIPES.values():
-        for name, params in recipe.augment:
-            for op, op_params in (params["ops"] if name == "one_of" else ((name, params),)):
-                if op in photometric.PHOTOMETRIC:
-                    seen.setdefault(op, op_params)
-    return seen
-
-
-OPS = _recipe_ops()
+OPS = recipe_photometric_ops()
 
 
 def _run(store, augment: SampleAugment, with_ela=False):

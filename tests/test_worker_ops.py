@@ -8,6 +8,7 @@ import torch
 from nvidia.dali import fn, pipeline_def
 from skimage import data
 
+from benchmarks.golden import dali_photometric
 from engine import photometric, worker_ops
 from engine import store as layout
 from engine.loader import resolve_backend
@@ -25,28 +26,13 @@ def pictures():
             for load in (data.astronaut, data.chelsea, data.coffee)]
 
 
-def _dali_photometric(images, plan, values):
-    columns = [list(column) for column in zip(*values)]
-
-    @pipeline_def(batch_size=len(images), num_threads=1, device_id=None, enable_conditionals=True)
-    def pipe():
-        nodes = fn.external_source(source=lambda: (images, *columns), num_outputs=1 + len(columns),
-                                   batch=True, layout=["HWC"] + [""] * len(columns))
-        return photometric.apply(nodes[0], plan, list(nodes[1:]), "cpu")
-
-    built = pipe()
-    built.build()
-    out = built.run()[0]
-    return [np.asarray(out[i]) for i in range(len(images))]
-
-
 @pytest.mark.parametrize("name", sorted(OPS))
 def test_each_photometric_operation_equals_the_dali_operator(pictures, name):
     """Same drawn values in, the same pixels out, up to uint8 rounding
     (measured: identical, or off by 1 on under 0.2 % of the levels)."""
     plan = photometric.slots(((name, {**OPS[name], "p": 1.0}),))
     values = [photometric.draw(plan, np.random.default_rng(seed), SIZE) for seed in range(len(pictures))]
-    expected = _dali_photometric(pictures, plan, values)
+    expected = dali_photometric(pictures, plan, values)
     for picture, drawn, want in zip(pictures, values, expected):
         got = worker_ops.apply_photometric(picture, plan, drawn)
         assert got.dtype == np.uint8 and got.shape == picture.shape

@@ -1,0 +1,52 @@
+"""benchmarks/gpu_check.py: without a GPU it says so and passes; with a GPU the
+driver cannot serve it fails; its CPU rehearsal runs every stage end to end
+(so the first run on a lent GPU spends its minutes on the GPU, not on this
+script's own bugs); a failing stage fails the check."""
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks import gpu_check
+from engine import loader
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+
+
+def test_without_a_gpu_it_says_so_in_one_line_and_passes(capsys, monkeypatch):
+    monkeypatch.setattr(loader, "gpus_seen_by_driver", lambda: [])
+    assert gpu_check.main([]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "no CUDA GPU" in out[0]
+
+
+def test_a_gpu_the_driver_sees_but_torch_cannot_use_fails(capsys, monkeypatch):
+    monkeypatch.setattr(loader, "gpus_seen_by_driver", lambda: ["GPU 0: NVIDIA H100"])
+    assert gpu_check.main([]) == 1
+    assert "FAIL cuda" in capsys.readouterr().out
+
+
+def test_the_cpu_rehearsal_passes_every_stage(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--allow-cpu", "--work", str(tmp_path / "w")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    passed = [line.split()[1] for line in lines if line.startswith("PASS ") and "gpu-check" not in line]
+    assert passed == [name for name, _ in gpu_check.STAGES]
+    assert lines[-1].startswith("PASS gpu-check: 8/8 stages passed")
+    # every stage summarises what it checked
+    summaries = {line.split()[1]: line for line in lines if line.startswith("PASS ")}
+    assert "alignment >=" in summaries["loader"]
+    assert "grey-level difference" in summaries["photometric"]
+    assert "world size 1 (gloo)" in summaries["torchrun"]
+    assert "rows" in summaries["predict"] and "samples" not in summaries["predict"]
+    assert "opencv" in summaries["throughput"] and "dali" in summaries["throughput"]
+
+
+def test_a_failing_stage_fails_the_check_and_shows_why(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--allow-cpu", "--work", str(tmp_path / "empty"),
+                           "--only", "predict"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert any(line.startswith("FAIL predict") for line in done.stdout.splitlines())
+    assert "FAIL gpu-check: 0/1 stages passed" in done.stdout
+    assert "    | " in done.stdout   # the stage's own output, indented
