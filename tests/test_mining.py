@@ -11,7 +11,7 @@ from torch import nn
 from engine import store as layout
 from engine.recipes import RECIPES
 from trainers import mining
-from trainers.checkpoint import recipe_to_dict, save_checkpoint
+from trainers.checkpoint import CheckpointError, recipe_to_dict, save_checkpoint
 from trainers.model import build_model
 
 SIZE = 64
@@ -76,17 +76,29 @@ def test_mining_writes_the_flags_a_known_model_implies(store, kind, value, flagg
     assert set(result["score"][scored]) == {1.0 if value > 0 else 0.0}
 
 
-def write_tiny_checkpoint(path, seed):
+def write_tiny_checkpoint(path, seed, store, member="highres_no_ela"):
     torch.manual_seed(seed)
-    recipe = dataclasses.replace(RECIPES["highres_no_ela"], encoder=SMALL_ENCODER, img_size=SIZE)
+    recipe = dataclasses.replace(RECIPES[member], encoder=SMALL_ENCODER, img_size=SIZE)
     model = build_model(recipe.encoder, recipe.in_channels, "none")
     save_checkpoint(path, {"model": model.state_dict(), "recipe": recipe_to_dict(recipe),
-                           "fingerprint": "test"})
+                           "fingerprint": layout.open_store(store).attrs["fingerprint"]})
+
+
+def test_mining_refuses_another_members_or_stores_checkpoint(store, tmp_path):
+    renamed = tmp_path / "highres_no_ela_best.pth"
+    write_tiny_checkpoint(renamed, seed=0, store=store, member="small_specialist")
+    with pytest.raises(CheckpointError, match="holds member 'small_specialist', not 'highres_no_ela'"):
+        mining.ensure_mining(store, "hard_fn", renamed, **MINE)
+    state = torch.load(renamed, weights_only=True)
+    state["recipe"]["name"], state["fingerprint"] = "highres_no_ela", "another-store"
+    torch.save(state, renamed)
+    with pytest.raises(CheckpointError, match="fingerprint 'another-store'"):
+        mining.ensure_mining(store, "hard_fn", renamed, **MINE)
 
 
 def test_results_are_reused_while_the_checkpoint_is_unchanged(store, tmp_path, monkeypatch):
     checkpoint = tmp_path / "highres_no_ela_best.pth"
-    write_tiny_checkpoint(checkpoint, seed=0)
+    write_tiny_checkpoint(checkpoint, seed=0, store=store)
     first, reused = mining.ensure_mining(store, "hard_fn", checkpoint, **MINE)
     assert not reused and first["checkpoint"] == mining.file_sha256(checkpoint)
 
@@ -99,7 +111,7 @@ def test_results_are_reused_while_the_checkpoint_is_unchanged(store, tmp_path, m
     assert reused and again["checkpoint"] == first["checkpoint"]
     np.testing.assert_array_equal(again["score"], first["score"])
 
-    write_tiny_checkpoint(checkpoint, seed=1)
+    write_tiny_checkpoint(checkpoint, seed=1, store=store)
     changed, reused = mining.ensure_mining(store, "hard_fn", checkpoint, **MINE)
     assert not reused and changed["checkpoint"] != first["checkpoint"]
 

@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import math
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -83,11 +84,12 @@ def test_mined_members_record_the_highres_checkpoint(trained, store, member):
     assert result["checkpoint"] == file_sha256(best_path(trained.out / "models", "highres_no_ela"))
 
 
-def test_high_recall_starts_from_the_highres_checkpoint(trained):
+def test_high_recall_starts_from_the_highres_checkpoint(trained, store):
     assert trained("highres_no_ela") == 0
     models = trained.out / "models"
     args = parse_args(["--member", "high_recall", *FAST])
-    model, recipe = initial_model(RECIPES["high_recall"], args, models)
+    model, recipe = initial_model(RECIPES["high_recall"], args, models,
+                                  layout.open_store(store).attrs["fingerprint"])
     parent, _, _ = load_member(best_path(models, "highres_no_ela"))
     assert recipe.encoder == SMALL_ENCODER
     for name, tensor in parent.state_dict().items():
@@ -204,8 +206,43 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatc
     monkeypatch.setattr(torch, "save", killed)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, {"step": 2})
-    assert load_checkpoint(path)["step"] == 1
+    assert load_checkpoint(path, fields=())["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["m_last.pth"]
+
+
+def test_a_renamed_checkpoint_is_refused_not_trained_under_another_name(store, tmp_path, capsys):
+    common = ["--store", str(store), "--out", str(tmp_path), "--epochs", "1", "--max-steps", "1",
+              "--encoder", SMALL_ENCODER, *FAST]
+    assert main(["--member", "small_specialist", *common]) == 0
+    models = tmp_path / "models"
+    last_path(models, "small_specialist").rename(last_path(models, "highres_no_ela"))
+    capsys.readouterr()
+    assert main(["--member", "highres_no_ela", *common, "--max-steps", "2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "holds member 'small_specialist', not 'highres_no_ela'" in err and "Traceback" not in err
+    assert not best_path(models, "highres_no_ela").exists()   # nothing written under the wrong name
+
+
+def test_a_checkpoint_missing_fields_is_named(tmp_path):
+    path = tmp_path / "m_last.pth"
+    save_checkpoint(path, {"model": {}, "recipe": recipe_to_dict(RECIPES["highres_no_ela"])})
+    with pytest.raises(CheckpointError, match="m_last.pth: incomplete checkpoint, fingerprint missing"):
+        load_checkpoint(path)
+
+
+def test_a_killed_write_leaves_no_lasting_leftover(tmp_path):
+    path = tmp_path / "m_last.pth"
+    leftover = tmp_path / f".m_last.pth.{_dead_pid()}.partial"
+    leftover.write_bytes(b"half a checkpoint")
+    save_checkpoint(path, {"step": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m_last.pth"]
+
+
+def _dead_pid() -> int:
+    """The PID of a process that has ended."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
 
 
 def test_unreadable_checkpoint_is_named(tmp_path):

@@ -121,6 +121,7 @@ def ensure_mining(store, kind: str, checkpoint: Path, *, batch_size: int, img_si
     existing = layout.read_mining(layout.open_store(store), kind)
     if existing is not None and existing["checkpoint"] == sha:
         return existing, True
-    model, recipe, _ = load_member(checkpoint, device=device)
+    model, recipe, _ = load_member(checkpoint, device=device, member=MINING_MEMBER,
+                                   fingerprint=layout.open_store(store).attrs.get("fingerprint"))
     return mine(store, kind, model, recipe, sha, batch_size=batch_size, img_size=img_size,
                 device=device, workers=workers, ddp=ddp), False

@@ -38,7 +38,7 @@ from engine import store as layout
 from engine.loader import BACKENDS, MEMORY_FORMATS, SharedMemoryError, cores_per_process, resolve_device
 from engine.recipes import RECIPES, Recipe, get_recipe
 from trainers import distributed, mining
-from trainers.checkpoint import (CheckpointError, best_path, last_path, load_checkpoint,
+from trainers.checkpoint import (RESUME_FIELDS, CheckpointError, best_path, last_path, load_checkpoint,
                                  load_member, recipe_from_dict, recipe_to_dict,
                                  require_checkpoint, save_checkpoint)
 from trainers.losses import MemberLoss
@@ -124,14 +124,10 @@ def recipe_overrides(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in RECIPE_FLAGS if getattr(args, name) is not None}
 
 
-def resumed_run(state: dict, path: Path, args: argparse.Namespace, fingerprint: str) -> Recipe:
+def resumed_run(state: dict, path: Path, args: argparse.Namespace) -> Recipe:
     """The saved run's recipe with the overrides a resumed run may make (more epochs);
-    a store, seed or other recipe flag unlike the saved run's is refused."""
-    if state["fingerprint"] != fingerprint:
-        raise CheckpointError(
-            f"{path} was trained on a store with fingerprint {state['fingerprint']!r}; "
-            f"{args.store} has {fingerprint!r}. Resume on the same store, or train afresh "
-            "without --resume")
+    a seed or other recipe flag unlike the saved run's is refused (load_checkpoint
+    refused another member's or store's checkpoint already)."""
     saved = recipe_from_dict(state["recipe"])
     changed = {name: value for name, value in recipe_overrides(args).items()
                if name != "epochs" and getattr(saved, name) != value}
@@ -173,12 +169,12 @@ def optimiser_step(net, batch: dict, criterion, optimizer, scaler, device: torch
     return loss.detach()
 
 
-def initial_model(recipe: Recipe, args, models_dir: Path) -> tuple[torch.nn.Module, Recipe]:
+def initial_model(recipe: Recipe, args, models_dir: Path, fingerprint: str) -> tuple[torch.nn.Module, Recipe]:
     """ImageNet (or random) initialisation, or the best checkpoint of the member it fine-tunes."""
     if recipe.init.startswith("finetune:"):
         parent = recipe.init.split(":", 1)[1]
         path = require_checkpoint(models_dir, parent, recipe.name, "its initial weights")
-        model, parent_recipe, _ = load_member(path)
+        model, parent_recipe, _ = load_member(path, member=parent, fingerprint=fingerprint)
         if parent_recipe.in_channels != recipe.in_channels:
             raise CheckpointError(f"{path}: {parent_recipe.in_channels} input channels, member "
                                   f"{recipe.name!r} needs {recipe.in_channels}")
@@ -272,8 +268,9 @@ def train_member(args: argparse.Namespace, ddp: distributed.Distributed) -> int:
     state = None
     if args.resume:
         path = last_path(models_dir, args.member)
-        state = load_checkpoint(path)
-        recipe = resumed_run(state, path, args, fingerprint)
+        state = load_checkpoint(path, member=args.member, fingerprint=fingerprint,
+                                fields=RESUME_FIELDS)
+        recipe = resumed_run(state, path, args)
         seed = state["seed"]
     else:
         recipe = dataclasses.replace(get_recipe(args.member), **recipe_overrides(args))
@@ -291,7 +288,7 @@ def train_member(args: argparse.Namespace, ddp: distributed.Distributed) -> int:
     # --- model, optimiser, schedule
     if state is None:
         torch.manual_seed(seed)   # initialisation of the decoder and gate
-        model, recipe = initial_model(recipe, args, models_dir)
+        model, recipe = initial_model(recipe, args, models_dir, fingerprint)
     else:
         model = build_model(recipe.encoder, recipe.in_channels, encoder_weights="none")
         model.load_state_dict(state["model"])
