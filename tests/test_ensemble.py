@@ -7,12 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from engine.loader import IMAGENET_MEAN
+from engine import loader
 from engine.recipes import ENSEMBLE_AVERAGE, RECIPES, get_recipe
 from trainers import ensemble as ensemble_module
 from trainers.checkpoint import CheckpointError
 from trainers.ensemble import (
-    MODES, Ensemble, Member, PostProcess, combine, instances, member_probabilities, model_input,
+    IMAGENET_MEAN, IMAGENET_STD, MODES, Ensemble, Member, PostProcess, combine, instances,
+    member_probabilities, model_input,
 )
 
 
@@ -42,6 +43,11 @@ def test_average_uses_the_recipe_weights_of_the_members_present():
 
 def test_specialist_alone_is_scaled_by_its_factor():
     assert torch.allclose(combine({"small_specialist": constant(0.5)}, RECIPES), constant(0.4))
+
+
+def test_prediction_normalises_as_training_does():
+    # ensemble.py takes timm's constants to avoid importing the loader (DALI, Numba, Kornia)
+    assert (IMAGENET_MEAN, IMAGENET_STD) == (loader.IMAGENET_MEAN, loader.IMAGENET_STD)
 
 
 def test_model_input_normalises_rgb_and_scales_ela():
@@ -93,7 +99,8 @@ def test_members_of_different_sizes_meet_at_the_largest():
 
 
 def test_missing_checkpoints_are_all_named(tmp_path):
-    with pytest.raises(CheckpointError, match="high_recall_best.pth.*small_specialist_best.pth"):
+    with pytest.raises(CheckpointError, match=r"high_recall_best\.pth \(or high_recall\.safetensors\)"
+                                              r".*small_specialist_best\.pth"):
         Ensemble.load(tmp_path, ("high_recall", "small_specialist"))
     with pytest.raises(ValueError, match="unknown member 'nope'"):
         Ensemble.load(tmp_path, ("nope",))

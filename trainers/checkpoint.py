@@ -8,6 +8,13 @@ rank): the loader re-seeds every batch and the trainer re-seeds torch before
 every step, so the seed and the position restore it exactly (DALI has no
 state to save: REFERENCES.md).
 
+An export (trainers/export.py) is what prediction needs and nothing else:
+`<member>.safetensors`, the model's tensors only (a third of the checkpoint,
+readable without torch's pickle format), and `<member>.json` beside it: the
+recipe, the store's fingerprint, the sha256 of the checkpoint it came from and
+of the weights file, the export time and the versions of torch, smp, timm and
+safetensors. load_member reads either kind.
+
 Files are written beside their target and renamed into place
 (trainers/atomic.py), so a kill leaves either the old or the new file, never a
 truncated one. Every load checks what it needs: the format, the fields, and,
@@ -18,8 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 from engine.recipes import Recipe, SamplingRule, View
@@ -31,6 +42,10 @@ TRAINING_STATE = ("model", "optimizer", "scheduler", "scaler")
 MEMBER_FIELDS = ("model", "recipe", "fingerprint")     # enough to predict with
 RESUME_FIELDS = MEMBER_FIELDS + ("optimizer", "scheduler", "seed", "epoch", "step", "global_step",
                                  "best_score", "best_epoch", "epochs_since_best", "history")
+EXPORT_FORMAT = "forgery-member-export"
+EXPORT_FIELDS = ("recipe", "fingerprint", "weights_sha256")   # enough to predict with
+# Recorded in an export: the packages that build the model its tensors fit.
+EXPORT_PACKAGES = ("torch", "segmentation-models-pytorch", "timm", "safetensors")
 
 
 class CheckpointError(RuntimeError):
@@ -45,8 +60,35 @@ def last_path(models_dir: Path, member: str) -> Path:
     return Path(models_dir) / f"{member}_last.pth"
 
 
+def export_path(folder: Path, member: str) -> Path:
+    """The exported weights of `member`; their description is the same name with .json."""
+    return Path(folder) / f"{member}.safetensors"
+
+
+def member_file(models_dir: Path, member: str) -> Path | None:
+    """What prediction loads for `member` from models_dir: `<member>_best.pth`
+    where there is one, else the export `<member>.safetensors`; None when
+    neither exists. The checkpoint wins where both are present because exports
+    are made from checkpoints: if the two differ, the member was trained again
+    after the export, and the export is the stale one."""
+    for path in (best_path(models_dir, member), export_path(models_dir, member)):
+        if path.is_file():
+            return path
+    return None
+
+
 def recipe_to_dict(recipe: Recipe) -> dict:
     return dataclasses.asdict(recipe)
+
+
+def _tuples(value):
+    """JSON's lists as the tuples the recipe table writes (it has no lists), so
+    an exported recipe equals the checkpoint's."""
+    if isinstance(value, list):
+        return tuple(_tuples(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _tuples(item) for key, item in value.items()}
+    return value
 
 
 def recipe_from_dict(data: dict) -> Recipe:
@@ -78,16 +120,22 @@ def load_checkpoint(path: Path, map_location="cpu", *, member: str | None = None
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, {', '.join(missing)} missing; "
                               "train the member again (without --resume)")
-    recipe = state.get("recipe")
+    _check_owner(path, state, member, fingerprint)
+    return state
+
+
+def _check_owner(path: Path, saved: dict, member: str | None, fingerprint: str | None) -> None:
+    """Refuse a checkpoint or export (`saved`: its recipe and fingerprint) of
+    another member or store than the ones given."""
+    recipe = saved.get("recipe")
     saved_member = recipe.get("name") if isinstance(recipe, dict) else None
     if member is not None and saved_member != member:
         raise CheckpointError(f"{path}: holds member {saved_member!r}, not {member!r} (a renamed "
                               f"file?); use {saved_member}'s own files or train {member!r}")
-    if fingerprint is not None and state.get("fingerprint") != fingerprint:
+    if fingerprint is not None and saved.get("fingerprint") != fingerprint:
         raise CheckpointError(
-            f"{path}: trained on a store with fingerprint {state.get('fingerprint')!r}, this store has "
+            f"{path}: trained on a store with fingerprint {saved.get('fingerprint')!r}, this store has "
             f"{fingerprint!r}; use the store it was trained on, or train {saved_member!r} on this one")
-    return state
 
 
 def require_checkpoint(models_dir: Path, member: str, needed_by: str, purpose: str) -> Path:
@@ -109,14 +157,81 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def export_member(checkpoint: Path, folder: Path, member: str) -> Path:
+    """Export `member`'s training checkpoint into `folder` (the module
+    docstring says what is written); returns the weights' path. The weights
+    are written first: a run killed between the two files leaves a description
+    whose weights_sha256 no longer matches, which load_exported refuses."""
+    state = load_checkpoint(checkpoint, member=member)
+    weights = safetensors.torch.save({name: tensor.contiguous() for name, tensor in state["model"].items()})
+    path = export_path(folder, member)
+    with atomic_open(path, "wb") as f:
+        f.write(weights)
+    description = {
+        "format": EXPORT_FORMAT,
+        "recipe": recipe_to_dict(recipe_from_dict(state["recipe"])),
+        "fingerprint": state["fingerprint"],
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+        "source": {"file": Path(checkpoint).name, "sha256": file_sha256(checkpoint)},
+        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": {name: metadata.version(name) for name in EXPORT_PACKAGES},
+    }
+    with atomic_open(path.with_suffix(".json"), "w", encoding="utf-8") as f:
+        json.dump(description, f, indent=2)
+        f.write("\n")
+    return path
+
+
+def load_exported(path: Path, *, member: str | None = None,
+                  fingerprint: str | None = None) -> tuple[dict, dict]:
+    """(tensors on the CPU, description) of the export at `path`
+    (`<member>.safetensors`), refused with a CheckpointError naming the file
+    when either file is missing or unreadable, the weights are not the ones
+    the description was written with, or the export belongs to another member
+    or store than the ones given."""
+    path = Path(path)
+    described = path.with_suffix(".json")
+    again = "export the member again (python trainers/export.py)"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no exported weights here")
+    if not described.is_file():
+        raise CheckpointError(f"{described} does not exist: exported weights need the description "
+                              f"written beside them; {again}")
+    try:
+        info = json.loads(described.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{described}: not readable ({type(exc).__name__}: {exc}); {again}") from None
+    if not isinstance(info, dict) or info.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{described}: not a member export of this project")
+    missing = [name for name in EXPORT_FIELDS if name not in info]
+    if missing:
+        raise CheckpointError(f"{described}: incomplete, {', '.join(missing)} missing; {again}")
+    if file_sha256(path) != info["weights_sha256"]:
+        raise CheckpointError(f"{path}: not the weights {described.name} describes (its sha256 "
+                              f"differs: a damaged copy, or files of two exports); {again}")
+    info["recipe"] = _tuples(info["recipe"])
+    _check_owner(path, info, member, fingerprint)
+    try:
+        tensors = safetensors.torch.load_file(path)
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise CheckpointError(f"{path}: not readable weights ({type(exc).__name__}: {exc}); {again}") from None
+    return tensors, info
+
+
 def load_member(path, device="cpu", *, member: str | None = None, fingerprint: str | None = None):
-    """(model, recipe, info) of a saved member: the model in eval mode on
-    `device`, outputting logits; info is the checkpoint without training state.
-    member, fingerprint: refuse a checkpoint of another member or store."""
-    state = load_checkpoint(path, member=member, fingerprint=fingerprint)
-    recipe = recipe_from_dict(state["recipe"])
+    """(model, recipe, info) of a saved member, from a training checkpoint
+    (`.pth`) or an export (`.safetensors` and its `.json`): the model in eval
+    mode on `device`, outputting logits; info is the checkpoint without
+    training state, or the export's description.
+    member, fingerprint: refuse a checkpoint or export of another member or store."""
+    if Path(path).suffix == ".safetensors":
+        tensors, info = load_exported(path, member=member, fingerprint=fingerprint)
+    else:
+        state = load_checkpoint(path, member=member, fingerprint=fingerprint)
+        tensors = state["model"]
+        info = {k: v for k, v in state.items() if k not in TRAINING_STATE}
+    recipe = recipe_from_dict(info["recipe"])
     model = build_model(recipe.encoder, recipe.in_channels, encoder_weights="none")
-    model.load_state_dict(state["model"])
+    model.load_state_dict(tensors)
     model.to(device).eval()
-    info = {k: v for k, v in state.items() if k not in TRAINING_STATE}
     return model, recipe, info

@@ -23,11 +23,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+# The loader's normalisation (tests/test_ensemble.py checks they agree), from
+# timm rather than engine.loader, whose DALI, Numba and Kornia prediction does not need.
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from torch import nn
 
-from engine.loader import IMAGENET_MEAN, IMAGENET_STD
 from engine.recipes import ENSEMBLE_AVERAGE, ENSEMBLE_UNION, Recipe, get_recipe
-from trainers.checkpoint import CheckpointError, best_path, load_member
+from trainers.checkpoint import CheckpointError, best_path, export_path, load_member, member_file
 from trainers.precision import autocast
 
 ALL_MEMBERS = ENSEMBLE_AVERAGE + ENSEMBLE_UNION
@@ -143,23 +146,26 @@ class Ensemble:
     @classmethod
     def load(cls, models_dir: str | Path, names: tuple[str, ...] = ALL_MEMBERS,
              device: str | torch.device = "cpu") -> Ensemble:
-        """Members from `<models_dir>/<member>_best.pth`; every missing one is named."""
+        """Members from `models_dir`, each from its checkpoint `<member>_best.pth`
+        or its export `<member>.safetensors` (trainers/checkpoint.py's
+        member_file says which); every missing one is named, and a file
+        holding another member is refused."""
         for name in names:
             get_recipe(name)          # an unknown name fails with the list of members
         if len(set(names)) != len(names):
             raise ValueError(f"members {list(names)}: a member is listed twice")
-        missing = [best_path(models_dir, n) for n in names if not best_path(models_dir, n).is_file()]
+        files = {name: member_file(models_dir, name) for name in names}
+        missing = [name for name, path in files.items() if path is None]
         if missing:
             raise CheckpointError(
-                "no checkpoint for: " + ", ".join(str(p) for p in missing)
+                "no checkpoint or export for: "
+                + ", ".join(f"{best_path(models_dir, n)} (or {export_path(models_dir, n).name})"
+                            for n in missing)
                 + "; train those members (`python trainers/train.py --member NAME`) "
                 "or choose others with --members")
         members = []
-        for name in names:
-            model, recipe, _ = load_member(best_path(models_dir, name), device=device)
-            if recipe.name != name:
-                raise CheckpointError(
-                    f"{best_path(models_dir, name)} holds member {recipe.name!r}, not {name!r}")
+        for name, path in files.items():
+            model, recipe, _ = load_member(path, device=device, member=name)
             members.append(Member(name, model, recipe))
         return cls(members, device)
 

@@ -15,6 +15,14 @@ many there were, and exits 0. With --strict it stops at the first, exit 2.
 --store reads a split's images and stored ELA, and names rows as
 trainers/score.py's solution writer does, so the two files match.
 
+--models holds, per member, its training checkpoint `<member>_best.pth` or
+its export `<member>.safetensors` + `.json` (trainers/export.py); a member
+with both is read from the checkpoint (the export may be older). With
+--images nothing of the training side is imported (no DALI, Numba, Kornia,
+Zarr, SciPy): an offline notebook needs only torch, torchvision, smp, timm,
+safetensors, OpenCV, numpy and tqdm besides this repository (README,
+"Offline inference").
+
 The CSV is written beside --out and renamed over it when complete
 (trainers/atomic.py): a failed or killed run leaves an existing file as it
 was. User errors (a missing checkpoint or store, --out naming a folder,
@@ -38,16 +46,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.loader import resolve_device
-from engine.reader import WindowReader
-from engine.store import StoreError, ela_path, image_path, open_store, read_meta
+from engine.device import DEVICES, resolve_device
 from preprocess.ela import compute_ela
 from preprocess.source import DEFAULT_MAX_PIXELS, BadInput, load_image
 from trainers.atomic import atomic_open
 from trainers.checkpoint import CheckpointError
 from trainers.ensemble import ALL_MEMBERS, MODES, Ensemble, PostProcess, instances, to_original_size
 from trainers.rle import AUTHENTIC, encode_annotation
-from trainers.score import SUBMISSION_COLUMNS, split_rows, store_case_ids
+
+# trainers/score.py's columns (tests/test_predict.py checks they agree), not
+# imported from there: score reads stores, and --images must run without Zarr.
+SUBMISSION_COLUMNS = ("case_id", "annotation")
 
 
 @dataclass
@@ -86,8 +95,21 @@ def folder_cases(files: list[Path], with_ela: bool,
         yield Case(path.stem, image, compute_ela(image) if with_ela else None)
 
 
+def store_split(store: Path, split: str, with_ela: bool) -> tuple[int, Iterator[Case]]:
+    """How many rows a split of the store has, and their cases."""
+    from engine.store import open_store, read_meta   # here: --images runs without Zarr
+    from trainers.score import split_rows
+
+    rows = split_rows(read_meta(open_store(store)), split)
+    return len(rows), store_cases(store, rows, with_ela)
+
+
 def store_cases(store, rows: np.ndarray, with_ela: bool) -> Iterator[Case]:
     """Cases of store rows, named as the solution writer names them."""
+    from engine.reader import WindowReader   # here: --images runs without Zarr
+    from engine.store import ela_path, image_path
+    from trainers.score import store_case_ids
+
     reader = WindowReader(store)   # refuses missing or corrupt chunks (StoreDamaged)
     names = store_case_ids(reader.meta["case_id"], rows)
     for name, row in zip(names, rows):
@@ -168,7 +190,8 @@ def add_ensemble_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="val", choices=["train", "val", "all"],
                         help="with --store: which rows (default val)")
     parser.add_argument("--models", type=Path, default=Path("models"),
-                        help="folder of <member>_best.pth (default models/)")
+                        help="folder of <member>_best.pth or of exported <member>.safetensors "
+                             "+ .json (trainers/export.py), either per member (default models/)")
     parser.add_argument("--members", type=member_names, default=ALL_MEMBERS,
                         help=f"comma-separated subset (default all: {','.join(ALL_MEMBERS)})")
     modes = ", ".join(f"{name} {p.threshold}/{p.min_area}" for name, p in MODES.items())
@@ -179,7 +202,7 @@ def add_ensemble_options(parser: argparse.ArgumentParser) -> None:
                         "(pixels at 512 x 512, scaled to each image's area)")
     parser.add_argument("--tta", action="store_true", help="average with flipped inputs")
     parser.add_argument("--batch-size", type=positive_int, default=4)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="auto: CUDA where present (default)")
 
 
@@ -232,6 +255,14 @@ def reported(cases: Iterable[Case], unreadable: list[Case], strict: bool) -> Ite
         yield case
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """What main reports as one `error:` line, exit 2. The store's errors only
+    once its module is imported: --images never imports it (nor Zarr), so
+    none can have been raised."""
+    store = sys.modules.get("engine.store")
+    return (CheckpointError, BadInput, OSError, ValueError) + ((store.StoreError,) if store else ())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     unreadable: list[Case] = []
@@ -242,13 +273,12 @@ def main(argv: list[str] | None = None) -> int:
             total = len(files)
             cases = folder_cases(files, ensemble.needs_ela, args.max_pixels)
         else:
-            rows = split_rows(read_meta(open_store(args.store)), args.split)
-            total, cases = len(rows), store_cases(args.store, rows, ensemble.needs_ela)
+            total, cases = store_split(args.store, args.split, ensemble.needs_ela)
         cases = reported(tqdm(cases, total=total, desc="predict", unit="img"), unreadable,
                          args.strict)
         count = write_submission(predict_instances(ensemble, cases, post, args.tta,
                                                    args.batch_size), args.out)
-    except (CheckpointError, StoreError, BadInput, OSError, ValueError) as exc:
+    except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {count} rows to {args.out} (members: {', '.join(args.members)}; "
