@@ -379,7 +379,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from engine.loader import gpus_seen_by_driver
+    from engine.device import gpus_seen_by_driver
 
     if not torch.cuda.is_available():
         if gpus_seen_by_driver():

@@ -24,10 +24,8 @@ loader started at batch k yields exactly batches k, k+1, ... of a full run.
 """
 from __future__ import annotations
 
-import functools
 import os
 import shutil
-import subprocess
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +35,7 @@ from numba import njit
 from engine import photometric, sampling
 from engine import store as layout
 from engine.augment import batch_entries, build_augmenter
+from engine.device import resolve_device
 from engine.patch_bank import PatchBank
 from engine.pipeline import BACKENDS, PREFETCH_PER_WORKER, PlannedBatches, SampleAugment, WindowSource, build_pipeline, iterate
 from engine.reader import WindowReader
@@ -85,47 +84,6 @@ def cores_per_process() -> int:
     fight over the same cores."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-
-
-@functools.cache
-def gpus_seen_by_driver() -> list[str]:
-    """GPUs `nvidia-smi -L` lists (empty without nvidia-smi or a GPU)."""
-    try:
-        done = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [line for line in done.stdout.splitlines() if line.startswith("GPU ")] if done.returncode == 0 else []
-
-
-def _cuda_unusable_message(asked: str) -> str:
-    gpus = gpus_seen_by_driver()
-    if not gpus:
-        return f"device {asked!r} asked for, but CUDA is not available on this machine"
-    return (f"nvidia-smi sees {len(gpus)} GPU(s) ({gpus[0]}) but torch {torch.__version__} "
-            f"(built for CUDA {torch.version.cuda}) cannot use them: the NVIDIA driver is likely "
-            "too old for this CUDA build. Update the driver (nvidia-smi shows its version and the "
-            "newest CUDA it supports), or pass --device cpu to run on the CPU on purpose")
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' picks CUDA when present; 'cuda' without CUDA is an error, and so
-    is 'auto' where the driver sees a GPU that torch cannot use (rather than
-    training on the CPU for days without anyone noticing)."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if gpus_seen_by_driver():
-            raise ValueError(_cuda_unusable_message(device))
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device {device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(_cuda_unusable_message(device))
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {device!r}: the loader runs on 'cpu' or 'cuda'")
-    return dev
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

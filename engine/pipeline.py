@@ -22,6 +22,10 @@ after runs there; nothing else changes.
 """
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
+import sys
 from dataclasses import dataclass
 
 import cv2
@@ -78,11 +82,18 @@ class WindowSource:
         self.reader, self.batches, self.out_size, self.augment = reader, batches, out_size, augment
         self.backend = backend
 
+    def __getstate__(self):
+        # pickled in the process that starts the workers: they die with it
+        return {**self.__dict__, "_parent_pid": os.getpid()}
+
     def __setstate__(self, state):
         # In a worker process: the workers are the parallelism, so each runs
         # one OpenCV thread instead of a pool competing for the cores.
+        parent = state.pop("_parent_pid", None)
         self.__dict__.update(state)
         cv2.setNumThreads(1)
+        if parent is not None:
+            die_with_parent(parent)
 
     def outputs(self) -> list[str]:
         if self.backend == "opencv":
@@ -128,6 +139,21 @@ class WindowSource:
             for column, value in zip(columns, values):
                 column.append(value)
         return tuple(columns)
+
+
+_PR_SET_PDEATHSIG = 1   # linux/prctl.h
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the OS kill this process when its parent dies, even by kill -9
+    (Linux's parent-death signal): a DALI worker holds a GB of shared memory
+    and would otherwise live on, adopted by init. Elsewhere, nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:   # the parent died before the signal was armed
+        os._exit(1)
 
 
 def _float_chw(mask):

@@ -7,21 +7,21 @@ import sys
 from pathlib import Path
 
 from benchmarks import gpu_check
-from engine import loader
+from engine import device
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
 
 def test_without_a_gpu_it_says_so_in_one_line_and_passes(capsys, monkeypatch):
-    monkeypatch.setattr(loader, "gpus_seen_by_driver", lambda: [])
+    monkeypatch.setattr(device, "gpus_seen_by_driver", lambda: [])
     assert gpu_check.main([]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "no CUDA GPU" in out[0]
 
 
 def test_a_gpu_the_driver_sees_but_torch_cannot_use_fails(capsys, monkeypatch):
-    monkeypatch.setattr(loader, "gpus_seen_by_driver", lambda: ["GPU 0: NVIDIA H100"])
+    monkeypatch.setattr(device, "gpus_seen_by_driver", lambda: ["GPU 0: NVIDIA H100"])
     assert gpu_check.main([]) == 1
     assert "FAIL cuda" in capsys.readouterr().out
 

@@ -17,8 +17,8 @@ from engine import make_loader
 from engine.augment import GEOMETRIC_OPS
 from engine import store as layout
 from engine import loader as engine_loader
-from engine.loader import (SharedMemoryError, check_shared_memory,
-                           cores_per_process, gpus_seen_by_driver, planar_float, resolve_device)
+from engine.device import gpus_seen_by_driver, resolve_device
+from engine.loader import SharedMemoryError, check_shared_memory, cores_per_process, planar_float
 from engine.recipes import RECIPES, get_recipe
 from preprocess.build_zarr import main as build_main
 
