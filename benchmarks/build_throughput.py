@@ -36,6 +36,8 @@ from preprocess.build_zarr import (RECORDS, STAGING, build_store, init_worker, p
 from preprocess.demo_data import write_demo
 from preprocess.ela import compute_ela
 from preprocess.source import DEFAULT_MAX_PIXELS, discover, load_image, load_masks
+from trainers.atomic import atomic_open
+from trainers.help_format import HelpFormatter
 
 
 def decode_one(path: str) -> int:
@@ -155,16 +157,30 @@ def layout_sweep(source: Path, scratch: Path, chunks=(128, 256, 512), reads: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", type=Path, help="Kaggle-layout folder (default: demo)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--source", type=Path,
+                        help="Kaggle-layout folder (default: a demo folder written to a "
+                             "temporary folder)")
     parser.add_argument("--count", type=int, default=48, help="demo images when no --source")
-    parser.add_argument("--min-side", type=int, default=300)
-    parser.add_argument("--max-side", type=int, default=2000)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--layout-sweep", action="store_true")
+    parser.add_argument("--min-side", type=int, default=300,
+                        help="demo images' shortest side in pixels")
+    parser.add_argument("--max-side", type=int, default=2000,
+                        help="demo images' longest side in pixels")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                        help="pool sizes to measure, one row each")
+    parser.add_argument("--layout-sweep", action="store_true",
+                        help="also time window reads for several chunk sizes and zstd levels")
     parser.add_argument("--reads", type=int, default=200, help="window reads per layout")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
+    if (min(args.count, args.min_side, args.reads, *args.workers) < 1
+            or args.min_side > args.max_side):
+        parser.error("--count, --min-side, --reads and --workers must be >= 1, "
+                     "--min-side <= --max-side")
+    if args.json and args.json.is_dir():
+        parser.error(f"--json {args.json} is a folder; name the file to write")
     with tempfile.TemporaryDirectory(prefix="build_bench_") as tmp:
         scratch = Path(tmp)
         source = args.source
@@ -199,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\nper image, one process (ms): " +
               ", ".join(f"{k} {v:.1f}" for k, v in results["stages_ms"].items()))
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        with atomic_open(args.json) as handle:
+            json.dump(results, handle, indent=1)
     return 0
 
 

@@ -27,6 +27,8 @@ from tqdm import tqdm
 
 from engine.recipes import get_recipe
 from engine.sampling import crop_windows, member_weights, sample_indices
+from trainers.atomic import atomic_open
+from trainers.help_format import HelpFormatter
 
 MEMBER = "highres_no_ela"
 
@@ -158,20 +160,24 @@ def print_table(report: dict) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--draws", type=int, default=10_000_000, help="draws per method")
     parser.add_argument("--images", type=int, default=5000, help="images in the data set")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs per method; the table shows the fastest")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the synthetic data set and of every method's draws")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
     if args.draws < 1 or args.images < 2 or args.repeats < 1:
         parser.error("--draws and --repeats must be >= 1, --images >= 2")
+    if args.json and args.json.is_dir():
+        parser.error(f"--json {args.json} is a folder; name the file to write")
     report = run(args.draws, args.images, args.seed, args.repeats)
     print_table(report)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+        with atomic_open(args.json) as handle:
+            json.dump(report, handle, indent=2)
         print(f"wrote {args.json}")
 
 

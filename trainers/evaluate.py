@@ -1,4 +1,4 @@
-"""The ensemble on the store's validation split, measured as the user's documents do.
+"""The ensemble on a store split: score, recall per size class, false positives, Dice, MCC.
 
     python trainers/evaluate.py --store data/store.zarr --models models/
         [--members a,b,...] [--mode default] [--threshold T] [--min-area A] [--tta]
@@ -6,14 +6,16 @@
 
 Member probabilities are computed once per image; from them the full
 ensemble and, when the specialist is among the members, the ensemble without
-it ("Performance Analysis" of small_forgery_specialist.md). For each:
+it, which shows what the specialist adds. For each:
 - the competition score (trainers/score.py's metric);
 - image-level detection recall per size class: a forged image counts as
   detected when a predicted instance overlaps its forged pixels;
 - the false-positive rate on authentic images (any instance predicted);
 - Dice and MCC of the predicted union mask against the true union mask,
   pooled over all pixels and averaged per image (trainers/metrics.py).
-Tables go to stdout; OUT/evaluation.png draws them; OUT/solution.csv and
+Tables go to stdout; OUT/evaluation.png draws them, every bar labelled with its
+value, the higher-is-better figures in one panel and the false-positive rate
+(lower is better) in another; OUT/solution.csv and
 OUT/submission.csv (full ensemble) let trainers/score.py reproduce the score.
 Each file is written beside its name and renamed into place when complete
 (trainers/atomic.py), so a failed or killed run leaves earlier files whole.
@@ -30,11 +32,12 @@ import numpy as np
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from engine.recipes import SIZE_CLASS_NAMES
+from engine.recipes import SIZE_CLASS_EDGES, SIZE_CLASS_NAMES
 from engine.store import StoreError
 from trainers.atomic import atomic_open
 from trainers.checkpoint import CheckpointError
 from trainers.ensemble import MODES, Ensemble, PostProcess
+from trainers.help_format import HelpFormatter
 from trainers.metrics import summarize
 from trainers.predict import (
     add_ensemble_options, batch_instances, ensemble_from_args, predict_batches, store_cases,
@@ -147,30 +150,70 @@ def format_tables(reports: dict[str, Report]) -> str:
     return "\n".join(lines)
 
 
-def draw(reports: dict[str, Report], path: Path) -> None:
-    """Recall per size class and the summary figures as grouped bars."""
-    fig = Figure(figsize=(12, 4.5))   # no pyplot: no global figure state, no GUI backend
-    left, right = fig.subplots(1, 2)
-    bar = 0.8 / len(reports)
-    summary_labels = ["score", "FP rate", "Dice", "MCC"]
-    for k, (name, report) in enumerate(reports.items()):
-        recall = [h / t if t else np.nan for h, t in report.recall_by_class().values()]
-        left.bar(np.arange(len(FORGED_CLASSES)) + k * bar, recall, bar, label=name)
-        fp_hits, fp_total = report.false_positives()
+def _class_range(k: int) -> str:
+    """Forged area share of size class k (1 = tiny), e.g. "0.5-2 %"."""
+    edges = [f"{100 * e:g}" for e in SIZE_CLASS_EDGES]
+    if k == 1:
+        return f"< {edges[0]} %"
+    return f"{edges[k - 2]}-{edges[k - 1]} %" if k <= len(edges) else f">= {edges[-1]} %"
+
+
+def _images(n: int) -> str:
+    return f"{n} image" + ("" if n == 1 else "s")
+
+
+def _panel(axes, bars: dict[str, list[float]], categories: list[str], title: str,
+           ylabel: str) -> None:
+    """Grouped bars, one colour per variant, each labelled with its value; a
+    zero bar shows its 0 label, an undefined one (no images) "n/a"."""
+    width = 0.8 / len(bars)
+    places = np.arange(len(categories))
+    for k, (name, values) in enumerate(bars.items()):
+        values = np.asarray(values, float)
+        drawn = axes.bar(places + (k - (len(bars) - 1) / 2) * width, np.nan_to_num(values),
+                         width, label=name, color=f"C{k}")
+        axes.bar_label(drawn, [f"{v:.2f}" if np.isfinite(v) else "n/a" for v in values],
+                       padding=2, fontsize=8)
+    lowest = min(0.0, np.nanmin([v for values in bars.values() for v in values] + [0.0]))
+    axes.set(title=title, ylabel=ylabel, ylim=(lowest - 0.12 * (lowest < 0), 1.12),
+             xticks=places)
+    axes.set_xticklabels(categories, fontsize=8)
+    axes.axhline(0, color="0.3", linewidth=0.8)
+
+
+def draw(reports: dict[str, Report], path: Path, title: str = "Evaluation") -> Figure:
+    """The reports' figures as labelled bars: score, detection recall per size
+    class, pooled Dice and MCC (higher is better) beside the false-positive
+    rate on authentic images (lower is better), every variant side by side."""
+    first = next(iter(reports.values()))
+    totals = {name: total for name, (_, total) in first.recall_by_class().items()}
+    higher = ["Competition\nscore"]
+    higher += [f"Recall: {name}\n{_class_range(k)} area\n{_images(totals[name])}"
+               for k, name in enumerate(FORGED_CLASSES, 1)]
+    higher += ["Dice\n(pooled over\nall pixels)", "MCC\n(pooled over\nall pixels)"]
+    authentic = first.false_positives()[1]
+    good, bad = {}, {}
+    for name, report in reports.items():
         metrics = report.pixel_metrics()
-        values = [report.score(), fp_hits / fp_total if fp_total else np.nan,
-                  metrics["pooled_dice"], metrics["pooled_mcc"]]
-        right.bar(np.arange(len(summary_labels)) + k * bar, values, bar, label=name)
-    centre = bar * (len(reports) - 1) / 2
-    left.set(title="Detection recall per size class", ylim=(0, 1.05),
-             xticks=np.arange(len(FORGED_CLASSES)) + centre, xticklabels=FORGED_CLASSES)
-    right.set(title="Competition score, false-positive rate, pooled Dice and MCC",
-              ylim=(min(0, right.get_ylim()[0]), 1.05),
-              xticks=np.arange(len(summary_labels)) + centre, xticklabels=summary_labels)
-    left.legend()
+        good[name] = [report.score(),
+                      *(h / t if t else np.nan for h, t in report.recall_by_class().values()),
+                      metrics["pooled_dice"], metrics["pooled_mcc"]]
+        hits, total = report.false_positives()
+        bad[name] = [hits / total if total else np.nan]
+    fig = Figure(figsize=(14, 5.2))   # no pyplot: no global figure state, no GUI backend
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [len(higher), 1.6]})
+    _panel(left, good, higher, "Higher is better: score, detection recall per size class, "
+           "Dice, MCC", "value (1 = perfect)")
+    _panel(right, bad, [f"Authentic images\nwith an instance\n{_images(authentic)}"],
+           "Lower is better:\nfalse-positive rate", "share of authentic images (0 = none)")
+    left.set_xlabel("metric (recall: an instance overlaps the forgery)")
+    right.set_xlabel("false positives")
+    fig.suptitle(title)
+    fig.legend(*left.get_legend_handles_labels(), loc="upper right", ncols=len(reports))
     fig.tight_layout()
     with atomic_open(path, "wb") as handle:
         fig.savefig(handle, format="png", dpi=100)
+    return fig
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -179,8 +222,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                            "[options; see --help]",
                                      description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--store", type=Path, required=True)
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--store", type=Path, required=True,
+                        help="the store whose --split is evaluated")
     parser.add_argument("--out", type=Path, default=Path("runs/evaluate"),
                         help="folder for evaluation.png, solution.csv and submission.csv")
     add_ensemble_options(parser)
@@ -197,13 +241,13 @@ def main(argv: list[str] | None = None) -> int:
         reports = evaluate(ensemble, args.store, args.split, post, args.tta, args.batch_size,
                            submission=args.out / "submission.csv")
         write_solution(args.store, args.out / "solution.csv", args.split)
-        draw(reports, args.out / "evaluation.png")
+        setting = (f"{args.split} split of {args.store}; threshold {post.threshold}, min area "
+                   f"{post.min_area} px at 512" + ("; flip TTA" if args.tta else ""))
+        draw(reports, args.out / "evaluation.png", setting)
     except (CheckpointError, StoreError, ScoreError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{args.split} split of {args.store}; members: {', '.join(args.members)}; "
-          f"threshold {post.threshold}, min area {post.min_area} px at 512"
-          + ("; flip TTA" if args.tta else ""))
+    print(f"{setting}; members: {', '.join(args.members)}")
     print(format_tables(reports))
     print(f"figure: {args.out / 'evaluation.png'}; score again with `python trainers/score.py "
           f"--solution {args.out / 'solution.csv'} --submission {args.out / 'submission.csv'}`")

@@ -38,6 +38,7 @@ from engine.reader import WindowReader
 from engine.store import SPLITS
 from engine.store import StoreError, image_path, open_store, read_meta
 from trainers.atomic import atomic_open
+from trainers.help_format import HelpFormatter
 from trainers.rle import RLEError, decode_annotation_runs, encode_annotation, mask_runs
 
 SOLUTION_COLUMNS = ("case_id", "annotation", "shape")
@@ -282,13 +283,14 @@ def write_solution(store: str | Path, path: str | Path, split: str = "val") -> i
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--solution", type=Path, help="solution CSV: case_id,annotation,shape")
     parser.add_argument("--submission", type=Path, help="submission CSV: case_id,annotation")
     parser.add_argument("--write-solution", type=Path, metavar="CSV",
                         help="instead of scoring, write the solution CSV of --store's --split")
     parser.add_argument("--store", type=Path, help="store to write the solution from")
-    parser.add_argument("--split", default="val", choices=[*SPLITS, "all"])
+    parser.add_argument("--split", default="val", choices=[*SPLITS, "all"],
+                        help="with --write-solution: which rows of --store")
     args = parser.parse_args(argv)
     try:
         if args.write_solution:
