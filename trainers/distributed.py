@@ -43,7 +43,7 @@ class Distributed:
 
     @property
     def backend(self) -> str:
-        return dist.get_backend() if self.active else "none"
+        return dist.get_backend() if self.active else "single process"
 
     def all_gather(self, obj) -> list:
         """obj of every rank, in rank order (picklable objects)."""

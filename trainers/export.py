@@ -25,7 +25,7 @@ from pathlib import Path
 from engine.recipes import get_recipe
 from trainers.checkpoint import CheckpointError, best_path, export_member
 from trainers.ensemble import ALL_MEMBERS
-from trainers.predict import member_names
+from trainers.predict import DEFAULT_MODELS, member_names
 
 
 def megabytes(path: Path) -> str:
@@ -56,8 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=Path, default=Path("models"),
-                        help="folder of <member>_best.pth (default models/)")
+    parser.add_argument("--models", type=Path, default=DEFAULT_MODELS,
+                        help=f"folder of <member>_best.pth (default {DEFAULT_MODELS})")
     parser.add_argument("--out", type=Path, required=True,
                         help="folder to write <member>.safetensors and <member>.json into")
     parser.add_argument("--members", type=member_names,

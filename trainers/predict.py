@@ -50,9 +50,12 @@ from engine.device import DEVICES, resolve_device
 from preprocess.ela import compute_ela
 from preprocess.source import DEFAULT_MAX_PIXELS, BadInput, load_image
 from trainers.atomic import atomic_open
+from trainers.run_folder import DEFAULT_RUN, models_dir
 from trainers.checkpoint import CheckpointError
 from trainers.ensemble import ALL_MEMBERS, MODES, Ensemble, PostProcess, instances, to_original_size
 from trainers.rle import AUTHENTIC, encode_annotation
+
+DEFAULT_MODELS = models_dir(DEFAULT_RUN)   # where train.py puts checkpoints by default
 
 # trainers/score.py's columns (tests/test_predict.py checks they agree), not
 # imported from there: score reads stores, and --images must run without Zarr.
@@ -189,9 +192,10 @@ def add_ensemble_options(parser: argparse.ArgumentParser) -> None:
     of a store, post-processing, TTA, batching and device."""
     parser.add_argument("--split", default="val", choices=["train", "val", "all"],
                         help="with --store: which rows (default val)")
-    parser.add_argument("--models", type=Path, default=Path("models"),
-                        help="folder of <member>_best.pth or of exported <member>.safetensors "
-                             "+ .json (trainers/export.py), either per member (default models/)")
+    parser.add_argument("--models", type=Path, default=DEFAULT_MODELS,
+                        help="folder of <member>_best.pth (a run folder's models/) or of exported "
+                             "<member>.safetensors + .json (trainers/export.py), either per member "
+                             f"(default {DEFAULT_MODELS})")
     parser.add_argument("--members", type=member_names, default=ALL_MEMBERS,
                         help=f"comma-separated subset (default all: {','.join(ALL_MEMBERS)})")
     modes = ", ".join(f"{name} {p.threshold}/{p.min_area}" for name, p in MODES.items())

@@ -1,7 +1,8 @@
 """A run folder: what one training run of one or more members leaves behind.
 
     RUN/config.json                  per member: the resolved recipe, the flags, package
-                                     versions, device, world size, store and its fingerprint
+                                     versions, device, world size, store and its fingerprint,
+                                     and once it ended by its own rules, its result
     RUN/models/<member>_best.pth     best on the member's selection metric
     RUN/models/<member>_last.pth     where a resumed run continues
     RUN/logs/<member>_steps.csv      one row per optimiser step: loss, lr, samples/s, data wait
@@ -99,6 +100,23 @@ def write_config(run: Path, member: str, config: dict) -> Path:
     with atomic_open(path) as f:
         json.dump({"members": members}, f, indent=2, default=str)
     return path
+
+
+def record_result(run: Path, member: str, result: dict) -> None:
+    """Add how the member's run ended to its entry of RUN/config.json."""
+    path = Path(run) / "config.json"
+    document = json.loads(path.read_text())
+    document["members"][member]["result"] = result
+    with atomic_open(path) as f:
+        json.dump(document, f, indent=2, default=str)
+
+
+def member_result(run: Path, member: str) -> dict | None:
+    """The member's recorded result: None until a run of it ended by its own rules."""
+    path = Path(run) / "config.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())["members"].get(member, {}).get("result")
 
 
 def append_rows(path: Path, fields: tuple[str, ...], rows: list[dict]) -> None:

@@ -547,6 +547,12 @@ def train_member(args: argparse.Namespace, ddp: distributed.Distributed) -> int:
                 figures = train_one_epoch(t, epoch)
                 if not end_of_epoch(t, epoch, figures):
                     break
+        if ddp.main:
+            run_folder.record_result(args.out, recipe.name, {
+                "finished": True, "global_step": run["global_step"], "epoch": run["epoch"],
+                "best_score": run["best_score"], "best_epoch": run["best_epoch"],
+                "select_on": recipe.select_on,
+                "train_seconds": sum(row["seconds"] for row in run["history"])})
     except KeyboardInterrupt:
         if t.saved_step != run["global_step"]:
             t.save_last()
