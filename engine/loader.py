@@ -24,7 +24,9 @@ loader started at batch k yields exactly batches k, k+1, ... of a full run.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 from dataclasses import dataclass
 
@@ -222,25 +224,27 @@ class Loader:
             self.source, batch_size=s.batch_size, out_size=s.img_size,
             device="gpu" if on_gpu else "cpu", device_id=(s.device.index or 0) if on_gpu else None,
             num_threads=s.threads, py_workers=s.workers, seed=s.seed)
-        for k, out in enumerate(iterate(pipe, self.source)):
-            out = out[0]
-            # the index stays on the CPU (the trainer records rows with it): not pinned
-            index = out["index"].reshape(-1).to(torch.int64)
-            if self.source.backend == "opencv":  # finished uint8 HWC: only floats to make
-                image, mask = self.to_float(out["image"]), planar_float(out["mask"], *self._unit)
-            else:
-                image, mask = out["image"], out["mask"]
-                if "ela" in out:
-                    image = torch.cat([image, out["ela"]], dim=1)
-                if self.augmenter is not None:
-                    # One seed per batch, from its first plan position: a resumed or
-                    # re-run epoch draws the same augmentation parameters.
-                    seed = int(sampling.sample_seeds(s.seed, s.epoch, self.batches.positions[k][:1])[0])
-                    image, mask = self.augmenter(image, mask, seed)
-                image = self.normalise(image)
-            # both backends hand over the same layout (a no-op when it already is)
-            yield {"image": image.contiguous(memory_format=s.memory_format),
-                   "mask": mask.contiguous(memory_format=s.memory_format), "index": index}
+        with _worker_store_errors():   # DALI's iterator reads the first batch when built
+            for k, out in enumerate(iterate(pipe, self.source)):
+                out = out[0]
+                # the index stays on the CPU (the trainer records rows with it): not pinned
+                index = out["index"].reshape(-1).to(torch.int64)
+                if self.source.backend == "opencv":  # finished uint8 HWC: only floats to make
+                    image, mask = self.to_float(out["image"]), planar_float(out["mask"], *self._unit)
+                else:
+                    image, mask = out["image"], out["mask"]
+                    if "ela" in out:
+                        image = torch.cat([image, out["ela"]], dim=1)
+                    if self.augmenter is not None:
+                        # One seed per batch, from its first plan position: a resumed or
+                        # re-run epoch draws the same augmentation parameters.
+                        first = self.batches.positions[k][:1]
+                        seed = int(sampling.sample_seeds(s.seed, s.epoch, first)[0])
+                        image, mask = self.augmenter(image, mask, seed)
+                    image = self.normalise(image)
+                # both backends hand over the same layout (a no-op when it already is)
+                yield {"image": image.contiguous(memory_format=s.memory_format),
+                       "mask": mask.contiguous(memory_format=s.memory_format), "index": index}
 
     def shared_memory_need(self) -> int:
         """Bytes of /dev/shm the reader workers may fill at once: DALI keeps
@@ -253,6 +257,24 @@ class Loader:
         side = s.img_size if self.source.backend == "opencv" else 2 * s.img_size + 1
         batches_in_flight = 2 + PREFETCH_PER_WORKER * s.workers
         return batches_in_flight * s.batch_size * side * side * channels
+
+
+_WORKER_STORE_ERROR = re.compile(r"engine\.store\.(\w+): (.+)")
+
+
+@contextlib.contextmanager
+def _worker_store_errors():
+    """A store error a reader worker raised comes back as a StoreError (DALI
+    re-raises a worker's error as a plain Exception whose text ends with the
+    worker's traceback), so the user gets its one line, not seventy."""
+    try:
+        yield
+    except Exception as exc:
+        lines = str(exc).strip().splitlines()
+        found = _WORKER_STORE_ERROR.fullmatch(lines[-1]) if lines else None
+        if found and issubclass(getattr(layout, found[1], type(None)), layout.StoreError):
+            raise layout.StoreError(found[2]) from None
+        raise
 
 
 def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img_size: int = 512,

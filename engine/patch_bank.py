@@ -10,8 +10,8 @@ memory (a few hundred small patches).
 
 `PatchBank.paste` runs in the DALI reader worker (engine/pipeline.py), on the
 block just read from the store, before the crop-resize and before the
-photometric operations, as MEMBERS.md orders enhanced_aug ("Copy-paste p .3
-... Then random resized crop ..."). The block may come from a coarser
+photometric operations, as enhanced_aug's recipe orders it (copy-paste, then
+the random resized crop). The block may come from a coarser
 pyramid level, so a patch is resized by U(scale) x pixel_scale: it keeps its
 original pixel scale relative to the image. Only the instance's pixels are
 pasted (the padding gives the resize real neighbours at the region's edge),
@@ -27,6 +27,7 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
+from engine.reader import WindowReader
 from engine.store import image_path, instances_mask_path
 
 
@@ -108,7 +109,8 @@ class PatchBank:
             raise ValueError(
                 f"{group.store}: no forged instance of the {len(rows)} given rows has a bbox "
                 f"with both sides >= {min_side} px; the copy-paste patch bank would be empty")
-        patches = [_read_patch(group, meta, int(i), int(image_row[i]), bbox[i], padding)
+        reader = WindowReader(group)   # verified reads: a damaged chunk is refused, not zeros
+        patches = [_read_patch(reader, meta, int(i), int(image_row[i]), bbox[i], padding)
                    for i in tqdm(chosen, desc="patch bank", unit="patch", leave=False)]
         return cls(patches)
 
@@ -134,10 +136,10 @@ def _check_block(image: np.ndarray, mask: np.ndarray) -> None:
                          f"to match the image, got {mask.dtype} {mask.shape}")
 
 
-def _read_patch(group: zarr.Group, meta: dict[str, np.ndarray], instance: int, row: int,
+def _read_patch(reader: WindowReader, meta: dict[str, np.ndarray], instance: int, row: int,
                 bbox: np.ndarray, padding: int) -> Patch:
     y0, x0, y1, x1 = padded_window(bbox, padding, int(meta["height"][row]), int(meta["width"][row]))
     layer = instance - int(meta["instance_start"][row])
-    rgb = np.asarray(group[image_path(row, 0)][y0:y1, x0:x1])
-    mask = np.asarray(group[instances_mask_path(row)][layer, y0:y1, x0:x1])
+    rgb = reader.read_box(image_path(row, 0), (y0, x0, 0), (y1, x1, 3))
+    mask = reader.read_box(instances_mask_path(row), (layer, y0, x0), (layer + 1, y1, x1))[0]
     return Patch(rgb=rgb, mask=mask, row=row, instance=instance)

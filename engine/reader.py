@@ -231,6 +231,10 @@ class WindowReader:
         arr = self._array(path)
         return arr.read_box((0,) * len(arr.shape), arr.shape)
 
+    def read_box(self, path: str, start: tuple[int, ...], stop: tuple[int, ...]) -> np.ndarray:
+        """[start, stop) along every axis of pixel array `path`, its chunks verified."""
+        return self._array(path).read_box(tuple(start), tuple(stop))
+
     def read_instances(self, row: int) -> list[np.ndarray]:
         """Row `row`'s instance masks, uint8 (H, W) each, [] for an authentic
         row; a forged row without them is a damaged store. Reads only its

@@ -2,6 +2,8 @@
 made once per test session (a few seconds)."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -29,6 +31,14 @@ def demo_store(demo_source, tmp_path_factory):
     out = tmp_path_factory.mktemp("store") / "store.zarr"
     build_store(demo_source, out, workers=2, progress=False, figure=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def store(demo_store, tmp_path_factory):
+    """A private copy of the demo store for one test module: mining writes into it."""
+    copy = tmp_path_factory.mktemp("store") / "store.zarr"
+    shutil.copytree(demo_store, copy)
+    return copy
 
 
 @pytest.fixture(autouse=True)

@@ -3,13 +3,11 @@ not a stand-in): torchrun with 2 gloo processes past step 2, resumed bit for bit
 across ranks; and every member through the DistributedDataParallel path in one process."""
 import dataclasses
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 import engine
@@ -27,14 +25,6 @@ TINY = ["--encoder-weights", "none", "--img-size", str(SIZE), "--batch-size", "2
         "--device", "cpu", "--workers", "0", "--epochs", "1"]
 # in dependency order: mined and fine-tuned members read highres_no_ela's checkpoint
 ORDER = ["highres_no_ela"] + [m for m in RECIPES if m != "highres_no_ela"]
-
-
-@pytest.fixture(scope="module")
-def store(demo_store, tmp_path_factory):
-    """A private copy of the demo store: mining writes into it."""
-    copy = tmp_path_factory.mktemp("ddp") / "store.zarr"
-    shutil.copytree(demo_store, copy)
-    return copy
 
 
 def torchrun(*args, processes=2):

@@ -4,7 +4,6 @@ import dataclasses
 import json
 import os
 import shutil
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -185,16 +184,25 @@ def test_errors_say_what_and_where(demo_store, tmp_path):
     group_json.write_text(json.dumps(meta))
     with pytest.raises(layout.StoreError, match="store version"):
         make_loader(newer, "highres_no_ela")
+    no_meta = tmp_path / "no_meta.zarr"
+    shutil.copytree(demo_store, no_meta)
+    shutil.rmtree(no_meta / "meta")
+    with pytest.raises(layout.StoreError, match=r"no_meta.zarr/meta/case_id: missing.*verify_store"):
+        make_loader(no_meta, "highres_no_ela")
 
 
-def test_a_damaged_chunk_stops_the_epoch_with_its_name(demo_store, tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_damaged_chunk_stops_the_epoch_with_its_name(demo_store, tmp_path, workers):
+    """In this process or in a reader worker alike: a StoreError naming the chunk
+    (DALI hands a worker's error back as a plain Exception; the loader turns it back)."""
     damaged = tmp_path / "damaged.zarr"
     shutil.copytree(demo_store, damaged)
-    loader = make_loader(damaged, "highres_no_ela", batch_size=2, img_size=16, workers=0, augment=False)
+    loader = make_loader(damaged, "highres_no_ela", batch_size=2, img_size=16, workers=workers,
+                         augment=False)
     row = int(loader.batches.rows[0][0])
     for chunk in (damaged / "images" / str(row)).rglob("c/*/*/*"):
         chunk.write_bytes(b"garbage")
-    with pytest.raises(Exception, match="corrupt chunk"):
+    with pytest.raises(layout.StoreError, match=r"images/.*/c/.*: corrupt chunk"):
         next(iter(loader))
 
 

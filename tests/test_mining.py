@@ -1,11 +1,13 @@
 """Mining: flags from scores, flags written by a stand-in model whose output we
 control, and reuse while the checkpoint is unchanged."""
 import dataclasses
+import errno
 import shutil
 
 import numpy as np
 import pytest
 import torch
+import zarr
 from torch import nn
 
 from engine import store as layout
@@ -128,3 +130,15 @@ def test_an_interrupted_write_reads_as_no_result(store, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         mining.write_mining(store, "hard_fn", np.ones(n, np.float32), np.ones(n, np.uint8), "sha-new")
     assert layout.read_mining(layout.open_store(store), "hard_fn") is None
+
+
+def test_a_read_only_store_gets_a_message_saying_what_to_do(store, monkeypatch):
+    n = len(layout.read_meta(layout.open_store(store))["label"])
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(layout, "open_store", lambda path, mode="r": (
+        read_only() if mode != "r" else zarr.open_group(str(path), mode="r")))
+    with pytest.raises(layout.StoreError, match=r"Read-only file system.*writable copy"):
+        mining.write_mining(store, "hard_fn", np.zeros(n, np.float32), np.zeros(n, np.uint8), "sha")

@@ -2,12 +2,10 @@
 tiny size) trained in dependency order into one run folder, evaluated, and a
 rerun that skips finished members and resumes an unfinished one."""
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from engine.recipes import RECIPES, SIZE_CLASS_NAMES
 from trainers import run_ensemble, run_folder
@@ -16,13 +14,6 @@ from trainers.checkpoint import last_path, load_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--epochs", "1", "--img-size", "64", "--batch-size", "2", "--encoder-weights", "none",
         "--device", "cpu", "--workers", "0"]
-
-
-@pytest.fixture(scope="module")
-def store(demo_store, tmp_path_factory):
-    copy = tmp_path_factory.mktemp("ensemble") / "store.zarr"
-    shutil.copytree(demo_store, copy)
-    return copy
 
 
 def test_members_train_after_the_members_they_read():

@@ -2,7 +2,6 @@
 folder (config, per-step logs, TensorBoard, curves), reruns refused unless
 resumed or overwritten, Ctrl-C, and encoder weights from a file or offline."""
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,13 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL_ENCODER = "timm-mobilenetv3_small_minimal_100"
 FAST = ["--encoder-weights", "none", "--img-size", "64", "--batch-size", "2", "--device", "cpu",
         "--workers", "0", "--encoder", SMALL_ENCODER]
-
-
-@pytest.fixture(scope="module")
-def store(demo_store, tmp_path_factory):
-    copy = tmp_path_factory.mktemp("runs") / "store.zarr"
-    shutil.copytree(demo_store, copy)
-    return copy
 
 
 def test_a_run_folder_records_config_steps_validation_tensorboard_and_curves(store, tmp_path, capsys):

@@ -4,7 +4,6 @@ test_distributed.py)."""
 import csv
 import dataclasses
 import math
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -28,14 +27,6 @@ SIZE = 64
 SMALL_ENCODER = "timm-mobilenetv3_small_minimal_100"   # 5x faster than the recipes' b2
 FAST = ["--encoder-weights", "none", "--img-size", str(SIZE), "--batch-size", "2",
         "--device", "cpu", "--workers", "0"]
-
-
-@pytest.fixture(scope="module")
-def store(demo_store, tmp_path_factory):
-    """A private copy of the demo store: mining writes into it."""
-    copy = tmp_path_factory.mktemp("train") / "store.zarr"
-    shutil.copytree(demo_store, copy)
-    return copy
 
 
 @pytest.fixture(scope="module")

@@ -81,13 +81,20 @@ def score_rows(model: torch.nn.Module, store, recipe: Recipe, rows: np.ndarray, 
 
 
 def write_mining(store, kind: str, score: np.ndarray, flag: np.ndarray, checkpoint_sha: str) -> None:
-    group = layout.open_store(store, mode="r+")
-    # A fresh group drops any older result first; the checkpoint attribute
-    # goes last, so an interrupted write reads as "no result" (read_mining).
-    sub = group.create_group(layout.mining_path(kind), overwrite=True)
-    sub.create_array("score", data=score.astype(np.float32))
-    sub.create_array("flag", data=flag.astype(np.uint8))
-    sub.attrs["checkpoint"] = checkpoint_sha
+    try:
+        group = layout.open_store(store, mode="r+")
+        # A fresh group drops any older result first; the checkpoint attribute
+        # goes last, so an interrupted write reads as "no result" (read_mining).
+        sub = group.create_group(layout.mining_path(kind), overwrite=True)
+        sub.create_array("score", data=score.astype(np.float32))
+        sub.create_array("flag", data=flag.astype(np.uint8))
+        sub.attrs["checkpoint"] = checkpoint_sha
+    except OSError as exc:   # a read-only mount, a full disk
+        raise layout.StoreError(
+            f"{store}: cannot write the {kind} mining results into the store "
+            f"({exc.strerror or exc}); the mined members read them from there. Train from a "
+            f"writable copy (`cp -r {store} /writable/place/`), or mine once where the store is "
+            "writable and reuse it read-only: results are reused while the checkpoint is unchanged") from None
 
 
 def mine(store, kind: str, model: torch.nn.Module, recipe: Recipe, checkpoint_sha: str, *,

@@ -124,7 +124,8 @@ def build_model(encoder: str, in_channels: int, encoder_weights: str = "imagenet
     the path of a timm/smp weight file for this encoder."""
     from_file = encoder_weights not in ENCODER_WEIGHTS
     if from_file and not Path(encoder_weights).is_file():
-        raise WeightsUnavailable(f"{encoder_weights}: no weight file here")
+        raise ValueError(f"encoder_weights {encoder_weights!r}: expected one of {ENCODER_WEIGHTS} "
+                         "or the path of a weight file that exists")
     offline = encoder_weights == "imagenet" and not hub_reachable()
     weights = "imagenet" if encoder_weights == "imagenet" else None
     with warnings.catch_warnings(), _hub_offline(offline):

@@ -200,9 +200,10 @@ def optimiser_step(net, batch: dict, criterion, optimizer, scaler, device: torch
 
 
 class StopOnInterrupt:
-    """Ctrl-C raises KeyboardInterrupt at once, except inside `updating()`,
-    which finishes first: the weights are then always those of a whole number
-    of steps, ready to checkpoint. A second Ctrl-C while it finishes stops at once."""
+    """Ctrl-C raises KeyboardInterrupt at once, except inside `updating()` (an
+    optimiser update with its step counters, a checkpoint being written), which
+    finishes first: the weights are then always those of a whole number of
+    steps, and no file is left half-written. A second Ctrl-C stops at once."""
 
     def __init__(self):
         self.in_update = self.pending = False
@@ -349,9 +350,10 @@ class Training:
                 "seed": self.seed, "encoder_weights": self.args.encoder_weights, **self.run}
 
     def save_last(self) -> None:
-        if self.ddp.main:
-            save_checkpoint(last_path(self.models_dir, self.recipe.name), self.checkpoint_state())
-        self.saved_step = self.run["global_step"]
+        with self.stop.updating():   # a Ctrl-C waits for the file to be whole
+            if self.ddp.main:
+                save_checkpoint(last_path(self.models_dir, self.recipe.name), self.checkpoint_state())
+            self.saved_step = self.run["global_step"]
 
 
 def train_one_epoch(t: Training, epoch: int) -> dict:
@@ -435,7 +437,8 @@ def end_of_epoch(t: Training, epoch: int, figures: dict) -> bool:
         run["epoch"], run["step"] = epoch + 1, 0
     if ddp.main:
         if improved:
-            save_checkpoint(best_path(t.models_dir, recipe.name), t.checkpoint_state())
+            with t.stop.updating():
+                save_checkpoint(best_path(t.models_dir, recipe.name), t.checkpoint_state())
         run_folder.append_rows(run_folder.logs_dir(t.args.out) / f"{recipe.name}.csv",
                                run_folder.EPOCH_FIELDS, [row])
         t.log.board.scalars(run["global_step"], {f"val/{k}": v for k, v in metrics.items()})
