@@ -37,6 +37,8 @@ import threading
 import time
 from pathlib import Path
 
+from trainers.help_format import HelpFormatter
+
 ROOT = Path(__file__).resolve().parents[1]
 # (name, timeout in seconds on one H100 after install)
 STAGES = (("data", 240), ("loader", 300), ("photometric", 120), ("train_step", 240),
@@ -363,7 +365,7 @@ def drive(stages, work: Path, device: str, cpu: bool, scale: float) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--work", type=Path, default=Path("data/gpu-check"),
                    help="scratch folder, replaced by the data stage (default: data/gpu-check)")
     p.add_argument("--only", help="comma-separated stages to run (they need the data stage's folder)")

@@ -13,6 +13,11 @@ from tests.test_predict import sure_member
 from trainers import evaluate as evaluate_cli
 from trainers import score as score_cli
 from trainers.ensemble import PostProcess
+from benchmarks import gpu_check
+from trainers import export as export_cli
+from trainers import predict as predict_cli
+from trainers import run_ensemble as run_ensemble_cli
+from trainers import train as train_cli
 from trainers.help_format import HelpFormatter
 
 SHAPE = (4, 4)
@@ -173,7 +178,9 @@ def option_blocks(help_text: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("main", [evaluate_cli.parse_args, score_cli.main,
                                   loader_throughput.parse_args, build_throughput.main,
-                                  sampling_throughput.main])
+                                  sampling_throughput.main, train_cli.parse_args,
+                                  run_ensemble_cli.parse_args, predict_cli.parse_args,
+                                  export_cli.main, gpu_check.main])
 def test_help_shows_every_default(main, monkeypatch):
     parser = parser_of(main, ["--help"], monkeypatch)
     blocks = option_blocks(parser.format_help())

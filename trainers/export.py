@@ -25,6 +25,7 @@ from pathlib import Path
 from engine.recipes import get_recipe
 from trainers.checkpoint import CheckpointError, best_path, export_member
 from trainers.ensemble import ALL_MEMBERS
+from trainers.help_format import HelpFormatter
 from trainers.predict import DEFAULT_MODELS, member_names
 
 
@@ -55,7 +56,7 @@ def chosen_members(models: Path, asked: tuple[str, ...] | None) -> tuple[str, ..
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--models", type=Path, default=DEFAULT_MODELS,
                         help=f"folder of <member>_best.pth (default {DEFAULT_MODELS})")
     parser.add_argument("--out", type=Path, required=True,

@@ -50,6 +50,7 @@ from engine.device import DEVICES, resolve_device
 from preprocess.ela import compute_ela
 from preprocess.source import DEFAULT_MAX_PIXELS, BadInput, load_image
 from trainers.atomic import atomic_open
+from trainers.help_format import HelpFormatter
 from trainers.run_folder import DEFAULT_RUN, models_dir
 from trainers.checkpoint import CheckpointError
 from trainers.ensemble import ALL_MEMBERS, MODES, Ensemble, PostProcess, instances, to_original_size
@@ -226,7 +227,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                            "[options; see --help]",
                                      description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", type=Path, help="folder of PNG images (case id = file stem)")
     source.add_argument("--store", type=Path, help="forgery store to predict a split of")

@@ -40,6 +40,7 @@ from engine.recipes import RECIPES, SIZE_CLASS_NAMES
 from trainers import run_folder
 from trainers.atomic import atomic_open
 from trainers.checkpoint import last_path, load_checkpoint
+from trainers.help_format import HelpFormatter
 from trainers.mining import MINING_MEMBER
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,7 +211,7 @@ def evaluate_run(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--store", type=Path, default=layout.DEFAULT_STORE,
                    help=f"the store (default: {layout.DEFAULT_STORE})")
     p.add_argument("--out", type=Path, default=run_folder.DEFAULT_RUN,

@@ -53,6 +53,7 @@ from trainers import distributed, mining, run_folder
 from trainers.checkpoint import (RESUME_FIELDS, CheckpointError, best_path, last_path, load_checkpoint,
                                  load_member, recipe_from_dict, recipe_to_dict,
                                  require_checkpoint, save_checkpoint)
+from trainers.help_format import HelpFormatter
 from trainers.losses import MemberLoss
 from trainers.metrics import check_metric_name, pixel_counts, summarize
 from trainers.model import WeightsUnavailable, build_model, encoder_weights_arg, freeze_unused
@@ -72,7 +73,7 @@ INTERRUPTED = 130   # exit status after Ctrl-C, as shells report it
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--member", required=True, choices=list(RECIPES))
     p.add_argument("--store", type=Path, default=layout.DEFAULT_STORE,
                    help=f"the store (default: {layout.DEFAULT_STORE})")
