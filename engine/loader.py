@@ -1,14 +1,16 @@
 """make_loader: from a store and a member's recipe to training batches.
 
-The flow of one epoch (DESIGN.md):
+The flow of one epoch (docs/architecture.md):
   sampling    -> which rows this rank reads, in which batches, with which windows
   reader      -> the window's chunks at the right pyramid level, in DALI's
                  worker processes, where enhanced_aug's copy-paste also runs
+                 and where every augmentation value of the sample is drawn
+                 from its seed (engine/ops.py), geometry included
 then, with backend="dali" (the default on CUDA):
   pipeline    -> DALI crop + resize to img_size, then the member's colour,
                  blur, noise and JPEG operations (CPU or GPU operators)
-  augment     -> Kornia: geometric operations and coarse dropout on the batch,
-                 image, ELA and mask together
+  augment     -> torch: the drawn geometric operations and coarse dropout on
+                 the batch, image, ELA and mask together
   normalise   -> ImageNet mean/std on RGB; ELA (channel 4) stays in [0, 1]
 or, with backend="opencv" (the default on the CPU; engine/worker_ops.py
 says why):
@@ -34,12 +36,12 @@ import numpy as np
 import torch
 from numba import njit
 
-from engine import photometric, sampling
+from engine import ops, photometric, sampling
 from engine import store as layout
-from engine.augment import batch_entries, build_augmenter
 from engine.device import resolve_device
 from engine.patch_bank import PatchBank
-from engine.pipeline import BACKENDS, PREFETCH_PER_WORKER, PlannedBatches, SampleAugment, WindowSource, build_pipeline, iterate
+from engine.pipeline import (BACKENDS, PREFETCH_PER_WORKER, PlannedBatches, SampleAugment, WindowSource,
+                             build_pipeline, get_backend, iterate)
 from engine.reader import WindowReader
 from engine.recipes import WHOLE_IMAGE, Recipe, get_recipe
 
@@ -186,16 +188,14 @@ class _Settings:
 class Loader:
     """An epoch of batches for one rank. `len()` is the number of batches."""
 
-    def __init__(self, source: WindowSource, augmenter, settings: _Settings):
-        self.source, self.augmenter, self.settings = source, augmenter, settings
+    def __init__(self, source: WindowSource, settings: _Settings):
+        self.source, self.settings = source, settings
         self.reader, self.batches = source.reader, source.batches
         channels = 4 if self.reader.with_ela else 3
         mean = torch.tensor(IMAGENET_MEAN + (0.0,) * (channels - 3)).view(1, channels, 1, 1)
         std = torch.tensor(IMAGENET_STD + (1.0,) * (channels - 3)).view(1, channels, 1, 1)
         # (x - mean) / std as x * scale + shift, in place: two passes, no copies
-        scale, shift = 1 / std, -mean / std
-        if source.backend == "opencv":   # its batches arrive as uint8, 0-255
-            scale = scale / 255
+        scale, shift = 1 / std / source.backend.pixel_range, -mean / std
         self._scale, self._shift = scale.to(settings.device), shift.to(settings.device)
         # the mask's 0/1 bytes become 0./1. floats: built once, not per batch
         # (a tiny tensor made on the GPU per batch is a host-device sync)
@@ -208,10 +208,11 @@ class Loader:
         """ImageNet mean/std on RGB, ELA unchanged; overwrites `image`."""
         return image.mul_(self._scale).add_(self._shift)
 
-    def to_float(self, pixels: torch.Tensor) -> torch.Tensor:
+    def to_float(self, pixels: torch.Tensor, mask: bool = False) -> torch.Tensor:
         """The opencv backend's uint8 B x H x W x C batch as the normalised
-        float32 B x C x H x W one (ImageNet mean/std on RGB, ELA to [0, 1])."""
-        return planar_float(pixels, self._scale, self._shift)
+        float32 B x C x H x W one (ImageNet mean/std on RGB, ELA to [0, 1]),
+        or a 0/1 mask as 0./1. floats."""
+        return planar_float(pixels, *(self._unit if mask else (self._scale, self._shift)))
 
     def __iter__(self):
         if not len(self.batches):
@@ -225,23 +226,11 @@ class Loader:
             device="gpu" if on_gpu else "cpu", device_id=(s.device.index or 0) if on_gpu else None,
             num_threads=s.threads, py_workers=s.workers, seed=s.seed)
         with _worker_store_errors():   # DALI's iterator reads the first batch when built
-            for k, out in enumerate(iterate(pipe, self.source)):
+            for out in iterate(pipe):
                 out = out[0]
                 # the index stays on the CPU (the trainer records rows with it): not pinned
                 index = out["index"].reshape(-1).to(torch.int64)
-                if self.source.backend == "opencv":  # finished uint8 HWC: only floats to make
-                    image, mask = self.to_float(out["image"]), planar_float(out["mask"], *self._unit)
-                else:
-                    image, mask = out["image"], out["mask"]
-                    if "ela" in out:
-                        image = torch.cat([image, out["ela"]], dim=1)
-                    if self.augmenter is not None:
-                        # One seed per batch, from its first plan position: a resumed or
-                        # re-run epoch draws the same augmentation parameters.
-                        first = self.batches.positions[k][:1]
-                        seed = int(sampling.sample_seeds(s.seed, s.epoch, first)[0])
-                        image, mask = self.augmenter(image, mask, seed)
-                    image = self.normalise(image)
+                image, mask = self.source.backend.finish(out, self)
                 # both backends hand over the same layout (a no-op when it already is)
                 yield {"image": image.contiguous(memory_format=s.memory_format),
                        "mask": mask.contiguous(memory_format=s.memory_format), "index": index}
@@ -249,12 +238,10 @@ class Loader:
     def shared_memory_need(self) -> int:
         """Bytes of /dev/shm the reader workers may fill at once: DALI keeps
         (2 + prefetch) batches in shared memory, each sample at most a block
-        of twice the output side (the pyramid level is the coarsest with at
-        least the output's resolution) or, for the opencv backend, the
-        finished output."""
+        as large as its backend's block_side."""
         s = self.settings
         channels = (4 if self.reader.with_ela else 3) + 1   # + mask
-        side = s.img_size if self.source.backend == "opencv" else 2 * s.img_size + 1
+        side = self.source.backend.block_side(s.img_size)
         batches_in_flight = 2 + PREFETCH_PER_WORKER * s.workers
         return batches_in_flight * s.batch_size * side * side * channels
 
@@ -288,7 +275,7 @@ def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img
     split="val": every validation row the member's rule includes, once, whole image.
     rows=[...]: exactly those rows once, in order, whole image, no augmentation.
     workers: DALI reader processes (0 reads in this process); threads: DALI threads.
-    backend: where the per-sample work runs, "dali" (DALI operators + Kornia),
+    backend: where the per-sample work runs, "dali" (DALI operators + torch),
     "opencv" (OpenCV in the reader processes) or "auto" (dali on CUDA,
     opencv on the CPU); engine/worker_ops.py says why.
     memory_format: "contiguous" (NCHW) or "channels_last" (NHWC strides), the
@@ -325,9 +312,9 @@ def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img
     else:
         batches = _train_plan(recipe, group, meta, batch_size=batch_size, seed=seed, epoch=epoch,
                               rank=rank, world_size=world_size, start_batch=start_batch)
-    per_sample, augmenter = SampleAugment(seed, epoch), None
+    per_sample = SampleAugment(seed, epoch)
     if augment and split == "train" and rows is None:
-        per_sample, augmenter = _augmentation(recipe, group, meta, seed, epoch, img_size, backend, dev)
+        per_sample = _augmentation(recipe, group, meta, seed, epoch)
     cores = cores_per_process()
     settings = _Settings(dev, batch_size, img_size, seed, epoch,
                          # one core left to the consumer; the workers idle once
@@ -336,16 +323,13 @@ def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img
                          threads=threads or min(4, cores),
                          memory_format=MEMORY_FORMATS[memory_format])
     reader = WindowReader(store, with_ela=recipe.in_channels == 4)
-    return Loader(WindowSource(reader, batches, img_size, per_sample, backend), augmenter, settings)
+    return Loader(WindowSource(reader, batches, img_size, per_sample, get_backend(backend)), settings)
 
 
-def _augmentation(recipe: Recipe, group, meta, seed: int, epoch: int, img_size: int, backend: str,
-                  device: torch.device):
-    """Split a recipe's augmentation where it runs best: copy-paste in the
-    reader workers (before anything else, as MEMBERS.md orders it); with the
-    dali backend colour, blur, noise and JPEG as DALI operators and geometry
-    and dropout in Kornia (build_augmenter keeps only those); with the opencv
-    backend all of it in the reader workers."""
+def _augmentation(recipe: Recipe, group, meta, seed: int, epoch: int) -> SampleAugment:
+    """What the reader workers do to a training sample besides reading it:
+    copy-paste first (as docs/recipes.md orders it), then the draws of the
+    photometric ops and the geometry, which each backend applies its way."""
     bank = None
     if recipe.copy_paste:
         if recipe.in_channels != 3:
@@ -355,8 +339,5 @@ def _augmentation(recipe: Recipe, group, meta, seed: int, epoch: int, img_size: 
         bank = PatchBank.from_store(
             group, meta, np.flatnonzero((meta["split"] == layout.SPLITS["train"]) & (meta["label"] == 1)),
             min_side=cp["min_side"], max_patches=cp["max_patches"], padding=cp["padding"], seed=seed)
-    plan = photometric.slots(recipe.augment)
-    if backend == "opencv":
-        return SampleAugment(seed, epoch, plan, bank, recipe.copy_paste, batch_entries(recipe)), None
-    augmenter = build_augmenter(recipe, img_size=img_size)
-    return SampleAugment(seed, epoch, plan, bank, recipe.copy_paste), augmenter and augmenter.to(device)
+    return SampleAugment(seed, epoch, photometric.slots(recipe.augment), bank, recipe.copy_paste,
+                         ops.geometric_entries(recipe.augment))

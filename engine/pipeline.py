@@ -5,18 +5,20 @@ One pipeline definition serves both devices and both backends
   1. WindowSource (in DALI's parallel external-source worker processes, so
      reading overlaps with whatever consumes the batches) reads each window's
      block (engine/reader.py), pastes a patch-bank region into it when the
-     member copy-pastes, and draws the sample's photometric parameters, all
-     from the sample's counter-based seed;
-backend "dali":
-  2. one `fn.resize` per output crops the window's fractional ROI out of its
-     block and resizes it to the output size in a single pass: antialiased
-     for pixels and ELA, nearest-neighbour for the mask;
-  3. the member's photometric operations run on the RGB channels
-     (engine/photometric.py); pixels leave as float in [0, 1] for Kornia;
-backend "opencv":
-  2. the worker finishes the sample on uint8 (engine/worker_ops.py):
-     resize, photometric, geometric and dropout; the batch leaves as uint8
-     and the loader makes normalised floats of it in one pass.
+     member copy-pastes, and draws the sample's photometric values and
+     geometry (engine/ops.py), all from the sample's counter-based seed;
+  2. the backend, chosen once by make_loader, owns the rest: its worker
+     outputs, its part of the DALI graph and the finishing step that makes
+     the batch dict's image and mask:
+     DaliBackend    one `fn.resize` per output crops the window's fractional
+                    ROI out of its block and resizes it (antialiased for
+                    pixels and ELA, nearest for the mask); the photometric
+                    operators run on RGB (engine/photometric.py); the batch
+                    leaves as float in [0, 1] and torch applies the drawn
+                    geometry (engine/augment.py);
+     OpencvBackend  the worker finishes the sample on uint8
+                    (engine/worker_ops.py); the batch leaves as uint8 and the
+                    loader makes normalised floats of it in one pass.
 With `device="gpu"` the worker's arrays are copied to the GPU and everything
 after runs there; nothing else changes.
 """
@@ -30,15 +32,15 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from engine import photometric, sampling, worker_ops
+from engine import augment, ops, photometric, sampling, worker_ops
 from engine.reader import WindowReader
 
 # Random streams of a sample's generator: what the worker draws for it.
 _STREAM_PHOTOMETRIC, _STREAM_COPY_PASTE, _STREAM_GEOMETRIC = 1, 2, 3
-BACKENDS = ("dali", "opencv")
 # A parallel source computes prefetch_queue_depth batches ahead (DALI's
 # default: 1); two per worker keep every worker busy while one is consumed.
 PREFETCH_PER_WORKER = 2
@@ -65,7 +67,97 @@ class SampleAugment:
     photometric: tuple = ()                 # photometric.Slot, in order
     patch_bank: object | None = None        # engine.patch_bank.PatchBank
     copy_paste: dict | None = None          # recipe.copy_paste
-    geometric: tuple = ()                   # recipe entries the opencv backend applies
+    geometric: tuple = ()                   # recipe entries drawn as geometry (ops.draw_geometry)
+
+
+def _float_chw(node, scale=1.0):
+    # in DALI's threads, with the rest of the per-sample work, rather than one
+    # more pass in the consumer
+    return fn.crop_mirror_normalize(node, dtype=types.FLOAT, output_layout="CHW", mean=[0.0], std=[scale])
+
+
+class DaliBackend:
+    """DALI crop-resize and photometric operators; torch geometry on the batch."""
+
+    name, pixel_range = "dali", 1.0    # its images leave as floats in [0, 1]
+
+    def outputs(self, source) -> list[str]:
+        names = ["image", "mask", "roi_start", "roi_end", "index", "geometry"]
+        names += ["ela"] if source.reader.with_ela else []
+        return names + [f"photometric_{i}" for i in range(photometric.input_count(source.augment.photometric))]
+
+    def sample(self, source, block, drawn, geometry) -> dict:
+        values = dict(image=block.image, mask=block.mask, roi_start=block.roi_start,
+                      roi_end=block.roi_end, geometry=geometry, ela=block.ela)
+        return {**values, **{f"photometric_{i}": value for i, value in enumerate(drawn)}}
+
+    def conditionals(self, source) -> bool:
+        return bool(source.augment.photometric)
+
+    def graph(self, nodes: dict, pixels: dict, source, out_size: int, device: str) -> dict:
+        """image float CHW in [0, 1], mask float 1HW (0/1), index int64, ela
+        float 1HW in [0, 1] when the reader reads ELA, geometry float rows."""
+        plan = source.augment.photometric
+        roi = dict(roi_start=nodes["roi_start"], roi_end=nodes["roi_end"])
+
+        def resize(node, nearest=False):
+            return fn.resize(node, size=[out_size, out_size], antialias=not nearest,
+                             interp_type=types.INTERP_NN if nearest else types.INTERP_LINEAR, **roi)
+
+        image = photometric.apply(resize(pixels["image"]), plan, [nodes[f"photometric_{i}"] for i in
+                                                                  range(photometric.input_count(plan))], device)
+        out = {"image": _float_chw(image, 255.0), "mask": _float_chw(resize(pixels["mask"], True)),
+               "index": nodes["index"]}
+        if "ela" in pixels:
+            out["ela"] = _float_chw(resize(pixels["ela"]), 255.0)
+        return {**out, "geometry": nodes["geometry"]}
+
+    def finish(self, out: dict, loader):
+        image = out["image"] if "ela" not in out else torch.cat([out["image"], out["ela"]], dim=1)
+        image, mask = augment.apply_geometry(image, out["mask"], out["geometry"])
+        return loader.normalise(image), mask
+
+    def block_side(self, out_size: int) -> int:
+        """Largest side of a worker's sample: a block of at most twice the
+        output side (the pyramid level is the coarsest with at least the
+        output's resolution)."""
+        return 2 * out_size + 1
+
+
+class OpencvBackend:
+    """All per-sample work on uint8 in the reader workers (engine/worker_ops.py)."""
+
+    name, pixel_range = "opencv", 255.0   # its images leave as uint8
+
+    def outputs(self, source) -> list[str]:
+        return ["image", "mask", "index"]
+
+    def sample(self, source, block, drawn, geometry) -> dict:
+        image, mask = worker_ops.finish(block, source.out_size, source.augment.photometric, drawn, geometry)
+        return {"image": image, "mask": mask}
+
+    def conditionals(self, source) -> bool:
+        return False
+
+    def graph(self, nodes: dict, pixels: dict, source, out_size: int, device: str) -> dict:
+        """The finished image uint8 HWC (RGB, + ELA), mask uint8 HW1, index."""
+        return {"image": pixels["image"], "mask": pixels["mask"], "index": nodes["index"]}
+
+    def finish(self, out: dict, loader):
+        return loader.to_float(out["image"]), loader.to_float(out["mask"], mask=True)
+
+    def block_side(self, out_size: int) -> int:
+        return out_size
+
+
+_BACKENDS = {backend.name: backend for backend in (DaliBackend(), OpencvBackend())}
+BACKENDS = tuple(_BACKENDS)
+
+
+def get_backend(name: str):
+    if name not in _BACKENDS:
+        raise ValueError(f"backend {name!r}: expected one of {BACKENDS}")
+    return _BACKENDS[name]
 
 
 class WindowSource:
@@ -76,11 +168,9 @@ class WindowSource:
     """
 
     def __init__(self, reader: WindowReader, batches: PlannedBatches, out_size: int,
-                 augment: SampleAugment = SampleAugment(), backend: str = "dali"):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend {backend!r}: expected one of {BACKENDS}")
+                 augment: SampleAugment = SampleAugment(), backend="dali"):
         self.reader, self.batches, self.out_size, self.augment = reader, batches, out_size, augment
-        self.backend = backend
+        self.backend = get_backend(backend) if isinstance(backend, str) else backend
 
     def __getstate__(self):
         # pickled in the process that starts the workers: they die with it
@@ -96,22 +186,17 @@ class WindowSource:
             die_with_parent(parent)
 
     def outputs(self) -> list[str]:
-        if self.backend == "opencv":
-            return ["image", "mask", "index"]
-        names = ["image", "mask", "roi_start", "roi_end", "index"]
-        names += ["ela"] if self.reader.with_ela else []
-        return names + [f"photometric_{i}" for i in range(photometric.input_count(self.augment.photometric))]
+        return self.backend.outputs(self)
 
-    def draw(self, seed) -> tuple[list, list]:
-        """A sample's photometric values (photometric.draw) and the geometric
-        operations the opencv backend applies to it (none for dali: Kornia
-        draws those per batch), from the sample's seed."""
+    def draw(self, seed) -> tuple[list, np.ndarray]:
+        """A sample's photometric values (photometric.draw) and geometry
+        (ops.draw_geometry), from the sample's seed: the same on both backends."""
         aug = self.augment
         photometric_values = photometric.draw(
             aug.photometric, np.random.default_rng((int(seed), _STREAM_PHOTOMETRIC)), self.out_size)
-        geometric = worker_ops.draw_geometric(
+        geometry = ops.draw_geometry(
             aug.geometric, np.random.default_rng((int(seed), _STREAM_GEOMETRIC)), self.out_size)
-        return photometric_values, geometric
+        return photometric_values, geometry
 
     def __call__(self, info):
         k = info.iteration
@@ -119,25 +204,18 @@ class WindowSource:
             raise StopIteration
         aug = self.augment
         seeds = sampling.sample_seeds(aug.seed, aug.epoch, self.batches.positions[k])
-        columns = [[] for _ in self.outputs()]
+        names = self.outputs()
+        columns = [[] for _ in names]
         for row, window, seed in zip(self.batches.rows[k], self.batches.windows[k], seeds):
             block = self.reader.read(int(row), window, self.out_size)
             if aug.patch_bank is not None:
                 block.image, block.mask = aug.patch_bank.paste(
                     block.image, block.mask, np.random.default_rng((int(seed), _STREAM_COPY_PASTE)),
                     p=aug.copy_paste["p"], scale=aug.copy_paste["scale"], pixel_scale=block.scale)
-            drawn, geometric = self.draw(seed)
             # 0-d arrays, not numpy scalars: DALI's worker processes accept only arrays
-            index = np.array(row, np.int64)
-            if self.backend == "opencv":
-                values = worker_ops.finish(block, self.out_size, aug.photometric, drawn, geometric)
-                values.append(index)
-            else:
-                values = [block.image, block.mask, block.roi_start, block.roi_end, index]
-                values += [block.ela] if self.reader.with_ela else []
-                values += drawn
-            for column, value in zip(columns, values):
-                column.append(value)
+            values = {**self.backend.sample(self, block, *self.draw(seed)), "index": np.array(row, np.int64)}
+            for column, name in zip(columns, names):
+                column.append(values[name])
         return tuple(columns)
 
 
@@ -156,26 +234,16 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _float_chw(mask):
-    # in DALI's threads, with the rest of the per-sample work, rather than one
-    # more pass in the consumer
-    return fn.crop_mirror_normalize(mask, dtype=types.FLOAT, output_layout="CHW", mean=[0.0], std=[1.0])
-
-
 def build_pipeline(source: WindowSource, *, batch_size: int, out_size: int, device: str,
                    device_id: int | None, num_threads: int, py_workers: int, seed: int):
-    """A built DALI pipeline producing `output_names(source)`.
-
-    backend "dali": image float CHW in [0, 1], mask float 1HW (0/1), index
-    int64, and ela float 1HW in [0, 1] when the reader reads ELA.
-    backend "opencv": the finished image uint8 HWC (RGB, + ELA), mask uint8
-    HW1, index."""
-    names = source.outputs()
-    plan = source.augment.photometric if source.backend == "dali" else ()
+    """A built DALI pipeline producing the outputs its backend's `graph`
+    names, in that order (`pipe.engine_outputs`)."""
+    names, backend = source.outputs(), source.backend
+    graph_names = []
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                   seed=seed, py_num_workers=max(py_workers, 1), py_start_method="spawn",
-                  prefetch_queue_depth=2, enable_conditionals=bool(plan))
+                  prefetch_queue_depth=2, enable_conditionals=backend.conditionals(source))
     def crop_resize_augment():
         ahead = dict(prefetch_queue_depth=PREFETCH_PER_WORKER * py_workers) if py_workers > 0 else {}
         nodes = dict(zip(names, fn.external_source(
@@ -184,36 +252,17 @@ def build_pipeline(source: WindowSource, *, batch_size: int, out_size: int, devi
             layout=["HWC" if n in ("image", "mask", "ela") else "" for n in names])))
         pixels = {n: nodes[n].gpu() if device == "gpu" else nodes[n]
                   for n in ("image", "mask", "ela") if n in nodes}
-        if source.backend == "opencv":   # finished uint8 HWC: the loader makes floats
-            return pixels["image"], pixels["mask"], nodes["index"]
-        roi = dict(roi_start=nodes["roi_start"], roi_end=nodes["roi_end"])
-        image = fn.resize(pixels["image"], size=[out_size, out_size], antialias=True,
-                          interp_type=types.INTERP_LINEAR, **roi)
-        image = photometric.apply(image, plan, [nodes[f"photometric_{i}"] for i in
-                                                range(photometric.input_count(plan))], device)
-        outputs = [fn.crop_mirror_normalize(image, dtype=types.FLOAT, output_layout="CHW",
-                                            mean=[0.0], std=[255.0]),
-                   _float_chw(fn.resize(pixels["mask"], size=[out_size, out_size], antialias=False,
-                                        interp_type=types.INTERP_NN, **roi)),
-                   nodes["index"]]
-        if "ela" in pixels:
-            ela = fn.resize(pixels["ela"], size=[out_size, out_size], antialias=True,
-                            interp_type=types.INTERP_LINEAR, **roi)
-            outputs.append(fn.crop_mirror_normalize(ela, dtype=types.FLOAT, output_layout="CHW",
-                                                    mean=[0.0], std=[255.0]))
-        return tuple(outputs)
+        outputs = backend.graph(nodes, pixels, source, out_size, device)
+        graph_names[:] = outputs
+        return tuple(outputs.values())
 
     pipe = crop_resize_augment()
     pipe.build()
+    pipe.engine_outputs = list(graph_names)
     return pipe
 
 
-def output_names(source: WindowSource) -> list[str]:
-    ela = source.backend == "dali" and source.reader.with_ela  # opencv: ELA is image channel 4
-    return ["image", "mask", "index"] + (["ela"] if ela else [])
-
-
-def iterate(pipe, source: WindowSource) -> DALIGenericIterator:
+def iterate(pipe) -> DALIGenericIterator:
     """Batches as torch tensors on the pipeline's device; a short last batch stays short."""
-    return DALIGenericIterator([pipe], output_names(source),
+    return DALIGenericIterator([pipe], pipe.engine_outputs,
                                last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)

@@ -1,6 +1,6 @@
-"""The six ensemble members as data (MEMBERS.md): one recipe object per member.
+"""The six ensemble members as data (docs/recipes.md): one recipe object per member.
 
-Every number of MEMBERS.md lives here and nowhere else. The sampler reads
+Every number of the members' table lives here and nowhere else. The sampler reads
 `sampling` and `view`, the augmenter reads `augment`, the trainer reads the
 rest. Command-line flags override fields for one run with
 `dataclasses.replace`; the table itself is never edited at run time.
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Size classes of the forged area ratio (MEMBERS.md): tiny < 0.5 %, small
+from engine import ops
+
+# Size classes of the forged area ratio (docs/recipes.md): tiny < 0.5 %, small
 # 0.5-2 %, medium 2-5 %, large 5-10 %, xlarge > 10 %. size_class 0 = authentic.
 SIZE_CLASS_EDGES = (0.005, 0.02, 0.05, 0.10)
 SIZE_CLASS_NAMES = ("authentic", "tiny", "small", "medium", "large", "xlarge")
@@ -61,8 +63,8 @@ class View:
 
 WHOLE_IMAGE = View("whole")
 
-# Augmentations: (name, params) pairs applied in order, read by engine/augment.py.
-# "one_of" picks one of its `ops` with probability p.
+# Augmentations: (name, params) pairs applied in order; each name is an entry
+# of engine/ops.py. "one_of" picks one of its `ops` with probability p.
 FLIPS_ROT90 = (
     ("hflip", {"p": 0.5}),
     ("vflip", {"p": 0.5}),
@@ -106,7 +108,12 @@ class Recipe:
     img_size: int = 512
     encoder: str = "timm-efficientnet-b2"
     grad_clip: float | None = None
+    # read by nothing; kept because saved checkpoints and exports carry it
+    # (trainers/checkpoint.py rebuilds a Recipe from all its fields)
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        ops.validate(self.name, self.augment)
 
 
 _HIGHRES_SAMPLING = SamplingRule(area_edges=(0.03,), area_weights=(3.0, 1.0))

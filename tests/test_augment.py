@@ -1,4 +1,5 @@
-"""engine/augment.py (geometry, dropout) and engine/patch_bank.py (bank, copy-paste)."""
+"""engine/augment.py (the dali backend's batch geometry), engine/ops.py (the
+registry, recipe validation) and engine/patch_bank.py (bank, copy-paste)."""
 from dataclasses import replace
 
 import numpy as np
@@ -6,7 +7,8 @@ import pytest
 import torch
 import zarr
 
-from engine.augment import GEOMETRIC_OPS, build_augmenter
+from engine import ops
+from engine.augment import GEOMETRIC_OPS, apply_geometry
 from engine.loader import make_loader
 from engine.patch_bank import Patch, PatchBank
 from engine.photometric import is_photometric
@@ -47,9 +49,13 @@ def ops_used():
 OPS = ops_used()
 
 
-def op_augmenter(name, params, img_size=SIZE):
-    recipe = replace(RECIPES["high_recall"], augment=forced(((name, params),)))
-    return build_augmenter(recipe, img_size=img_size)
+def augmented(augment, image, mask, seed):
+    """The dali backend's batch step on (image, mask): the geometry each
+    sample b draws from (seed, b), as the reader worker draws it."""
+    entries = ops.geometric_entries(augment)
+    geometry = np.stack([ops.draw_geometry(entries, np.random.default_rng((seed, b)), image.shape[-1])
+                         for b in range(len(image))])
+    return apply_geometry(image.clone(), mask.clone(), torch.from_numpy(geometry))
 
 
 def green_square_batch(batch=4, channels=3, seed=0):
@@ -75,12 +81,10 @@ def iou(a, b):
 @pytest.mark.parametrize("member", list(RECIPES))
 def test_member_keeps_mask_on_marker_channel(member):
     # The 4th channel carries the mask as a marker: geometric ops move it with
-    # the image, photometric ops leave it, so it must still match the mask.
-    recipe = replace(RECIPES[member], augment=forced(RECIPES[member].augment))
-    augmenter = build_augmenter(recipe, img_size=SIZE)
+    # the image, photometric ops are not applied here, so it must still match the mask.
     image, mask = green_square_batch(channels=4)
     image[:, 3] = mask[:, 0]
-    out, out_mask = augmenter(image, mask, seed=7)
+    out, out_mask = augmented(forced(RECIPES[member].augment), image, mask, seed=7)
     assert not torch.equal(out[:, :3], image[:, :3])
     for b in range(len(out)):
         assert iou(out[b, 3] > 0.5, out_mask[b, 0] > 0.5) > 0.9
@@ -89,9 +93,8 @@ def test_member_keeps_mask_on_marker_channel(member):
 @pytest.mark.parametrize("member", list(RECIPES))
 def test_member_geometry_keeps_mask_on_green_square(member):
     geometric = tuple(op for op in RECIPES[member].augment if op[0] in GEOMETRIC_OPS)
-    recipe = replace(RECIPES[member], augment=forced(geometric))
     image, mask = green_square_batch(batch=6)
-    out, out_mask = build_augmenter(recipe, img_size=SIZE)(image, mask, seed=2)
+    out, out_mask = augmented(forced(geometric), image, mask, seed=2)
     for b in range(len(out)):
         assert iou(out[b, 1] > 0.5, out_mask[b, 0] > 0.5) > 0.9
 
@@ -100,7 +103,7 @@ def test_member_geometry_keeps_mask_on_green_square(member):
                          ids=lambda v: v if isinstance(v, str) else "")
 def test_geometric_op_moves_image_and_mask_together(name, params):
     image, mask = green_square_batch()
-    out, out_mask = op_augmenter(name, params)(image, mask, seed=3)
+    out, out_mask = augmented(forced(((name, params),)), image, mask, seed=3)
     assert not torch.equal(out_mask, mask)
     assert torch.equal(out_mask, (out_mask > 0.5).float())
     for b in range(len(out)):
@@ -109,8 +112,8 @@ def test_geometric_op_moves_image_and_mask_together(name, params):
 
 def test_coarse_dropout_blanks_1_to_8_holes_of_16_to_32_px():
     image = torch.rand(16, 3, SIZE, SIZE) * 0.9 + 0.1
-    out, _ = op_augmenter("coarse_dropout", {"holes": (1, 8), "size": (16, 32)})(
-        image, torch.zeros(16, 1, SIZE, SIZE), seed=0)
+    out, _ = augmented((("coarse_dropout", {"holes": (1, 8), "size": (16, 32)}),),
+                       image, torch.zeros(16, 1, SIZE, SIZE), seed=0)
     blank = (out == 0).all(1).sum(dim=(1, 2))
     assert (blank >= 16 * 16).all() and (blank <= 8 * 32 * 32).all()
     assert len(set(blank.tolist())) > 1
@@ -119,7 +122,7 @@ def test_coarse_dropout_blanks_1_to_8_holes_of_16_to_32_px():
 def test_one_of_picks_per_image():
     image, mask = green_square_batch(batch=16)
     one_of = ("one_of", {"p": 1.0, "ops": (("hflip", {}), ("vflip", {}))})
-    _, out_mask = op_augmenter(*one_of)(image, mask, seed=5)
+    _, out_mask = augmented((one_of,), image, mask, seed=5)
     hflipped = [torch.equal(out_mask[b], mask[b].flip(-1)) for b in range(16)]
     vflipped = [torch.equal(out_mask[b], mask[b].flip(-2)) for b in range(16)]
     assert all(h != v for h, v in zip(hflipped, vflipped))
@@ -127,51 +130,72 @@ def test_one_of_picks_per_image():
 
 
 def test_same_seed_same_batch_and_caller_rng_untouched():
-    augmenter = build_augmenter(RECIPES["high_recall"], img_size=SIZE)
     image, mask = green_square_batch(batch=8)
     torch.manual_seed(123)
     state = torch.get_rng_state()
     given = image.clone()
-    first = augmenter(image, mask, seed=11)
+    augment = RECIPES["high_recall"].augment
+    first = augmented(augment, image, mask, seed=11)
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(image, given)
-    again = augmenter(image, mask, seed=11)
-    other = augmenter(image, mask, seed=12)
+    again = augmented(augment, image, mask, seed=11)
+    other = augmented(augment, image, mask, seed=12)
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     assert not torch.equal(first[0], other[0])
 
 
-def test_no_augmentation_gives_none():
-    assert build_augmenter(replace(RECIPES["highres_no_ela"], augment=()), img_size=SIZE) is None
+def test_no_geometry_leaves_the_batch_alone():
     # colour, blur, noise, JPEG run in DALI and copy-paste in the reader worker
     enhanced = RECIPES["enhanced_aug"]
     in_dali = tuple(entry for entry in enhanced.augment if is_photometric(entry))
-    assert in_dali and enhanced.copy_paste
-    assert build_augmenter(replace(enhanced, augment=in_dali), img_size=SIZE) is None
+    assert in_dali and enhanced.copy_paste and not ops.geometric_entries(in_dali)
+    image, mask = green_square_batch()
+    out, out_mask = augmented(in_dali, image, mask, seed=0)
+    assert torch.equal(out, image) and torch.equal(out_mask, mask)
 
 
 def test_photometric_entries_leave_the_batch_alone():
     # enhanced_aug forced: its only RGB-changing batch op is coarse_dropout, so
     # a pixel that is not blanked keeps its value up to the geometry
-    recipe = replace(RECIPES["enhanced_aug"], augment=forced(
-        tuple(e for e in RECIPES["enhanced_aug"].augment if e[0] not in GEOMETRIC_OPS)))
     image, mask = green_square_batch(channels=4)
-    out, out_mask = build_augmenter(recipe, img_size=SIZE)(image, mask, seed=1)
+    out, out_mask = augmented(forced(tuple(e for e in RECIPES["enhanced_aug"].augment
+                                           if e[0] not in GEOMETRIC_OPS)), image, mask, seed=1)
     kept = (out[:, :3] != 0).any(1, keepdim=True).expand(-1, 3, -1, -1)
     assert kept.any() and not kept.all()
     assert torch.equal(out[:, :3][kept], image[:, :3][kept])
     assert torch.equal(out[:, 3], image[:, 3]) and torch.equal(out_mask, mask)
 
 
-def test_bad_input_is_named():
-    augmenter = build_augmenter(RECIPES["highres_no_ela"], img_size=SIZE)
-    image, mask = green_square_batch()
-    with pytest.raises(ValueError, match="mask must be"):
-        augmenter(image, mask[:, :, :-1], seed=0)
-    with pytest.raises(ValueError, match="built for 64 x 64"):
-        build_augmenter(RECIPES["highres_no_ela"], img_size=64)(image, mask, seed=0)
-    with pytest.raises(ValueError, match="unknown batch augmentation 'sharpen'"):
-        build_augmenter(replace(RECIPES["highres_no_ela"], augment=(("sharpen", {}),)), img_size=SIZE)
+# --- the registry and recipe validation ---------------------------------------
+
+def test_every_op_has_both_backends_and_valid_defaults():
+    for name, op in ops.OPS.items():
+        assert op.opencv is not None and (op.dali if op.kind == "photometric" else op.torch) is not None, name
+        for key, param in op.params.items():
+            assert param.accepts(param.default), (name, key)
+    assert set(ops.OPS) == set(ops.PHOTOMETRIC) | set(ops.GEOMETRIC)
+    assert GEOMETRIC_OPS | {"coarse_dropout"} == set(ops.GEOMETRIC)
+
+
+@pytest.mark.parametrize("augment,message", [
+    ((("sharpen", {}),), r"member 'x': augmentation 'sharpen': unknown op"),
+    ((("rot90", {"p": 0.5, "kk": (1, 3)}),), r"member 'x': augmentation 'rot90': unknown parameter 'kk'"),
+    ((("jpeg", {"quality": (70, 120)}),), r"augmentation 'jpeg': parameter 'quality' = \(70, 120\)"),
+    ((("hflip", {"p": 1.5}),), r"augmentation 'hflip': parameter 'p' = 1.5"),
+    ((("gaussian_blur", {"kernel": 3}),), r"parameter 'kernel' = 3 is not a pair"),
+    ((("one_of", {"p": 1, "ops": (("hflip", {}), ("affine", {"rotate": -5}))}),),
+     r"augmentation 'affine': parameter 'rotate' = -5"),
+    ((("one_of", {"p": 1, "ops": (("hflip", {}), ("jpeg", {}))}),), r"augmentation 'one_of':.*mixes"),
+])
+def test_recipes_are_checked_when_built(augment, message):
+    with pytest.raises(ValueError, match=message):
+        replace(RECIPES["highres_no_ela"], name="x", augment=augment)
+
+
+def test_defaults_fill_what_an_entry_leaves_out():
+    recipe = replace(RECIPES["highres_no_ela"], augment=(("affine", {}), ("jpeg", {"p": 0.5})))
+    assert ops.with_defaults("affine", {}) == {"shift": 0.0625, "scale": 0.1, "rotate": 45}
+    assert ops.row_count(ops.geometric_entries(recipe.augment)) == 1
 
 
 # --- copy-paste (PatchBank.paste, in the reader worker) -----------------------

@@ -9,7 +9,8 @@ from nvidia.dali import fn, pipeline_def
 from skimage import data
 
 from benchmarks.golden import dali_photometric
-from engine import photometric, worker_ops
+from engine import ops, photometric, worker_ops
+from engine.augment import apply_geometry
 from engine import store as layout
 from engine.loader import resolve_backend
 from engine.reader import WindowReader
@@ -107,29 +108,52 @@ def _tracer(size=64, seed=0):
     return image, (red > 200).astype(np.uint8), red.copy()
 
 
-@pytest.mark.parametrize("op", [("hflip", ()), ("vflip", ()), ("rot90", (1,)), ("rot90", (2,)),
-                                ("rot90", (3,)), ("affine", (30.0, 1.2, 5.0, -7.0))])
-def test_geometry_moves_pixels_ela_and_mask_together(op):
+def _geometry(*rows):
+    """ops.draw_geometry's layout for (name, values) rows."""
+    out = np.zeros((len(rows), ops.ROW_WIDTH), np.float32)
+    for at, (name, values) in enumerate(rows):
+        out[at, 0], out[at, 1:1 + len(values)] = ops.GEOMETRIC.index(name), values
+    return out
+
+
+def _affine(angle, scale, dx, dy, size=64):
+    matrix = cv2.getRotationMatrix2D(((size - 1) / 2, (size - 1) / 2), angle, scale)
+    matrix[:, 2] += (dx, dy)
+    return ("affine", matrix.reshape(-1))
+
+
+GEOMETRY = [("hflip", ()), ("vflip", ()), ("rot90", (1,)), ("rot90", (2,)), ("rot90", (3,)),
+            _affine(30.0, 1.2, 5.0, -7.0)]
+
+
+@pytest.mark.parametrize("op", GEOMETRY, ids=lambda op: f"{op[0]}{list(op[1])[:1]}")
+def test_geometry_moves_pixels_ela_and_mask_together_on_both_backends(op):
     image, mask, ela = _tracer()
-    moved_image, moved_mask, moved_ela = worker_ops.apply_geometric(image, mask, ela, [op])
+    moved_image, moved_mask, moved_ela = worker_ops.apply_geometric(image, mask, ela, _geometry(op))
     np.testing.assert_array_equal(moved_ela, moved_image[..., 0])
     follows = moved_mask.astype(bool) == (moved_ela > 200)
+    # the dali backend's batch step: the same row, with torch
+    batch = torch.from_numpy(np.dstack([image, ela])).permute(2, 0, 1)[None].float()
+    torch_image, torch_mask = apply_geometry(batch, torch.from_numpy(mask)[None, None].float(),
+                                             torch.from_numpy(_geometry(op))[None])
+    torch_image = torch_image[0].permute(1, 2, 0).numpy()
     if op[0] == "affine":   # nearest vs bilinear differ on edges only
         assert follows.mean() > 0.97
         assert not np.array_equal(moved_image, image)
+        # kornia's warp_affine with cv2.warpAffine's matrix: the same warp
+        assert np.abs(torch_image[..., :3] - moved_image).mean() < 1
+        assert (torch_mask[0, 0].numpy() == moved_mask).mean() > 0.99
     else:
         assert follows.all()
-        # the same permutation torch applies in the dali backend's Kornia step
-        want = {"hflip": lambda t: t.flip(-1), "vflip": lambda t: t.flip(-2),
-                "rot90": lambda t: torch.rot90(t, op[1][0] if op[1] else 0, dims=(-2, -1))}[op[0]]
-        np.testing.assert_array_equal(moved_image, want(torch.from_numpy(image).permute(2, 0, 1))
-                                      .permute(1, 2, 0).numpy())
+        np.testing.assert_array_equal(torch_image[..., :3], moved_image)
+        np.testing.assert_array_equal(torch_image[..., 3], moved_ela)
+        np.testing.assert_array_equal(torch_mask[0, 0].numpy(), moved_mask)
 
 
 def test_coarse_dropout_blanks_rgb_only():
     image, mask, ela = _tracer()
-    holes = np.array([[2, 3, 10, 12], [40, 30, 8, 8]])
-    out_image, out_mask, out_ela = worker_ops.apply_geometric(image.copy(), mask, ela, [("coarse_dropout", (holes,))])
+    holes = _geometry(("coarse_dropout", (2, 3, 10, 12)), ("coarse_dropout", (40, 30, 8, 8)))
+    out_image, out_mask, out_ela = worker_ops.apply_geometric(image.copy(), mask, ela, holes)
     assert (out_image[2:12, 3:15] == 0).all() and (out_image[40:48, 30:38] == 0).all()
     assert (out_image == 0).all(axis=2).sum() == 10 * 12 + 8 * 8
     np.testing.assert_array_equal(out_mask, mask)
@@ -141,25 +165,29 @@ def test_geometric_draws_follow_the_recipe_odds():
                ("affine", {"p": 0.3, "shift": 0.1, "scale": 0.2, "rotate": 45}),
                ("one_of", {"p": 0.6, "ops": (("vflip", {}), ("coarse_dropout", {"holes": (1, 4), "size": (5, 9)}))}),
                )
-    counts, turns = {}, []
+    assert ops.row_count(entries) == 1 + 1 + 1 + 4
+    counts, turns, centre = {}, [], np.array([31.5, 31.5, 1.0])
     for seed in range(3000):
-        for name, drawn in worker_ops.draw_geometric(entries, np.random.default_rng(seed), 64):
-            counts[name] = counts.get(name, 0) + 1
-            if name == "rot90":
-                turns.append(drawn[0])
-            if name == "affine":
-                angle, scale, dx, dy = drawn
-                assert -45 <= angle <= 45 and 0.8 <= scale <= 1.2 and abs(dx) <= 6.4 and abs(dy) <= 6.4
-            if name == "coarse_dropout":
-                holes = drawn[0]
-                assert 1 <= len(holes) <= 4 and ((holes[:, 2:] >= 5) & (holes[:, 2:] <= 9)).all()
-                assert ((holes[:, :2] >= 0) & (holes[:, :2] + holes[:, 2:] <= 64)).all()
+        holes = []
+        for op, row in ops.acting_rows(ops.draw_geometry(entries, np.random.default_rng(seed), 64)):
+            counts[op.name] = counts.get(op.name, 0) + (op.name != "coarse_dropout" or not holes)
+            if op.name == "rot90":
+                turns.append(int(row[0]))
+            if op.name == "affine":
+                matrix = np.array(row[:6]).reshape(2, 3)
+                scale, angle = np.hypot(*matrix[0, :2]), np.degrees(np.arctan2(matrix[0, 1], matrix[0, 0]))
+                dx, dy = matrix @ centre - centre[:2]
+                assert abs(angle) <= 45 and 0.8 <= scale <= 1.2 and abs(dx) <= 6.4 and abs(dy) <= 6.4
+            if op.name == "coarse_dropout":
+                holes.append(row[:4])
+        if holes:
+            holes = np.array(holes)
+            assert 1 <= len(holes) <= 4 and ((holes[:, 2:] >= 5) & (holes[:, 2:] <= 9)).all()
+            assert ((holes[:, :2] >= 0) & (holes[:, :2] + holes[:, 2:] <= 64)).all()
     assert abs(counts["hflip"] / 3000 - 0.5) < 0.04 and counts["rot90"] == 3000
     assert abs(counts["affine"] / 3000 - 0.3) < 0.04
     assert abs(counts["vflip"] / 3000 - 0.3) < 0.04 and abs(counts["coarse_dropout"] / 3000 - 0.3) < 0.04
     assert sorted(set(turns)) == [1, 2, 3] and max(np.bincount(turns)[1:]) / min(np.bincount(turns)[1:]) < 1.2
-    with pytest.raises(ValueError, match="unknown batch augmentation 'twirl'"):
-        worker_ops.draw_geometric((("twirl", {}),), np.random.default_rng(0), 64)
 
 
 def test_auto_backend_is_opencv_on_the_cpu_and_dali_on_cuda():
