@@ -13,19 +13,20 @@ the store's pixels refuses damage alike.
 
 Why a hand-written chunk path: zarr-python spends about 0.3 ms of Python and
 asyncio per `__getitem__` before decoding (`benchmarks/build_throughput.py
---layout-sweep` times both paths), several times a
-sample's decode cost for small windows. Chunk files of the layout that
+--layout-sweep` times both paths; docs/performance.md, "Store"), several
+times a sample's decode cost for small windows. Chunk files of the layout that
 engine/store.py writes (regular chunks, default "/" key encoding, codecs
 bytes, zstd, crc32c) are read and decoded directly: the CRC-32C of the zstd
 frame is compared with the 4-byte trailer (google-crc32c, which zarr's own
 crc32c codec uses), then numcodecs decompresses it; the pixels equal zarr's
-(tests/test_reader.py). Checking the trailer measured 13 us per 512 x 512 x 3
-image chunk of the demo store (182 kB on disk on average), about 3 % of its
-zstd decode (0.4-0.5 ms). Zarr itself fills a missing chunk
+(tests/test_reader.py). Checking the trailer costs about 3 % of a chunk's
+zstd decode (docs/performance.md, "Store"). Zarr itself fills a missing chunk
 with the fill value; this reader instead raises StoreDamaged naming the chunk
 file for an image or ELA chunk, or a mask chunk its array lists as written
 (engine.store.required_chunks), and for a chunk whose checksum or size is
 wrong. An array with another layout is refused, not read some other way.
+A store is a path on a local or shared file system, never a URL: open_store
+and these chunk reads go to the file system (docs/store.md).
 """
 from __future__ import annotations
 

@@ -78,8 +78,8 @@ _STREAM_STRIDE = np.uint64(1 << 40)
 
 # Every kernel comes as a serial and a parallel (prange) loop over one inlined
 # per-item function; below this many items the serial loop runs. Waking
-# Numba's thread pool costs more than it saves there (measured on a busy 2-core
-# machine, best of 5: 100k draws 0.5 ms on one thread, 14 ms on two; 10M draws
+# Numba's thread pool costs more than it saves there (docs/performance.md,
+# "Sampling": 100k draws 0.5 ms on one thread, 14 ms on two; 10M draws
 # 0.35 s on one, 0.25 s on two), and a process that never starts the pool can
 # fork workers safely (GNU OpenMP's pool does not survive fork). The loader
 # asks for windows a batch at a time.
@@ -135,7 +135,7 @@ def _output(shape: tuple, dtype) -> np.ndarray:
     """A kernel's output, allocated by NumPy rather than inside the kernel:
     NumPy asks the operating system for huge pages for large arrays, and
     first touching 160 MB of Numba-allocated windows took 4x as long as
-    NumPy's (measured here)."""
+    NumPy's (docs/performance.md, "Sampling")."""
     return np.empty(shape, dtype=dtype)
 
 
@@ -526,7 +526,8 @@ def _window(kind, params, min_side, row, position, heights, widths, bbox, centro
 
 @njit(cache=True, inline="always")
 def _store(out, i, window):
-    # Element by element: `out[i] = window` made the whole kernel 1.5x slower.
+    # Element by element: `out[i] = window` made the whole kernel 1.5x slower
+    # (docs/performance.md, "Sampling").
     y0, x0, y1, x1 = window
     out[i, 0] = y0
     out[i, 1] = x0

@@ -3,8 +3,9 @@
 This module is the single place that names the store's arrays; the builder
 (preprocess/build_zarr.py) writes through it and the engine reads through it.
 
-Layout (every image keeps its original resolution; `<row>` is the image's row
-in `meta/`, written as a decimal integer):
+Layout (docs/store.md describes it for readers of the store; every image
+keeps its original resolution; `<row>` is the image's row in `meta/`, written
+as a decimal integer):
 
     zarr.json                 attributes: format="forgery-store", version,
                               fingerprint, chunk, levels, build settings
@@ -64,13 +65,12 @@ FORMAT = "forgery-store"
 VERSION = 2   # 2: crc32c chunk checksums and masks' written_chunks (1 had neither)
 DEFAULT_STORE = Path("data/store.zarr")
 
-# Measured with benchmarks/build_throughput.py --layout-sweep (random 200-800
-# px window reads of 300-2000 px figures on a 2-core machine): 512 px chunks
-# read about as fast as 256 through the direct chunk reader and 2x faster
-# through zarr, and write 3x faster through zarr (fewer chunks); zstd 1 vs 3:
-# 10-15 % larger, similar reads, faster writes.
 SPLITS = {"train": 0, "val": 1}   # meta/split values
 
+# CHUNK and ZSTD_LEVEL by measurement (benchmarks/build_throughput.py
+# --layout-sweep; figures in docs/performance.md, "Store"): 512 px chunks read
+# random windows about as fast as 256 px ones and are written faster (fewer
+# chunks); zstd 1 against 3 is slightly larger, reads alike, writes faster.
 CHUNK = 512
 ZSTD_LEVEL = 1
 MIN_LEVEL_SIDE = 64   # no pyramid level whose short side would be below this
@@ -228,7 +228,7 @@ def create_pixels(group: zarr.Group, path: str, data: np.ndarray) -> None:
     there is no forgery. The chunks a mask did write are listed in its
     WRITTEN_CHUNKS attribute (required_chunks): recording them cost nothing,
     where writing the all-zero chunks too would have added 28 % more files
-    (2 % more disk) to the demo store.
+    to the demo store (docs/performance.md, "Store").
 
     On a local store the array's zarr.json and its chunk files are written
     directly, byte for byte what zarr-python writes (tests/test_build_zarr.py):

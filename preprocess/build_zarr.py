@@ -274,7 +274,7 @@ def grouped_split(case_ids: np.ndarray, labels: np.ndarray, val_fraction: float 
 
 
 def meta_arrays(cases: list[Case], records: list[dict], val_fraction: float) -> tuple[dict, dict]:
-    """meta/ and instances/ arrays of the stored rows (DESIGN.md schema)."""
+    """meta/ and instances/ arrays of the stored rows (docs/store.md schema)."""
     n = len(records)
     label = np.array([c.label for c in cases], np.uint8)
     height = np.array([r["height"] for r in records], np.int32)

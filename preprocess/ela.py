@@ -1,6 +1,6 @@
 """Error level analysis (ELA): the comprehensive member's fourth channel.
 
-MEMBERS.md: re-encode the image as JPEG at quality 90 (OpenCV), take the
+docs/recipes.md: re-encode the image as JPEG at quality 90 (OpenCV), take the
 absolute difference to the original, convert it to grey, multiply by 10 and
 clip to 255. The builder computes it once per image at full resolution;
 trainers/predict.py reuses it for test images, so both see the same channel.

@@ -1,6 +1,6 @@
 """Input cases of a Kaggle-layout folder: finding them and reading them safely.
 
-Layout (DESIGN.md): `train_images/authentic/<case>.png`,
+Layout (README, "Input layout"): `train_images/authentic/<case>.png`,
 `train_images/forged/<case>.png`, `train_masks/<case>.npy`; optionally
 `supplemental_images/<case>.png` (all forged, as in the competition) with
 `supplemental_masks/<case>.npy`, and `test_images/` (label unknown: counted,

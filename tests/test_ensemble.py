@@ -22,7 +22,7 @@ def constant(value):
 
 
 def test_union_arithmetic_of_the_users_document():
-    # small_forgery_specialist.md: main ensemble 0.3, specialist 0.9 -> max(0.3, 0.72) = 0.72
+    # docs/recipes.md, "Ensemble": main ensemble 0.3, specialist 0.9 -> max(0.3, 0.72) = 0.72
     probs = {name: constant(0.3) for name in ENSEMBLE_AVERAGE}
     probs["small_specialist"] = constant(0.9)
     assert torch.allclose(combine(probs, RECIPES), constant(0.72))

@@ -6,7 +6,7 @@ epoch, global_step), the recipe as a dict, the store's fingerprint, the seed
 and the run's history. Random state is a function of (seed, epoch, step,
 rank): the loader re-seeds every batch and the trainer re-seeds torch before
 every step, so the seed and the position restore it exactly (DALI has no
-state to save: REFERENCES.md).
+state to save: docs/architecture.md, "Determinism and resume").
 
 An export (trainers/export.py) is what prediction needs and nothing else:
 `<member>.safetensors`, the model's tensors only (a third of the checkpoint,

@@ -1,6 +1,6 @@
 """The six members as one predictor, and the step from probabilities to instances.
 
-MEMBERS.md, "Ensemble and scoring": the members whose recipe role is "average"
+docs/recipes.md, "Ensemble": the members whose recipe role is "average"
 are averaged with their recipe weights (divided by the weights' sum), then the
 "union" member (the small-forgery specialist) is merged as
 max(average, weight x p_specialist). Any subset of members works: the weights
@@ -35,7 +35,7 @@ from trainers.precision import autocast
 
 ALL_MEMBERS = ENSEMBLE_AVERAGE + ENSEMBLE_UNION
 # Minimum component areas are given in pixels of a 512 x 512 model input
-# (MEMBERS.md); on an image they mean the same fraction of its area.
+# (docs/recipes.md, "Ensemble"); on an image they mean the same fraction of its area.
 MIN_AREA_REFERENCE_PIXELS = 512 * 512
 
 

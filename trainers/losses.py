@@ -1,6 +1,6 @@
 """Training loss of a member: recipe.focal_weight x focal + recipe.dice_weight x Dice.
 
-smp's binary FocalLoss and DiceLoss match the definitions of MEMBERS.md
+smp's binary FocalLoss and DiceLoss match the definitions of docs/recipes.md
 (tests/test_losses_metrics.py checks them against the direct formulas):
   focal = mean over pixels of -a_t (1 - p_t)^gamma log p_t, a_t = alpha on
           forged pixels and 1 - alpha elsewhere;

@@ -1,4 +1,4 @@
-"""Mining: the highres_no_ela checkpoint's view of the training split (MEMBERS.md, "Mining").
+"""Mining: the highres_no_ela checkpoint's view of the training split (docs/recipes.md, "Mining").
 
 hard_negative: authentic training images on which the model marks more than
   HARD_NEGATIVE_PIXEL_SHARE of the pixels forged; the HARD_NEGATIVE_KEEP with

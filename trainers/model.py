@@ -22,7 +22,8 @@ from torch import nn
 
 ENCODER_WEIGHTS = ("imagenet", "none")
 # Seconds to wait for the weights hub to answer before treating the machine as
-# offline: huggingface_hub would otherwise retry with backoff for about 30 s.
+# offline: huggingface_hub would otherwise retry with backoff for about 30 s
+# (docs/performance.md, "Training and sizes").
 HUB_PROBE_SECONDS = 3
 
 

@@ -1,7 +1,7 @@
 """Train one ensemble member from the store: `python trainers/train.py --member NAME`.
 
-The member's recipe (engine/recipes.py) says everything; flags override it for
-one run. Reading order:
+The member's recipe (engine/recipes.py; docs/recipes.md lists the six) says
+everything; flags override it for one run. Reading order:
 
   main -> train_member: recipe + flags -> run folder -> (mining) -> model,
           optimiser, schedule; then per epoch
@@ -13,7 +13,7 @@ one run. Reading order:
                              recipe says
           -> curves in logs/<member>.png
 
-Everything goes into the run folder --out (trainers/run_folder.py lists it);
+Everything goes into the run folder --out (docs/architecture.md, "Run folders");
 all members of an ensemble share one. A rerun of a member already there is
 refused unless it --resume's or --overwrite's. Ctrl-C stops at once (an
 optimiser update in flight finishes first), writes the last checkpoint, and
@@ -22,7 +22,8 @@ prints the command that resumes.
 Multi-process: `torchrun --nproc_per_node N trainers/train.py ...` (gloo on
 CPU, NCCL on GPU, one GPU per rank); each rank trains on its slice of the
 epoch plan, mines and validates its share, and uses its share of the node's
-cores for loader workers. `--ddp` runs that code path in one process too.
+cores for loader workers (docs/architecture.md, "Multi-process training").
+`--ddp` runs that code path in one process too.
 
 On CUDA: bf16 autocast (fp16 with a gradient scaler on GPUs without bf16) in
 training, validation and mining alike, cuDNN autotuning for the fixed input
