@@ -201,12 +201,6 @@ def test_cited_docs_exist(folder):
             assert (ROOT / "docs" / name).is_file(), f"{path.name} cites docs/{name}"
 
 
-# Being rewritten elsewhere at the time of writing; their citations go with
-# that rewrite, and then they leave this list.
-BEING_REWRITTEN = {"engine/augment.py", "engine/worker_ops.py", "engine/photometric.py",
-                   "engine/pipeline.py", "engine/loader.py", "engine/recipes.py"}
-
-
 def test_no_citation_outside_the_repository():
     """DESIGN.md, MEMBERS.md, REFERENCES.md and the seeds/ lived outside the
     repository; docs/ holds their content now."""
@@ -214,7 +208,7 @@ def test_no_citation_outside_the_repository():
     files = [ROOT / "README.md", ROOT / "pyproject.toml", *(ROOT / "docs").glob("*.md")]
     files += [p for folder in ("engine", "trainers", "preprocess", "benchmarks", "tests")
               for p in (ROOT / folder).glob("*.py")
-              if p.name != "test_docs.py" and str(p.relative_to(ROOT)) not in BEING_REWRITTEN]
+              if p.name != "test_docs.py"]
     offenders = [f"{p.relative_to(ROOT)}:{n}" for p in files
                  for n, line in enumerate(p.read_text().splitlines(), 1) if stale.search(line)]
     assert not offenders, offenders
