@@ -4,7 +4,7 @@ For each member, samples per second at img_size x img_size of
   engine      make_loader with the device's default backend (opencv on the
               CPU: each sample finished on uint8 in the DALI reader workers;
               dali on CUDA: DALI crop+resize and photometric operators,
-              Kornia geometry), and the other backend beside it;
+              torch geometry), and the other backend beside it;
   replaced    full PNG decode + .npy + np.where + OpenCV crop/resize/augment
               per sample, DataLoader + WeightedRandomSampler, same workers
               (benchmarks/baseline_loader.py);

@@ -70,6 +70,10 @@ class SampleAugment:
     geometric: tuple = ()                   # recipe entries drawn as geometry (ops.draw_geometry)
 
 
+def _photometric_names(source) -> list[str]:
+    return [f"photometric_{i}" for i in range(photometric.input_count(source.augment.photometric))]
+
+
 def _float_chw(node, scale=1.0):
     # in DALI's threads, with the rest of the per-sample work, rather than one
     # more pass in the consumer
@@ -84,12 +88,12 @@ class DaliBackend:
     def outputs(self, source) -> list[str]:
         names = ["image", "mask", "roi_start", "roi_end", "index", "geometry"]
         names += ["ela"] if source.reader.with_ela else []
-        return names + [f"photometric_{i}" for i in range(photometric.input_count(source.augment.photometric))]
+        return names + _photometric_names(source)
 
     def sample(self, source, block, drawn, geometry) -> dict:
         values = dict(image=block.image, mask=block.mask, roi_start=block.roi_start,
                       roi_end=block.roi_end, geometry=geometry, ela=block.ela)
-        return {**values, **{f"photometric_{i}": value for i, value in enumerate(drawn)}}
+        return {**values, **dict(zip(_photometric_names(source), drawn))}
 
     def conditionals(self, source) -> bool:
         return bool(source.augment.photometric)
@@ -104,8 +108,8 @@ class DaliBackend:
             return fn.resize(node, size=[out_size, out_size], antialias=not nearest,
                              interp_type=types.INTERP_NN if nearest else types.INTERP_LINEAR, **roi)
 
-        image = photometric.apply(resize(pixels["image"]), plan, [nodes[f"photometric_{i}"] for i in
-                                                                  range(photometric.input_count(plan))], device)
+        image = photometric.apply(resize(pixels["image"]), plan, [nodes[n] for n in _photometric_names(source)],
+                                  device)
         out = {"image": _float_chw(image, 255.0), "mask": _float_chw(resize(pixels["mask"], True)),
                "index": nodes["index"]}
         if "ela" in pixels:
