@@ -67,6 +67,12 @@ class Param:
                 and all(isinstance(v, kind) and not isinstance(v, bool) and self.low <= v <= self.high
                         for v in values) and values[0] <= values[-1])
 
+    def describe(self) -> str:
+        one = f"{'an integer' if self.integer else 'a number'} in [{self.low}, {self.high}]"
+        pair = (f"a pair (a, b), a <= b, of {'integers' if self.integer else 'numbers'} "
+                f"in [{self.low}, {self.high}]")
+        return {"number": one, "pair": pair, "either": f"{one} or {pair}"}[self.form]
+
 
 @dataclass(frozen=True)
 class Op:
@@ -130,6 +136,12 @@ def _line_kernel(size: int, rng) -> np.ndarray:
     return kernel / kernel.sum()
 
 
+def _blur_kernel(p, rng, size):
+    """An odd kernel size in the range, and OpenCV's sigma for it."""
+    k = int(rng.choice([k for k in range(p["kernel"][0], p["kernel"][1] + 1) if k % 2]))
+    return [k, _opencv_sigma(k)], None
+
+
 def _jpeg(image, v, extra):
     ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
                                [cv2.IMWRITE_JPEG_QUALITY, int(v[0])])
@@ -182,8 +194,7 @@ _PHOTOMETRIC = (
        opencv=lambda image, v, extra: _twist(image, hue=v[0], saturation=v[1], value=v[2]),
        dali=lambda image, v, extra: _dali()[0].hsv(image, hue=v[0], saturation=v[1], value=v[2])),
     Op("gaussian_blur", "photometric", {"kernel": Param(1, 31, (3, 7), "pair", integer=True)},
-       lambda p, rng, size: (lambda k: ([k, _opencv_sigma(k)], None))(int(rng.choice(
-           [k for k in range(p["kernel"][0], p["kernel"][1] + 1) if k % 2]))), count=2,
+       _blur_kernel, count=2,
        opencv=lambda image, v, extra: cv2.GaussianBlur(image, (int(v[0]), int(v[0])), float(v[1]),
                                                        borderType=cv2.BORDER_REFLECT_101),
        dali=lambda image, v, extra: _dali()[0].gaussian_blur(image, window_size=_dali_int(v[0]),
@@ -322,28 +333,19 @@ def validate(member: str, augment) -> None:
     for name, params in augment:
         where = f"member {member!r}: augmentation {name!r}"
         if name == "one_of":
-            schema = {"p": _P}
             if not params.get("ops"):
                 raise ValueError(f"{where}: needs a non-empty 'ops'")
             validate(member, params["ops"])
-            try:
-                kind((name, params))
-            except ValueError as exc:
-                raise ValueError(f"{where}: {exc}") from None
+            if len({kind(op) for op in params["ops"]}) > 1:
+                raise ValueError(f"{where}: mixes photometric and other operations")
         elif name not in OPS:
             raise ValueError(f"{where}: unknown op; known: {', '.join(OPS)}, one_of")
-        else:
-            schema = {"p": _P, **OPS[name].params}
+        schema = {"p": _P, **({"ops": None} if name == "one_of" else OPS[name].params)}
         for key, value in params.items():
-            if key == "ops" and name == "one_of":
-                continue
             if key not in schema:
                 raise ValueError(f"{where}: unknown parameter {key!r}; it takes {', '.join(schema)}")
-            param = schema[key]
-            if not param.accepts(value):
-                raise ValueError(f"{where}: parameter {key!r} = {value!r} is not a "
-                                 f"{'pair' if param.form == 'pair' else param.form} of "
-                                 f"{'integers' if param.integer else 'numbers'} in [{param.low}, {param.high}]")
+            if schema[key] is not None and not schema[key].accepts(value):
+                raise ValueError(f"{where}: parameter {key!r} = {value!r}; expected {schema[key].describe()}")
 
 
 def geometric_entries(augment) -> tuple:

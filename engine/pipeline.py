@@ -108,8 +108,8 @@ class DaliBackend:
             return fn.resize(node, size=[out_size, out_size], antialias=not nearest,
                              interp_type=types.INTERP_NN if nearest else types.INTERP_LINEAR, **roi)
 
-        image = photometric.apply(resize(pixels["image"]), plan, [nodes[n] for n in _photometric_names(source)],
-                                  device)
+        image = photometric.apply(resize(pixels["image"]), plan,
+                                  [nodes[n] for n in _photometric_names(source)], device)
         out = {"image": _float_chw(image, 255.0), "mask": _float_chw(resize(pixels["mask"], True)),
                "index": nodes["index"]}
         if "ela" in pixels:
