@@ -1,5 +1,6 @@
-"""Data engine: store layout, sampling, window reads, DALI crop-and-resize,
-Kornia augmentation, and make_loader tying them together."""
+"""Data engine: store layout, sampling, window reads, the augmentation
+registry (engine/ops.py), the DALI pipeline with its two backends, and
+make_loader tying them together (docs/architecture.md)."""
 
 
 def __getattr__(name):

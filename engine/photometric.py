@@ -10,11 +10,9 @@ the dali backend hands them to DALI operators as per-sample inputs
 same values with OpenCV in the worker (engine/worker_ops.py). Drawn in one
 place, applied in another, and identical for a resumed epoch.
 
-Why DALI and not Kornia for these: measured on this 2-core machine, batch 8
-at 512 x 512, Kornia's CPU implementations cost 10-30x DALI's (JPEG 450 vs
-15 ms a sample, HSV 245 vs 23, contrast 58 vs 2.3, blur 120 vs 27, under
-the same load); on a GPU both are fast, and DALI runs the same operators
-there. Photometric operations act on each pixel (blur, JPEG: on a small
+Why DALI and not Kornia for these: on the CPU Kornia's implementations
+measured 10-30x DALI's (docs/performance.md, "Loader"); on a GPU both are
+fast, and DALI runs the same operators there. Photometric operations act on each pixel (blur, JPEG: on a small
 neighbourhood), so running them before the geometric ones changes nothing
 but the alignment of JPEG's 8 x 8 block grid.
 """

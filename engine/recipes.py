@@ -1,18 +1,21 @@
 """The six ensemble members as data (docs/recipes.md): one recipe object per member.
 
-Every number of the members' table lives here and nowhere else. The sampler reads
+Every number of the members' table lives here (mining, metrics and the
+ensemble keep their own constants in trainers/; docs/recipes.md lists all of
+them). The sampler reads
 `sampling` and `view`, the augmenter reads `augment`, the trainer reads the
 rest. Command-line flags override fields for one run with
 `dataclasses.replace`; the table itself is never edited at run time.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engine import ops
 
 # Size classes of the forged area ratio (docs/recipes.md): tiny < 0.5 %, small
-# 0.5-2 %, medium 2-5 %, large 5-10 %, xlarge > 10 %. size_class 0 = authentic.
+# 0.5-2 %, medium 2-5 %, large 5-10 %, xlarge >= 10 % (an edge belongs to the
+# larger class). size_class 0 = authentic.
 SIZE_CLASS_EDGES = (0.005, 0.02, 0.05, 0.10)
 SIZE_CLASS_NAMES = ("authentic", "tiny", "small", "medium", "large", "xlarge")
 
@@ -108,9 +111,6 @@ class Recipe:
     img_size: int = 512
     encoder: str = "timm-efficientnet-b2"
     grad_clip: float | None = None
-    # read by nothing; kept because saved checkpoints and exports carry it
-    # (trainers/checkpoint.py rebuilds a Recipe from all its fields)
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         ops.validate(self.name, self.augment)

@@ -15,16 +15,11 @@ make_loader places the per-sample operations in one of two ways (`backend`):
           CPU placement (the default without CUDA).
 
 Why two placements: on a CPU, per-sample work parallelises best in the
-worker processes, and OpenCV is far cheaper there than the alternatives.
-Measured on this 2-core machine, 512 x 512 output from blocks of about
-570-700 px, one thread: DALI's CPU fn.resize 5.6 ms a sample for RGB and
-2.3 ms for the mask, against 1.0-1.3 ms for the antialiased resize here
-and 0.12 ms for OpenCV's nearest-neighbour one; batch flips and quarter
-turns on float tensors (then Kornia's) about 2 ms a sample, in the
-consumer process, against 0.04-0.14 ms for OpenCV's flip and rotate here.
-End to end the loader benchmark measured this backend at 3.5-6x the dali
-one on the CPU (benchmarks/loader_throughput.py, two runs, a shared
-machine). On a GPU the dali placement is the fast one.
+worker processes, and OpenCV's resize, flip and rotate there cost a fraction
+of DALI's CPU resize and of batch operations in the consumer process; end to
+end this backend is several times the dali one on the CPU (the figures and
+the commands behind them: docs/performance.md, "Loader"). On a GPU the dali
+placement is the fast one.
 
 Parameters are drawn once per sample, in the worker, from the sample's
 counter-based seed, for both backends: the photometric values

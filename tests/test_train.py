@@ -248,6 +248,8 @@ def test_unreadable_checkpoint_is_named(tmp_path):
 def test_recipes_survive_the_checkpoint_round_trip():
     for recipe in RECIPES.values():
         assert recipe_from_dict(recipe_to_dict(recipe)) == recipe
+        # checkpoints written before Recipe.extra was retired still load
+        assert recipe_from_dict({**recipe_to_dict(recipe), "extra": {}}) == recipe
 
 
 @pytest.mark.parametrize("member", ["hard_negative", "high_recall"])

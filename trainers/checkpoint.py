@@ -91,8 +91,13 @@ def _tuples(value):
     return value
 
 
+# Recipe fields older checkpoints carry and recipes no longer have
+RETIRED_RECIPE_FIELDS = ("extra",)
+
+
 def recipe_from_dict(data: dict) -> Recipe:
-    return Recipe(**{**data, "sampling": SamplingRule(**data["sampling"]),
+    kept = {k: v for k, v in data.items() if k not in RETIRED_RECIPE_FIELDS}
+    return Recipe(**{**kept, "sampling": SamplingRule(**data["sampling"]),
                      "view": View(**data["view"])})
 
 
