@@ -48,7 +48,8 @@ from tqdm import tqdm
 import engine
 from engine import store as layout
 from engine.device import DEVICES, resolve_device
-from engine.loader import BACKENDS, MEMORY_FORMATS, SharedMemoryError, cores_per_process
+from engine.loader import (BACKENDS, MEMORY_FORMATS, SharedMemoryError, cores_per_process,
+                           resolve_backend)
 from engine.recipes import RECIPES, Recipe, get_recipe
 from trainers import distributed, mining, run_folder
 from trainers.checkpoint import (RESUME_FIELDS, CheckpointError, best_path, last_path, load_checkpoint,
@@ -532,7 +533,7 @@ def train_member(args: argparse.Namespace, ddp: distributed.Distributed) -> int:
         where = run_folder.write_config(args.out, recipe.name, config)
         print(f"{recipe.name}: device {ddp.device}"
               f"{f' ({torch.cuda.get_device_name(ddp.device)})' if on_cuda else ''}, "
-              f"backend {args.backend if args.backend != 'auto' else ('dali' if on_cuda else 'opencv')}, "
+              f"backend {resolve_backend(args.backend, ddp.device)}, "
               f"world size {ddp.world_size} ({ddp.backend}), precision {precision_name(ddp.device)}, "
               f"memory format {args.memory_format}, {cores_per_process()} cores per process")
         print(f"{recipe.name}: {recipe.epochs} epochs, batch {recipe.batch_size} x {recipe.img_size} px, "
