@@ -22,7 +22,7 @@ from preprocess.source import PNG_SIGNATURE, BadInput
 from trainers import evaluate as evaluate_cli
 from trainers import predict as predict_cli
 from trainers.ensemble import Ensemble, Member, PostProcess
-from trainers.score import SUBMISSION_COLUMNS, score_files, split_rows, store_case_ids, write_solution
+from trainers.score import score_files, split_rows, store_case_ids, write_solution
 from trainers.train import main as train_main
 
 SLOW = pytest.mark.slow   # trains three tiny members (about a minute of CPU)
@@ -193,11 +193,6 @@ def test_strict_stops_at_an_unreadable_image_and_keeps_the_old_file(
     assert re.search(r"^error: .*b\.png: 60000 x 60000", capsys.readouterr().err, re.M)
     assert out.read_text() == "old\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "submission.csv"]
-
-
-def test_predict_writes_the_columns_the_scorer_reads():
-    # predict keeps its own copy so that --images runs without score's Zarr
-    assert predict_cli.SUBMISSION_COLUMNS == SUBMISSION_COLUMNS
 
 
 def test_a_failed_write_leaves_the_old_submission_whole(tmp_path):

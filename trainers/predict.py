@@ -54,13 +54,9 @@ from trainers.help_format import HelpFormatter
 from trainers.run_folder import DEFAULT_RUN, models_dir
 from trainers.checkpoint import CheckpointError
 from trainers.ensemble import ALL_MEMBERS, MODES, Ensemble, PostProcess, instances, to_original_size
-from trainers.rle import AUTHENTIC, encode_annotation
+from trainers.rle import AUTHENTIC, SUBMISSION_COLUMNS, encode_annotation
 
 DEFAULT_MODELS = models_dir(DEFAULT_RUN)   # where train.py puts checkpoints by default
-
-# trainers/score.py's columns (tests/test_predict.py checks they agree), not
-# imported from there: score reads stores, and --images must run without Zarr.
-SUBMISSION_COLUMNS = ("case_id", "annotation")
 
 
 @dataclass

@@ -22,6 +22,7 @@ import json
 import numpy as np
 
 AUTHENTIC = "authentic"
+SUBMISSION_COLUMNS = ("case_id", "annotation")   # what predict writes and score reads
 INSTANCE_SEPARATOR = ";"
 # Run ends reach twice the pixel count while runs are checked: within int64.
 MAX_INDEXED_PIXELS = 2**62

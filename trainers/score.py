@@ -39,10 +39,10 @@ from engine.store import SPLITS
 from engine.store import StoreError, image_path, open_store, read_meta
 from trainers.atomic import atomic_open
 from trainers.help_format import HelpFormatter
-from trainers.rle import RLEError, decode_annotation_runs, encode_annotation, mask_runs
+from trainers.rle import (SUBMISSION_COLUMNS, RLEError, decode_annotation_runs, encode_annotation,
+                          mask_runs)
 
 SOLUTION_COLUMNS = ("case_id", "annotation", "shape")
-SUBMISSION_COLUMNS = ("case_id", "annotation")
 # A fragmented mask's annotation is far longer than csv's default field limit
 # of 131,072 characters (a 1500 x 1500 one reaches 560k); 2**31 - 1 is the
 # largest limit every platform's C long holds.
