@@ -23,10 +23,18 @@ says why):
 Everything random is a function of (seed, epoch, plan position), so the same
 arguments give the same batches, any rank layout covers the same plan, and a
 loader started at batch k yields exactly batches k, k+1, ... of a full run.
+
+One loader serves a whole run: `loader.set_epoch(e, start_batch=k)` re-plans
+it in place (Planner.plan, the same pure function of seed and epoch) and its
+one DALI pipeline and reader workers go on into epoch e, each worker
+planning the epoch itself from DALI's BatchInfo.epoch_idx; the workers start
+on an epoch's first batches as soon as the previous epoch's last batch is
+taken. `loader.close()` (or a `with` block) ends the pipeline and workers.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import shutil
@@ -122,8 +130,8 @@ def _val_rows(recipe: Recipe, meta) -> np.ndarray:
     return np.flatnonzero(keep).astype(np.int64)
 
 
-def _train_plan(recipe: Recipe, group, meta, *, batch_size, seed, epoch, rank, world_size,
-                start_batch) -> PlannedBatches:
+def _train_weights(recipe: Recipe, group, meta) -> np.ndarray:
+    """The member's sampling weights over the store's rows (mining flags included)."""
     mining = {kind: layout.read_mining(group, kind) for kind in layout.MINING_KINDS}
     needed = recipe.mining
     if needed and mining[needed] is None:
@@ -131,22 +139,56 @@ def _train_plan(recipe: Recipe, group, meta, *, batch_size, seed, epoch, rank, w
             f"{group.store}: member {recipe.name!r} samples by {needed} mining results and the "
             f"store has none; `python trainers/train.py --member {recipe.name}` mines first")
     flags = {kind: None if found is None else found["flag"] for kind, found in mining.items()}
-    weights = sampling.member_weights(
+    return sampling.member_weights(
         recipe.sampling, meta["label"], meta["area_ratio"], meta["split"], layout.SPLITS["train"],
         hard_negative=flags["hard_negative"], hard_fn=flags["hard_fn"], mined=bool(needed))
-    plan = sampling.EpochPlan.build(weights, sampling.epoch_size(recipe.sampling, weights),
-                                    seed, epoch)
-    batches = plan.for_rank(rank, world_size, batch_size, drop_last=True, start_batch=start_batch)
-    if not batches:
-        return PlannedBatches([], [], [])
-    # one kernel call for the whole epoch, split per batch
-    windows = sampling.crop_windows(
-        recipe.view, np.concatenate([b.indices for b in batches]),
-        np.concatenate([b.positions for b in batches]), meta["height"], meta["width"],
-        meta["bbox"], meta["centroid"], seed, epoch)
-    cuts = np.cumsum([len(b.indices) for b in batches])[:-1]
-    return PlannedBatches([b.indices for b in batches], np.split(windows, cuts),
-                          [b.positions for b in batches])
+
+
+@dataclass(frozen=True, eq=False)
+class Planner:
+    """Any epoch's plan of one loader, a pure function of (seed, epoch):
+    `plan(epoch, start_batch)` -> (PlannedBatches, SampleAugment). Picklable:
+    it travels to the reader workers once, which plan each later epoch of a
+    persistent loader themselves (engine/pipeline.py, WindowSource.plan).
+
+    fixed (validation, explicit rows): the same batches every epoch.
+    Otherwise the training plan: `weights` drawn by sampling.EpochPlan, this
+    rank's slice, the view's windows, and `augment` with the epoch set."""
+
+    batch_size: int
+    rank: int
+    world_size: int
+    seed: int
+    augment: SampleAugment                 # epoch set per plan (training); as is when fixed
+    fixed: PlannedBatches | None = None    # the whole fixed plan, from batch 0
+    weights: np.ndarray | None = None
+    num_samples: int = 0
+    view: object = None                    # recipe.view
+    meta: dict | None = None               # height, width, bbox, centroid
+
+    def plan(self, epoch: int, start_batch: int = 0) -> tuple[PlannedBatches, SampleAugment]:
+        if self.fixed is not None:
+            f = self.fixed
+            return PlannedBatches(f.rows[start_batch:], f.windows[start_batch:],
+                                  f.positions[start_batch:]), self.augment
+        return (self._train_batches(epoch, start_batch),
+                dataclasses.replace(self.augment, epoch=epoch))
+
+    def _train_batches(self, epoch: int, start_batch: int) -> PlannedBatches:
+        meta, seed = self.meta, self.seed
+        plan = sampling.EpochPlan.build(self.weights, self.num_samples, seed, epoch)
+        batches = plan.for_rank(self.rank, self.world_size, self.batch_size, drop_last=True,
+                                start_batch=start_batch)
+        if not batches:
+            return PlannedBatches([], [], [])
+        # one kernel call for the whole epoch, split per batch
+        windows = sampling.crop_windows(
+            self.view, np.concatenate([b.indices for b in batches]),
+            np.concatenate([b.positions for b in batches]), meta["height"], meta["width"],
+            meta["bbox"], meta["centroid"], seed, epoch)
+        cuts = np.cumsum([len(b.indices) for b in batches])[:-1]
+        return PlannedBatches([b.indices for b in batches], np.split(windows, cuts),
+                              [b.positions for b in batches])
 
 
 SHARED_MEMORY = "/dev/shm"
@@ -186,11 +228,26 @@ class _Settings:
 
 
 class Loader:
-    """An epoch of batches for one rank. `len()` is the number of batches."""
+    """Batches of one rank, one epoch at a time. `len()` is the number of
+    batches of the current epoch.
 
-    def __init__(self, source: WindowSource, settings: _Settings):
+    One DALI pipeline and one set of reader workers serve every epoch the
+    loader is iterated for: `set_epoch(e, start_batch=k)` re-plans in place
+    and the next iteration yields batches k, k+1, ... of epoch e. The
+    pipeline is reused when e is the epoch after the one just finished (from
+    batch 0), or for a fixed plan (validation, explicit rows) any epoch; its
+    workers then plan that epoch themselves from DALI's BatchInfo.epoch_idx
+    (WindowSource.plan) and have its first batches ready, as they start on
+    them the moment the previous epoch's last batch is taken. Otherwise (an
+    epoch left unfinished, an epoch skipped or repeated) the pipeline is
+    built again. `close()` (or leaving a `with` block) ends the pipeline and
+    its workers; a closed loader builds a new one if iterated again.
+    """
+
+    def __init__(self, source: WindowSource, settings: _Settings, start_batch: int = 0):
         self.source, self.settings = source, settings
-        self.reader, self.batches = source.reader, source.batches
+        self.reader, self.planner = source.reader, source.planner
+        self.epoch, self.start_batch = settings.epoch, start_batch
         channels = 4 if self.reader.with_ela else 3
         mean = torch.tensor(IMAGENET_MEAN + (0.0,) * (channels - 3)).view(1, channels, 1, 1)
         std = torch.tensor(IMAGENET_STD + (1.0,) * (channels - 3)).view(1, channels, 1, 1)
@@ -200,9 +257,38 @@ class Loader:
         # the mask's 0/1 bytes become 0./1. floats: built once, not per batch
         # (a tiny tensor made on the GPU per batch is a host-device sync)
         self._unit = (torch.ones((), device=settings.device), torch.zeros((), device=settings.device))
+        # the pipeline: its source (the plan of its DALI epoch 0 and the
+        # planner), DALI's iterator, and the DALI epoch it serves next; _ready
+        # while it stands at an epoch boundary
+        self._pipe = self._batches_iter = self._pipe_source = None
+        self._pipe_epoch, self._ready = 0, False
+
+    @property
+    def batches(self) -> PlannedBatches:
+        return self.source.batches
 
     def __len__(self) -> int:
         return len(self.batches)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> "Loader":
+        """Re-plan for `epoch` from `start_batch` on (the same batches as
+        make_loader(..., epoch=epoch, start_batch=start_batch)); returns self."""
+        if start_batch < 0:
+            raise ValueError(f"start_batch {start_batch}: must be >= 0")
+        planned = self.planner.plan(epoch, start_batch)
+        s = self.source
+        self.source = WindowSource(s.reader, planned[0], s.out_size, planned[1], s.backend,
+                                   s.planner, epoch)
+        self.epoch, self.start_batch, self.settings.epoch = epoch, start_batch, epoch
+        if self._serves_next():
+            self._pipe_source.prime(self._pipe_epoch, planned)
+        return self
+
+    def _serves_next(self) -> bool:
+        """Whether the pipeline's next DALI epoch is the current epoch's plan."""
+        # _ready only after an epoch ran to its end: DALI epoch >= 1, planned from batch 0
+        return self._ready and self.start_batch == 0 and (
+            self.planner.fixed is not None or self.epoch == self._pipe_source.epoch + self._pipe_epoch)
 
     def normalise(self, image: torch.Tensor) -> torch.Tensor:
         """ImageNet mean/std on RGB, ELA unchanged; overwrites `image`."""
@@ -214,26 +300,98 @@ class Loader:
         or a 0/1 mask as 0./1. floats."""
         return planar_float(pixels, *(self._unit if mask else (self._scale, self._shift)))
 
-    def __iter__(self):
-        if not len(self.batches):
-            return
+    def _build(self) -> None:
         s = self.settings
         on_gpu = s.device.type == "cuda"
         if s.workers > 0:
             check_shared_memory(self.shared_memory_need())
-        pipe = build_pipeline(
+        self._pipe_source = self.source
+        self._pipe = build_pipeline(
             self.source, batch_size=s.batch_size, out_size=s.img_size,
             device="gpu" if on_gpu else "cpu", device_id=(s.device.index or 0) if on_gpu else None,
             num_threads=s.threads, py_workers=s.workers, seed=s.seed)
+        self._pipe_epoch = 0
         with _worker_store_errors():   # DALI's iterator reads the first batch when built
-            for out in iterate(pipe):
-                out = out[0]
-                # the index stays on the CPU (the trainer records rows with it): not pinned
-                index = out["index"].reshape(-1).to(torch.int64)
-                image, mask = self.source.backend.finish(out, self)
-                # both backends hand over the same layout (a no-op when it already is)
-                yield {"image": image.contiguous(memory_format=s.memory_format),
-                       "mask": mask.contiguous(memory_format=s.memory_format), "index": index}
+            self._batches_iter = iterate(self._pipe)
+
+    def __iter__(self):
+        if not len(self.batches):
+            return
+        s = self.settings
+        if self._serves_next():
+            self._batches_iter.reset()   # collects the first batches the workers made
+        else:
+            self.close()
+            try:
+                self._build()
+            except BaseException:
+                self.close()
+                raise
+        self._ready = False
+        count = len(self.batches)
+        try:
+            with _worker_store_errors():
+                for k in range(count):
+                    out = next(self._batches_iter, None)
+                    if out is None:   # fewer batches than planned: never reuse this pipeline
+                        return
+                    out = out[0]
+                    # the index stays on the CPU (the trainer records rows with it): not pinned
+                    index = out["index"].reshape(-1).to(torch.int64)
+                    image, mask = self.source.backend.finish(out, self)
+                    if k == count - 1:
+                        self._next_epoch()
+                    # both backends hand over the same layout (a no-op when it already is)
+                    yield {"image": image.contiguous(memory_format=s.memory_format),
+                           "mask": mask.contiguous(memory_format=s.memory_format), "index": index}
+        except (Exception, KeyboardInterrupt):
+            self.close()   # a pipeline whose worker failed is not reused
+            raise
+
+    def _next_epoch(self) -> None:
+        """The epoch's last batch is taken: move the pipeline to its next DALI
+        epoch and start the workers on that epoch's first batches now (they
+        overlap validation and the checkpoint), without waiting for them."""
+        pipe = self._pipe
+        # DALI's source raised StopIteration while prefetching past the end,
+        # so reset() starts the next epoch (a no-op before that; then the
+        # pipeline is simply built again)
+        if not getattr(pipe, "_last_iter", False) or not pipe.empty():
+            return
+        pipe.reset()
+        self._pipe_epoch += 1
+        self._ready = True
+        schedule = getattr(pipe, "_schedule_py_workers", None)   # DALI 2.4's; absent: no head start
+        if schedule is not None and self.settings.workers > 0:
+            schedule()
+
+    def close(self) -> None:
+        """End the pipeline and its reader workers (they exit, their shared
+        memory is freed). The loader stays usable: iterating it again builds a new one."""
+        pipe, self._pipe, self._batches_iter, self._pipe_source = self._pipe, None, None, None
+        self._ready, self._pipe_epoch = False, 0
+        if pipe is None:
+            return
+        # DALI 2.4 has no public close: what its own exit handler (_shutdown)
+        # and the pool's finaliser (close) do, now rather than at exit
+        pool = getattr(pipe, "_py_pool", None)
+        try:
+            pipe._shutdown()
+        finally:
+            if pool is not None:
+                pool.close()   # stops and joins the worker processes
+
+    def __enter__(self) -> "Loader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def shared_memory_need(self) -> int:
         """Bytes of /dev/shm the reader workers may fill at once: DALI keeps
@@ -301,20 +459,26 @@ def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img
     backend = resolve_backend(backend, dev)
     group = layout.open_store(store)
     meta = layout.read_meta(group)
+    per_sample = SampleAugment(seed, epoch)
+    common = dict(batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
     if rows is not None:
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= len(meta["label"])):
             raise ValueError(f"rows outside the store's 0..{len(meta['label']) - 1}")
-        batches = _rows_plan(rows, meta, batch_size, rank, world_size, start_batch)
+        planner = Planner(augment=per_sample, fixed=_rows_plan(rows, meta, batch_size, rank,
+                                                               world_size, 0), **common)
     elif split == "val":
-        batches = _rows_plan(_val_rows(recipe, meta), meta, batch_size, rank, world_size,
-                             start_batch)
+        planner = Planner(augment=per_sample, fixed=_rows_plan(
+            _val_rows(recipe, meta), meta, batch_size, rank, world_size, 0), **common)
     else:
-        batches = _train_plan(recipe, group, meta, batch_size=batch_size, seed=seed, epoch=epoch,
-                              rank=rank, world_size=world_size, start_batch=start_batch)
-    per_sample = SampleAugment(seed, epoch)
-    if augment and split == "train" and rows is None:
-        per_sample = _augmentation(recipe, group, meta, seed, epoch)
+        weights = _train_weights(recipe, group, meta)
+        if augment and split == "train":
+            per_sample = _augmentation(recipe, group, meta, seed, epoch)
+        planner = Planner(augment=per_sample, weights=weights,
+                          num_samples=sampling.epoch_size(recipe.sampling, weights),
+                          view=recipe.view, meta={k: meta[k] for k in ("height", "width", "bbox",
+                                                                       "centroid")}, **common)
+    batches, per_sample = planner.plan(epoch, start_batch)
     cores = cores_per_process()
     settings = _Settings(dev, batch_size, img_size, seed, epoch,
                          # one core left to the consumer; the workers idle once
@@ -323,7 +487,8 @@ def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img
                          threads=threads or min(4, cores),
                          memory_format=MEMORY_FORMATS[memory_format])
     reader = WindowReader(store, with_ela=recipe.in_channels == 4)
-    return Loader(WindowSource(reader, batches, img_size, per_sample, get_backend(backend)), settings)
+    source = WindowSource(reader, batches, img_size, per_sample, get_backend(backend), planner, epoch)
+    return Loader(source, settings, start_batch=start_batch)
 
 
 def _augmentation(recipe: Recipe, group, meta, seed: int, epoch: int) -> SampleAugment:

@@ -169,16 +169,26 @@ class WindowSource:
 
     Stateless apart from caches, and picklable, as DALI's parallel external
     source requires: the plan travels to each worker process once.
+
+    `batches` and `augment` are the plan of DALI's epoch 0 (BatchInfo.epoch_idx
+    0). With a `planner` (engine/loader.py's) the source also serves the
+    pipeline's later epochs: DALI epoch i is the run's epoch `epoch + i` from
+    its first batch, planned here, in the worker, by `planner.plan(epoch + i, 0)`
+    (a pure function of seed and epoch; the newest epoch's plan is cached).
+    Without one every DALI epoch repeats `batches`.
     """
 
     def __init__(self, reader: WindowReader, batches: PlannedBatches, out_size: int,
-                 augment: SampleAugment = SampleAugment(), backend="dali"):
+                 augment: SampleAugment = SampleAugment(), backend="dali", planner=None,
+                 epoch: int = 0):
         self.reader, self.batches, self.out_size, self.augment = reader, batches, out_size, augment
         self.backend = get_backend(backend) if isinstance(backend, str) else backend
+        self.planner, self.epoch = planner, epoch
+        self._plans = {}   # DALI epoch index -> (PlannedBatches, SampleAugment), the newest only
 
     def __getstate__(self):
         # pickled in the process that starts the workers: they die with it
-        return {**self.__dict__, "_parent_pid": os.getpid()}
+        return {**self.__dict__, "_plans": {}, "_parent_pid": os.getpid()}
 
     def __setstate__(self, state):
         # In a worker process: the workers are the parallelism, so each runs
@@ -188,6 +198,22 @@ class WindowSource:
         cv2.setNumThreads(1)
         if parent is not None:
             die_with_parent(parent)
+
+    def plan(self, epoch_idx: int) -> tuple[PlannedBatches, SampleAugment]:
+        """What DALI's epoch `epoch_idx` of this source reads, and how it augments."""
+        if epoch_idx == 0 or self.planner is None:
+            return self.batches, self.augment
+        found = self._plans.get(epoch_idx)
+        if found is None:
+            found = self.planner.plan(self.epoch + epoch_idx, 0)
+            self._plans = {epoch_idx: found}
+        return found
+
+    def prime(self, epoch_idx: int, planned: tuple[PlannedBatches, SampleAugment]) -> None:
+        """Hand this process's copy the plan of DALI epoch `epoch_idx`, computed
+        already by the caller (with workers=0 the source runs here)."""
+        if epoch_idx:
+            self._plans = {epoch_idx: planned}
 
     def outputs(self) -> list[str]:
         return self.backend.outputs(self)
@@ -204,13 +230,13 @@ class WindowSource:
 
     def __call__(self, info):
         k = info.iteration
-        if k >= len(self.batches):
-            raise StopIteration
-        aug = self.augment
-        seeds = sampling.sample_seeds(aug.seed, aug.epoch, self.batches.positions[k])
+        batches, aug = self.plan(info.epoch_idx)
+        if k >= len(batches):
+            raise StopIteration   # also for the iterations DALI prefetches past the end
+        seeds = sampling.sample_seeds(aug.seed, aug.epoch, batches.positions[k])
         names = self.outputs()
         columns = [[] for _ in names]
-        for row, window, seed in zip(self.batches.rows[k], self.batches.windows[k], seeds):
+        for row, window, seed in zip(batches.rows[k], batches.windows[k], seeds):
             block = self.reader.read(int(row), window, self.out_size)
             if aug.patch_bank is not None:
                 block.image, block.mask = aug.patch_bank.paste(

@@ -67,16 +67,18 @@ def score_rows(model: torch.nn.Module, store, recipe: Recipe, rows: np.ndarray, 
                rank: int = 0, world_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """(rows, float32 scores) of this rank's share of `rows` (every world_size-th),
     from `model` at img_size, in the precision training uses on `device`."""
-    loader = engine.make_loader(store, recipe, rows=rows, batch_size=batch_size, img_size=img_size,
-                                device=device, workers=workers, rank=rank, world_size=world_size)
     model.eval()
     done, scores = [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
-    for batch in tqdm(loader, desc=f"mining {kind}", unit="batch", disable=rank != 0):
-        with autocast(device):
-            logits = model(batch["image"])
-        counts = pixel_counts(logits.float(), batch["mask"], THRESHOLD)
-        done.append(batch["index"].cpu().numpy())
-        scores.append(image_scores(counts, kind).astype(np.float32))
+    # closed when done: its reader workers end with the mining
+    with engine.make_loader(store, recipe, rows=rows, batch_size=batch_size, img_size=img_size,
+                            device=device, workers=workers, rank=rank,
+                            world_size=world_size) as loader:
+        for batch in tqdm(loader, desc=f"mining {kind}", unit="batch", disable=rank != 0):
+            with autocast(device):
+                logits = model(batch["image"])
+            counts = pixel_counts(logits.float(), batch["mask"], THRESHOLD)
+            done.append(batch["index"].cpu().numpy())
+            scores.append(image_scores(counts, kind).astype(np.float32))
     return np.concatenate(done), np.concatenate(scores)
 
 

@@ -270,20 +270,27 @@ def run_mining(recipe: Recipe, args, models_dir: Path, ddp: distributed.Distribu
 
 @torch.no_grad()
 def validate(model: torch.nn.Module, recipe: Recipe, args, ddp: distributed.Distributed, seed: int,
-             epoch: int) -> dict:
+             epoch: int, loader=None) -> dict:
     """Metrics over the member's validation rows, each rank scoring its share,
-    in the precision of training."""
+    in the precision of training. `loader`: the run's validation loader
+    (run_loader); without one, a loader made and closed here."""
     model.eval()
-    loader = engine.make_loader(args.store, recipe, split="val", batch_size=recipe.batch_size,
-                                img_size=recipe.img_size, seed=seed, epoch=epoch,
-                                device=str(ddp.device), rank=ddp.rank,
-                                world_size=ddp.world_size, augment=False, workers=args.workers,
-                                backend=args.backend, memory_format=args.memory_format)
+    own = loader is None
+    if own:
+        loader = engine.make_loader(args.store, recipe, split="val", batch_size=recipe.batch_size,
+                                    img_size=recipe.img_size, seed=seed, epoch=epoch,
+                                    device=str(ddp.device), rank=ddp.rank,
+                                    world_size=ddp.world_size, augment=False, workers=args.workers,
+                                    backend=args.backend, memory_format=args.memory_format)
     counts = [np.zeros((0, 4), np.int64)]
-    for batch in loader:
-        with autocast(ddp.device):
-            logits = model(batch["image"])
-        counts.append(pixel_counts(logits.float(), batch["mask"]))
+    try:
+        for batch in loader:
+            with autocast(ddp.device):
+                logits = model(batch["image"])
+            counts.append(pixel_counts(logits.float(), batch["mask"]))
+    finally:
+        if own:
+            loader.close()
     model.train()
     return summarize(np.concatenate(ddp.all_gather(np.concatenate(counts))))
 
@@ -340,6 +347,7 @@ class Training:
     stop: StopOnInterrupt
     saved_step: int = -1          # global_step of the newest last checkpoint
     seen_rows: list = dataclasses.field(default_factory=list)
+    loaders: dict = dataclasses.field(default_factory=dict)   # split -> the run's one loader
 
     @property
     def models_dir(self) -> Path:
@@ -359,15 +367,29 @@ class Training:
             self.saved_step = self.run["global_step"]
 
 
+def run_loader(t: Training, split: str, epoch: int, start_batch: int = 0):
+    """The run's one loader of `split` ("train" or "val"): made on first use,
+    then re-planned in place for each epoch, so one DALI pipeline and one set
+    of reader workers serve the whole run (engine/loader.py, Loader);
+    train_member's finally closes it."""
+    loader = t.loaders.get(split)
+    if loader is not None:
+        return loader.set_epoch(epoch, start_batch)
+    args, recipe, ddp = t.args, t.recipe, t.ddp
+    loader = engine.make_loader(
+        args.store, recipe, split=split, batch_size=recipe.batch_size, img_size=recipe.img_size,
+        seed=t.seed, epoch=epoch, device=str(ddp.device), rank=ddp.rank,
+        world_size=ddp.world_size, start_batch=start_batch, augment=split == "train",
+        workers=args.workers, backend=args.backend, memory_format=args.memory_format)
+    t.loaders[split] = loader
+    return loader
+
+
 def train_one_epoch(t: Training, epoch: int) -> dict:
     """Train on the epoch's batches from where the run stands; the epoch's
     figures, with "stopped" set when --max-steps ended it early."""
     args, recipe, ddp, run = t.args, t.recipe, t.ddp, t.run
-    loader = engine.make_loader(
-        args.store, recipe, split="train", batch_size=recipe.batch_size, img_size=recipe.img_size,
-        seed=t.seed, epoch=epoch, device=str(ddp.device), rank=ddp.rank,
-        world_size=ddp.world_size, start_batch=run["step"], workers=args.workers,
-        backend=args.backend, memory_format=args.memory_format)
+    loader = run_loader(t, "train", epoch, run["step"])
     first_step, wait, samples = run["step"], 0.0, 0
     loss_sum = torch.zeros((), device=ddp.device)
     steps_to_run = len(loader)
@@ -421,7 +443,7 @@ def train_one_epoch(t: Training, epoch: int) -> dict:
 def end_of_epoch(t: Training, epoch: int, figures: dict) -> bool:
     """Validate, select, checkpoint, log; whether the run goes on."""
     recipe, run, ddp = t.recipe, t.run, t.ddp
-    metrics = validate(t.model, recipe, t.args, ddp, t.seed, epoch)
+    metrics = validate(t.model, recipe, t.args, ddp, t.seed, epoch, run_loader(t, "val", epoch))
     score = metrics[recipe.select_on]
     epoch_done = not figures["stopped"]
     row = {"epoch": epoch, "step": run["step"], "global_step": run["global_step"],
@@ -567,6 +589,8 @@ def train_member(args: argparse.Namespace, ddp: distributed.Distributed) -> int:
             print(f"\ninterrupted at step {run['global_step']}; the last checkpoint holds it. "
                   f"Resume with: {resume_command(args)}", file=sys.stderr)
     finally:
+        for loader in t.loaders.values():   # their pipelines and reader workers end here
+            loader.close()
         t.log.flush()
         t.log.board.close()
         if args.record_samples:
