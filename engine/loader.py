@@ -107,14 +107,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _rows_plan(rows: np.ndarray, meta, batch_size: int, rank: int, world_size: int,
-               start_batch: int) -> PlannedBatches:
+def _rows_plan(rows: np.ndarray, meta, batch_size: int, rank: int, world_size: int) -> PlannedBatches:
     """Each of `rows` once, in order, whole image; rank r takes every world_size-th."""
     positions = np.arange(len(rows), dtype=np.int64)[rank::world_size]
     mine = rows[rank::world_size]
     windows = sampling.crop_windows(WHOLE_IMAGE, mine, positions, meta["height"], meta["width"],
                                     meta["bbox"], meta["centroid"], 0, 0)
-    cuts = range(start_batch * batch_size, len(mine), batch_size)
+    cuts = range(0, len(mine), batch_size)
     return PlannedBatches([mine[c:c + batch_size] for c in cuts],
                           [windows[c:c + batch_size] for c in cuts],
                           [positions[c:c + batch_size] for c in cuts])
@@ -461,15 +460,14 @@ def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img
     meta = layout.read_meta(group)
     per_sample = SampleAugment(seed, epoch)
     common = dict(batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
-    if rows is not None:
+    if rows is not None or split == "val":
+        if rows is None:
+            rows = _val_rows(recipe, meta)
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= len(meta["label"])):
             raise ValueError(f"rows outside the store's 0..{len(meta['label']) - 1}")
         planner = Planner(augment=per_sample, fixed=_rows_plan(rows, meta, batch_size, rank,
-                                                               world_size, 0), **common)
-    elif split == "val":
-        planner = Planner(augment=per_sample, fixed=_rows_plan(
-            _val_rows(recipe, meta), meta, batch_size, rank, world_size, 0), **common)
+                                                               world_size), **common)
     else:
         weights = _train_weights(recipe, group, meta)
         if augment and split == "train":

@@ -211,13 +211,14 @@ def load_exported(path: Path, *, member: str | None = None,
     missing = [name for name in EXPORT_FIELDS if name not in info]
     if missing:
         raise CheckpointError(f"{described}: incomplete, {', '.join(missing)} missing; {again}")
-    if file_sha256(path) != info["weights_sha256"]:
+    weights = path.read_bytes()   # once: for its hash, then its tensors
+    if hashlib.sha256(weights).hexdigest() != info["weights_sha256"]:
         raise CheckpointError(f"{path}: not the weights {described.name} describes (its sha256 "
                               f"differs: a damaged copy, or files of two exports); {again}")
     info["recipe"] = _tuples(info["recipe"])
     _check_owner(path, info, member, fingerprint)
     try:
-        tensors = safetensors.torch.load_file(path)
+        tensors = safetensors.torch.load(weights)
     except Exception as exc:  # safetensors raises several types for a damaged file
         raise CheckpointError(f"{path}: not readable weights ({type(exc).__name__}: {exc}); {again}") from None
     return tensors, info

@@ -39,7 +39,7 @@ from engine.device import DEVICES
 from engine.recipes import RECIPES, SIZE_CLASS_NAMES
 from trainers import run_folder
 from trainers.atomic import atomic_open
-from trainers.checkpoint import last_path, load_checkpoint
+from trainers.checkpoint import last_path
 from trainers.help_format import HelpFormatter
 from trainers.mining import MINING_MEMBER
 
@@ -115,13 +115,12 @@ def train_members(args: argparse.Namespace) -> int:
 
 
 def member_summary(run: Path) -> dict:
+    """What train.py recorded of each member's finished run (RUN/config.json)."""
     summary = {}
     for member in training_order():
-        state = load_checkpoint(last_path(run_folder.models_dir(run), member))
-        summary[member] = {
-            "train_seconds": sum(row["seconds"] for row in state["history"]),
-            "steps": state["global_step"], "select_on": state["recipe"]["select_on"],
-            "best_score": state["best_score"]}
+        result = run_folder.member_result(run, member)
+        summary[member] = {"train_seconds": result["train_seconds"], "steps": result["global_step"],
+                           "select_on": result["select_on"], "best_score": result["best_score"]}
     return summary
 
 

@@ -269,28 +269,16 @@ def run_mining(recipe: Recipe, args, models_dir: Path, ddp: distributed.Distribu
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, recipe: Recipe, args, ddp: distributed.Distributed, seed: int,
-             epoch: int, loader=None) -> dict:
-    """Metrics over the member's validation rows, each rank scoring its share,
-    in the precision of training. `loader`: the run's validation loader
-    (run_loader); without one, a loader made and closed here."""
+def validate(model: torch.nn.Module, loader, ddp: distributed.Distributed) -> dict:
+    """Metrics over the member's validation rows (`loader`: the run's
+    validation loader, run_loader), each rank scoring its share, in the
+    precision of training."""
     model.eval()
-    own = loader is None
-    if own:
-        loader = engine.make_loader(args.store, recipe, split="val", batch_size=recipe.batch_size,
-                                    img_size=recipe.img_size, seed=seed, epoch=epoch,
-                                    device=str(ddp.device), rank=ddp.rank,
-                                    world_size=ddp.world_size, augment=False, workers=args.workers,
-                                    backend=args.backend, memory_format=args.memory_format)
     counts = [np.zeros((0, 4), np.int64)]
-    try:
-        for batch in loader:
-            with autocast(ddp.device):
-                logits = model(batch["image"])
-            counts.append(pixel_counts(logits.float(), batch["mask"]))
-    finally:
-        if own:
-            loader.close()
+    for batch in loader:
+        with autocast(ddp.device):
+            logits = model(batch["image"])
+        counts.append(pixel_counts(logits.float(), batch["mask"]))
     model.train()
     return summarize(np.concatenate(ddp.all_gather(np.concatenate(counts))))
 
@@ -443,7 +431,7 @@ def train_one_epoch(t: Training, epoch: int) -> dict:
 def end_of_epoch(t: Training, epoch: int, figures: dict) -> bool:
     """Validate, select, checkpoint, log; whether the run goes on."""
     recipe, run, ddp = t.recipe, t.run, t.ddp
-    metrics = validate(t.model, recipe, t.args, ddp, t.seed, epoch, run_loader(t, "val", epoch))
+    metrics = validate(t.model, run_loader(t, "val", epoch), ddp)
     score = metrics[recipe.select_on]
     epoch_done = not figures["stopped"]
     row = {"epoch": epoch, "step": run["step"], "global_step": run["global_step"],
