@@ -54,6 +54,7 @@ import math
 import operator
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -76,14 +77,27 @@ _DOMAIN_DRAW, _DOMAIN_WINDOW, _DOMAIN_AUGMENT = 1, 2, 3
 # are the random resized crop's (4 per attempt, 10 attempts).
 _STREAM_STRIDE = np.uint64(1 << 40)
 
-# Every kernel comes as a serial and a parallel (prange) loop over one inlined
-# per-item function; below this many items the serial loop runs. Waking
-# Numba's thread pool costs more than it saves there (docs/performance.md,
-# "Sampling": 100k draws 0.5 ms on one thread, 14 ms on two; 10M draws
-# 0.35 s on one, 0.25 s on two), and a process that never starts the pool can
-# fork workers safely (GNU OpenMP's pool does not survive fork). The loader
-# asks for windows a batch at a time.
-PARALLEL_MIN_ITEMS = 1 << 20
+# Every kernel comes as a serial and a parallel (prange) loop over the same
+# inlined per-item functions; `parallel_pays` picks the parallel one only where
+# it is faster even when another busy process shares a core with one of its
+# threads (docs/performance.md, "Sampling", measured on 2 shared cores):
+#   * a parallel loop gives each of its T threads an equal share of the items,
+#     so the thread on the shared core finishes last, at twice its share's
+#     time: 2/T of the serial time plus the pool's wake-up. With T = 2 that
+#     gains nothing (measured: 10M draws over 10M weights slower on two threads
+#     than on one in every run), hence PARALLEL_MIN_THREADS = 3.
+#   * with T >= 3 it saves at least a third of the serial time, which must
+#     exceed the wake-up: waiting for a core where one is busy took up to 12 ms,
+#     so the serial run must take over 36 ms. PARALLEL_MIN_ITEMS[kernel] is the
+#     power of two of that kernel's cheapest items (a small table's draws)
+#     that takes about PARALLEL_MIN_SECONDS on one thread;
+#     benchmarks/sampling_throughput.py prints it.
+# Below either, Numba's thread pool never starts, and a process that never
+# starts it can fork workers safely (GNU OpenMP's pool does not survive fork);
+# the loader asks for windows a batch at a time.
+PARALLEL_MIN_THREADS = 3
+PARALLEL_MIN_SECONDS = 0.05
+PARALLEL_MIN_ITEMS = {"draws": 1 << 24, "windows": 1 << 20, "seeds": 1 << 24}
 
 VIEW_KINDS = ("whole", "random_crop", "random_resized_crop", "around_forgery")
 _RRC_ATTEMPTS = 10  # torchvision's RandomResizedCrop.get_params
@@ -127,8 +141,16 @@ def _nearest(x):
     return int(math.floor(x + 0.5))
 
 
-def _run(serial, parallel, items: int, *args) -> None:
-    (parallel if items >= PARALLEL_MIN_ITEMS else serial)(*args)
+def parallel_pays(kernel: str, items: int, threads: int | None = None) -> bool:
+    """Whether `kernel` ("draws", "windows" or "seeds") runs its parallel loop
+    over `items` items with `threads` threads (None: Numba's configured pool
+    size, read without starting the pool, as numba.get_num_threads would)."""
+    threads = numba.config.NUMBA_NUM_THREADS if threads is None else threads
+    return threads >= PARALLEL_MIN_THREADS and items >= PARALLEL_MIN_ITEMS[kernel]
+
+
+def _run(kernel: str, serial, parallel, items: int, *args) -> None:
+    (parallel if parallel_pays(kernel, items) else serial)(*args)
 
 
 def _output(shape: tuple, dtype) -> np.ndarray:
@@ -233,63 +255,101 @@ def epoch_size(rule: SamplingRule, weights) -> int:
 
 
 @njit(cache=True)
-def _alias_table(weights):
-    """Vose's alias table over strictly positive weights: (prob, alias)."""
-    n = weights.shape[0]
+def _alias_kernel(weights, table, scaled, stack):
+    """Fills `table` with Vose's alias table over the rows of positive weight
+    (see _alias_table); `scaled` and `stack` are scratch, one per column."""
+    n = table.shape[0]
     total = 0.0
-    for i in range(n):
-        total += weights[i]
-    scaled = weights * (n / total)
-    prob = np.ones(n, dtype=np.float64)
-    alias = np.arange(n)
-    small = np.empty(n, dtype=np.int64)
-    large = np.empty(n, dtype=np.int64)
+    for w in weights:
+        if w > 0:
+            total += w
+    prob = table.view(np.float64)
+    # Small columns stack up from the front, large ones down from the back.
     n_small = n_large = 0
-    for i in range(n):
-        if scaled[i] < 1.0:
-            small[n_small] = i
-            n_small += 1
-        else:
-            large[n_large] = i
-            n_large += 1
+    factor = n / total
+    j = 0
+    for row in range(weights.shape[0]):
+        if weights[row] > 0:
+            scaled[j] = weights[row] * factor
+            prob[j, 0] = 1.0
+            table[j, 1] = table[j, 2] = row
+            if scaled[j] < 1.0:
+                stack[n_small] = j
+                n_small += 1
+            else:
+                n_large += 1
+                stack[n - n_large] = j
+            j += 1
     while n_small > 0 and n_large > 0:
         n_small -= 1
-        s = small[n_small]
-        g = large[n_large - 1]
-        prob[s] = scaled[s]
-        alias[s] = g
+        s = stack[n_small]
+        g = stack[n - n_large]
+        prob[s, 0] = scaled[s]
+        table[s, 2] = table[g, 1]
         scaled[g] = (scaled[g] + scaled[s]) - 1.0
         if scaled[g] < 1.0:
             n_large -= 1
-            small[n_small] = g
+            stack[n_small] = g
             n_small += 1
     # What is left has scaled == 1 up to rounding and keeps prob 1, alias self.
-    return prob, alias
+
+
+def _alias_table(weights: np.ndarray) -> np.ndarray:
+    """Vose's alias table over the rows of positive weight, one row per column j:
+    (prob[j] as float64 bits, row of column j, row of its alias). One table
+    row holds all a draw reads: a draw from a table too large for the cache
+    misses it once, not once per array (docs/performance.md, "Sampling")."""
+    columns = int(np.count_nonzero(weights))
+    table = _output((columns, 3), np.int64)
+    _alias_kernel(weights, table, _output((columns,), np.float64),
+                  _output((columns,), np.int64))
+    return table
 
 
 @njit(cache=True, inline="always")
-def _draw(outcomes, prob, key, i):
-    """Draw i; outcomes[j] = (row of column j, row of its alias)."""
-    n = prob.shape[0]
-    # One uniform does both jobs: its integer part (x n) picks the column, its
-    # fraction, still 53 - log2(n) bits fine, tosses the coin. The coin indexes
-    # `outcomes` instead of branching: a coin is unpredictable, and the branch
-    # made draws twice as slow.
-    scaled = _uniform(key, i, 0) * n
-    column = min(int(scaled), n - 1)
-    return outcomes[column, int(scaled - column >= prob[column])]
+def _scaled(key, i, columns):
+    # One uniform does both jobs: its integer part (x columns) picks the
+    # column, its fraction, still 53 - log2(columns) bits fine, tosses the coin.
+    return _uniform(key, i, 0) * columns
+
+
+@njit(cache=True, inline="always")
+def _pick(table, prob, scaled):
+    """The row that a scaled uniform draws; prob is table viewed as float64."""
+    column = min(int(scaled), table.shape[0] - 1)
+    # The coin indexes the table instead of branching: a coin is
+    # unpredictable, and the branch made draws twice as slow.
+    return table[column, 1 + int(scaled - column >= prob[column, 0])]
+
+
+# Draws the serial kernel hashes before it looks them up; a block's uniforms
+# stay in L1.
+_DRAW_BLOCK = 512
 
 
 @njit(cache=True)
-def _draws_serial(outcomes, prob, key, out):
-    for i in range(out.shape[0]):
-        out[i] = _draw(outcomes, prob, key, i)
+def _draws_serial(table, key, out):
+    # Hashing a block first and then looking it up lets LLVM vectorise the hash:
+    # in one loop it cannot, not knowing that `out` does not overlap `table`
+    # (a parallel loop is compiled with that promise). 1.7x faster
+    # (docs/performance.md, "Sampling").
+    prob = table.view(np.float64)
+    columns = table.shape[0]
+    scaled = np.empty(_DRAW_BLOCK, dtype=np.float64)
+    for start in range(0, out.shape[0], _DRAW_BLOCK):
+        count = min(_DRAW_BLOCK, out.shape[0] - start)
+        for j in range(count):
+            scaled[j] = _scaled(key, start + j, columns)
+        for j in range(count):
+            out[start + j] = _pick(table, prob, scaled[j])
 
 
 @njit(cache=True, parallel=True)
-def _draws_parallel(outcomes, prob, key, out):
+def _draws_parallel(table, key, out):
+    prob = table.view(np.float64)
+    columns = table.shape[0]
     for i in prange(out.shape[0]):
-        out[i] = _draw(outcomes, prob, key, i)
+        out[i] = _pick(table, prob, _scaled(key, i, columns))
 
 
 def _check_weights(weights) -> np.ndarray:
@@ -300,7 +360,7 @@ def _check_weights(weights) -> np.ndarray:
         raise ValueError("weights: empty; there is nothing to draw from")
     if weights.dtype.kind not in "biuf":
         raise ValueError(f"weights: expected real numbers, got dtype {weights.dtype}")
-    weights = weights.astype(np.float64)
+    weights = np.asarray(weights, dtype=np.float64)  # no copy of float64 weights
     for problem, bad in (("NaN", np.isnan(weights)), ("infinite", np.isinf(weights)),
                          ("negative", weights < 0)):
         rows = np.flatnonzero(bad)
@@ -327,12 +387,9 @@ def sample_indices(weights, num_samples: int, seed: int, epoch: int) -> np.ndarr
     """
     weights = _check_weights(weights)
     num_samples = _check_count("num_samples", num_samples)
-    support = np.flatnonzero(weights).astype(np.int64)
-    prob, alias = _alias_table(weights[support])
-    outcomes = np.stack([support, support[alias]], axis=1)
     out = _output((num_samples,), np.int64)
-    _run(_draws_serial, _draws_parallel, num_samples,
-         outcomes, prob, _key(seed, epoch, _DOMAIN_DRAW), out)
+    _run("draws", _draws_serial, _draws_parallel, num_samples,
+         _alias_table(weights), _key(seed, epoch, _DOMAIN_DRAW), out)
     return out
 
 
@@ -357,7 +414,7 @@ def sample_seeds(seed: int, epoch: int, positions) -> np.ndarray:
     """One non-negative int64 seed per plan position, for its augmentation."""
     positions = np.asarray(_one_d("positions", positions), dtype=np.int64)
     out = _output(positions.shape, np.int64)
-    _run(_seeds_serial, _seeds_parallel, positions.shape[0],
+    _run("seeds", _seeds_serial, _seeds_parallel, positions.shape[0],
          positions, _key(seed, epoch, _DOMAIN_AUGMENT), out)
     return out
 
@@ -604,7 +661,7 @@ def crop_windows(view: View, indices, positions, height, width, bbox, centroid,
     if np.any(height < 1) or np.any(width < 1):
         raise ValueError("height/width: every image needs at least 1 pixel a side")
     out = _output((indices.shape[0], 4), np.int32)
-    _run(_windows_serial, _windows_parallel, indices.shape[0],
+    _run("windows", _windows_serial, _windows_parallel, indices.shape[0],
          kind, _view_params(view), int(view.min_side), indices, positions, height, width,
          bbox, centroid, _key(seed, epoch, _DOMAIN_WINDOW), out)
     return out

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import chisquare
 
+from engine import sampling
 from engine.recipes import RECIPES, WHOLE_IMAGE, SamplingRule, View
 from engine.sampling import (EpochPlan, crop_windows, epoch_size, member_weights,
                              sample_indices, sample_seeds)
@@ -72,7 +73,8 @@ import hashlib, sys, numpy as np
 from engine import sampling
 from engine.recipes import RECIPES
 from engine.sampling import crop_windows, sample_indices, sample_seeds
-sampling.PARALLEL_MIN_ITEMS = int(sys.argv[1])
+sampling.PARALLEL_MIN_THREADS = 1
+sampling.PARALLEL_MIN_ITEMS = dict.fromkeys(sampling.PARALLEL_MIN_ITEMS, int(sys.argv[1]))
 w = np.arange(1, 501, dtype=float) % 17
 draws = sample_indices(w, 100_000, 11, 4)
 rng = np.random.default_rng(0)
@@ -98,6 +100,95 @@ def test_same_output_across_processes_threads_and_serial_or_parallel_kernels():
                                 cwd=REPO, env=env, capture_output=True, text=True, check=True)
         digests.add(result.stdout.strip())
     assert len(digests) == 1
+
+
+_STRADDLE_SCRIPT = """
+import sys, numpy as np
+from engine import sampling
+from engine.recipes import RECIPES
+from engine.sampling import crop_windows, sample_indices, sample_seeds
+# Parallel from `at` items on, whatever the thread count; `at` is not a
+# multiple of the serial draw kernel's block.
+at = 3 * sampling._DRAW_BLOCK + 7
+sampling.PARALLEL_MIN_THREADS = 1
+sampling.PARALLEL_MIN_ITEMS = dict.fromkeys(sampling.PARALLEL_MIN_ITEMS, at)
+rng = np.random.default_rng(2)
+big = rng.random(300_000) * (rng.random(300_000) < 0.7)  # a table beyond the L2 cache
+h, w = rng.integers(64, 4000, 300_000), rng.integers(64, 4000, 300_000)
+box = np.stack([h // 4, w // 4, h // 4 + 30, w // 4 + 50], 1)
+cen = (box[:, :2] + 10).astype(np.float32)
+for n in (at - 1, at, at + 1):  # serial, then parallel twice
+    assert sampling.parallel_pays("draws", n) == (n >= at)
+    for weights in (np.arange(1, 501.0) % 17, big):
+        print("draws", n, *sample_indices(weights, n, 11, 4)[:at - 1])
+    rows = sample_indices(big, n, 11, 4)
+    for name in ("highres_no_ela", "high_recall", "small_specialist"):
+        win = crop_windows(RECIPES[name].view, rows, np.arange(n), h, w, box, cen, 11, 4)
+        print(name, n, *win[:at - 1].ravel())
+    print("seeds", n, *sample_seeds(11, 4, np.arange(n))[:at - 1])
+"""
+
+
+def test_serial_and_parallel_kernels_agree_on_either_side_of_the_threshold():
+    # In a fresh process: starting Numba's thread pool here would make this
+    # process unsafe to fork for the loader tests.
+    lines = subprocess.run([sys.executable, "-c", _STRADDLE_SCRIPT], cwd=REPO,
+                           env=dict(os.environ, NUMBA_NUM_THREADS="2"), capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+    by_output = {}
+    for line in lines:
+        name, n, values = line.split(" ", 2)
+        by_output.setdefault(name, []).append(values)
+    assert sorted(by_output) == ["draws", "high_recall", "highres_no_ela", "seeds",
+                                 "small_specialist"]
+    for name, outputs in by_output.items():
+        assert len(outputs) == (6 if name == "draws" else 3)
+        # Draw i, window i and seed i do not depend on the kernel that made them.
+        assert len(set(outputs[0::2] if name == "draws" else outputs)) == 1, name
+        if name == "draws":
+            assert len(set(outputs[1::2])) == 1
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+@pytest.mark.parametrize("kernel", ["draws", "windows", "seeds"])
+def test_parallel_only_with_three_threads_and_enough_items(kernel, threads):
+    at = sampling.PARALLEL_MIN_ITEMS[kernel]
+    enough = threads >= sampling.PARALLEL_MIN_THREADS
+    assert sampling.PARALLEL_MIN_THREADS == 3
+    assert not sampling.parallel_pays(kernel, at - 1, threads)
+    assert sampling.parallel_pays(kernel, at, threads) == enough
+    assert sampling.parallel_pays(kernel, 1 << 40, threads) == enough
+
+
+def test_the_choice_reads_the_configured_threads_without_starting_the_pool():
+    script = """
+import numba, numpy as np
+from numba.np.ufunc import parallel
+from engine import sampling
+at = sampling.PARALLEL_MIN_ITEMS["seeds"]
+print(sampling.parallel_pays("seeds", at), sampling.parallel_pays("seeds", at, threads=1))
+sampling.sample_indices(np.ones(10), 1000, 0, 0)
+print(parallel._is_initialized)
+"""
+    for threads, pays in (("2", "False"), ("3", "True")):
+        result = subprocess.run([sys.executable, "-c", script], cwd=REPO, check=True,
+                                env=dict(os.environ, NUMBA_NUM_THREADS=threads),
+                                capture_output=True, text=True)
+        assert result.stdout.split() == [pays, "False", "False"]
+
+
+@pytest.mark.parametrize("shape", WEIGHT_SHAPES)
+def test_alias_table_holds_each_rows_probability(shape):
+    weights = np.asarray(WEIGHT_SHAPES[shape], dtype=float)
+    table = sampling._alias_table(weights)
+    prob = table[:, 0].view(np.float64)
+    support = np.flatnonzero(weights)
+    assert np.array_equal(table[:, 1], support)
+    assert np.all(np.isin(table[:, 2], support)) and np.all((0 <= prob) & (prob <= 1))
+    # Column j gives its own row with probability prob[j], its alias otherwise.
+    mass = np.bincount(table[:, 1], prob, weights.size) + \
+        np.bincount(table[:, 2], 1 - prob, weights.size)
+    assert np.allclose(mass / support.size, weights / weights.sum(), rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("weights, message", [
