@@ -4,14 +4,29 @@ For each member, samples per second at img_size x img_size of
   engine      make_loader with the device's default backend (opencv on the
               CPU: each sample finished on uint8 in the DALI reader workers;
               dali on CUDA: DALI crop+resize and photometric operators,
-              torch geometry), and the other backend beside it;
+              torch geometry), and the other backend beside it; each one
+              loader whose batches are timed across epochs (set_epoch), as a
+              trainer takes them;
+  normalise   with --normalise-placement: the opencv backend with the
+              normalisation in the reader workers (floats handed over) beside
+              it in the consumer (uint8 handed over, what make_loader does),
+              to choose where the CPU normalises;
   replaced    full PNG decode + .npy + np.where + OpenCV crop/resize/augment
               per sample, DataLoader + WeightedRandomSampler, same workers
               (benchmarks/baseline_loader.py);
   read limit  only reading the windows' bytes from the store, same workers;
 plus each opencv-backend stage's share of the serial per-sample time, the
-ratios, and optionally a few training steps with the share of time spent waiting for
-data. Prints a table, writes --json and a PNG chart.
+ratios, and a short training run (--train-epochs epochs at --train-img-size,
+one loader re-planned per epoch) with the share of each epoch's step spent
+waiting for data: epoch 1 includes the pipeline's start-up, epochs 2 and
+later are the steady state.
+
+Prints a table and the total wall time, writes --json (default
+logs/loader_throughput.json) and, for a complete run, a PNG chart beside it.
+Stopped (Ctrl-C, SIGTERM), it still prints and writes whatever members and
+columns were measured, marked "partial": true with the signal's name in
+"stopped", and exits 128 + the signal's number. The defaults fit the demo
+store on 2 cores in under 3 minutes.
 
     python benchmarks/loader_throughput.py                  # demo store
     python benchmarks/loader_throughput.py --realistic      # 300 images, 500-3000 px
@@ -22,6 +37,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -32,26 +48,62 @@ import torch
 from benchmarks.baseline_loader import make_replaced_loader, unsupported_ops
 from engine import sampling, worker_ops
 from engine import store as layout
-from engine.loader import make_loader, resolve_backend, resolve_device
-from engine.pipeline import BACKENDS
+from engine.loader import make_loader, planar_float, resolve_backend, resolve_device
+from engine.pipeline import BACKENDS, PREFETCH_PER_WORKER, OpencvBackend
 from engine.reader import WindowReader
 from engine.recipes import get_recipe
 from preprocess.build_zarr import REPORT
 from preprocess.source import Case, discover
+from trainers.atomic import atomic_open
 from trainers.help_format import HelpFormatter
 
 REALISTIC = {"count": 300, "min_side": 500, "max_side": 3000, "seed": 7}
+DEFAULT_JSON = Path("logs/loader_throughput.json")
+# the rounds' key of the opencv backend with floats from the workers (WorkerFloatBackend)
+WORKER_FLOAT = "opencv_worker_float"
+# the member of the default training run (issue 11's reference run: 128 px,
+# batch 8); one member keeps the no-argument run within 3 minutes on 2 cores
+TRAIN_MEMBER = "highres_no_ela"
 
 
-def _time_batches(iterable, batches: int) -> tuple[float, int]:
-    """Seconds and samples for `batches` batches after one warm-up batch."""
-    it = iter(iterable)
-    batch = next(it)
-    samples, start = 0, time.perf_counter()
+class WorkerFloatBackend(OpencvBackend):
+    """The opencv backend with the normalisation moved into the reader
+    workers: they hand over float32 C x H x W images (normalised as
+    Loader.to_float does) and 0./1. masks, and the consumer only takes DALI's
+    copy of them. Timed against the opencv backend (uint8 handed over,
+    planar_float in the consumer) to choose where the CPU normalises."""
+
+    name = "opencv, floats from the workers"
+
+    def __init__(self, loader):
+        self.scale, self.shift = loader.scale.cpu(), loader.shift.cpu()
+
+    def sample(self, source, block, drawn, geometry) -> dict:
+        out = super().sample(source, block, drawn, geometry)
+        image = planar_float(torch.from_numpy(out["image"][None]), self.scale, self.shift)[0].numpy()
+        return {"image": image, "mask": np.moveaxis(out["mask"], -1, 0).astype(np.float32)}
+
+    def finish(self, out: dict, loader):
+        return out["image"], out["mask"]
+
+    def block_side(self, out_size: int) -> int:
+        return 2 * out_size   # float32: four times the bytes of a uint8 sample
+
+
+def batch_stream(loader):
+    """The loader's batches epoch after epoch, as a trainer takes them: one
+    pipeline and one set of workers throughout (set_epoch)."""
+    while True:
+        yield from loader
+        loader.set_epoch(loader.epoch + 1)
+
+
+def _time_batches(batches_iter, batches: int) -> tuple[float, int]:
+    """Seconds and samples of the next `batches` batches of `batches_iter`."""
+    samples, batch, start = 0, None, time.perf_counter()
     for _ in range(batches):
-        try:
-            batch = next(it)
-        except StopIteration:
+        batch = next(batches_iter, None)
+        if batch is None:
             break
         samples += len(batch["index"]) if isinstance(batch, dict) else len(batch[0])
     if isinstance(batch, dict) and batch["image"].is_cuda:   # the GPU's work counts too
@@ -72,62 +124,63 @@ def _read_batch(args):
     return sum(_READER.read(int(r), w, out_size).image.nbytes for r, w in zip(rows, windows))
 
 
-def epoch_loaders(store, member, *, batches: int, **kwargs) -> list:
-    """make_loader for epochs 0, 1, ... until their steady-state batches (all
-    but the first, pipeline start-up, and the last, DALI's prefetch drain)
-    add up to `batches`: short epochs would make short, noisy timings."""
-    loaders, counted = [], 0
-    while counted < batches:
-        loader = make_loader(store, member, epoch=len(loaders), **kwargs)
-        if len(loader) < 3:
-            sys.exit(f"{store}: {member}'s epoch has {len(loader)} batches; too few to time "
-                     "(use a bigger store, e.g. --realistic)")
-        loaders.append(loader)
-        counted += len(loader) - 2
-    return loaders
+def engine_stream(store, member, backend: str, **kwargs):
+    """(loader, its batch stream past the first batch, pipeline start-up)."""
+    loader = make_loader(store, member, backend="opencv" if backend == WORKER_FLOAT else backend,
+                         **kwargs)
+    if not len(loader):
+        sys.exit(f"{store}: {member}'s epoch has no batches; nothing to time "
+                 "(use a bigger store, e.g. --realistic)")
+    if backend == WORKER_FLOAT:
+        loader.source.backend = WorkerFloatBackend(loader)   # set_epoch keeps the source's backend
+    stream = batch_stream(loader)
+    next(stream)
+    return loader, stream
 
 
-def _planned(loaders, batches: int):
-    """(loader, batch index) of the first `batches` planned batches of `loaders`."""
-    pairs = [(loader, k) for loader in loaders for k in range(len(loader.batches))]
-    return pairs[:batches]
+def planned_batches(loader, batches: int) -> list:
+    """(rows, windows, plan positions, SampleAugment) of the first `batches`
+    batches of the loader's epochs from its first on: what its stream reads."""
+    out, epoch = [], loader.epoch
+    while len(out) < batches:
+        plan, aug = loader.planner.plan(epoch, 0)
+        out += [(plan.rows[k], plan.windows[k], plan.positions[k], aug) for k in range(len(plan))]
+        epoch += 1
+    return out[:batches]
 
 
-def measure_engine(loaders, batches: int) -> float:
-    """Steady-state samples/s over `batches` batches of successive epochs."""
-    seconds = samples = 0
-    for loader in loaders:
-        timed = min(len(loader) - 2, batches)
-        sec, n = _time_batches(loader, timed)
-        seconds, samples, batches = seconds + sec, samples + n, batches - timed
+def measure_engine(stream, batches: int) -> float:
+    """Samples/s over the stream's next `batches` batches (across epochs)."""
+    seconds, samples = _time_batches(stream, batches)
     return samples / seconds
 
 
-def measure_read_limit(loaders, store, with_ela, img_size, workers, batches) -> float:
-    """Samples/s of reading the windows' blocks alone, in `workers` processes."""
-    jobs = [(loader.batches.rows[k], loader.batches.windows[k], img_size)
-            for loader, k in _planned(loaders, batches)]
-    with mp.get_context("spawn").Pool(max(1, workers), _open_reader, (str(store), with_ela)) as pool:
-        pool.map(_read_batch, jobs[:max(1, workers)], chunksize=1)
-        start = time.perf_counter()
-        pool.map(_read_batch, jobs, chunksize=1)
-        seconds = time.perf_counter() - start
+def reading_pool(store, with_ela, workers):
+    """Processes that only read windows (measure_read_limit), started once per member."""
+    return mp.get_context("spawn").Pool(max(1, workers), _open_reader, (str(store), with_ela))
+
+
+def measure_read_limit(pool, loader, img_size, workers, batches) -> float:
+    """Samples/s of reading the windows' blocks alone, in the pool's `workers` processes."""
+    jobs = [(rows, windows, img_size) for rows, windows, _, _ in planned_batches(loader, batches)]
+    pool.map(_read_batch, jobs[:max(1, workers)], chunksize=1)
+    start = time.perf_counter()
+    pool.map(_read_batch, jobs, chunksize=1)
+    seconds = time.perf_counter() - start
     return sum(len(rows) for rows, _, _ in jobs) / seconds
 
 
-def measure_stages(loaders, store, img_size, batches) -> dict[str, float]:
+def measure_stages(loader, store, img_size, batches) -> dict[str, float]:
     """Serial milliseconds per sample of each stage of the opencv backend,
     the same calls its reader workers make: read, resize, photometric
     (with the sample's parameter draws), geometric (+ dropout), and the consumer's conversion
-    of the uint8 batch to normalised floats."""
-    reader = WindowReader(store, with_ela=loaders[0].reader.with_ela)
+    of the uint8 batch (image and mask) to floats."""
+    reader = WindowReader(store, with_ela=loader.reader.with_ela)
     seconds = dict.fromkeys(("read", "resize", "photometric", "geometric"), 0.0)
     finished = []
-    for loader, k in _planned(loaders, batches):
-        aug, plan = loader.source.augment, loader.batches
-        seeds = sampling.sample_seeds(aug.seed, aug.epoch, plan.positions[k])
+    for rows, windows, positions, aug in planned_batches(loader, batches):
         batch = []
-        for row, window, seed in zip(plan.rows[k], plan.windows[k], seeds):
+        for row, window, seed in zip(rows, windows, sampling.sample_seeds(aug.seed, aug.epoch, positions)):
             t0 = time.perf_counter()
             block = reader.read(int(row), window, img_size)
             t1 = time.perf_counter()
@@ -140,12 +193,12 @@ def measure_stages(loaders, store, img_size, batches) -> dict[str, float]:
             t4 = time.perf_counter()
             for stage, (a, b) in zip(seconds, ((t0, t1), (t1, t2), (t2, t3), (t3, t4))):
                 seconds[stage] += b - a
-            batch.append(image if ela is None else np.dstack([image, ela]))
+            batch.append((image if ela is None else np.dstack([image, ela]), mask[..., None]))
         finished.append(batch)
 
     start = time.perf_counter()
     for batch in finished:
-        loaders[0].to_float(torch.from_numpy(np.stack(batch)))
+        loader.to_float(*(torch.from_numpy(np.stack(column)) for column in zip(*batch)))
     seconds["normalise"] = time.perf_counter() - start
     samples = sum(len(b) for b in finished)
     return {name: 1000 * sec / samples for name, sec in seconds.items()}
@@ -173,12 +226,22 @@ def measure_replaced(store, member, img_size, batch_size, workers, batches, seed
     loader = make_replaced_loader([cases[r].image for r in rows], [cases[r].mask for r in rows],
                                   weights[rows], recipe, img_size=img_size, batch_size=batch_size,
                                   workers=workers, num_samples=batch_size * (batches + 1), seed=seed)
-    seconds, samples = _time_batches(loader, batches)
+    batches_iter = iter(loader)
+    next(batches_iter)   # worker start-up
+    seconds, samples = _time_batches(batches_iter, batches)
     return samples / seconds
 
 
-def measure_training_wait(store, member, img_size, batch_size, workers, steps, seed, device) -> dict:
-    """Seconds per training step and the share spent blocked on the loader."""
+def measure_training_wait(store, member, img_size, batch_size, workers, epochs, steps, seed,
+                          device) -> dict:
+    """A short training run with one loader re-planned per epoch (set_epoch,
+    as trainers/train.py does): per epoch its steps, seconds per step and the
+    share of the step spent blocked on the loader. Epoch 1 includes the
+    pipeline's start-up; epochs 2 and later are the steady state, and
+    seconds_per_step and data_wait_share are theirs (epoch 1's for a one-epoch
+    run). steps: at most this many training steps per epoch (None: all); the
+    rest of the epoch is taken untrained, as only a finished epoch lets the
+    next reuse the pipeline."""
     from trainers.losses import MemberLoss
     from trainers.model import build_model
 
@@ -186,29 +249,44 @@ def measure_training_wait(store, member, img_size, batch_size, workers, steps, s
     model = build_model(recipe.encoder, recipe.in_channels, encoder_weights="none").to(device)
     loss_fn = MemberLoss(recipe)
     optimiser = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    loader = make_loader(store, member, batch_size=batch_size, img_size=img_size, seed=seed,
-                         workers=workers, device=str(device))
-    it = iter(loader)
-    next(it)  # pipeline start-up is not a per-step cost
-    wait = step = 0.0
-    done = 0
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        try:
-            batch = next(it)
-        except StopIteration:
-            break
-        t1 = time.perf_counter()
-        loss = loss_fn(model(batch["image"]), batch["mask"])
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t2 = time.perf_counter()
-        wait, step, done = wait + (t1 - t0), step + (t2 - t0), done + 1
-    return {"steps": done, "seconds_per_step": step / max(done, 1),
-            "data_wait_share": wait / step if step else float("nan")}
+    per_epoch = []
+    with make_loader(store, member, batch_size=batch_size, img_size=img_size, seed=seed,
+                     workers=workers, device=str(device)) as loader:
+        for epoch in range(epochs):
+            loader.set_epoch(epoch)
+            batches = iter(loader)
+            wait = step = 0.0
+            done = 0
+            while steps is None or done < steps:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                t1 = time.perf_counter()
+                loss = loss_fn(model(batch["image"]), batch["mask"])
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t2 = time.perf_counter()
+                wait, step, done = wait + (t1 - t0), step + (t2 - t0), done + 1
+            for _ in batches:   # the epoch's untrained rest: only a finished epoch reuses the pipeline
+                pass
+            per_epoch.append({"epoch": epoch + 1, "steps": done, "seconds": step, "wait_seconds": wait})
+            print(f"[{member}] {_epoch_line(per_epoch[-1])}", flush=True)
+    later = per_epoch[1:] or per_epoch
+    step, wait = sum(e["seconds"] for e in later), sum(e["wait_seconds"] for e in later)
+    done = sum(e["steps"] for e in later)
+    return {"img_size": img_size, "epochs": per_epoch, "steps": done,
+            "seconds_per_step": step / max(done, 1), "data_wait_share": wait / step if step else float("nan")}
+
+
+def _epoch_line(e: dict) -> str:
+    share = 100 * e["wait_seconds"] / e["seconds"] if e["seconds"] else float("nan")
+    return (f"training epoch {e['epoch']}: {e['steps']} steps, {e['seconds'] / max(e['steps'], 1):.2f} s per "
+            f"step, waiting for data {share:.2f}% of the step"
+            + (" (pipeline start-up included)" if e["epoch"] == 1 else ""))
 
 
 def realistic_store(root: Path) -> Path:
@@ -230,8 +308,6 @@ def draw_chart(results: dict, path: Path):
     loader above each member; beside it the opencv backend's serial ms per
     sample by stage. Written atomically; returns the Figure."""
     from matplotlib.figure import Figure
-
-    from trainers.atomic import atomic_open
 
     rows = results["members"]
     members = list(rows)
@@ -293,99 +369,190 @@ def parse_args(argv=None):
                    help="members whose recipes are measured")
     p.add_argument("--img-size", type=int, default=512, help="output side in pixels")
     p.add_argument("--batch-size", type=int, default=8, help="samples per batch")
-    p.add_argument("--batches", type=int, default=40,
-                   help="timed batches per measurement (over successive epochs when one is shorter)")
+    p.add_argument("--batches", type=int, default=12,
+                   help="timed batches per measurement (across epochs when one is shorter)")
     p.add_argument("--rounds", type=int, default=3, help="rounds of measurements; medians are reported")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="reader processes of every loader")
-    p.add_argument("--train-steps", type=int, default=2,
-                   help="CPU training steps for the data-wait share (0: skip)")
+    p.add_argument("--normalise-placement", action="store_true",
+                   help="also time the opencv backend normalising in the reader workers (floats "
+                        "handed over) beside the consumer (uint8 handed over, the default)")
+    p.add_argument("--train-epochs", type=int, default=3,
+                   help="epochs of the training run that measures the data-wait share, one "
+                        "loader throughout (0: skip)")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="at most this many training steps per epoch (default: whole epochs; 0: skip)")
+    p.add_argument("--train-img-size", type=int, default=128, help="output side of the training run")
+    p.add_argument("--train-members", nargs="+",
+                   help="those of --members whose training run is measured (default: "
+                        f"{TRAIN_MEMBER}, the reference run, when measured, else the first)")
     p.add_argument("--seed", type=int, default=0, help="sampling and augmentation seed")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when present")
-    p.add_argument("--json", type=Path, help="also write the figures to this file")
-    p.add_argument("--png", type=Path, help="chart (default: next to --json, or logs/)")
-    return p.parse_args(argv)
+    p.add_argument("--json", type=Path, default=DEFAULT_JSON,
+                   help="the figures, written (atomically) also when the run is stopped")
+    p.add_argument("--png", type=Path, help="chart of a complete run (default: next to --json)")
+    args = p.parse_args(argv)
+    if args.train_members is None:
+        args.train_members = [TRAIN_MEMBER if TRAIN_MEMBER in args.members else args.members[0]]
+    return args
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM: the figures measured so far are reported."""
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _stop(signum, frame):
+    raise Stopped(signal.Signals(signum).name)
+
+
+def settle(rate: float, batch_size: int, workers: int) -> None:
+    """Wait while a timed loader's workers refill the batches they keep
+    ahead, so that their work does not land on the next measurement."""
+    ahead = 2 + PREFETCH_PER_WORKER * workers
+    time.sleep(ahead * batch_size / rate)
+
+
+def summarise(row: dict) -> None:
+    """The medians and ratios of the rounds measured so far, into `row`."""
+    median = {name: float(np.median(values)) for name, values in row["rounds"].items() if values}
+    row["backend_samples_per_s"] = {b: median[b] for b in BACKENDS if b in median}
+    for key, name in (("engine_samples_per_s", row["backend"]), ("replaced_samples_per_s", "replaced"),
+                      ("read_limit_samples_per_s", "read_limit")):
+        row[key] = median.get(name)
+    engine, replaced, limit = (row[k] for k in ("engine_samples_per_s", "replaced_samples_per_s",
+                                                 "read_limit_samples_per_s"))
+    row["engine_over_replaced"] = engine / replaced if engine and replaced else None
+    row["engine_over_read_limit"] = engine / limit if engine and limit else None
+    if "opencv" in median and WORKER_FLOAT in median:
+        row["normalise_in"] = {"consumer": median["opencv"], "workers": median[WORKER_FLOAT]}
+
+
+def measure_member(store, member, args, device, row: dict) -> None:
+    """Every figure of one member, into `row` as each is measured."""
+    backends = [row["backend"]] + [b for b in BACKENDS if b != row["backend"]]
+    engines = backends + ([WORKER_FLOAT] if args.normalise_placement else [])
+    rounds = row["rounds"] = {name: [] for name in engines + ["replaced", "read_limit"]}
+    streams, pool = {}, None
+    try:
+        pool = reading_pool(store, get_recipe(member).in_channels == 4, args.workers)
+        for name in engines:
+            streams[name] = engine_stream(store, member, name, batch_size=args.batch_size,
+                                          img_size=args.img_size, seed=args.seed, workers=args.workers,
+                                          device=str(device))
+        opencv = streams["opencv"][0]
+        # Rounds of every measurement in turn, then medians: this machine's
+        # speed drifts (shared host), and a drift would otherwise land on
+        # one column and skew the ratios.
+        for r in range(args.rounds):
+            print(f"[{member}] round {r + 1}/{args.rounds}: engine ({', '.join(engines)}), read limit, "
+                  "replaced loader ...", flush=True)
+            for name in engines:
+                rounds[name].append(measure_engine(streams[name][1], args.batches))
+                settle(rounds[name][-1], args.batch_size, args.workers)
+            rounds["read_limit"].append(measure_read_limit(pool, opencv, args.img_size, args.workers,
+                                                           args.batches))
+            rounds["replaced"].append(measure_replaced(store, member, args.img_size, args.batch_size,
+                                                       args.workers, args.batches, args.seed))
+        print(f"[{member}] stages ...", flush=True)
+        row["stage_ms"] = measure_stages(opencv, store, args.img_size, args.batches)
+    finally:
+        for loader, _ in streams.values():
+            loader.close()
+        if pool is not None:
+            pool.terminate()
+    if member in args.train_members and args.train_epochs and args.train_steps != 0:
+        print(f"[{member}] training, {args.train_epochs} epochs at {args.train_img_size} px ...", flush=True)
+        row["training"] = measure_training_wait(store, member, args.train_img_size, args.batch_size,
+                                                args.workers, args.train_epochs, args.train_steps,
+                                                args.seed, device)
+
+
+def _cell(value, spec: str, width: int, suffix: str = "") -> str:
+    return (format(value, spec) + suffix if value is not None else "-").rjust(width)
+
+
+def report(results: dict, rounds: int) -> None:
+    """The table and the per-member lines of whatever `results` holds."""
+    members = results["members"]
+    state = "PARTIAL (stopped: " + results["stopped"] + ")" if results["partial"] else "complete"
+    print(f"\nstore {results['store']}, {results['img_size']}x{results['img_size']}, batch "
+          f"{results['batch_size']}, {results['workers']} workers, {results['cpu_count']} cores; {state}")
+    stage_names = next((list(r["stage_ms"]) for r in members.values() if "stage_ms" in r), [])
+    header = (f"{'member':<18}{'backend':>8}{'engine/s':>10}{'other/s':>9}{'replaced/s':>12}"
+              f"{'read lim/s':>12}{'x replaced':>12}{'of limit':>10}  stage share "
+              f"({'/'.join(stage_names)})")
+    print(header + "\n" + "-" * len(header))
+    for member, r in members.items():
+        other = next((v for b, v in r.get("backend_samples_per_s", {}).items() if b != r["backend"]), None)
+        limit = r.get("engine_over_read_limit")
+        shares = "-"
+        if "stage_ms" in r:
+            total = sum(r["stage_ms"].values())
+            shares = "/".join(f"{100 * v / total:.0f}%" for v in r["stage_ms"].values())
+        print(f"{member:<18}{r['backend']:>8}{_cell(r.get('engine_samples_per_s'), '.1f', 10)}"
+              f"{_cell(other, '.1f', 9)}{_cell(r.get('replaced_samples_per_s'), '.1f', 12)}"
+              f"{_cell(r.get('read_limit_samples_per_s'), '.1f', 12)}"
+              f"{_cell(r.get('engine_over_replaced'), '.1f', 12, 'x')}"
+              f"{_cell(None if limit is None else 100 * limit, '.0f', 10, '%')}  {shares}")
+    print(f"medians of up to {rounds} rounds; engine: the device's default backend; other: the "
+          "other backend on the same device")
+    for member, r in members.items():
+        done = len(r.get("rounds", {}).get(WORKER_FLOAT, []))
+        if "normalise_in" in r:
+            n = r["normalise_in"]
+            print(f"{member}: opencv backend, normalising in the consumer (uint8 handed over) "
+                  f"{n['consumer']:.1f} samples/s, in the reader workers (floats handed over) "
+                  f"{n['workers']:.1f} samples/s ({n['workers'] / n['consumer']:.2f}x; {done} rounds)")
+        if "training" in r:
+            t = r["training"]
+            for epoch in t["epochs"]:
+                print(f"{member}: {results['device']}, {t['img_size']} px, {_epoch_line(epoch)}")
+            print(f"{member}: {results['device']} training step {t['seconds_per_step']:.2f} s, waiting for "
+                  f"data {100 * t['data_wait_share']:.2f}% of the step ({t['steps']} steps"
+                  f"{', epochs 2+' if len(t['epochs']) > 1 else ''})")
+        if r.get("replaced_skips"):
+            print(f"{member}: the replaced loader skips {', '.join(r['replaced_skips'])}")
 
 
 def main(argv=None) -> int:
+    started = time.perf_counter()
     args = parse_args(argv)
     store = realistic_store(Path("data/bench")) if args.realistic else args.store
     source_files(store)  # fail early when the replaced loader cannot read the sources
     device = resolve_device(args.device)
     results = {"store": str(store), "img_size": args.img_size, "batch_size": args.batch_size,
                "workers": args.workers, "cpu_count": os.cpu_count(), "device": str(device),
-               "members": {}}
-    default_backend = resolve_backend("auto", device)
-    backends = [default_backend] + [b for b in BACKENDS if b != default_backend]
-    for member in args.members:
-        loaders = {backend: epoch_loaders(store, member, batches=args.batches,
-                                          batch_size=args.batch_size, img_size=args.img_size,
-                                          seed=args.seed, workers=args.workers, device=str(device),
-                                          backend=backend) for backend in backends}
-        opencv = loaders["opencv"]
-        # Rounds of every measurement in turn, then medians: this machine's
-        # speed drifts (shared host), and a drift would otherwise land on
-        # one column and skew the ratios.
-        rounds = {name: [] for name in backends + ["replaced", "read_limit"]}
-        for r in range(args.rounds):
-            print(f"[{member}] round {r + 1}/{args.rounds}: engine ({', '.join(backends)}), "
-                  "read limit, replaced loader ...", flush=True)
-            for backend in backends:
-                rounds[backend].append(measure_engine(loaders[backend], args.batches))
-            rounds["read_limit"].append(measure_read_limit(
-                opencv, store, opencv[0].reader.with_ela, args.img_size, args.workers, args.batches))
-            rounds["replaced"].append(measure_replaced(store, member, args.img_size, args.batch_size,
-                                                       args.workers, args.batches, args.seed))
-        median = {name: float(np.median(values)) for name, values in rounds.items()}
-        rates = {backend: median[backend] for backend in backends}
-        engine_rate, read_rate, replaced_rate = (median[default_backend], median["read_limit"],
-                                                 median["replaced"])
-        print(f"[{member}] stages ...", flush=True)
-        stages = measure_stages(opencv, store, args.img_size, args.batches)
-        row = {"backend": default_backend, "engine_samples_per_s": engine_rate,
-               "backend_samples_per_s": rates, "replaced_samples_per_s": replaced_rate,
-               "read_limit_samples_per_s": read_rate, "engine_over_replaced": engine_rate / replaced_rate,
-               "engine_over_read_limit": engine_rate / read_rate, "stage_ms": stages,
-               "replaced_skips": unsupported_ops(get_recipe(member)), "rounds": rounds}
-        if args.train_steps:
-            print(f"[{member}] training steps ...", flush=True)
-            row["training"] = measure_training_wait(store, member, args.img_size, args.batch_size,
-                                                    args.workers, args.train_steps, args.seed, device)
-        results["members"][member] = row
-
-    print(f"\nstore {store}, {args.img_size}x{args.img_size}, batch {args.batch_size}, "
-          f"{args.workers} workers, {os.cpu_count()} cores")
-    other = {b: "/".join(x for x in BACKENDS if x != b) for b in BACKENDS}
-    header = (f"{'member':<18}{'backend':>8}{'engine/s':>10}{'other/s':>9}{'replaced/s':>12}"
-              f"{'read lim/s':>12}{'x replaced':>12}{'of limit':>10}  stage share "
-              f"({'/'.join(next(iter(results['members'].values()))['stage_ms'])})")
-    print(header + "\n" + "-" * len(header))
-    for member, r in results["members"].items():
-        total = sum(r["stage_ms"].values())
-        shares = "/".join(f"{100 * v / total:.0f}%" for v in r["stage_ms"].values())
-        print(f"{member:<18}{r['backend']:>8}{r['engine_samples_per_s']:>10.1f}"
-              f"{r['backend_samples_per_s'][other[r['backend']]]:>9.1f}"
-              f"{r['replaced_samples_per_s']:>12.1f}"
-              f"{r['read_limit_samples_per_s']:>12.1f}{r['engine_over_replaced']:>11.1f}x"
-              f"{100 * r['engine_over_read_limit']:>9.0f}%  {shares}")
-    print(f"medians of {args.rounds} rounds; engine: the device's default backend; other: the "
-          "other backend on the same device")
-    for member, r in results["members"].items():
-        if "training" in r:
-            t = r["training"]
-            print(f"{member}: {results['device']} training step {t['seconds_per_step']:.2f} s, waiting for data "
-                  f"{100 * t['data_wait_share']:.2f}% of the step ({t['steps']} steps)")
-        if r["replaced_skips"]:
-            print(f"{member}: the replaced loader skips {', '.join(r['replaced_skips'])}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
-    png = args.png or (args.json.with_suffix(".png") if args.json else Path("logs/loader_throughput.png"))
-    png.parent.mkdir(parents=True, exist_ok=True)
-    draw_chart(results, png)
-    print(f"chart: {png}")
-    return 0
+               "partial": True, "stopped": None, "members": {}}
+    previous = {signum: signal.signal(signum, _stop) for signum in _STOP_SIGNALS}
+    try:
+        for member in args.members:
+            row = results["members"][member] = {"backend": resolve_backend("auto", device),
+                                                "replaced_skips": unsupported_ops(get_recipe(member))}
+            measure_member(store, member, args, device, row)
+        results["partial"] = False
+    except Stopped as stop:
+        results["stopped"] = str(stop)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    for row in results["members"].values():
+        if "rounds" in row:
+            summarise(row)
+    results["wall_seconds"] = time.perf_counter() - started
+    report(results, args.rounds)
+    with atomic_open(args.json) as handle:
+        json.dump(results, handle, indent=2)
+    print(f"figures: {args.json}" + (" (partial)" if results["partial"] else ""))
+    if not results["partial"]:
+        png = args.png or args.json.with_suffix(".png")
+        draw_chart(results, png)
+        print(f"chart: {png}")
+    print(f"total wall time {time.perf_counter() - started:.0f} s")
+    return 0 if not results["partial"] else 128 + signal.Signals[results["stopped"]].value
 
 
 if __name__ == "__main__":

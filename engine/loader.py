@@ -8,10 +8,13 @@ The flow of one epoch (docs/architecture.md):
                  from its seed (engine/ops.py), geometry included
 then, with backend="dali" (the default on CUDA):
   pipeline    -> DALI crop + resize to img_size, then the member's colour,
-                 blur, noise and JPEG operations (CPU or GPU operators)
-  augment     -> torch: the drawn geometric operations and coarse dropout on
-                 the batch, image, ELA and mask together
-  normalise   -> ImageNet mean/std on RGB; ELA (channel 4) stays in [0, 1]
+                 blur, noise and JPEG operations (CPU or GPU operators), on
+                 uint8; DALI hands over the uint8 batch
+  normalise   -> on the pipeline's device, in Loader.to_float: to float and
+                 scaled, then torch applies the drawn geometric operations
+                 and coarse dropout (engine/augment.py) to the batch, image,
+                 ELA and mask together, then the ImageNet shift on RGB; ELA
+                 (channel 4) scaled to [0, 1]
 or, with backend="opencv" (the default on the CPU; engine/worker_ops.py
 says why):
   worker_ops  -> in the same worker processes, on uint8: resize, colour,
@@ -44,7 +47,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from engine import ops, photometric, sampling
+from engine import augment, ops, photometric, sampling
 from engine import store as layout
 from engine.device import resolve_device
 from engine.patch_bank import PatchBank
@@ -75,13 +78,14 @@ def planar_float(pixels: torch.Tensor, scale, shift) -> torch.Tensor:
     through a 256-entry table per channel: DALI's crop_mirror_normalize plus
     the iterator's copy of its floats measured about twice the consumer's
     time, and torch's ops wake its thread pool, whose spinning takes CPU
-    from the reader workers."""
+    from the reader workers. On a GPU one torch kernel (the result has the
+    channels-last strides of the uint8 batch)."""
     channels = pixels.shape[-1]
     shape = (1, channels, 1, 1)
     scale = torch.as_tensor(scale, dtype=torch.float32, device=pixels.device).expand(shape)
     shift = torch.as_tensor(shift, dtype=torch.float32, device=pixels.device).expand(shape)
     if pixels.is_cuda:
-        return pixels.permute(0, 3, 1, 2).float().mul_(scale).add_(shift)
+        return torch.addcmul(shift, pixels.permute(0, 3, 1, 2), scale)
     table = torch.arange(256, dtype=torch.float32) * scale.reshape(channels, 1) + shift.reshape(channels, 1)
     # numpy's allocation, not torch.empty's: measured a third cheaper to fill
     # here (fewer fresh pages to fault in)
@@ -250,9 +254,10 @@ class Loader:
         channels = 4 if self.reader.with_ela else 3
         mean = torch.tensor(IMAGENET_MEAN + (0.0,) * (channels - 3)).view(1, channels, 1, 1)
         std = torch.tensor(IMAGENET_STD + (1.0,) * (channels - 3)).view(1, channels, 1, 1)
-        # (x - mean) / std as x * scale + shift, in place: two passes, no copies
-        scale, shift = 1 / std / source.backend.pixel_range, -mean / std
-        self._scale, self._shift = scale.to(settings.device), shift.to(settings.device)
+        # (x / 255 - mean) / std as x * scale + shift, on the uint8 pixels both
+        # backends hand over (public: benchmarks/loader_throughput.py times
+        # the same normalisation in the reader workers)
+        self.scale, self.shift = (1 / std / 255.0).to(settings.device), (-mean / std).to(settings.device)
         # the mask's 0/1 bytes become 0./1. floats: built once, not per batch
         # (a tiny tensor made on the GPU per batch is a host-device sync)
         self._unit = (torch.ones((), device=settings.device), torch.zeros((), device=settings.device))
@@ -289,15 +294,23 @@ class Loader:
         return self._ready and self.start_batch == 0 and (
             self.planner.fixed is not None or self.epoch == self._pipe_source.epoch + self._pipe_epoch)
 
-    def normalise(self, image: torch.Tensor) -> torch.Tensor:
-        """ImageNet mean/std on RGB, ELA unchanged; overwrites `image`."""
-        return image.mul_(self._scale).add_(self._shift)
-
-    def to_float(self, pixels: torch.Tensor, mask: bool = False) -> torch.Tensor:
-        """The opencv backend's uint8 B x H x W x C batch as the normalised
-        float32 B x C x H x W one (ImageNet mean/std on RGB, ELA to [0, 1]),
-        or a 0/1 mask as 0./1. floats."""
-        return planar_float(pixels, *(self._unit if mask else (self._scale, self._shift)))
+    def to_float(self, pixels: torch.Tensor, mask: torch.Tensor,
+                 geometry: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A backend's uint8 batch (pixels B x H x W x C, mask B x H x W x 1,
+        on the pipeline's device) as float32 B x C x H x W: the image
+        normalised (ImageNet mean/std on RGB, ELA to [0, 1]), the mask 0./1.
+        With `geometry` (the dali backend's drawn rows) torch applies it on
+        the way (engine/augment.py). The one place either backend's pixels
+        become the model's input."""
+        mask = planar_float(mask, *self._unit)
+        if geometry is None:
+            return planar_float(pixels, self.scale, self.shift), mask
+        # scaled but not yet shifted: black is still 0, the value the affine's
+        # border and coarse dropout's holes fill with, as on the opencv
+        # backend's uint8 (scaling commutes with the geometry, the shift does not)
+        unshifted = planar_float(pixels, self.scale, self._unit[1])
+        image, mask = augment.apply_geometry(unshifted, mask, geometry)
+        return image.add_(self.shift), mask
 
     def _build(self) -> None:
         s = self.settings

@@ -96,7 +96,10 @@ def per_slot(plan: tuple[Slot, ...], inputs: list):
 
 def apply(image, plan: tuple[Slot, ...], inputs: list, device: str):
     """The DALI graph of `plan` on `image` (uint8 HWC RGB on `device`);
-    `inputs` are the external-source outputs in the order `draw` made them."""
+    `inputs` are the external-source outputs in the order `draw` made them.
+    Every operator returns uint8 (DALI keeps its input's type; the noise
+    casts back), so the batch leaves DALI as uint8, a quarter of the bytes
+    of floats, and the loader converts it on the batch's device."""
     for slot, on, params, extra in per_slot(plan, inputs):
         op = ops.OPS[slot.name]
         if op.extra_on_device and device == "gpu":

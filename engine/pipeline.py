@@ -13,12 +13,17 @@ One pipeline definition serves both devices and both backends
      DaliBackend    one `fn.resize` per output crops the window's fractional
                     ROI out of its block and resizes it (antialiased for
                     pixels and ELA, nearest for the mask); the photometric
-                    operators run on RGB (engine/photometric.py); the batch
-                    leaves as float in [0, 1] and torch applies the drawn
-                    geometry (engine/augment.py);
+                    operators run on RGB (engine/photometric.py), all on
+                    uint8; the batch leaves as uint8 and the loader turns it
+                    into floats, applies the drawn geometry with torch
+                    (engine/augment.py) and normalises, on the pipeline's
+                    device;
      OpencvBackend  the worker finishes the sample on uint8
                     (engine/worker_ops.py); the batch leaves as uint8 and the
                     loader makes normalised floats of it in one pass.
+Both hand over image uint8 B x H x W x C (RGB, + ELA) and mask uint8
+B x H x W x 1: a quarter of the bytes of floats through DALI's output
+buffers and its copy into torch.
 With `device="gpu"` the worker's arrays are copied to the GPU and everything
 after runs there; nothing else changes.
 """
@@ -32,11 +37,10 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from engine import augment, ops, photometric, sampling, worker_ops
+from engine import ops, photometric, sampling, worker_ops
 from engine.reader import WindowReader
 
 # Random streams of a sample's generator: what the worker draws for it.
@@ -74,16 +78,10 @@ def _photometric_names(source) -> list[str]:
     return [f"photometric_{i}" for i in range(photometric.input_count(source.augment.photometric))]
 
 
-def _float_chw(node, scale=1.0):
-    # in DALI's threads, with the rest of the per-sample work, rather than one
-    # more pass in the consumer
-    return fn.crop_mirror_normalize(node, dtype=types.FLOAT, output_layout="CHW", mean=[0.0], std=[scale])
-
-
 class DaliBackend:
     """DALI crop-resize and photometric operators; torch geometry on the batch."""
 
-    name, pixel_range = "dali", 1.0    # its images leave as floats in [0, 1]
+    name = "dali"
 
     def outputs(self, source) -> list[str]:
         names = ["image", "mask", "roi_start", "roi_end", "index", "geometry"]
@@ -99,8 +97,8 @@ class DaliBackend:
         return bool(source.augment.photometric)
 
     def graph(self, nodes: dict, pixels: dict, source, out_size: int, device: str) -> dict:
-        """image float CHW in [0, 1], mask float 1HW (0/1), index int64, ela
-        float 1HW in [0, 1] when the reader reads ELA, geometry float rows."""
+        """image uint8 HWC (RGB, + ELA when the reader reads it), mask uint8
+        HW1 (0/1), index int64, geometry float rows."""
         plan = source.augment.photometric
         roi = dict(roi_start=nodes["roi_start"], roi_end=nodes["roi_end"])
 
@@ -110,16 +108,13 @@ class DaliBackend:
 
         image = photometric.apply(resize(pixels["image"]), plan,
                                   [nodes[n] for n in _photometric_names(source)], device)
-        out = {"image": _float_chw(image, 255.0), "mask": _float_chw(resize(pixels["mask"], True)),
-               "index": nodes["index"]}
         if "ela" in pixels:
-            out["ela"] = _float_chw(resize(pixels["ela"]), 255.0)
-        return {**out, "geometry": nodes["geometry"]}
+            image = fn.cat(image, resize(pixels["ela"]), axis_name="C")
+        return {"image": image, "mask": resize(pixels["mask"], True), "index": nodes["index"],
+                "geometry": nodes["geometry"]}
 
     def finish(self, out: dict, loader):
-        image = out["image"] if "ela" not in out else torch.cat([out["image"], out["ela"]], dim=1)
-        image, mask = augment.apply_geometry(image, out["mask"], out["geometry"])
-        return loader.normalise(image), mask
+        return loader.to_float(out["image"], geometry=out["geometry"], mask=out["mask"])
 
     def block_side(self, out_size: int) -> int:
         """Largest side of a worker's sample: a block of at most twice the
@@ -131,7 +126,7 @@ class DaliBackend:
 class OpencvBackend:
     """All per-sample work on uint8 in the reader workers (engine/worker_ops.py)."""
 
-    name, pixel_range = "opencv", 255.0   # its images leave as uint8
+    name = "opencv"
 
     def outputs(self, source) -> list[str]:
         return ["image", "mask", "index"]
@@ -148,7 +143,7 @@ class OpencvBackend:
         return {"image": pixels["image"], "mask": pixels["mask"], "index": nodes["index"]}
 
     def finish(self, out: dict, loader):
-        return loader.to_float(out["image"]), loader.to_float(out["mask"], mask=True)
+        return loader.to_float(out["image"], mask=out["mask"])
 
     def block_side(self, out_size: int) -> int:
         return out_size

@@ -131,6 +131,45 @@ def test_one_seed_gives_one_geometry_on_both_backends(green_store, member):
     assert any(not torch.equal(a["mask"], u["mask"]) for a, u in zip(dali, unaugmented))
 
 
+@pytest.mark.parametrize("member, channels", [("comprehensive", 4), ("enhanced_aug", 3)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_both_backends_hand_uint8_to_the_loader_which_normalises(demo_store, backend, member, channels,
+                                                                 monkeypatch):
+    """DALI's output to torch is uint8 on both backends, through every
+    photometric op (a quarter of the bytes of floats); the loader's to_float
+    makes the float32 batch."""
+    handed = []
+    to_float = engine_loader.Loader.to_float
+
+    def spy(self, pixels, mask, geometry=None):
+        handed.append((pixels.dtype, pixels.shape, mask.dtype, mask.shape))
+        return to_float(self, pixels, mask, geometry)
+
+    monkeypatch.setattr(engine_loader.Loader, "to_float", spy)
+    batch = next(iter(make_loader(demo_store, member, batch_size=3, img_size=SIZE, workers=0,
+                                  backend=backend)))
+    assert handed == [(torch.uint8, (3, SIZE, SIZE, channels), torch.uint8, (3, SIZE, SIZE, 1))]
+    assert batch["image"].dtype == batch["mask"].dtype == torch.float32
+
+
+def test_the_dali_backend_fills_affine_borders_and_dropout_holes_with_black_like_opencv(green_store):
+    """The dali backend applies the geometry to scaled, not yet shifted,
+    pixels: what the affine's border and the dropout's holes leave is black,
+    as on the opencv backend's uint8, not the normalised zero (the mean colour)."""
+    recipe = dataclasses.replace(get_recipe("highres_no_ela"), copy_paste=None, augment=(
+        ("affine", {"p": 1.0, "shift": 0.0, "scale": 0.5, "rotate": 30}),
+        ("coarse_dropout", {"p": 1.0, "holes": (4, 4), "size": (12, 12)})))
+    kwargs = dict(batch_size=4, img_size=SIZE, seed=2, workers=0)
+    dali = list(make_loader(green_store, recipe, backend="dali", **kwargs))
+    opencv = list(make_loader(green_store, recipe, backend="opencv", **kwargs))
+    assert len(dali) == len(opencv) > 0
+    for a, b in zip(dali, opencv):
+        black = rgb_of(b["image"]).amax(dim=1) < 1 / 255 + 1e-4   # opencv: border and holes
+        assert black.float().mean() > 0.2
+        dali_black = rgb_of(a["image"]).amax(dim=1) < 2 / 255
+        assert (dali_black & black).sum() / black.sum() > 0.95
+
+
 def test_planar_float_is_the_normalisation_torch_would_do():
     pixels = torch.randint(0, 256, (2, 5, 7, 4), dtype=torch.uint8)
     scale, shift = torch.rand(1, 4, 1, 1), torch.randn(1, 4, 1, 1)
