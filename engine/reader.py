@@ -11,22 +11,25 @@ Whole arrays are read the same way (read_array, read_instances): prediction,
 scoring and evaluation read pixels through this reader too, so every read of
 the store's pixels refuses damage alike.
 
-Why a hand-written chunk path: zarr-python spends about 0.3 ms of Python and
-asyncio per `__getitem__` before decoding (`benchmarks/build_throughput.py
---layout-sweep` times both paths; docs/performance.md, "Store"), several
-times a sample's decode cost for small windows. Chunk files of the layout that
-engine/store.py writes (regular chunks, default "/" key encoding, codecs
-bytes, zstd, crc32c) are read and decoded directly: the CRC-32C of the zstd
-frame is compared with the 4-byte trailer (google-crc32c, which zarr's own
-crc32c codec uses), then numcodecs decompresses it; the pixels equal zarr's
-(tests/test_reader.py). Checking the trailer costs about 3 % of a chunk's
-zstd decode (docs/performance.md, "Store"). Zarr itself fills a missing chunk
-with the fill value; this reader instead raises StoreDamaged naming the chunk
-file for an image or ELA chunk, or a mask chunk its array lists as written
-(engine.store.required_chunks), and for a chunk whose checksum or size is
-wrong. An array with another layout is refused, not read some other way.
-A store is a path on a local or shared file system, never a URL: open_store
-and these chunk reads go to the file system (docs/store.md).
+Why a hand-written read path: zarr-python spends some 0.3 ms of Python and
+asyncio per `__getitem__` before decoding (benchmarks/layout_sweep.py times
+both paths; docs/performance.md, "Store"), several times a sample's decode
+cost. The store's layouts (engine.store.PixelLayout: regular chunks, codecs
+bytes, then zstd, Blosc or nothing, then crc32c; in a shard with its index
+at the end, or one object per chunk) are read directly: a shard's index
+once (checked against its CRC-32C, then cached), then one byte range per
+run of adjacent chunks the box needs, through engine/storage.py. Each
+chunk's CRC-32C is compared with its 4-byte trailer (google-crc32c, which
+zarr's own crc32c codec uses) before numcodecs decompresses it in place;
+the pixels equal zarr's (tests/test_reader.py). Checking the trailers costs
+about 1-2 % of a read (docs/performance.md, "Store"). Zarr itself fills a
+missing shard or chunk with the fill value; this reader instead raises
+StoreDamaged naming the object: a missing shard, an index or chunk failing
+its checksum, an index pointing past the object's end (and, in version 2's
+unsharded layout, a missing image or ELA chunk or a mask chunk its array
+lists as written, engine.store.required_chunks). An array of any other
+layout is refused, not read some other way. A store is a path on a local or
+shared file system (engine/storage.py serves any zarr store in tests).
 """
 from __future__ import annotations
 
@@ -35,7 +38,6 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import google_crc32c
 import numcodecs
@@ -43,6 +45,9 @@ import numpy as np
 import zarr
 
 from engine import store as layout
+from engine.storage import LocalStorage, storage_of
+
+MAX_OPEN_ARRAYS = 4096   # arrays whose metadata and shard index a reader keeps, oldest out first
 
 
 @dataclass
@@ -58,20 +63,37 @@ class WindowBlock:
     scale: float             # block pixels per original pixel (1 at level 0)
 
 
-class _ChunkFiles:
-    """Direct reads of one local Zarr v3 array of bytes, zstd[, crc32c] codecs
-    (benchmarks/build_throughput.py reads zstd-only arrays with it)."""
+_DECODERS = {"zstd": numcodecs.Zstd(), "blosc": numcodecs.Blosc()}   # settings come with each frame
+_INDEX_CODECS = ({"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"})
 
-    _codec = numcodecs.Zstd()
 
-    def __init__(self, root: Path, path: str, meta: dict):
-        self.root, self.path = root, path
+class _PixelArray:
+    """Direct reads of one pixel array of the store's family of layouts
+    (engine.store.PixelLayout): regular chunks, codecs bytes, then zstd,
+    Blosc or nothing, then crc32c; sharded (sharding_indexed,
+    index at the end with its crc32c) or not. `stats` counts the requests
+    made, bytes read and bytes decoded."""
+
+    def __init__(self, storage, path: str, meta: dict, stats: dict):
+        self.storage, self.path, self.stats = storage, path, stats
         self.shape = tuple(meta["shape"])
-        self.chunks = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        self.separator = meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
+        grid = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        codecs = meta["codecs"]
+        self.sharded = codecs[0]["name"] == "sharding_indexed"
+        if self.sharded:
+            config = codecs[0]["configuration"]
+            self.chunks, codecs = tuple(config["chunk_shape"]), config["codecs"]
+            self.per_shard = tuple(s // c for s, c in zip(grid, self.chunks))
+            self.index_bytes = 16 * math.prod(self.per_shard) + 4
+            self.one_shard = all(s <= g for s, g in zip(self.shape, grid))
+            self._indexes: dict[tuple, np.ndarray] = {}
+        else:
+            self.chunks = grid
         self.dtype = np.dtype(meta["data_type"])
         self.fill = meta.get("fill_value", 0)
-        self.checksum = meta["codecs"][-1]["name"] == "crc32c"
-        self.required = layout.required_chunks(path, meta.get("attributes", {}))
+        self._decoder = next((_DECODERS[c["name"]] for c in codecs if c["name"] in _DECODERS), None)
+        self.required = None if self.sharded else layout.required_chunks(path, meta.get("attributes", {}))
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Rows y0:y1 and columns x0:x1, every trailing axis whole."""
@@ -80,83 +102,199 @@ class _ChunkFiles:
     def read_box(self, start: tuple[int, ...], stop: tuple[int, ...]) -> np.ndarray:
         """The pixels of [start, stop) along every axis."""
         out = np.empty(tuple(b - a for a, b in zip(start, stop)), self.dtype)
-        for index in itertools.product(*(range(a // c, (b - 1) // c + 1)
-                                         for a, b, c in zip(start, stop, self.chunks))):
-            lo = [max(a, i * c) for a, i, c in zip(start, index, self.chunks)]
-            hi = [min(b, (i + 1) * c) for b, i, c in zip(stop, index, self.chunks)]
-            chunk = self._chunk(index)
-            out[tuple(slice(l - a, h - a) for l, h, a in zip(lo, hi, start))] = (
-                self.fill if chunk is None else
-                chunk[tuple(slice(l - i * c, h - i * c)
-                            for l, h, i, c in zip(lo, hi, index, self.chunks))])
+        # per axis, each chunk's (slice of out, slice of the chunk)
+        parts = [[(slice(max(a, i * c) - a, min(b, (i + 1) * c) - a),
+                   slice(max(a, i * c) - i * c, min(b, (i + 1) * c) - i * c))
+                  for i in range(a // c, (b - 1) // c + 1)]
+                 for a, b, c in zip(start, stop, self.chunks)]
+        indices = np.array(list(itertools.product(*(range(a // c, (b - 1) // c + 1)
+                                                    for a, b, c in zip(start, stop, self.chunks)))),
+                           np.int64).reshape(-1, len(self.shape))
+        chunks = np.empty((len(indices),) + self.chunks, self.dtype)
+        stored = self._fetch(indices, chunks)
+        for k, part in enumerate(itertools.product(*parts)):
+            out[tuple(dst for dst, _ in part)] = (
+                chunks[k][tuple(src for _, src in part)] if stored[k] else self.fill)
         return out
 
-    def _chunk(self, index: tuple[int, ...]) -> np.ndarray | None:
-        """Chunk `index` decoded, or None for a mask chunk left out as all-zero."""
-        file = self.root / layout.chunk_key(self.path, index)
-        try:
-            raw = np.frombuffer(file.read_bytes(), np.uint8)
-        except FileNotFoundError:
+    def _fetch(self, indices: np.ndarray, chunks: np.ndarray) -> np.ndarray:
+        """Decode chunks `indices` (k x ndim) into chunks[k]; returns which
+        were stored (the others are all fill)."""
+        if not self.sharded:
+            return np.array([self._unsharded_chunk(tuple(index), out)
+                             for index, out in zip(indices.tolist(), chunks)], bool)
+        if self.one_shard:   # the store's own layout: a shard holds the whole array
+            return self._shard_chunks((0,) * len(self.shape), indices, chunks)
+        shards = indices // self.per_shard
+        stored = np.empty(len(indices), bool)
+        for shard in np.unique(shards, axis=0):
+            members = np.flatnonzero((shards == shard).all(axis=1))
+            part = chunks[members]
+            stored[members] = self._shard_chunks(tuple(shard.tolist()), indices[members], part)
+            chunks[members] = part
+        return stored
+
+    def _shard_chunks(self, shard: tuple, indices: np.ndarray, chunks: np.ndarray) -> np.ndarray:
+        """Decode chunks `indices` of one shard into `chunks`: the stored
+        ones, fetched by byte range, one request per run of chunks adjacent
+        in the shard. Returns which were stored."""
+        key = layout.chunk_key(self.path, shard, self.separator)
+        spans = self._index(shard)[tuple((indices % self.per_shard).T)]
+        offsets, sizes = spans[:, 0], spans[:, 1]
+        stored = offsets >= 0   # INDEX_EMPTY reads as -1 in int64
+        order = np.flatnonzero(stored)[np.argsort(offsets[stored], kind="stable")]
+        if not len(order):
+            return stored
+        starts, ends = offsets[order], offsets[order] + sizes[order]
+        # a run starts where a chunk does not begin where the previous one ends
+        first = np.flatnonzero(np.r_[True, starts[1:] != ends[:-1]])
+        runs = list(zip(starts[first].tolist(), np.r_[ends[first[1:] - 1], ends[-1:]].tolist()))
+        data = self.storage.read_ranges(key, runs)
+        if data is None:
+            raise self._damage(key, "shard missing")
+        self.stats["requests"] += len(runs)
+        self.stats["bytes_read"] += sum(map(len, data))
+        run_of = np.searchsorted(first, np.arange(len(order)), side="right") - 1
+        for k, run, offset, size in zip(order.tolist(), run_of.tolist(), starts.tolist(),
+                                        sizes[order].tolist()):
+            lo = runs[run][0]
+            if len(data[run]) < offset + size - lo:
+                raise self._damage(key, f"corrupt shard (its index points past its end, "
+                                        f"at byte {offset + size})")
+            self._decode(np.frombuffer(data[run], np.uint8, size, offset - lo), key, chunks[k])
+        return stored
+
+    def _index(self, shard: tuple) -> np.ndarray:
+        """Shard `shard`'s index, (offset, size) per chunk, checked and cached."""
+        table = self._indexes.get(shard)
+        if table is None:
+            key = layout.chunk_key(self.path, shard, self.separator)
+            raw = self.storage.read_suffix(key, self.index_bytes)
+            if raw is None:
+                raise self._damage(key, "shard missing")
+            self.stats["requests"] += 1
+            self.stats["bytes_read"] += len(raw)
+            if len(raw) != self.index_bytes or layout.checksum_bytes(raw[:-4]) != raw[-4:]:
+                raise self._damage(key, "corrupt shard index (crc32c checksum mismatch or a "
+                                        "truncated file)")
+            table = np.frombuffer(raw[:-4], "<u8").astype(np.int64).reshape(self.per_shard + (2,))
+            self._indexes[shard] = table
+        return table
+
+    def _unsharded_chunk(self, index: tuple[int, ...], out: np.ndarray) -> bool:
+        """Decode unsharded chunk `index` into `out`; False for a mask chunk
+        left out as all-zero."""
+        key = layout.chunk_key(self.path, index, self.separator)
+        raw = self.storage.read(key)
+        if raw is None:
             if self.required is None or index in self.required:
-                raise layout.StoreDamaged(self.root, file, "chunk missing") from None
-            return None
-        if self.checksum:
-            if len(raw) < 4:
-                raise layout.StoreDamaged(self.root, file, f"corrupt chunk ({len(raw)} bytes, "
-                                          "shorter than its 4-byte checksum)")
-            raw, stored = raw[:-4], int.from_bytes(raw[-4:].tobytes(), "little")
-            if google_crc32c.value(raw) != stored:
-                raise layout.StoreDamaged(self.root, file, "corrupt chunk (crc32c checksum "
-                                          "mismatch: flipped bytes or a truncated file)")
-        try:
-            pixels = np.frombuffer(self._codec.decode(raw), self.dtype)
-        except Exception as exc:  # numcodecs raises RuntimeError and others on a bad frame
-            raise layout.StoreDamaged(self.root, file, f"corrupt chunk ({exc})") from None
-        if pixels.size != math.prod(self.chunks):
-            raise layout.StoreDamaged(self.root, file, f"corrupt chunk ({pixels.size} values, "
-                                      f"expected {math.prod(self.chunks)})")
-        return pixels.reshape(self.chunks)
+                raise self._damage(key, "chunk missing")
+            return False
+        self.stats["requests"] += 1
+        self.stats["bytes_read"] += len(raw)
+        self._decode(np.frombuffer(raw, np.uint8), key, out)
+        return True
+
+    def _damage(self, key: str, problem: str) -> layout.StoreDamaged:
+        return layout.StoreDamaged(self.storage.where(), self.storage.where(key), problem)
+
+    def _decode(self, raw: np.ndarray, key: str, out: np.ndarray) -> None:
+        """Decode one stored chunk into `out`, its checksum verified first
+        (the checksum covers the frame, so a frame that passes it is the
+        one written)."""
+        if len(raw) < 4:
+            raise self._damage(key, f"corrupt chunk ({len(raw)} bytes, shorter than its "
+                                    "4-byte checksum)")
+        raw, stored = raw[:-4], int.from_bytes(raw[-4:].tobytes(), "little")
+        if google_crc32c.value(raw) != stored:
+            raise self._damage(key, "corrupt chunk (crc32c checksum mismatch: flipped bytes "
+                                    "or a truncated file)")
+        if self._decoder is None:
+            if len(raw) != out.nbytes:
+                raise self._damage(key, f"corrupt chunk ({len(raw)} bytes, expected {out.nbytes})")
+            out.reshape(-1)[:] = np.frombuffer(raw, self.dtype)
+        else:
+            try:
+                self._decoder.decode(raw, out=out)
+            except Exception as exc:  # numcodecs raises RuntimeError and others on a bad frame
+                raise self._damage(key, f"corrupt chunk ({exc})") from None
+        self.stats["bytes_decoded"] += out.nbytes
+
+    def _objects(self) -> list[tuple[int, ...]]:
+        """Indices of the array's objects: its chunks, or its shards."""
+        sides = tuple(c * p for c, p in zip(self.chunks, self.per_shard)) if self.sharded else self.chunks
+        return list(itertools.product(*(range(-(-s // c)) for s, c in zip(self.shape, sides))))
 
     def problems(self) -> list[layout.StoreDamaged]:
-        """Every damaged chunk: each one the array should have (missing, or
-        failing its checksum or size), a file outside its chunk grid, and a
+        """Every damaged piece: each object the array should have (missing,
+        a shard whose index fails its checksum, a chunk failing its checksum
+        or size), a file that is no object of its grid, and an unsharded
         mask chunk on disk that its written_chunks does not list."""
-        folder = self.root / self.path / "c"
-        on_disk = {f.relative_to(folder).parts for f in folder.rglob("*") if f.is_file()}
+        on_disk = set(self.storage.keys(f"{self.path}/")) - {f"{self.path}/zarr.json"}
+        objects = {layout.chunk_key(self.path, index, self.separator): index
+                   for index in self._objects()}
         found = []
-        for index in itertools.product(*(range(-(-s // c)) for s, c in zip(self.shape, self.chunks))):
-            present = tuple(map(str, index)) in on_disk
-            on_disk.discard(tuple(map(str, index)))
+        for key, index in objects.items():
+            if self.sharded:
+                found += self._shard_problems(index)
+                continue
             listed = self.required is None or index in self.required
-            if present and not listed:
-                found.append(layout.StoreDamaged(self.root, self.root / layout.chunk_key(self.path, index),
-                                                 f"chunk not listed in {layout.WRITTEN_CHUNKS}"))
-            if present or listed:
+            if key in on_disk and not listed:
+                found.append(self._damage(key, f"chunk not listed in {layout.WRITTEN_CHUNKS}"))
+            if key in on_disk or listed:
                 try:
-                    self._chunk(index)
+                    self._unsharded_chunk(index, np.empty(self.chunks, self.dtype))
                 except layout.StoreDamaged as exc:
                     found.append(exc)
-        found += [layout.StoreDamaged(self.root, folder.joinpath(*parts),
-                                      "unexpected file: not a chunk of the array's grid")
-                  for parts in sorted(on_disk)]
+        found += [self._damage(key, "unexpected file: not a chunk of the array's grid")
+                  for key in sorted(on_disk - objects.keys())]
+        return found
+
+    def _shard_problems(self, shard: tuple) -> list[layout.StoreDamaged]:
+        """The shard's index, then each chunk it stores, read back."""
+        try:
+            self._index(shard)
+        except layout.StoreDamaged as exc:
+            return [exc]
+        found, chunk = [], np.empty((1,) + self.chunks, self.dtype)
+        for inner in itertools.product(*map(range, self.per_shard)):
+            index = np.array([shard], np.int64) * self.per_shard + inner
+            try:
+                self._shard_chunks(shard, index, chunk)
+            except layout.StoreDamaged as exc:
+                found.append(exc)
         return found
 
 
+def _codec_problem(codecs: list) -> str | None:
+    """Why a chunk codec chain is not of the store's family, or None."""
+    names = tuple(c.get("name") for c in codecs)
+    if (names[:1] != ("bytes",) or names[-1:] != ("crc32c",) or len(names) > 3
+            or any(name not in _DECODERS for name in names[1:-1])):
+        return (f"codecs {', '.join(map(str, names))}, expected bytes, then zstd, blosc or "
+                "nothing, then crc32c")
+    return None
+
+
 def _layout_problem(path: str, meta: dict) -> str | None:
-    """Why array `path`'s zarr.json is not the store's pixel layout, or None."""
-    codecs = tuple(c.get("name") for c in meta.get("codecs", []))
+    """Why array `path`'s zarr.json is not of the store's pixel layouts, or None."""
     if meta.get("node_type") != "array" or meta.get("data_type") != "uint8":
         return f"not a uint8 array (node_type {meta.get('node_type')!r}, " \
                f"data_type {meta.get('data_type')!r})"
-    if codecs != layout.CODECS:
-        return f"codecs {', '.join(codecs)}, expected {', '.join(layout.CODECS)}"
     if (meta.get("chunk_grid", {}).get("name") != "regular"
             or meta.get("chunk_key_encoding", {}).get("name") != "default"
-            or meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/") != "/"):
-        return "chunk grid or key encoding other than regular with '/' keys"
+            or meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/") not in "/."):
+        return "chunk grid or key encoding other than regular with '/' or '.' keys"
+    codecs = meta.get("codecs", [])
+    if codecs and codecs[0].get("name") == "sharding_indexed":
+        config = codecs[0].get("configuration", {})
+        if (len(codecs) != 1 or config.get("index_location", "end") != "end"
+                or tuple(config.get("index_codecs", ())) != _INDEX_CODECS):
+            return "shards other than sharding_indexed with the index (bytes, crc32c) at the end"
+        return _codec_problem(config.get("codecs", []))
     if not layout.keeps_every_chunk(path) and layout.WRITTEN_CHUNKS not in meta.get("attributes", {}):
         return f"mask array without its {layout.WRITTEN_CHUNKS} attribute"
-    return None
+    return _codec_problem(codecs)
 
 
 class WindowReader:
@@ -170,10 +308,14 @@ class WindowReader:
                  pyramid: bool = True):
         """`store`: its path, or the group engine.store.open_store returned."""
         self._group = store if isinstance(store, zarr.Group) else None
-        self.store = str(store.store.root if self._group is not None else store)
+        self.storage = storage_of(store) if self._group is not None else LocalStorage(store)
+        self.store = str(self.storage.where())
         self.with_ela, self.pyramid = with_ela, pyramid
-        self._arrays: dict[str, _ChunkFiles] = {}
+        self._arrays: dict[str, _PixelArray] = {}
         self._meta = None
+        # what this reader fetched and decoded, for benchmarks and for tests
+        # of what a read costs: requests, stored bytes read, pixel bytes decoded
+        self.stats = dict.fromkeys(("requests", "bytes_read", "bytes_decoded"), 0)
 
     def __getstate__(self):
         return {"store": self.store, "with_ela": self.with_ela, "pyramid": self.pyramid}
@@ -193,37 +335,41 @@ class WindowReader:
             self._meta = layout.read_meta(self.group)
         return self._meta
 
-    def _array(self, path: str) -> _ChunkFiles:
+    def _array(self, path: str) -> _PixelArray:
         arr = self._arrays.get(path)
         if arr is None:
             self.group  # opening the store first refuses another format or version
-            root = Path(self.store)
+            where = self.storage.where(f"{path}/zarr.json")
             try:
-                meta = json.loads((root / path / "zarr.json").read_text())
-            except FileNotFoundError:
-                raise layout.StoreDamaged(root, root / path, "array missing") from None
+                raw = self.storage.read(f"{path}/zarr.json")
+                if raw is None:
+                    raise layout.StoreDamaged(self.store, self.storage.where(path), "array missing")
+                meta = json.loads(raw)
             except (OSError, ValueError) as exc:
-                raise layout.StoreDamaged(root, root / path / "zarr.json",
+                raise layout.StoreDamaged(self.store, where,
                                           f"unreadable array metadata ({exc})") from None
             problem = _layout_problem(path, meta)
             if problem:
-                raise layout.StoreDamaged(root, root / path / "zarr.json", problem)
+                raise layout.StoreDamaged(self.store, where, problem)
             try:
-                arr = self._arrays[path] = _ChunkFiles(root, path, meta)
-            except (KeyError, TypeError, ValueError) as exc:
-                raise layout.StoreDamaged(root, root / path / "zarr.json",
+                arr = _PixelArray(self.storage, path, meta, self.stats)
+            except (KeyError, TypeError, ValueError, IndexError) as exc:
+                raise layout.StoreDamaged(self.store, where,
                                           f"unreadable array metadata ({exc!r})") from None
+            if len(self._arrays) >= MAX_OPEN_ARRAYS:   # each keeps its shard index: bounded
+                self._arrays.pop(next(iter(self._arrays)))
+            self._arrays[path] = arr
         return arr
 
     def check_array(self, path: str, shape: tuple[int, ...] | None = None) -> list[layout.StoreDamaged]:
         """Every damaged piece of one pixel array (that should have `shape`,
-        when given): its metadata, then each chunk (_ChunkFiles.problems)."""
+        when given): its metadata, then each chunk (_PixelArray.problems)."""
         try:
             arr = self._array(path)
         except layout.StoreDamaged as exc:
             return [exc]
         if shape is not None and arr.shape != tuple(shape):
-            return [layout.StoreDamaged(self.store, Path(self.store) / path / "zarr.json",
+            return [layout.StoreDamaged(self.store, self.storage.where(f"{path}/zarr.json"),
                                         f"shape {arr.shape}, expected {tuple(shape)} from meta/")]
         return arr.problems()
 
@@ -246,7 +392,7 @@ class WindowReader:
         path = layout.instances_mask_path(row)
         layers = self.read_array(path)
         if len(layers) != count:
-            raise layout.StoreDamaged(self.store, Path(self.store) / path,
+            raise layout.StoreDamaged(self.store, self.storage.where(path),
                                       f"{len(layers)} instance layers, meta/n_instances says {count}")
         return list(layers)
 
@@ -260,17 +406,24 @@ class WindowReader:
         shrink = min(window_h, window_w) / out_size
         return max(0, min(levels - 1, int(math.floor(math.log2(shrink))) if shrink >= 1 else 0))
 
-    def read(self, row: int, window, out_size: int) -> WindowBlock:
-        """The pixels covering window (y0, x0, y1, x1, level-0 pixels) of image `row`."""
+    def block_of(self, row: int, window, out_size: int) -> tuple[int, tuple, tuple]:
+        """Where read() reads window (y0, x0, y1, x1, level-0 pixels) of
+        image `row`: its level, the covering block (y0, x0, y1, x1, whole
+        pixels of that level) and the window in that level's pixels."""
         y0, x0, y1, x1 = (int(v) for v in window)
         level = self.choose_level(row, y1 - y0, x1 - x0, out_size)
-        image = self._array(layout.image_path(row, level))
-        full_h, full_w = int(self.meta["height"][row]), int(self.meta["width"][row])
-        sy, sx = image.shape[0] / full_h, image.shape[1] / full_w
+        height, width = self._array(layout.image_path(row, level)).shape[:2]
+        sy, sx = height / int(self.meta["height"][row]), width / int(self.meta["width"][row])
         fy0, fx0, fy1, fx1 = y0 * sy, x0 * sx, y1 * sy, x1 * sx
         by0, bx0 = int(math.floor(fy0)), int(math.floor(fx0))
-        by1 = min(image.shape[0], max(by0 + 1, int(math.ceil(fy1))))
-        bx1 = min(image.shape[1], max(bx0 + 1, int(math.ceil(fx1))))
+        by1 = min(height, max(by0 + 1, int(math.ceil(fy1))))
+        bx1 = min(width, max(bx0 + 1, int(math.ceil(fx1))))
+        return level, (by0, bx0, by1, bx1), (fy0, fx0, fy1, fx1)
+
+    def read(self, row: int, window, out_size: int) -> WindowBlock:
+        """The pixels covering window (y0, x0, y1, x1, level-0 pixels) of image `row`."""
+        level, (by0, bx0, by1, bx1), (fy0, fx0, fy1, fx1) = self.block_of(row, window, out_size)
+        image = self._array(layout.image_path(row, level))
         pixels = image.read(by0, by1, bx0, bx1)
         ela = None
         if self.with_ela:
@@ -281,5 +434,5 @@ class WindowReader:
             mask = np.zeros((by1 - by0, bx1 - bx0), np.uint8)
         roi_start = np.array([fy0 - by0, fx0 - bx0], np.float32)
         roi_end = np.array([min(fy1, by1) - by0, min(fx1, bx1) - bx0], np.float32)
-        return WindowBlock(pixels, mask[..., None], ela, roi_start, roi_end, level,
-                           float(np.sqrt(sy * sx)))
+        scale = image.shape[0] / int(self.meta["height"][row]) * image.shape[1] / int(self.meta["width"][row])
+        return WindowBlock(pixels, mask[..., None], ela, roi_start, roi_end, level, float(np.sqrt(scale)))

@@ -8,7 +8,7 @@ keeps its original resolution; `<row>` is the image's row in `meta/`, written
 as a decimal integer):
 
     zarr.json                 attributes: format="forgery-store", version,
-                              fingerprint, chunk, levels, build settings
+                              fingerprint, layout, levels, build settings
     meta/<name>               1-D (or N x k) arrays of META_SCHEMA below, with
                               instance_start (N+1,) int64: instances of row r
                               are instances/*[instance_start[r]:instance_start[r+1]]
@@ -29,20 +29,17 @@ as a decimal integer):
     mining/...                written by trainers/mining.py
     build_report.json         skipped files with reasons, timings
 
-Authentic images have no masks/ or instances_mask/ entry. Chunks are
-CHUNK x CHUNK pixels (all channels together), unsharded, encoded with the
-codecs `bytes, zstd, crc32c` (CODECS): each chunk file is the zstd frame
-followed by the CRC-32C of that frame, 4 bytes little-endian, so a flipped
-byte or a truncated file is caught when the chunk is read. All-zero mask
-chunks are not written (zarr's write_empty_chunks=False), so a mask costs
-almost nothing where there is no forgery; each mask array lists the chunks it
-did write in its attribute `written_chunks` (WRITTEN_CHUNKS), so a missing
-mask chunk is told apart from an all-zero one. Image and ELA arrays keep
-every chunk. A chunk that an array should have and has not, or one whose
-checksum or size is wrong, is damage: engine/reader.py refuses it (naming
-the chunk file) and `python preprocess/verify_store.py STORE` lists all of it.
-Version 2 (VERSION) brought the checksums and written_chunks: open_store
-refuses an older store with the command that rebuilds it.
+Authentic images have no masks/ or instances_mask/ entry. Pixel arrays are
+written in a PixelLayout (DEFAULT_LAYOUT, recorded in the root attribute
+`layout`): small square chunks, each compressed and followed by the CRC-32C
+of its frame, all of an array's chunks in one shard object with an index of
+their byte ranges at its end (zarr's sharding_indexed codec), all-zero
+chunks left out. A reader fetches the index once and then only the chunks a
+window touches. A shard an array should have and has not, an index or chunk
+whose checksum fails, is damage: engine/reader.py refuses it (naming the
+shard) and `python preprocess/verify_store.py STORE` lists all of it.
+Version 3 (VERSION) brought the sharded layout: open_store refuses an older
+store with the command that rebuilds it.
 """
 from __future__ import annotations
 
@@ -50,7 +47,7 @@ import functools
 import itertools
 import json
 import os
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -60,19 +57,14 @@ import numpy as np
 import zarr
 
 from engine.recipes import SIZE_CLASS_EDGES
+from engine.storage import storage_of
 
 FORMAT = "forgery-store"
-VERSION = 2   # 2: crc32c chunk checksums and masks' written_chunks (1 had neither)
+VERSION = 3   # 3: sharded small chunks (PixelLayout); 2: crc32c checksums; 1 had neither
 DEFAULT_STORE = Path("data/store.zarr")
 
 SPLITS = {"train": 0, "val": 1}   # meta/split values
 
-# CHUNK and ZSTD_LEVEL by measurement (benchmarks/build_throughput.py
-# --layout-sweep; figures in docs/performance.md, "Store"): 512 px chunks read
-# random windows about as fast as 256 px ones and are written faster (fewer
-# chunks); zstd 1 against 3 is slightly larger, reads alike, writes faster.
-CHUNK = 512
-ZSTD_LEVEL = 1
 MIN_LEVEL_SIDE = 64   # no pyramid level whose short side would be below this
 MAX_LEVELS = 6
 
@@ -174,120 +166,243 @@ def level_count(height: int, width: int) -> int:
     return n
 
 
-CODECS = ("bytes", "zstd", "crc32c")   # every pixel array's codec chain, as named in zarr.json
-WRITTEN_CHUNKS = "written_chunks"       # mask arrays' attribute: indices of the chunks written
-_ZSTD = numcodecs.Zstd(level=ZSTD_LEVEL)
+CODECS = ("zstd", "lz4", "lz4hc", "none")   # PixelLayout.codec: zstd, Blosc's LZ4 or LZ4HC, or raw
+# Blosc's own threads would compete with the reader and build processes, one
+# per core already, and measured up to 5x slower per chunk (docs/performance.md)
+numcodecs.blosc.use_threads = False
+WRITTEN_CHUNKS = "written_chunks"  # unsharded mask arrays' attribute: indices of the chunks written
+INDEX_EMPTY = 2**64 - 1            # a shard index's offset and size of a chunk not stored
 
 
-def compressors():
-    """zarr's bytes-to-bytes codecs of a pixel array: CODECS after `bytes`."""
-    return zarr.codecs.ZstdCodec(level=ZSTD_LEVEL), zarr.codecs.Crc32cCodec()
+@dataclass(frozen=True)
+class PixelLayout:
+    """How pixel arrays are chunked and encoded (docs/store.md, "Chunks").
+
+    Square `chunk`-pixel chunks (all channels of a pixel in one chunk),
+    compressed with `codec` at `level`, each followed by its CRC-32C.
+    `sharded`: each array is one object, its chunks followed by
+    an index of their offsets and sizes (zarr's sharding_indexed codec, the
+    index with its own CRC-32C), so small chunks cost no more files and a
+    reader fetches exactly the chunks a window needs by byte range; chunks
+    whose pixels are all 0 are not stored (the index says so). Unsharded,
+    each chunk is one file; masks then leave their all-zero chunks out and
+    list the ones written (WRITTEN_CHUNKS)."""
+
+    chunk: int
+    codec: str = "zstd"
+    level: int = 1
+    sharded: bool = True
+
+    def __post_init__(self):
+        if self.codec not in CODECS:
+            raise ValueError(f"codec {self.codec!r}: one of {', '.join(CODECS)}")
+        if self.chunk < 16:
+            raise ValueError(f"chunk {self.chunk}: at least 16 pixels")
+        levels = range(-7, 23) if self.codec == "zstd" else range(0, 10)
+        if self.codec != "none" and self.level not in levels:
+            raise ValueError(f"level {self.level}: {self.codec} takes {levels.start} to {levels.stop - 1}")
+
+    def describe(self) -> str:
+        codec = "raw" if self.codec == "none" else f"{self.codec} {self.level}"
+        return f"{self.chunk} px chunks, {codec}, {'sharded' if self.sharded else 'unsharded'}"
+
+    def compressors(self) -> tuple:
+        """zarr's bytes-to-bytes codecs of one chunk, in zarr.json's order."""
+        if self.codec == "none":
+            return (zarr.codecs.Crc32cCodec(),)
+        codec = (zarr.codecs.ZstdCodec(level=self.level) if self.codec == "zstd" else
+                 zarr.codecs.BloscCodec(cname=self.codec, clevel=self.level, shuffle="noshuffle",
+                                        typesize=1))
+        return codec, zarr.codecs.Crc32cCodec()
+
+    @functools.cached_property
+    def _compressor(self):
+        if self.codec == "none":
+            return None
+        if self.codec == "zstd":
+            return numcodecs.Zstd(level=self.level)
+        return numcodecs.Blosc(cname=self.codec, clevel=self.level, shuffle=numcodecs.Blosc.NOSHUFFLE)
+
+    def encode(self, piece: np.ndarray) -> bytes:
+        """One chunk's stored bytes, as zarr writes them with compressors():
+        the compressed frame, then its CRC-32C, 4 bytes little-endian."""
+        raw = np.ascontiguousarray(piece)
+        frame = raw.tobytes() if self._compressor is None else self._compressor.encode(raw)
+        return frame + checksum_bytes(frame)
+
+    def chunk_shape(self, path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The chunk shape of pixel array `path` of this shape."""
+        if path.startswith("instances_mask/"):
+            return (1, self.chunk, self.chunk)
+        return (self.chunk, self.chunk) + tuple(shape[2:])
+
+    @property
+    def separator(self) -> str:
+        """Of chunk keys: "." puts a shard's one object beside its array's
+        zarr.json ("c.0.0.0"), sparing the three folders "/" would make per
+        array, a measurable part of a build's time on a slow file system
+        (docs/performance.md, "Store"); version 2's unsharded layout kept "/"."""
+        return "." if self.sharded else "/"
+
+    def key(self, path: str, index) -> str:
+        """Key of chunk (or shard) `index` of pixel array `path` in this layout."""
+        return chunk_key(path, index, self.separator)
+
+    def grid_shape(self, path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of the array's objects (zarr's chunk grid): a chunk, or
+        sharded, one shard covering the whole array in whole chunks."""
+        chunks = self.chunk_shape(path, shape)
+        if not self.sharded:
+            return chunks
+        return tuple(-(-s // c) * c for s, c in zip(shape, chunks))
 
 
-def encode_chunk(piece: np.ndarray) -> bytes:
-    """A chunk file's bytes, as zarr writes them with compressors(): the zstd
-    frame, then its CRC-32C as 4 bytes little-endian."""
-    frame = _ZSTD.encode(np.ascontiguousarray(piece))
-    return frame + google_crc32c.value(frame).to_bytes(4, "little")
+def checksum_bytes(data: bytes) -> bytes:
+    """CRC-32C of `data` as zarr's crc32c codec appends it."""
+    return google_crc32c.value(data).to_bytes(4, "little")
 
 
-def pixel_chunks(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    if path.startswith("instances_mask/"):
-        return (1, CHUNK, CHUNK)
-    return (CHUNK, CHUNK) + tuple(shape[2:])
+# DEFAULT_LAYOUT by measurement (benchmarks/layout_sweep.py on the realistic
+# store; docs/performance.md, "Store"): 256 px chunks decode a third fewer
+# bytes per sample than 512 px ones, where 128 px ones pay more per chunk
+# than they save; LZ4 decodes about twice as fast as zstd for 1.5x the
+# bytes and writes as fast; LZ4HC and raw chunks read faster still but
+# write 2.5x slower or take 3-5x the disk; sharding keeps one object per
+# array, so small chunks cost no more files.
+DEFAULT_LAYOUT = PixelLayout(chunk=256, codec="lz4", level=9)
+# Version 2's layout: what --compare-format measures the default against.
+LEGACY_LAYOUT = PixelLayout(chunk=512, codec="zstd", level=1, sharded=False)
 
 
 def keeps_every_chunk(path: str) -> bool:
-    """Images and ELA store every chunk; masks leave all-zero chunks out
-    (they read as 0) and list the ones written (required_chunks)."""
+    """Unsharded images and ELA store every chunk; masks leave all-zero
+    chunks out (they read as 0) and list the ones written (required_chunks)."""
     return path.startswith(("images/", "ela/"))
 
 
 def required_chunks(path: str, attributes: dict) -> set[tuple[int, ...]] | None:
-    """The chunk indices array `path` must have on disk: None for every chunk
-    of its grid (images and ELA), else those its zarr.json attributes list as
-    WRITTEN_CHUNKS (none without the list: any chunk may then be absent, as
-    zarr leaves out all-fill chunks by default)."""
+    """The chunk indices unsharded array `path` must have: None for every
+    chunk of its grid (images and ELA), else those its zarr.json attributes
+    list as WRITTEN_CHUNKS (none without the list: any chunk may then be
+    absent, as zarr leaves out all-fill chunks by default)."""
     if keeps_every_chunk(path):
         return None
     return {tuple(index) for index in attributes.get(WRITTEN_CHUNKS, ())}
 
 
-def chunk_key(path: str, index) -> str:
-    """Key of chunk `index` of array `path`: zarr v3's default encoding."""
-    return "/".join((path, "c", *map(str, index)))
+def chunk_key(path: str, index, separator: str = "/") -> str:
+    """Key of chunk (or shard) `index` of array `path`: zarr v3's default
+    encoding with `separator`."""
+    return f"{path}/c{separator}{separator.join(map(str, index))}"
 
 
-def create_pixels(group: zarr.Group, path: str, data: np.ndarray) -> None:
-    """Write one pixel array (image, mask or ELA level) with the store's chunking.
+def create_pixels(group: zarr.Group, path: str, data: np.ndarray,
+                  pixel_layout: PixelLayout = DEFAULT_LAYOUT) -> None:
+    """Write one pixel array (image, mask or ELA level) in `pixel_layout`,
+    replacing any array there.
 
-    Images and ELA keep every chunk, so a missing chunk file means a damaged
-    store. Masks are written only over the chunks that meet their non-zero
-    bounding box (per layer for instances_mask) and all-zero chunks are left
-    out: they read as the fill value 0, so a mask costs almost nothing where
-    there is no forgery. The chunks a mask did write are listed in its
-    WRITTEN_CHUNKS attribute (required_chunks): recording them cost nothing,
-    where writing the all-zero chunks too would have added 28 % more files
-    to the demo store (docs/performance.md, "Store").
-
-    On a local store the array's zarr.json and its chunk files are written
-    directly, byte for byte what zarr-python writes (tests/test_build_zarr.py):
-    its per-array and per-chunk asyncio overhead cost the builder more than
-    compressing the pixels. Any other store goes through zarr.
+    The array's zarr.json and its objects are encoded here and written
+    through the group's storage (engine/storage.py), byte for byte what
+    zarr-python writes (tests/test_build_zarr.py): its per-array and
+    per-chunk asyncio overhead cost the builder more than compressing the
+    pixels. Unsharded masks are written only over the chunks that meet
+    their non-zero bounding box (per layer for instances_mask), all-zero
+    chunks left out and the written ones listed (WRITTEN_CHUNKS): recording
+    them cost nothing, where writing the all-zero chunks too would have
+    added 28 % more files to the demo store (docs/performance.md, "Store").
     """
-    chunks = pixel_chunks(path, data.shape)
-    keep_empty = keeps_every_chunk(path)
-    if keep_empty:
-        regions = [(tuple(slice(0, n) for n in data.shape), data)]
-    elif path.startswith("instances_mask/"):
-        regions = [((slice(i, i + 1),) + r, layer[r][None])
-                   for i, layer in enumerate(data) if (r := _nonzero_chunks(layer)) is not None]
+    storage = storage_of(group)
+    prefix = f"{group.path}/{path}" if group.path else path
+    chunks = pixel_layout.chunk_shape(path, data.shape)
+    storage.remove(prefix)
+    _write_group_parents(storage, prefix)
+    if pixel_layout.sharded:
+        attributes = {}
+        storage.write(pixel_layout.key(prefix, (0,) * data.ndim), encode_shard(data, chunks, pixel_layout))
     else:
-        regions = [(r, data[r]) for r in [_nonzero_chunks(data)] if r is not None]
-    pieces = [(index, piece) for region, block in regions
-              for index, piece in _chunk_pieces(chunks, region, block)
-              if keep_empty or piece.any()]
-    attributes = {} if keep_empty else {WRITTEN_CHUNKS: [list(index) for index, _ in pieces]}
-    if not isinstance(group.store, zarr.storage.LocalStore):
-        arr = group.create_array(path, shape=data.shape, dtype=data.dtype, chunks=chunks,
-                                 compressors=compressors(), fill_value=0, overwrite=True,
-                                 attributes=attributes, config={"write_empty_chunks": keep_empty})
-        for region, block in regions:
-            arr[region] = block
-        return
-    root = Path(group.store.root) / group.path
-    _write_array_json(root / path, path, data.shape, data.dtype, chunks, attributes)
-    _write_chunk_files(root, path, chunks, pieces)
+        pieces = _unsharded_pieces(path, data, chunks)
+        attributes = {} if keeps_every_chunk(path) else {
+            WRITTEN_CHUNKS: [list(index) for index, _ in pieces]}
+        for index, piece in pieces:
+            storage.write(pixel_layout.key(prefix, index), pixel_layout.encode(_padded(piece, chunks)))
+    doc = json.loads(_array_json(pixel_layout, data.dtype.name, data.ndim))
+    doc["shape"] = list(data.shape)
+    doc["chunk_grid"]["configuration"]["chunk_shape"] = list(pixel_layout.grid_shape(path, data.shape))
+    if pixel_layout.sharded:
+        doc["codecs"][0]["configuration"]["chunk_shape"] = list(chunks)
+    doc["attributes"] = attributes
+    storage.write(f"{prefix}/zarr.json", json.dumps(doc).encode())
+
+
+def encode_shard(data: np.ndarray, chunks: tuple[int, ...], pixel_layout: PixelLayout) -> bytes:
+    """One shard holding all of `data`: its non-zero chunks encoded in C
+    order (so a window's chunks along a row are one byte range), then the
+    index of (offset, size) per chunk, INDEX_EMPTY for the ones left out,
+    uint64 little-endian, then the index's CRC-32C (zarr's index_codecs
+    bytes, crc32c; index_location end)."""
+    grid = tuple(-(-s // c) for s, c in zip(data.shape, chunks))
+    index = np.full(grid + (2,), INDEX_EMPTY, "<u8")
+    parts, offset = [], 0
+    for position in itertools.product(*map(range, grid)):
+        piece = data[tuple(slice(i * c, (i + 1) * c) for i, c in zip(position, chunks))]
+        if not piece.any():
+            continue
+        encoded = pixel_layout.encode(_padded(piece, chunks))
+        index[position] = offset, len(encoded)
+        parts.append(encoded)
+        offset += len(encoded)
+    table = index.tobytes()
+    return b"".join(parts + [table, checksum_bytes(table)])
+
+
+def _padded(piece: np.ndarray, chunks: tuple[int, ...]) -> np.ndarray:
+    """Edge chunks are stored full size, padded with the fill value 0."""
+    if piece.shape == chunks:
+        return piece
+    padded = np.zeros(chunks, piece.dtype)
+    padded[tuple(slice(0, n) for n in piece.shape)] = piece
+    return padded
 
 
 @functools.cache
-def _array_json(dtype: str, ndim: int) -> str:
-    """zarr-python's metadata document for a pixel array of this dtype and
-    rank, as JSON; shape and chunk shape are filled in per array."""
-    arr = zarr.create_array(zarr.storage.MemoryStore(), shape=(1,) * ndim, dtype=dtype,
-                            chunks=(1,) * ndim, compressors=compressors(), fill_value=0)
+def _array_json(pixel_layout: PixelLayout, dtype: str, ndim: int) -> str:
+    """zarr-python's metadata document for a pixel array of this layout,
+    dtype and rank, as JSON; shapes are filled in per array."""
+    ones = (1,) * ndim
+    arr = zarr.create_array(zarr.storage.MemoryStore(), shape=ones, dtype=dtype, chunks=ones,
+                            shards=ones if pixel_layout.sharded else None,
+                            compressors=pixel_layout.compressors(), fill_value=0,
+                            chunk_key_encoding={"name": "default",
+                                                "separator": pixel_layout.separator})
     return json.dumps(arr.metadata.to_dict())
 
 
-_GROUP_JSON = {"attributes": {}, "zarr_format": 3, "node_type": "group"}
+_GROUP_JSON = json.dumps({"attributes": {}, "zarr_format": 3, "node_type": "group"}).encode()
 
 
-def _write_array_json(node: Path, path: str, shape, dtype, chunks, attributes: dict) -> None:
-    """The array's zarr.json (replacing any node there) and a group
-    zarr.json in each missing parent folder up to the group holding it."""
-    shutil.rmtree(node, ignore_errors=True)
-    parent = node
-    for _ in range(path.count("/")):
-        parent = parent.parent
-        if not (parent / "zarr.json").exists():
-            parent.mkdir(parents=True, exist_ok=True)
-            (parent / "zarr.json").write_text(json.dumps(_GROUP_JSON, indent=2))
-    doc = json.loads(_array_json(np.dtype(dtype).name, len(shape)))
-    doc["shape"] = list(shape)
-    doc["chunk_grid"]["configuration"]["chunk_shape"] = list(chunks)
-    doc["attributes"] = attributes
-    node.mkdir(parents=True)
-    (node / "zarr.json").write_text(json.dumps(doc, indent=2))
+def _write_group_parents(storage, prefix: str) -> None:
+    """A group zarr.json in each parent of `prefix` that has none, up to
+    the storage's root."""
+    parts = prefix.split("/")[:-1]
+    for depth in range(len(parts), 0, -1):
+        key = "/".join(parts[:depth]) + "/zarr.json"
+        if storage.exists(key):
+            break
+        storage.write(key, _GROUP_JSON)
+
+
+def _unsharded_pieces(path: str, data: np.ndarray, chunks: tuple[int, ...]) -> list:
+    """(index, pixels) of every chunk an unsharded array stores: all of them
+    for images and ELA, a mask's non-zero ones."""
+    if keeps_every_chunk(path):
+        return list(_chunk_pieces(chunks, tuple(slice(0, n) for n in data.shape), data))
+    if path.startswith("instances_mask/"):
+        regions = [((slice(i, i + 1),) + r, layer[r][None])
+                   for i, layer in enumerate(data) if (r := _nonzero_chunks(layer, chunks[-1])) is not None]
+    else:
+        regions = [(r, data[r]) for r in [_nonzero_chunks(data, chunks[-1])] if r is not None]
+    return [(index, piece) for region, block in regions
+            for index, piece in _chunk_pieces(chunks, region, block) if piece.any()]
 
 
 def _chunk_pieces(chunks: tuple[int, ...], region: tuple[slice, ...], block: np.ndarray):
@@ -300,28 +415,12 @@ def _chunk_pieces(chunks: tuple[int, ...], region: tuple[slice, ...], block: np.
                                  for i, c, r in zip(index, chunks, region))]
 
 
-def _write_chunk_files(root: Path, path: str, chunks: tuple[int, ...], pieces) -> None:
-    """Encode (encode_chunk) and write chunk files of array `path` under
-    `root` from its (index, pixels) pieces."""
-    made = set()
-    for index, piece in pieces:
-        if piece.shape != chunks:  # edge chunks are stored full size, padded with the fill value
-            padded = np.zeros(chunks, piece.dtype)
-            padded[tuple(slice(0, n) for n in piece.shape)] = piece
-            piece = padded
-        file = root / chunk_key(path, index)
-        if file.parent not in made:
-            file.parent.mkdir(parents=True, exist_ok=True)
-            made.add(file.parent)
-        file.write_bytes(encode_chunk(piece))
-
-
-def _nonzero_chunks(plane: np.ndarray) -> tuple[slice, slice] | None:
+def _nonzero_chunks(plane: np.ndarray, chunk: int) -> tuple[slice, slice] | None:
     """The smallest chunk-aligned window holding every non-zero pixel."""
     rows, cols = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
     if len(rows) == 0:
         return None
-    return tuple(slice(lo // CHUNK * CHUNK, min(n, -(-(hi + 1) // CHUNK) * CHUNK))
+    return tuple(slice(lo // chunk * chunk, min(n, -(-(hi + 1) // chunk) * chunk))
                  for lo, hi, n in ((rows[0], rows[-1], plane.shape[0]),
                                    (cols[0], cols[-1], plane.shape[1])))
 
@@ -348,7 +447,7 @@ def open_store(path: str | os.PathLike, mode: str = "r") -> zarr.Group:
     if attrs.get("version") != VERSION:
         raise StoreError(
             f"{path}: store version {attrs.get('version')!r}, this engine reads version "
-            f"{VERSION} (chunk checksums); rebuild it with "
+            f"{VERSION} (sharded chunks with checksums); rebuild it with "
             f"`{rebuild_command(path)}`"
         )
     return group

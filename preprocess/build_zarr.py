@@ -153,8 +153,7 @@ class Settings:
     settings is started over instead of resumed."""
     source: str
     max_pixels: int
-    chunk: int
-    zstd_level: int
+    layout: dict   # engine.store.PixelLayout's fields
     ela_jpeg_quality: int
     ela_gain: int
     min_level_side: int
@@ -189,7 +188,8 @@ def _bbox(rows: np.ndarray, cols: np.ndarray) -> list[int]:
     return [int(ys[0]), int(xs[0]), int(ys[-1]) + 1, int(xs[-1]) + 1]
 
 
-def write_pixels(group: zarr.Group, key: int, rgb: np.ndarray, instances: np.ndarray | None) -> None:
+def write_pixels(group: zarr.Group, key: int, rgb: np.ndarray, instances: np.ndarray | None,
+                 pixel_layout: layout.PixelLayout = layout.DEFAULT_LAYOUT) -> None:
     """One image's pyramid levels, ELA and masks under `group` (row `key`)."""
     levels = layout.level_count(*rgb.shape[:2])
     image, ela = rgb, ela_module.compute_ela(rgb)
@@ -198,12 +198,12 @@ def write_pixels(group: zarr.Group, key: int, rgb: np.ndarray, instances: np.nda
         if level:
             image, ela = layout.downsample_pixels(image), layout.downsample_pixels(ela)
             union = None if union is None else layout.downsample_mask(union)
-        layout.create_pixels(group, layout.image_path(key, level), image)
-        layout.create_pixels(group, layout.ela_path(key, level), ela)
+        layout.create_pixels(group, layout.image_path(key, level), image, pixel_layout)
+        layout.create_pixels(group, layout.ela_path(key, level), ela, pixel_layout)
         if union is not None:
-            layout.create_pixels(group, layout.mask_path(key, level), union)
+            layout.create_pixels(group, layout.mask_path(key, level), union, pixel_layout)
     if instances is not None:
-        layout.create_pixels(group, layout.instances_mask_path(key), instances)
+        layout.create_pixels(group, layout.instances_mask_path(key), instances, pixel_layout)
 
 
 def _file_stat(path: Path | None) -> list[int] | None:
@@ -221,9 +221,9 @@ def case_fingerprint(case: Case) -> dict:
             "image_stat": _file_stat(case.image), "mask_stat": _file_stat(case.mask)}
 
 
-def process_case(task: tuple[int, Case, str, int]) -> dict:
+def process_case(task: tuple[int, Case, str, int, layout.PixelLayout]) -> dict:
     """Worker: decode, validate and write one case; returns its record."""
-    key, case, partial, max_pixels = task
+    key, case, partial, max_pixels, pixel_layout = task
     staging = Path(partial) / STAGING / str(key)
     record = {"key": key}
     try:
@@ -235,7 +235,7 @@ def process_case(task: tuple[int, Case, str, int]) -> dict:
         except BadInput as exc:
             record.update(skipped=exc.problem, file=exc.path)
         else:
-            write_pixels(zarr.open_group(str(staging), mode="w"), key, rgb, instances)
+            write_pixels(zarr.open_group(str(staging), mode="w"), key, rgb, instances, pixel_layout)
             record.update(height=rgb.shape[0], width=rgb.shape[1])
             if instances is not None:
                 record.update(mask_stats(instances))
@@ -351,7 +351,7 @@ def finalize(partial: Path, settings: Settings, cases: list[Case], records: list
     _write_json_atomic(partial / REPORT, report)
     root.attrs.update({
         "format": layout.FORMAT, "version": layout.VERSION,
-        "fingerprint": fingerprint(meta, instances), "chunk": layout.CHUNK,
+        "fingerprint": fingerprint(meta, instances), "layout": settings.layout,
         "levels": {"min_side": layout.MIN_LEVEL_SIDE, "max": layout.MAX_LEVELS},
     })
 
@@ -365,11 +365,12 @@ def finish(partial: Path, out: Path) -> None:
 
 # ---------------------------------------------------------------- the build
 
-def settings_for(source: Path, cases: list[Case], max_pixels: int) -> Settings:
+def settings_for(source: Path, cases: list[Case], max_pixels: int,
+                 pixel_layout: layout.PixelLayout) -> Settings:
     listing = "\n".join(f"{c.folder}/{c.case_id}:{c.label}:{c.mask is not None}" for c in cases)
     return Settings(
-        source=str(source.resolve()), max_pixels=max_pixels, chunk=layout.CHUNK,
-        zstd_level=layout.ZSTD_LEVEL, ela_jpeg_quality=ela_module.JPEG_QUALITY,
+        source=str(source.resolve()), max_pixels=max_pixels, layout=asdict(pixel_layout),
+        ela_jpeg_quality=ela_module.JPEG_QUALITY,
         ela_gain=ela_module.GAIN, min_level_side=layout.MIN_LEVEL_SIDE,
         max_levels=layout.MAX_LEVELS, val_fraction=VAL_FRACTION,
         cases_sha256=hashlib.sha256(listing.encode()).hexdigest(),
@@ -414,10 +415,11 @@ def reusable_record(partial: Path, key: int, case: Case) -> dict | None:
     return record
 
 
-def run_cases(partial: Path, cases: list[Case], todo: list[int], workers: int, max_pixels: int,
+def run_cases(partial: Path, cases: list[Case], todo: list[int], workers: int, settings: Settings,
               strict: bool, progress: bool) -> dict[int, dict]:
     """Process the cases `todo` with `workers` processes; records by key."""
-    tasks = [(k, cases[k], str(partial), max_pixels) for k in todo]
+    pixel_layout = layout.PixelLayout(**settings.layout)
+    tasks = [(k, cases[k], str(partial), settings.max_pixels, pixel_layout) for k in todo]
     bar = tqdm(total=len(tasks), desc="images", unit="img", disable=not progress)
     records: dict[int, dict] = {}
     pool = None
@@ -441,22 +443,24 @@ def run_cases(partial: Path, cases: list[Case], todo: list[int], workers: int, m
     return records
 
 
-def process_all(partial: Path, cases: list[Case], workers: int, max_pixels: int, strict: bool,
+def process_all(partial: Path, cases: list[Case], workers: int, settings: Settings, strict: bool,
                 progress: bool) -> list[dict]:
     """Every case's record, in case order: reused where complete, else made."""
     reused = {k: reusable_record(partial, k, case) for k, case in enumerate(cases)}
     records = {k: r for k, r in reused.items() if r is not None}
     todo = [k for k in range(len(cases)) if k not in records]
-    records |= run_cases(partial, cases, todo, workers, max_pixels, strict, progress)
+    records |= run_cases(partial, cases, todo, workers, settings, strict, progress)
     return [records[k] for k in range(len(cases))]
 
 
 def build_store(source: Path, out: Path, *, workers: int | None = None, strict: bool = False,
                 overwrite: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
-                progress: bool = True, figure: bool = True) -> dict | None:
+                progress: bool = True, figure: bool = True,
+                pixel_layout: layout.PixelLayout = layout.DEFAULT_LAYOUT) -> dict | None:
     """Build `out` from `source`; returns the build report, or None when a
     complete store already exists there (and overwrite is False). Holds the
-    output's lock throughout (module docstring)."""
+    output's lock throughout (module docstring). `pixel_layout`: how pixel
+    arrays are chunked and encoded (benchmarks build other layouts)."""
     source, out = Path(source), Path(out)
     if out.parent.exists() and not out.parent.is_dir():
         raise BuildError(f"{out.parent}: not a folder, so {out.name} cannot be made in it")
@@ -464,13 +468,15 @@ def build_store(source: Path, out: Path, *, workers: int | None = None, strict: 
         out.parent.mkdir(parents=True, exist_ok=True)
         with output_lock(out):
             return _build_locked(source, out, workers=workers, strict=strict, overwrite=overwrite,
-                                 max_pixels=max_pixels, progress=progress, figure=figure)
+                                 max_pixels=max_pixels, progress=progress, figure=figure,
+                                 pixel_layout=pixel_layout)
     except OSError as exc:  # the sources' are BadInput: this names the store's side
         raise os_error(exc, layout.partial_path(out)) from None
 
 
 def _build_locked(source: Path, out: Path, *, workers: int | None, strict: bool, overwrite: bool,
-                  max_pixels: int, progress: bool, figure: bool) -> dict | None:
+                  max_pixels: int, progress: bool, figure: bool,
+                  pixel_layout: layout.PixelLayout) -> dict | None:
     if out.exists():
         if not overwrite:
             layout.open_store(out)  # raises StoreError when it is not a store
@@ -484,10 +490,10 @@ def _build_locked(source: Path, out: Path, *, workers: int | None, strict: bool,
     cases, problems = discover(source)
     if strict and problems:
         raise BuildError(str(problems[0]))
-    settings = settings_for(source, cases, max_pixels)
+    settings = settings_for(source, cases, max_pixels, pixel_layout)
     partial = layout.partial_path(out)
     if not open_partial(partial, settings):
-        records = process_all(partial, cases, workers, max_pixels, strict, progress)
+        records = process_all(partial, cases, workers, settings, strict, progress)
         skipped = [{"file": p.path, "problem": p.problem} for p in problems] + \
                   [{"file": r["file"], "problem": r["skipped"]} for r in records if "skipped" in r]
         if all("skipped" in r for r in records):  # no case, or none stored
@@ -596,9 +602,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--demo-count", type=int, default=DEFAULT_COUNT, help="demo images")
     parser.add_argument("--demo-seed", type=int, default=0)
     parser.add_argument("--no-figure", action="store_true", help="skip the summary PNG")
+    default = layout.DEFAULT_LAYOUT
+    parser.add_argument("--chunk", type=int, default=default.chunk,
+                        help=f"pixel chunk side (default {default.chunk}; docs/store.md, and "
+                             "docs/performance.md for what each layout costs)")
+    parser.add_argument("--codec", choices=layout.CODECS, default=default.codec,
+                        help=f"chunk compression (default {default.codec}): LZ4 or LZ4HC "
+                             "(Blosc), zstd, or none (raw: the fastest reads for several "
+                             "times the disk)")
+    parser.add_argument("--codec-level", type=int, default=default.level,
+                        help=f"compression level of --codec (default {default.level})")
     args = parser.parse_args(argv)
     if args.workers is not None and args.workers < 1:
         parser.error("--workers must be at least 1")
+    try:
+        pixel_layout = layout.PixelLayout(args.chunk, args.codec, args.codec_level)
+    except ValueError as exc:
+        parser.error(str(exc))
     try:
         source = args.source
         if source is None:
@@ -606,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
             source = args.demo_dir
         build_store(source, args.out, workers=args.workers, strict=args.strict,
                     overwrite=args.overwrite, max_pixels=args.max_pixels,
-                    figure=not args.no_figure)
+                    figure=not args.no_figure, pixel_layout=pixel_layout)
     except (BuildError, BadInput, layout.StoreError) as exc:
         print(f"build_zarr: error: {exc}", file=sys.stderr)
         return 2

@@ -2,11 +2,11 @@
 
     python preprocess/verify_store.py STORE
 
-Every chunk file of every image, ELA and mask array is read, its CRC-32C
-checksum compared and its pixels decoded, as the engine's reader does
-(engine/reader.py); chunks an array should have and has not are missing
-(images and ELA keep every chunk, a mask lists the ones it wrote, see
-engine/store.py). meta/ is checked against the arrays present: every row has
+Every shard of every image, ELA and mask array is read: its index checked
+against its CRC-32C, then every chunk it stores compared with its CRC-32C
+and decoded, as the engine's reader does (engine/reader.py); a shard an
+array should have and has not is missing, and so is, in version 2's
+unsharded layout, a chunk file an array should have (see engine/store.py). meta/ is checked against the arrays present: every row has
 its image and ELA levels of the right shapes, forged rows have their masks
 and instance masks, authentic rows none, and nothing else is there; meta/
 and instances/ must still match the store's fingerprint.

@@ -210,11 +210,11 @@ def _full_disk_in_a_worker(monkeypatch):
     create = layout.create_pixels
     calls = []
 
-    def create_until_full(group, path, data):
+    def create_until_full(group, path, data, pixel_layout):
         calls.append(path)
         if len(calls) == 3:  # a failed write() names no file
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        create(group, path, data)
+        create(group, path, data, pixel_layout)
 
     monkeypatch.setattr(layout, "create_pixels", create_until_full)
     return "store.zarr.partial/staging/"

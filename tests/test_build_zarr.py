@@ -1,6 +1,7 @@
 """build_zarr: meta/ values, window reads, bad input, resume after kill -9."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import pytest
 import zarr
 
 from engine import store as layout
+from engine.reader import WindowReader
 from engine.recipes import SIZE_CLASS_EDGES
 from preprocess import build_zarr
 from preprocess.build_zarr import build_store, main
@@ -100,7 +102,8 @@ def test_split_is_grouped_by_case_and_about_ten_percent(demo_store):
 def test_root_attributes_and_fingerprint(demo_store):
     group = layout.open_store(demo_store)
     attrs = group.attrs.asdict()
-    assert attrs["chunk"] == layout.CHUNK
+    assert attrs["layout"] == dataclasses.asdict(layout.DEFAULT_LAYOUT)
+    assert attrs["version"] == layout.VERSION
     meta = layout.read_meta(group)
     instances = {k: group[f"instances/{k}"][...] for k in ("image_row", "bbox", "area")}
     assert attrs["fingerprint"] == build_zarr.fingerprint(meta, instances)
@@ -159,43 +162,88 @@ def test_conversion_of_16_bit_grey_and_alpha():
     np.testing.assert_array_equal(to_rgb8(bgra)[0], [[30, 20, 10], [255, 255, 255]])
 
 
-def test_direct_chunk_files_equal_what_zarr_writes(tmp_path):
-    """create_pixels writes local arrays itself; zarr's own path (a memory
-    store) must give the same metadata and chunk bytes, edge chunks and
-    sparse masks included."""
+def _pixels_to_write():
+    """An image, a sparse union mask and instance masks that span edge
+    chunks of both layouts, with all-zero chunks."""
     rng = np.random.default_rng(1)
-    h, w = layout.CHUNK + 37, 2 * layout.CHUNK + 5
+    h, w = 512 + 37, 2 * 512 + 5
     image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    image[:256, :256] = 0                    # an all-zero image chunk
     union = np.zeros((h, w), np.uint8)
-    union[h - 20:h - 3, 10:40] = 1          # only the bottom-left chunk is non-zero
+    union[h - 20:h - 3, 10:40] = 1           # only bottom-left chunks are non-zero
     instances = np.stack([union, np.zeros_like(union)])
     instances[1, 5:9, w - 4:w] = 1
+    return ((layout.image_path(0), image), (layout.mask_path(0), union),
+            (layout.instances_mask_path(0), instances))
+
+
+def _shard_chunks(data: bytes, count: int) -> list[bytes | None]:
+    """Each chunk's bytes of a shard (None where the index says empty), by
+    zarr's sharding spec: an index of (offset, size) uint64 pairs and its
+    4-byte CRC-32C at the end."""
+    table = np.frombuffer(data[-(16 * count + 4):-4], "<u8").reshape(-1, 2)
+    return [None if o == layout.INDEX_EMPTY else data[o:o + n] for o, n in table.tolist()]
+
+
+@pytest.mark.parametrize("pixel_layout", [layout.DEFAULT_LAYOUT, layout.LEGACY_LAYOUT],
+                         ids=["default", "legacy"])
+def test_direct_writes_equal_what_zarr_writes(tmp_path, pixel_layout):
+    """create_pixels encodes arrays itself; zarr-python, writing the same
+    pixels with the same codecs, must give the same metadata and the same
+    chunk bytes (a shard's chunks may lie in another order: zarr's is
+    Morton order, ours C order), and read ours back equal, locally and
+    through a memory store."""
     local = zarr.open_group(str(tmp_path / "local.zarr"), mode="w")
     memory = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
-    for path, data in ((layout.image_path(0), image), (layout.mask_path(0), union),
-                       (layout.instances_mask_path(0), instances)):
+    reference = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+    for path, data in _pixels_to_write():
         for group in (local, memory):
-            layout.create_pixels(group, path, data)
-        np.testing.assert_array_equal(local[path][...], data)
-        np.testing.assert_array_equal(memory[path][...], data)
-        root = tmp_path / "local.zarr"
-        local_files = {k.relative_to(root).as_posix(): k.read_bytes()
-                       for k in (root / path).rglob("*") if k.is_file()}
-        memory_files = {k: v.to_bytes() for k, v in memory.store._store_dict.items()
-                        if k.startswith(f"{path}/")}
-        assert local_files.keys() == memory_files.keys(), path
-        for key, content in local_files.items():
-            if key.endswith("zarr.json"):  # same document; whitespace may differ
-                assert json.loads(content) == json.loads(memory_files[key]), key
-            else:
-                assert content == memory_files[key], key
-        assert local[path].metadata == memory[path].metadata
+            layout.create_pixels(group, path, data, pixel_layout)
+            np.testing.assert_array_equal(group[path][...], data)
+            np.testing.assert_array_equal(WindowReader(group).read_array(path), data)
+        chunks = pixel_layout.chunk_shape(path, data.shape)
+        grid = pixel_layout.grid_shape(path, data.shape)
+        written = reference.create_array(path, shape=data.shape, dtype=np.uint8, chunks=chunks,
+                                         shards=grid if pixel_layout.sharded else None,
+                                         compressors=pixel_layout.compressors(), fill_value=0,
+                                         chunk_key_encoding={"name": "default",
+                                                             "separator": pixel_layout.separator},
+                                         config={"write_empty_chunks": False})
+        written[...] = data
+        ours = {k: v.to_bytes() for k, v in memory.store._store_dict.items() if k.startswith(f"{path}/")}
+        theirs = {k: v.to_bytes() for k, v in reference.store._store_dict.items()
+                  if k.startswith(f"{path}/")}
+        doc = json.loads(ours.pop(f"{path}/zarr.json"))
+        assert doc.pop("attributes") == ({} if pixel_layout.sharded or layout.keeps_every_chunk(path)
+                                         else doc_written_chunks(ours, path))
+        reference_doc = json.loads(theirs.pop(f"{path}/zarr.json"))
+        reference_doc.pop("attributes")
+        assert doc == reference_doc, path
+        if pixel_layout.sharded:
+            count = int(np.prod([g // c for g, c in zip(grid, chunks)]))
+            assert ours.keys() == theirs.keys() == {pixel_layout.key(path, (0,) * data.ndim)}
+            key = next(iter(ours))
+            assert _shard_chunks(ours[key], count) == _shard_chunks(theirs[key], count), path
+            assert None in _shard_chunks(ours[key], count), "all-zero chunks are left out"
+        else:
+            if layout.keeps_every_chunk(path):
+                assert ours == theirs, path
+            else:   # zarr writes every non-zero chunk; ours too, over the mask's bounding box
+                assert ours == {k: v for k, v in theirs.items() if k in ours} and \
+                    ours.keys() == theirs.keys(), path
+        local_files = {k.relative_to(tmp_path / "local.zarr").as_posix(): k.read_bytes()
+                       for k in (tmp_path / "local.zarr" / path).rglob("*") if k.is_file()}
+        assert local_files == {k: v.to_bytes() for k, v in memory.store._store_dict.items()
+                               if k.startswith(f"{path}/")}, "local and memory writes alike"
     for parent in ("images", "images/0", "masks", "masks/0", "instances_mask"):
         assert json.loads((tmp_path / "local.zarr" / parent / "zarr.json").read_text()) == \
-            json.loads(memory.store._store_dict[f"{parent}/zarr.json"].to_bytes())
-    mask_chunks = sorted(p.relative_to(tmp_path / "local.zarr").as_posix()
-                         for p in (tmp_path / "local.zarr" / layout.mask_path(0)).rglob("c/*/*"))
-    assert mask_chunks == [f"{layout.mask_path(0)}/c/1/0"], "all-zero mask chunks are not written"
+            json.loads(reference.store._store_dict[f"{parent}/zarr.json"].to_bytes())
+
+
+def doc_written_chunks(chunk_files: dict, path: str) -> dict:
+    """The written_chunks attribute an unsharded mask must carry: every chunk file written."""
+    return {layout.WRITTEN_CHUNKS: sorted([int(i) for i in k[len(path) + 3:].split(layout.LEGACY_LAYOUT.separator)]
+                                          for k in chunk_files)}
 
 
 # ---------------------------------------------------------------- bad input
@@ -392,3 +440,24 @@ def test_overwrite_rebuilds_an_existing_store(bad_source, tmp_path):
     assert main(["--source", str(root), "--out", str(out), "--overwrite", "--workers", "1",
                  "--max-pixels", "20000", "--no-figure"]) == 0
     assert "huge" in layout.read_meta(layout.open_store(out))["case_id"].tolist()
+
+
+def test_the_cli_builds_the_layout_asked_for_and_refuses_a_bad_one(demo_source, demo_store, tmp_path, capsys):
+    out = tmp_path / "zstd128.zarr"
+    assert main(["--source", str(demo_source), "--out", str(out), "--chunk", "128", "--codec",
+                 "zstd", "--codec-level", "3", "--workers", "1", "--no-figure"]) == 0
+    group = layout.open_store(out)
+    assert group.attrs["layout"] == {"chunk": 128, "codec": "zstd", "level": 3, "sharded": True}
+    doc = json.loads((out / layout.image_path(0) / "zarr.json").read_text())
+    assert doc["codecs"][0]["configuration"]["chunk_shape"] == [128, 128, 3]
+    assert [c["name"] for c in doc["codecs"][0]["configuration"]["codecs"]] == ["bytes", "zstd", "crc32c"]
+    default = layout.open_store(demo_store)
+    meta = layout.read_meta(group)
+    assert group.attrs["fingerprint"] == default.attrs["fingerprint"]
+    for row in range(len(meta["label"])):   # same pixels, another layout
+        np.testing.assert_array_equal(WindowReader(out).read_array(layout.image_path(row)),
+                                      WindowReader(demo_store).read_array(layout.image_path(row)))
+    with pytest.raises(SystemExit):
+        main(["--source", str(demo_source), "--out", str(tmp_path / "bad.zarr"), "--codec", "lz4",
+              "--codec-level", "12"])
+    assert "level 12: lz4 takes 0 to 9" in capsys.readouterr().err

@@ -31,15 +31,11 @@ def _random_windows(meta, rng, count):
 
 
 def test_whole_array_reads_equal_zarr_reads(demo_store, meta):
-    """Every pixel array: edge chunks, 3-D instance masks, and masks' all-zero
-    chunks that were never written (they read as 0, as through zarr)."""
+    """Every pixel array: edge chunks, 3-D instance masks, and all-zero
+    chunks the shards leave out (they read as 0, as through zarr)."""
     group, reader = layout.open_store(demo_store), WindowReader(demo_store)
-    unwritten = 0
     for path in expected_arrays(meta):
         np.testing.assert_array_equal(reader.read_array(path), group[path][...], err_msg=path)
-        if not layout.keeps_every_chunk(path):
-            unwritten += group[path].nchunks - len(group[path].attrs[layout.WRITTEN_CHUNKS])
-    assert unwritten > 0, "the demo store should hold masks with all-zero chunks left out"
 
 
 def test_instances_of_a_row(demo_store, meta):
@@ -127,3 +123,27 @@ def test_reader_survives_pickling_for_worker_processes(demo_store, meta):
     window = (0, 0, int(meta["height"][0]), int(meta["width"][0]))
     np.testing.assert_array_equal(clone.read(0, window, 32).image, reader.read(0, window, 32).image)
     assert clone.read(0, window, 32).ela.shape[2] == 1
+
+
+def test_a_window_fetches_only_the_chunks_it_touches_by_byte_range(demo_store, meta):
+    """A level-0 window across four chunks decodes those four chunks and no
+    more, fetched as one byte range per row of adjacent chunks after one
+    read of the shard's index, which later reads reuse."""
+    side = layout.DEFAULT_LAYOUT.chunk
+    row = next(int(r) for r in np.flatnonzero(meta["label"] == 0)
+               if min(meta["height"][r], meta["width"][r]) >= 2 * side)
+    path = layout.image_path(row)
+    grid = [-(-int(meta[axis][row]) // side) for axis in ("height", "width")]
+    shard = (demo_store / layout.DEFAULT_LAYOUT.key(path, (0, 0, 0))).read_bytes()
+    index_bytes = 16 * grid[0] * grid[1] + 4   # zarr's sharding spec: (offset, size) per chunk + CRC
+    sizes = np.frombuffer(shard[-index_bytes:-4], "<u8").reshape(grid[0], grid[1], 2)[..., 1]
+    reader = WindowReader(demo_store)
+    window = (side - 4, side - 4, side + 4, side + 4)
+    reader.read(row, window, out_size=8)
+    assert reader.stats == {"requests": 1 + 2, "bytes_decoded": 4 * side * side * 3,
+                            "bytes_read": index_bytes + int(sizes[:2, :2].sum())}
+    reader.read(row, window, out_size=8)
+    assert reader.stats["requests"] == 3 + 2, "the shard index is read once"
+    image = layout.open_store(demo_store)[path]
+    np.testing.assert_array_equal(reader.read(row, window, 8).image,
+                                  image[side - 4:side + 4, side - 4:side + 4])
