@@ -255,17 +255,17 @@ def test_errors_say_what_and_where(demo_store, tmp_path):
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_a_damaged_chunk_stops_the_epoch_with_its_name(demo_store, tmp_path, workers):
-    """In this process or in a reader worker alike: a StoreError naming the chunk
+def test_a_damaged_shard_stops_the_epoch_with_its_name(demo_store, tmp_path, workers):
+    """In this process or in a reader worker alike: a StoreError naming the shard
     (DALI hands a worker's error back as a plain Exception; the loader turns it back)."""
     damaged = tmp_path / "damaged.zarr"
     shutil.copytree(demo_store, damaged)
     loader = make_loader(damaged, "highres_no_ela", batch_size=2, img_size=16, workers=workers,
                          augment=False)
     row = int(loader.batches.rows[0][0])
-    for chunk in (damaged / "images" / str(row)).rglob("c/*/*/*"):
-        chunk.write_bytes(b"garbage")
-    with pytest.raises(layout.StoreError, match=r"images/.*/c/.*: corrupt chunk"):
+    for shard in (damaged / "images" / str(row)).rglob("c.*"):
+        shard.write_bytes(b"garbage")
+    with pytest.raises(layout.StoreError, match=r"images/.*/c\.0\.0\.0: corrupt shard index"):
         next(iter(loader))
 
 
