@@ -29,7 +29,8 @@ its checksum, an index pointing past the object's end (and, in version 2's
 unsharded layout, a missing image or ELA chunk or a mask chunk its array
 lists as written, engine.store.required_chunks). An array of any other
 layout is refused, not read some other way. A store is a path on a local or
-shared file system (engine/storage.py serves any zarr store in tests).
+shared file system, or a URL (object storage, through fsspec and the local
+cache of engine/storage.py).
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ import numpy as np
 import zarr
 
 from engine import store as layout
-from engine.storage import LocalStorage, storage_of
+from engine.storage import is_url, open_storage, storage_of
 
 MAX_OPEN_ARRAYS = 4096   # arrays whose metadata and shard index a reader keeps, oldest out first
 
@@ -300,16 +301,18 @@ def _layout_problem(path: str, meta: dict) -> str | None:
 class WindowReader:
     """Reads crop windows of images, union masks and ELA from a forgery store.
 
-    Cheap to construct and picklable (holds only the path): worker processes
+    Cheap to construct and picklable (holds only the path or URL): worker processes
     make their own and open arrays lazily, caching array metadata.
     """
 
     def __init__(self, store: str | os.PathLike | zarr.Group, *, with_ela: bool = False,
                  pyramid: bool = True):
-        """`store`: its path, or the group engine.store.open_store returned."""
+        """`store`: its path or URL (engine/storage.py), or the group
+        engine.store.open_store returned."""
         self._group = store if isinstance(store, zarr.Group) else None
-        self.storage = storage_of(store) if self._group is not None else LocalStorage(store)
-        self.store = str(self.storage.where())
+        self.storage = storage_of(store) if self._group is not None else open_storage(store)
+        # what a worker process reopens (__getstate__): a URL stays a URL
+        self.store = store if is_url(store) else str(self.storage.where())
         self.with_ela, self.pyramid = with_ela, pyramid
         self._arrays: dict[str, _PixelArray] = {}
         self._meta = None

@@ -7,20 +7,33 @@ ranges of one (a shard's inner chunks) and its last n bytes (a shard's index).
 LocalStorage reads a folder with positioned reads (os.pread): zarr-python's
 asyncio path costs about 0.3 ms per read before any decoding
 (docs/performance.md, "Store"), more than decoding a small chunk. ZarrStorage
-serves any other zarr Store (a MemoryStore in tests) through zarr's own
-store API, all of one call's ranges requested concurrently.
+serves any other zarr Store (a MemoryStore in tests, an FsspecStore for a
+URL) through zarr's own store API, all of one call's ranges requested
+concurrently. CachedStorage keeps the byte ranges read from a URL in a
+bounded local folder, so a second epoch (or another rank on the node) reads
+them from local disk.
+
+A store is named by a local path or a URL (s3://, gs://, anything fsspec
+reads; file:// is a local path). open_storage and zarr_store are the one way
+from that name to its bytes, for the reader, the builder, mining, prediction
+and evaluation alike. Credentials and endpoint come from the environment as
+each fsspec back end reads them (for s3://: AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE);
+further fsspec options and the cache are set with configure() (the CLIs'
+--storage-option, --cache and --cache-limit-gb), which records them in the
+environment so that reader worker processes and their children see the same
+(docs/object_storage.md).
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 
-import zarr
-from zarr.abc.store import RangeByteRequest, SuffixByteRequest
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
 
 
 class LocalStorage:
@@ -69,8 +82,11 @@ class LocalStorage:
 
     def write(self, key: str, data: bytes) -> None:
         path = self.root / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        try:
+            path.write_bytes(data)
+        except FileNotFoundError:   # folders made only when missing: a build writes many files
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
 
     def remove(self, prefix: str) -> None:
         """Every object under `prefix`."""
@@ -83,15 +99,27 @@ class LocalStorage:
         return [f.relative_to(self.root).as_posix() for f in folder.rglob("*") if f.is_file()]
 
 
+def sync(coroutine):
+    """Run `coroutine` on zarr's event loop (zarr imported here: this module
+    also serves the CLIs' flags, and predict.py --images runs without zarr)."""
+    from zarr.core.sync import sync as zarr_sync
+    return zarr_sync(coroutine)
+
+
 class ZarrStorage:
     """Any other zarr Store, through zarr's store API."""
 
-    def __init__(self, store: zarr.abc.store.Store):
-        self.store = store
+    def __init__(self, store, name: str | None = None):
+        """`store`: a zarr Store; `name`: its URL, for messages (else zarr's
+        description)."""
+        from zarr.abc.store import RangeByteRequest, SuffixByteRequest
+        from zarr.core.buffer import default_buffer_prototype
+        self.store, self.name = store, name or str(store)
         self._prototype = default_buffer_prototype()
+        self._range, self._suffix = RangeByteRequest, SuffixByteRequest
 
     def where(self, key: str = "") -> str:
-        return f"{self.store}/{key}" if key else str(self.store)
+        return f"{self.name}/{key}" if key else self.name
 
     def _get(self, key: str, byte_range=None):
         return self.store.get(key, self._prototype, byte_range)
@@ -102,13 +130,13 @@ class ZarrStorage:
 
     def read_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes] | None:
         async def all_ranges():
-            return await asyncio.gather(*(self._get(key, RangeByteRequest(start, stop))
+            return await asyncio.gather(*(self._get(key, self._range(start, stop))
                                           for start, stop in ranges))
         found = sync(all_ranges())
         return None if any(f is None for f in found) else [f.to_bytes() for f in found]
 
     def read_suffix(self, key: str, length: int) -> bytes | None:
-        found = sync(self._get(key, SuffixByteRequest(length)))
+        found = sync(self._get(key, self._suffix(length)))
         return None if found is None else found.to_bytes()
 
     def exists(self, key: str) -> bool:
@@ -125,11 +153,289 @@ class ZarrStorage:
             return [key async for key in self.store.list_prefix(prefix)]
         return sync(listed())
 
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """Size of every object under `prefix`, by key."""
+        keys = self.keys(prefix)
 
-def storage_of(group: zarr.Group) -> LocalStorage | ZarrStorage:
+        async def sized():
+            return await asyncio.gather(*(self.store.getsize(key) for key in keys))
+        return dict(zip(keys, sync(sized())))
+
+    def write_many(self, items: list[tuple[str, bytes]]) -> None:
+        """Write every (key, data), all requests in flight together."""
+        async def written():
+            await asyncio.gather(*(self.store.set(key, self._prototype.buffer.from_bytes(data))
+                                   for key, data in items))
+        sync(written())
+
+    def delete(self, keys: list[str]) -> None:
+        async def deleted():
+            await asyncio.gather(*(self.store.delete(key) for key in keys))
+        sync(deleted())
+
+    def create(self, key: str, data: bytes) -> bool:
+        """Write `key` only when no object has that name (S3's If-None-Match:
+        one of two racing writers wins); False when one exists. A file
+        system without conditional writes gets a check, then a write."""
+        fs = getattr(self.store, "fs", None)
+        if fs is not None:
+            try:
+                sync(fs._pipe_file(f"{self.store.path}/{key}", data, mode="create"))
+                return True
+            except FileExistsError:
+                return False
+            except TypeError:   # this file system's _pipe_file has no mode
+                pass
+        if self.exists(key):
+            return False
+        self.write(key, data)
+        return True
+
+
+class CachedStorage:
+    """Another storage's reads kept in a local folder, bounded in size.
+
+    Each read (a whole object, a byte range, a suffix) is one file, named by
+    a hash of its object key and range, in a folder per store content (the
+    hash of the store's root zarr.json, whose fingerprint and build settings
+    change when the store is rebuilt, so a rebuilt store never reads the old
+    one's bytes). A file is written to a temporary name and renamed, so
+    several worker processes and ranks can share the folder: a reader sees
+    a whole file or none. When this process has written an eighth of the
+    limit since it last looked, it sums the folder and removes the least
+    recently used files until it is under 80 % of the limit (a removal
+    another process made first is no loss). The reader checks every chunk's
+    and index's CRC-32C whatever its source."""
+
+    TRIM_SHARE = 8          # look at the folder's size after writing limit / TRIM_SHARE bytes
+    KEEP_AFTER_TRIM = 0.8   # of the limit: room for a while before the next trim
+
+    def __init__(self, inner, folder: str | os.PathLike, limit_bytes: int):
+        self.inner, self.folder, self.limit = inner, Path(folder), int(limit_bytes)
+        self._root = None
+        self._written = 0
+
+    def where(self, key: str = ""):
+        return self.inner.where(key)
+
+    @property
+    def root(self) -> Path:
+        """This store content's folder (reads the root zarr.json once)."""
+        if self._root is None:
+            digest = hashlib.sha256(self.inner.read("zarr.json") or b"").hexdigest()
+            self._root = self.folder / digest[:32]
+        return self._root
+
+    def _path(self, key: str, what: str) -> Path:
+        digest = hashlib.sha256(f"{key}\0{what}".encode()).hexdigest()
+        return self.root / digest[:2] / digest
+
+    def _cached(self, key: str, what: str) -> bytes | None:
+        path = self._path(key, what)
+        try:
+            data = path.read_bytes()
+            os.utime(path)   # recency for the trim
+            return data
+        except FileNotFoundError:
+            return None
+
+    def _keep(self, key: str, what: str, data: bytes) -> None:
+        path = self._path(key, what)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        self._written += len(data)
+        if self._written * self.TRIM_SHARE > self.limit:
+            self._written = 0
+            self.trim()
+
+    def trim(self) -> None:
+        """Remove the least recently used files until the folder is under
+        KEEP_AFTER_TRIM of the limit."""
+        files = []
+        for path in self.folder.rglob("*"):
+            try:
+                st = path.stat()
+            except FileNotFoundError:   # another process removed or renamed it
+                continue
+            if path.is_file():
+                files.append((st.st_mtime, st.st_size, path))
+        total = sum(size for _, size, _ in files)
+        for _, size, path in sorted(files, key=lambda f: f[0]):
+            if total <= self.limit * self.KEEP_AFTER_TRIM:
+                break
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            total -= size
+
+    def read(self, key: str) -> bytes | None:
+        data = self._cached(key, "all")
+        if data is None:
+            data = self.inner.read(key)
+            if data is not None:
+                self._keep(key, "all", data)
+        return data
+
+    def read_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes] | None:
+        found = [self._cached(key, f"{start}-{stop}") for start, stop in ranges]
+        missing = [k for k, data in enumerate(found) if data is None]
+        if missing:
+            fetched = self.inner.read_ranges(key, [ranges[k] for k in missing])
+            if fetched is None:
+                return None
+            for k, data in zip(missing, fetched):
+                found[k] = data
+                self._keep(key, "{}-{}".format(*ranges[k]), data)
+        return found
+
+    def read_suffix(self, key: str, length: int) -> bytes | None:
+        data = self._cached(key, f"-{length}")
+        if data is None:
+            data = self.inner.read_suffix(key, length)
+            if data is not None:
+                self._keep(key, f"-{length}", data)
+        return data
+
+    def exists(self, key: str) -> bool:
+        return self.inner.exists(key)
+
+    def keys(self, prefix: str) -> list[str]:
+        return self.inner.keys(prefix)
+
+
+def storage_of(group) -> LocalStorage | ZarrStorage:
     """The Storage holding an open zarr group's store (keys are relative to
     the store's root, so they include the group's own path)."""
+    import zarr
     store = group.store
     if isinstance(store, zarr.storage.LocalStore):
         return LocalStorage(store.root)
     return ZarrStorage(store)
+
+
+# ---------------------------------------------------------------- stores named by URL
+
+OPTIONS_ENV = "FORGERY_STORAGE_OPTIONS"   # JSON object: fsspec options for every URL
+CACHE_ENV = "FORGERY_STORE_CACHE"         # JSON: {"dir": folder, "limit_bytes": n}
+DEFAULT_CACHE_LIMIT_GB = 20.0
+# botocore's defaults (a 60 s connect timeout, retries with backoff, under
+# s3fs's own five tries of timeouts) would leave a wrong endpoint unreported
+# for minutes; a store's reads are many small ones, so a failing endpoint is
+# better reported at once and a slow read still given its time.
+S3_DEFAULTS = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 60,
+                                 "retries": {"max_attempts": 2, "mode": "standard"}}}
+
+
+def is_url(store) -> bool:
+    """Whether `store` names a store by URL (file:// URLs are local paths)."""
+    return isinstance(store, str) and "://" in store and not store.startswith("file://")
+
+
+def location(text: str) -> str | Path:
+    """argparse's type of a store argument: a URL as given, else a Path
+    (Path would fold a URL's "//")."""
+    if is_url(text):
+        return text.rstrip("/")
+    return Path(text[len("file://"):] if text.startswith("file://") else text)
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    """--storage-option KEY=VALUE: the value as JSON when it parses (numbers,
+    true/false, objects), else the string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--storage-option {text!r}: expected KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def configure(options: dict | None = None, cache: str | os.PathLike | None = None,
+              cache_limit_gb: float = DEFAULT_CACHE_LIMIT_GB) -> None:
+    """Set this process's (and its children's) fsspec options for URLs and
+    the local cache of their reads."""
+    if options:
+        os.environ[OPTIONS_ENV] = json.dumps(options)
+    if cache is not None:
+        os.environ[CACHE_ENV] = json.dumps({"dir": str(Path(cache).absolute()),
+                                            "limit_bytes": int(cache_limit_gb * 1e9)})
+
+
+def add_arguments(parser, cache: bool = True) -> None:
+    """The storage flags of every CLI that names a store (`cache`: the
+    flags of the read cache, for the CLIs that read one)."""
+    parser.add_argument("--storage-option", action="append", default=[], type=parse_option,
+                        metavar="KEY=VALUE",
+                        help="fsspec option for a store URL, repeatable (e.g. endpoint_url=..., "
+                             "anon=true; default: none); credentials come from the environment "
+                             "(docs/object_storage.md)")
+    if not cache:
+        return
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="local folder keeping the byte ranges read from a store URL, "
+                             "shared by workers and ranks (default: no cache)")
+    parser.add_argument("--cache-limit-gb", type=float, default=DEFAULT_CACHE_LIMIT_GB,
+                        help="size limit of --cache")
+
+
+def configure_from(args) -> None:
+    """configure() from add_arguments' flags."""
+    configure(dict(args.storage_option), getattr(args, "cache", None),
+              getattr(args, "cache_limit_gb", DEFAULT_CACHE_LIMIT_GB))
+
+
+def storage_options(url: str) -> dict:
+    """fsspec options for `url`: the defaults of its protocol, then configure()'s."""
+    defaults = S3_DEFAULTS if url.split("://")[0] in ("s3", "s3a") else {}
+    return {**json.loads(json.dumps(defaults)), **json.loads(os.environ.get(OPTIONS_ENV, "{}"))}
+
+
+def zarr_store(url: str, read_only: bool = True):
+    """zarr's FsspecStore at `url` with storage_options(url)."""
+    import zarr
+    return zarr.storage.FsspecStore.from_url(url, storage_options=storage_options(url),
+                                             read_only=read_only)
+
+
+def open_storage(store: str | os.PathLike, read_only: bool = True):
+    """The storage of the store named `store`: LocalStorage for a path; for
+    a URL, ZarrStorage over zarr_store, behind the configured cache."""
+    if not is_url(store):
+        return LocalStorage(location(str(store)))
+    storage = ZarrStorage(zarr_store(store, read_only), store)
+    cache = os.environ.get(CACHE_ENV)
+    if cache and read_only:
+        cache = json.loads(cache)
+        return CachedStorage(storage, cache["dir"], cache["limit_bytes"])
+    return storage
+
+
+class StorageUnavailable(RuntimeError):
+    """A store URL whose storage refuses the credentials or cannot be reached."""
+
+
+_CONNECTION_ERRORS = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+                      "ClientConnectorError", "ServerTimeoutError", "ConnectionError",
+                      "NoCredentialsError"}
+
+
+def explained(url: str, exc: Exception) -> StorageUnavailable | None:
+    """`exc`, raised by the storage of `url`, as one line saying what to
+    check, or None when it is not about credentials or reaching it."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if "NoCredentialsError" in names:
+        return StorageUnavailable(f"{url}: no credentials found; set AWS_ACCESS_KEY_ID and "
+                                  "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) for it")
+    if isinstance(exc, PermissionError) or "AccessDenied" in str(exc):
+        return StorageUnavailable(f"{url}: access denied ({exc}); check the credentials "
+                                  "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and the bucket's "
+                                  "permissions")
+    if names & _CONNECTION_ERRORS:
+        return StorageUnavailable(f"{url}: cannot reach its storage ({exc}); check the endpoint "
+                                  "(AWS_ENDPOINT_URL or --storage-option endpoint_url=...) and "
+                                  "the network")
+    return None

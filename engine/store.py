@@ -57,6 +57,7 @@ import numpy as np
 import zarr
 
 from engine.recipes import SIZE_CLASS_EDGES
+from engine import storage as storages
 from engine.storage import storage_of
 
 FORMAT = "forgery-store"
@@ -425,20 +426,16 @@ def _nonzero_chunks(plane: np.ndarray, chunk: int) -> tuple[slice, slice] | None
                                    (cols[0], cols[-1], plane.shape[1])))
 
 
+COMPLETION = ("format", "version", "fingerprint")   # root attributes a finished build writes last
+
+
 def open_store(path: str | os.PathLike, mode: str = "r") -> zarr.Group:
-    """Open a complete forgery store, or raise StoreError saying what is wrong."""
-    path = Path(path)
-    if not path.exists():
-        if partial_path(path).exists():
-            raise StoreError(f"{path}: its build did not finish ({partial_path(path)} "
-                             "holds the work so far); rerun build_zarr to resume it")
-        raise StoreError(
-            f"{path}: no store here; build one with `python preprocess/build_zarr.py`"
-        )
-    try:
-        group = zarr.open_group(str(path), mode=mode)
-    except Exception as exc:  # zarr raises several types for "not a group"
-        raise StoreError(f"{path}: not a Zarr v3 group ({exc})") from None
+    """Open a complete forgery store, a local path or a URL
+    (engine/storage.py), or raise StoreError saying what is wrong."""
+    if storages.is_url(path):
+        group = _open_url(path, mode)
+    else:
+        group = _open_local(storages.location(str(path)), mode)
     attrs = group.attrs.asdict()
     if attrs.get("format") != FORMAT:
         raise StoreError(
@@ -451,6 +448,41 @@ def open_store(path: str | os.PathLike, mode: str = "r") -> zarr.Group:
             f"`{rebuild_command(path)}`"
         )
     return group
+
+
+def _open_local(path: Path, mode: str) -> zarr.Group:
+    if not path.exists():
+        if partial_path(path).exists():
+            raise StoreError(f"{path}: its build did not finish ({partial_path(path)} "
+                             "holds the work so far); rerun build_zarr to resume it")
+        raise StoreError(
+            f"{path}: no store here; build one with `python preprocess/build_zarr.py`"
+        )
+    try:
+        return zarr.open_group(str(path), mode=mode)
+    except Exception as exc:  # zarr raises several types for "not a group"
+        raise StoreError(f"{path}: not a Zarr v3 group ({exc})") from None
+
+
+def _open_url(url: str, mode: str) -> zarr.Group:
+    """A store on object storage has no rename: its build uploads the root
+    zarr.json with the COMPLETION attributes last (preprocess/build_zarr.py),
+    so a root without them is a build still running or killed."""
+    try:
+        store = storages.zarr_store(url, read_only=mode == "r")
+        root = storages.ZarrStorage(store, url).read("zarr.json")
+        if root is None:
+            raise StoreError(f"{url}: no store here; build one with "
+                             f"`python preprocess/build_zarr.py --out {url}`")
+        if not all(k in json.loads(root).get("attributes", {}) for k in COMPLETION):
+            raise StoreError(f"{url}: its build did not finish (its root zarr.json has no "
+                             "fingerprint yet); rerun build_zarr to resume it")
+        return zarr.open_group(store, mode=mode)
+    except StoreError:
+        raise
+    except Exception as exc:
+        problem = storages.explained(url, exc)
+        raise StoreError(str(problem) if problem else f"{url}: not a Zarr v3 group ({exc})") from None
 
 
 def read_meta(group: zarr.Group) -> dict[str, np.ndarray]:
@@ -476,9 +508,43 @@ def mining_path(kind: str) -> str:
     return f"mining/{kind}"
 
 
+MINING_DIR_ENV = "FORGERY_MINING_DIR"   # set by use_mining_dir: results kept there, not in the store
+
+
+def use_mining_dir(folder: str | os.PathLike | None) -> None:
+    """Keep this process's (and its children's) mining results in a local
+    `folder` instead of the store: for a store that cannot be written (a
+    read-only mount, a bucket without write permission). Results there are
+    kept per store content (by fingerprint)."""
+    if folder is not None:
+        os.environ[MINING_DIR_ENV] = str(Path(folder).absolute())
+
+
+def mining_dir() -> Path | None:
+    folder = os.environ.get(MINING_DIR_ENV)
+    return Path(folder) if folder else None
+
+
+def mining_group(group: zarr.Group, mode: str = "r") -> zarr.Group | None:
+    """The group holding store `group`'s mining results: the store itself,
+    or with use_mining_dir, that folder's group for the store's fingerprint
+    (created for mode "w"; None for "r" when there is none yet)."""
+    folder = mining_dir()
+    if folder is None:
+        return group
+    path = folder / group.attrs["fingerprint"]
+    if mode == "r" and not (path / "zarr.json").exists():
+        return None
+    return zarr.open_group(str(path), mode="r" if mode == "r" else "a")
+
+
 def read_mining(group: zarr.Group, kind: str) -> dict | None:
-    """A complete mining result {"score", "flag", "checkpoint"}, or None."""
+    """A complete mining result {"score", "flag", "checkpoint"} of store
+    `group` (from mining_group), or None."""
     path = mining_path(kind)
+    group = mining_group(group)
+    if group is None:
+        return None
     if path not in group:
         return None
     sub = group[path]

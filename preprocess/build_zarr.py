@@ -37,6 +37,21 @@ being alive (PIDs are reused and mean nothing on another host sharing the
 file system). The file is removed when the build ends; a build that finds it
 removed between opening and locking it locks the new one instead.
 
+A URL as --out (s3://..., any fsspec URL; engine/storage.py) is built in a
+local staging folder exactly as above (--staging; resumable, flock-locked),
+then uploaded (upload_store): first a root zarr.json without the completion
+attributes (engine.store.COMPLETION), so a reader refuses the store as
+unfinished, then every other object, objects already there with the same
+size skipped (a rerun after a kill resumes the upload), and the complete root
+zarr.json last. Object storage has no rename and no flock: the build holds a
+lock object `<out>/build.lock` made by a conditional write (S3's
+If-None-Match, so one of two racing builds wins) recording the holder, and
+removed when it ends. A lock left by a build killed on this host is taken
+over (this host's flock on the URL, held by every build of it here, says
+its holder is dead); one from another host is refused with its holder named,
+since only that host can tell whether it still runs (delete the object to
+go on).
+
 Errors (bad arguments, another build running, --strict's first bad input,
 nothing to store, a full disk or any other error reading or writing a
 file) print one line `build_zarr: error: <path>: <problem>` and exit with
@@ -56,6 +71,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -66,6 +82,7 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
+from engine import storage as storages
 from engine import store as layout
 from engine.recipes import SIZE_CLASS_NAMES
 from preprocess import ela as ela_module
@@ -453,15 +470,26 @@ def process_all(partial: Path, cases: list[Case], workers: int, settings: Settin
     return [records[k] for k in range(len(cases))]
 
 
-def build_store(source: Path, out: Path, *, workers: int | None = None, strict: bool = False,
+def build_store(source: Path, out: Path | str, *, workers: int | None = None, strict: bool = False,
                 overwrite: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
                 progress: bool = True, figure: bool = True,
-                pixel_layout: layout.PixelLayout = layout.DEFAULT_LAYOUT) -> dict | None:
-    """Build `out` from `source`; returns the build report, or None when a
-    complete store already exists there (and overwrite is False). Holds the
-    output's lock throughout (module docstring). `pixel_layout`: how pixel
-    arrays are chunked and encoded (benchmarks build other layouts)."""
-    source, out = Path(source), Path(out)
+                pixel_layout: layout.PixelLayout = layout.DEFAULT_LAYOUT,
+                staging: Path | None = None) -> dict | None:
+    """Build `out` (a path, or a URL built in `staging` and uploaded) from
+    `source`; returns the build report, or None when a complete store
+    already exists there (and overwrite is False). Holds the output's lock
+    throughout (module docstring). `pixel_layout`: how pixel arrays are
+    chunked and encoded (benchmarks build other layouts)."""
+    kwargs = dict(workers=workers, strict=strict, overwrite=overwrite, max_pixels=max_pixels,
+                  progress=progress, figure=figure, pixel_layout=pixel_layout)
+    if storages.is_url(out):
+        return build_to_url(Path(source), out, staging or default_staging(out), **kwargs)
+    return _build_local(Path(source), storages.location(str(out)), **kwargs)
+
+
+def _build_local(source: Path, out: Path, *, workers: int | None, strict: bool, overwrite: bool,
+                 max_pixels: int, progress: bool, figure: bool,
+                 pixel_layout: layout.PixelLayout) -> dict | None:
     if out.parent.exists() and not out.parent.is_dir():
         raise BuildError(f"{out.parent}: not a folder, so {out.name} cannot be made in it")
     try:
@@ -522,6 +550,108 @@ def _build_locked(source: Path, out: Path, *, workers: int | None, strict: bool,
         write_summary_figure(group, png)
         print(f"summary figure: {png}")
     return report
+
+
+# ---------------------------------------------------------------- a store at a URL
+
+REMOTE_LOCK = "build.lock"   # the lock object, inside the store's prefix
+UPLOAD_BATCH = 16            # objects in flight together while uploading
+UPLOAD_OF = "upload_of"      # the unfinished root's attribute: sha256 of the root it stands for
+
+
+def default_staging(url: str) -> Path:
+    """Where a store for `url` is built before its upload: a folder named
+    after the URL under data/staging."""
+    return Path("data/staging") / "".join(c if c.isalnum() or c in "._-" else "_"
+                                          for c in url.replace("://", "_"))
+
+
+def build_to_url(source: Path, url: str, staging: Path, *, overwrite: bool, **kwargs) -> dict | None:
+    """Build in `staging` (resumable, as any local build), then upload it to
+    `url` (module docstring); holds the URL's lock throughout."""
+    try:
+        target = storages.open_storage(url, read_only=False)
+        with remote_lock(url, target):
+            if _remote_complete(target) and not overwrite:
+                print(f"{url}: a complete store exists already; nothing to do "
+                      "(--overwrite rebuilds it)")
+                return None
+            if overwrite:
+                _wipe(target)
+            report = build_store(source, staging, overwrite=overwrite, **kwargs)
+            sent = upload_store(staging, target)
+            print(f"uploaded {sent} objects to {url} (the build stays in {staging}: delete it "
+                  "when no longer needed)")
+            return report
+    except (BuildError, layout.StoreError, BadInput):
+        raise
+    except Exception as exc:
+        problem = storages.explained(url, exc)
+        if problem is None:
+            raise
+        raise BuildError(str(problem)) from None
+
+
+def _remote_complete(target) -> bool:
+    root = target.read("zarr.json")
+    return root is not None and all(k in json.loads(root).get("attributes", {})
+                                    for k in layout.COMPLETION)
+
+
+def _wipe(target) -> None:
+    """Everything but the lock, the root zarr.json first (so a reader never
+    sees a complete root over a half-deleted store)."""
+    target.delete([k for k in ("zarr.json",) if target.exists(k)])
+    target.delete([k for k in target.keys("") if k != REMOTE_LOCK])
+
+
+def upload_store(staging: Path, target) -> int:
+    """Upload the local store `staging` to `target` (a ZarrStorage): an
+    unfinished root, every other object unless one of its size is there,
+    then the complete root. Returns the number of objects sent."""
+    root = (staging / "zarr.json").read_bytes()
+    digest = hashlib.sha256(root).hexdigest()
+    there = target.read("zarr.json")
+    if there is not None and json.loads(there).get("attributes", {}).get(UPLOAD_OF) != digest:
+        _wipe(target)   # a killed upload of another build: its same-size objects are not ours
+    unfinished = json.loads(root)
+    unfinished["attributes"] = {k: v for k, v in unfinished["attributes"].items()
+                                if k not in layout.COMPLETION} | {UPLOAD_OF: digest}
+    target.write("zarr.json", json.dumps(unfinished).encode())
+    sizes = target.sizes("")
+    todo = [path for path in sorted(staging.rglob("*")) if path.is_file()
+            and (key := path.relative_to(staging).as_posix()) != "zarr.json"
+            and sizes.get(key) != path.stat().st_size]
+    for start in range(0, len(todo), UPLOAD_BATCH):
+        target.write_many([(path.relative_to(staging).as_posix(), path.read_bytes())
+                           for path in todo[start:start + UPLOAD_BATCH]])
+    target.write("zarr.json", root)
+    return len(todo) + 1
+
+
+@contextlib.contextmanager
+def remote_lock(url: str, target):
+    """Hold `url`'s lock object (module docstring) while the block runs, or
+    raise BuildError naming the build that holds it."""
+    here = Path(tempfile.gettempdir()) / f"forgery-build-{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+    with output_lock(here):   # every build of `url` on this host: dropped when it dies
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": datetime.now().astimezone().isoformat(timespec="seconds")}
+        if not target.create(REMOTE_LOCK, json.dumps(holder).encode()):
+            found = json.loads(target.read(REMOTE_LOCK) or b"{}")
+            if found.get("host") != holder["host"]:
+                raise BuildError(
+                    f"{url}: another build is writing it (PID {found.get('pid')} on host "
+                    f"{found.get('host')}, started {found.get('started')}; lock "
+                    f"{url}/{REMOTE_LOCK}); wait for it to finish, or if that build is dead, "
+                    "delete the lock object and rerun")
+            print(f"{url}: taking over the lock of a build killed on this host "
+                  f"(PID {found.get('pid')}, started {found.get('started')})")
+            target.write(REMOTE_LOCK, json.dumps(holder).encode())
+        try:
+            yield
+        finally:
+            target.delete([REMOTE_LOCK])
 
 
 def nothing_stored(source: Path, skipped: list[dict]) -> BuildError:
@@ -592,7 +722,11 @@ def main(argv: list[str] | None = None) -> int:
                "bad input, a full disk...). Skipped files are listed in the summary and in "
                "STORE/build_report.json.")
     parser.add_argument("--source", type=Path, help="Kaggle-layout folder (default: demo data)")
-    parser.add_argument("--out", type=Path, default=layout.DEFAULT_STORE, help="store path")
+    parser.add_argument("--out", type=storages.location, default=layout.DEFAULT_STORE,
+                        help="store path, or URL (s3://bucket/store.zarr, any fsspec URL)")
+    parser.add_argument("--staging", type=Path, default=None,
+                        help="with a URL --out: the local folder it is built in before the "
+                             "upload (default: data/staging/<URL as a name>)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad input")
     parser.add_argument("--overwrite", action="store_true", help="rebuild an existing store")
@@ -612,7 +746,9 @@ def main(argv: list[str] | None = None) -> int:
                              "times the disk)")
     parser.add_argument("--codec-level", type=int, default=default.level,
                         help=f"compression level of --codec (default {default.level})")
+    storages.add_arguments(parser, cache=False)
     args = parser.parse_args(argv)
+    storages.configure_from(args)
     if args.workers is not None and args.workers < 1:
         parser.error("--workers must be at least 1")
     try:
@@ -626,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
             source = args.demo_dir
         build_store(source, args.out, workers=args.workers, strict=args.strict,
                     overwrite=args.overwrite, max_pixels=args.max_pixels,
-                    figure=not args.no_figure, pixel_layout=pixel_layout)
+                    figure=not args.no_figure, pixel_layout=pixel_layout, staging=args.staging)
     except (BuildError, BadInput, layout.StoreError) as exc:
         print(f"build_zarr: error: {exc}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
+from engine import storage as storages
 from engine import store as layout
 from engine.reader import WindowReader
 from preprocess.build_zarr import fingerprint
@@ -48,48 +49,56 @@ def expected_arrays(meta: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def stored_arrays(root: Path) -> set[str]:
-    """Paths of the pixel arrays in the store (folders holding a zarr.json)."""
-    patterns = ("images/*/*/zarr.json", "masks/*/*/zarr.json", "ela/*/*/zarr.json",
-                "instances_mask/*/zarr.json")
-    return {f.parent.relative_to(root).as_posix() for p in patterns for f in root.glob(p)}
+PIXEL_DEPTHS = {"images": 3, "masks": 3, "ela": 3, "instances_mask": 2}   # parts of an array's path
 
 
-def check_meta(group: zarr.Group, root: Path) -> tuple[dict | None, list[str]]:
+def stored_arrays(storage) -> set[str]:
+    """Paths of the pixel arrays in the store (those with a zarr.json),
+    listed through its storage (a folder or a URL)."""
+    found = set()
+    for top, depth in PIXEL_DEPTHS.items():
+        for key in storage.keys(f"{top}/"):
+            parts = key.split("/")
+            if len(parts) == depth + 1 and parts[-1] == "zarr.json":
+                found.add("/".join(parts[:-1]))
+    return found
+
+
+def check_meta(group: zarr.Group, root: str) -> tuple[dict | None, list[str]]:
     """meta/ (None when unusable) and what is wrong with it and instances/."""
     try:
         meta = layout.read_meta(group)
         instances = {n: np.asarray(group[f"instances/{n}"][...]) for n in layout.INSTANCE_ARRAYS}
     except Exception as exc:  # zarr raises several types for missing or undecodable arrays
-        return None, [f"{root / 'meta'}: unreadable ({type(exc).__name__}: {exc})"]
+        return None, [f"{root}/meta: unreadable ({type(exc).__name__}: {exc})"]
     rows = len(meta["label"])
     lengths = {name: len(arr) for name, arr in meta.items()}
     wrong = {name: n for name, n in lengths.items()
              if n != (rows + 1 if name == "instance_start" else rows)}
     if wrong:
-        return None, [f"{root / 'meta'}: array lengths disagree ({wrong}; meta/label has {rows})"]
+        return None, [f"{root}/meta: array lengths disagree ({wrong}; meta/label has {rows})"]
     problems = []
     if fingerprint(meta, instances) != group.attrs.get("fingerprint"):
-        problems.append(f"{root / 'meta'}: meta/ and instances/ no longer match the store's "
+        problems.append(f"{root}/meta: meta/ and instances/ no longer match the store's "
                         "fingerprint (damaged or changed after the build)")
     return meta, problems
 
 
-def verify(store: Path, progress: bool = True) -> list[str]:
+def verify(store: Path | str, progress: bool = True) -> list[str]:
     """Every problem of a complete store, one line each, path first (empty
     when clean); StoreError when it is not a store this engine reads."""
     group = layout.open_store(store)
-    meta, problems = check_meta(group, store)
-    stored = stored_arrays(store)
+    meta, problems = check_meta(group, str(store))
+    stored = stored_arrays(storages.open_storage(store))
     if meta is None:   # without meta/, check the chunks of what is there
         expected = {path: None for path in stored}
     else:
         expected = expected_arrays(meta)
-        problems += [f"{store / path}: array missing (meta/ lists its row and level)"
+        problems += [f"{store}/{path}: array missing (meta/ lists its row and level)"
                      for path in sorted(expected.keys() - stored)]
-        problems += [f"{store / path}: unexpected array (meta/ has no such row or level, "
+        problems += [f"{store}/{path}: unexpected array (meta/ has no such row or level, "
                      "or the row is authentic)" for path in sorted(stored - expected.keys())]
-    reader = WindowReader(group)
+    reader = WindowReader(store)
     for path in tqdm(sorted(stored & expected.keys()), desc="verify", unit="array",
                      disable=None if progress else True):   # None: only on a terminal
         problems += [f"{exc.where}: {exc.problem}"
@@ -101,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("store", type=Path, help="the store to check")
+    parser.add_argument("store", type=storages.location, help="the store to check (a path or a URL)")
+    storages.add_arguments(parser, cache=False)
     args = parser.parse_args(argv)
+    storages.configure_from(args)
     try:
         problems = verify(args.store)
     except layout.StoreError as exc:

@@ -1,8 +1,12 @@
 """Shared fixtures: a small demo source folder and the store built from it,
-made once per test session (a few seconds)."""
+made once per test session (a few seconds); a local S3 server for the
+object-storage tests, started on first use and stopped at the session's end."""
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import socket
 
 import pytest
 import torch
@@ -49,3 +53,43 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 (a free port) that checks credentials,
+    and the environment a client needs: {"endpoint", "key", "secret"}.
+    Sets AWS_* for the session (workers and subprocesses inherit them)."""
+    from moto import settings
+    from moto.server import ThreadedMotoServer
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        import boto3
+        # the server checks signatures once its first requests (these) are
+        # done: a user with every permission, whose key the tests use
+        iam = boto3.session.Session().client("iam")
+        iam.create_user(UserName="tests")
+        key = iam.create_access_key(UserName="tests")["AccessKey"]
+        iam.put_user_policy(UserName="tests", PolicyName="all", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17",
+             "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        os.environ.update(AWS_ACCESS_KEY_ID=key["AccessKeyId"],
+                          AWS_SECRET_ACCESS_KEY=key["SecretAccessKey"])
+        settings.INITIAL_NO_AUTH_ACTION_COUNT = 0
+        yield {"endpoint": env["AWS_ENDPOINT_URL"], "key": key["AccessKeyId"],
+               "secret": key["SecretAccessKey"]}
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

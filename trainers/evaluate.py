@@ -33,6 +33,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from engine.recipes import SIZE_CLASS_EDGES, SIZE_CLASS_NAMES
+from engine import storage as storages
 from engine.store import StoreError
 from trainers.atomic import atomic_open
 from trainers.checkpoint import CheckpointError
@@ -223,12 +224,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=HelpFormatter)
-    parser.add_argument("--store", type=Path, required=True,
-                        help="the store whose --split is evaluated")
+    parser.add_argument("--store", type=storages.location, required=True,
+                        help="the store whose --split is evaluated (a path or a URL)")
     parser.add_argument("--out", type=Path, default=Path("runs/evaluate"),
                         help="folder for evaluation.png, solution.csv and submission.csv")
     add_ensemble_options(parser)
+    storages.add_arguments(parser)
     args = parser.parse_args(argv)
+    storages.configure_from(args)
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} is a file; name the folder to write the results in")
     return args

@@ -6,9 +6,10 @@ hard_negative: authentic training images on which the model marks more than
 hard_fn: forged training images whose pixel recall at 0.5 is below
   HARD_FN_RECALL. Score = pixel recall.
 
-Results go into the store (engine.store.mining_path) with the sha256 of the
-checkpoint that made them, written last; they are reused while that
-checkpoint file is unchanged.
+Results go into the store (engine.store.mining_path; a folder or a URL), or
+with --mining-dir into a local folder (engine.store.mining_group: for a
+store that cannot be written), with the sha256 of the checkpoint that made
+them, written last; they are reused while that checkpoint file is unchanged.
 """
 from __future__ import annotations
 
@@ -84,19 +85,22 @@ def score_rows(model: torch.nn.Module, store, recipe: Recipe, rows: np.ndarray, 
 
 def write_mining(store, kind: str, score: np.ndarray, flag: np.ndarray, checkpoint_sha: str) -> None:
     try:
-        group = layout.open_store(store, mode="r+")
+        # into the store (a folder or a URL), or a read-only store's --mining-dir
+        group = layout.mining_group(layout.open_store(store, mode="r" if layout.mining_dir() else "r+"),
+                                    "w")
         # A fresh group drops any older result first; the checkpoint attribute
         # goes last, so an interrupted write reads as "no result" (read_mining).
         sub = group.create_group(layout.mining_path(kind), overwrite=True)
         sub.create_array("score", data=score.astype(np.float32))
         sub.create_array("flag", data=flag.astype(np.uint8))
         sub.attrs["checkpoint"] = checkpoint_sha
-    except OSError as exc:   # a read-only mount, a full disk
+    except OSError as exc:   # a read-only mount or bucket (PermissionError), a full disk
         raise layout.StoreError(
             f"{store}: cannot write the {kind} mining results into the store "
-            f"({exc.strerror or exc}); the mined members read them from there. Train from a "
-            f"writable copy (`cp -r {store} /writable/place/`), or mine once where the store is "
-            "writable and reuse it read-only: results are reused while the checkpoint is unchanged") from None
+            f"({exc.strerror or exc}); the mined members read them from there. Pass "
+            "--mining-dir DIR to keep them in a local folder instead, train from a writable "
+            "copy, or mine once where the store is writable and reuse it read-only: results "
+            "are reused while the checkpoint is unchanged") from None
 
 
 def mine(store, kind: str, model: torch.nn.Module, recipe: Recipe, checkpoint_sha: str, *,

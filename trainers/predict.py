@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from engine import storage as storages   # no zarr until a store is opened
 from engine.device import DEVICES, resolve_device
 from preprocess.ela import compute_ela
 from preprocess.source import DEFAULT_MAX_PIXELS, BadInput, load_image
@@ -226,7 +227,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=HelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", type=Path, help="folder of PNG images (case id = file stem)")
-    source.add_argument("--store", type=Path, help="forgery store to predict a split of")
+    source.add_argument("--store", type=storages.location,
+                        help="forgery store to predict a split of (a path or a URL)")
     parser.add_argument("--out", type=Path, default=Path("submission.csv"),
                         help="the CSV to write (default submission.csv); replaced only "
                              "when complete")
@@ -237,7 +239,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="stop at the first image that cannot be read (exit 2, nothing "
                              "written) instead of writing 'authentic' for it")
     add_ensemble_options(parser)
+    storages.add_arguments(parser)
     args = parser.parse_args(argv)
+    storages.configure_from(args)
     if args.out.is_dir():
         parser.error(f"--out {args.out} is a folder; name the CSV to write, "
                      f"e.g. {args.out / 'submission.csv'}")

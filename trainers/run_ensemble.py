@@ -34,6 +34,7 @@ import time
 from graphlib import TopologicalSorter
 from pathlib import Path
 
+from engine import storage as storages
 from engine import store as layout
 from engine.device import DEVICES
 from engine.recipes import RECIPES, SIZE_CLASS_NAMES
@@ -211,7 +212,7 @@ def evaluate_run(args: argparse.Namespace) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--store", type=Path, default=layout.DEFAULT_STORE,
+    p.add_argument("--store", type=storages.location, default=layout.DEFAULT_STORE,
                    help=f"the store (default: {layout.DEFAULT_STORE})")
     p.add_argument("--out", type=Path, default=run_folder.DEFAULT_RUN,
                    help=f"the run folder for all six members (default: {run_folder.DEFAULT_RUN})")
@@ -225,7 +226,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the ensemble's threshold/minimum-area operating point (default: default)")
     p.add_argument("--images", type=Path,
                    help="also predict this folder of test PNGs into OUT/submission.csv")
+    p.add_argument("--mining-dir", type=Path, default=None,
+                   help="keep mining results in this local folder instead of the store "
+                        "(for a read-only store; default: in the store)")
+    storages.add_arguments(p)
     args = p.parse_args(argv)
+    storages.configure_from(args)   # the members' processes inherit these two
+    layout.use_mining_dir(args.mining_dir)
     if args.out.exists() and not args.out.is_dir():
         p.error(f"--out {args.out}: is a file; the run folder is a folder")
     return args

@@ -35,6 +35,7 @@ from scipy import sparse
 from scipy.optimize import linear_sum_assignment
 
 from engine.reader import WindowReader
+from engine import storage as storages
 from engine.store import SPLITS
 from engine.store import StoreError, image_path, open_store, read_meta
 from trainers.atomic import atomic_open
@@ -288,10 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--submission", type=Path, help="submission CSV: case_id,annotation")
     parser.add_argument("--write-solution", type=Path, metavar="CSV",
                         help="instead of scoring, write the solution CSV of --store's --split")
-    parser.add_argument("--store", type=Path, help="store to write the solution from")
+    parser.add_argument("--store", type=storages.location,
+                        help="store to write the solution from (a path or a URL)")
     parser.add_argument("--split", default="val", choices=[*SPLITS, "all"],
                         help="with --write-solution: which rows of --store")
+    storages.add_arguments(parser)
     args = parser.parse_args(argv)
+    storages.configure_from(args)
     try:
         if args.write_solution:
             if not args.store:

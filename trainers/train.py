@@ -46,6 +46,7 @@ import torch
 from tqdm import tqdm
 
 import engine
+from engine import storage as storages
 from engine import store as layout
 from engine.device import DEVICES, resolve_device
 from engine.loader import (BACKENDS, MEMORY_FORMATS, SharedMemoryError, cores_per_process,
@@ -77,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=HelpFormatter)
     p.add_argument("--member", required=True, choices=list(RECIPES))
-    p.add_argument("--store", type=Path, default=layout.DEFAULT_STORE,
+    p.add_argument("--store", type=storages.location, default=layout.DEFAULT_STORE,
                    help=f"the store (default: {layout.DEFAULT_STORE})")
     p.add_argument("--out", type=Path, default=run_folder.DEFAULT_RUN,
                    help="the run folder (a folder): OUT/models, OUT/logs, OUT/config.json; the "
@@ -130,7 +131,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--record-samples", action="store_true",
                    help="write the meta rows this process trained on to "
                         "logs/<member>_samples_rank<R>.npy")
+    p.add_argument("--mining-dir", type=Path, default=None,
+                   help="keep mining results in this local folder instead of the store "
+                        "(for a read-only store; default: in the store)")
+    storages.add_arguments(p)
     args = p.parse_args(argv)
+    storages.configure_from(args)
+    layout.use_mining_dir(args.mining_dir)
     for name in ("epochs", "img_size", "batch_size", "max_steps", "early_stop"):
         value = getattr(args, name)
         if value is not None and value < 1:

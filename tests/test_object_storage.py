@@ -1,0 +1,246 @@
+"""Stores on object storage, against a real S3 API: the session's moto
+server (tests/conftest.py, s3_server). A store built to s3:// from the demo
+source is verified, loaded (the same batches as the local build, bit for
+bit), trained from, mined (into the bucket, or a local --mining-dir) and
+predicted from; a killed upload is refused, then
+resumed; a second build is refused; wrong credentials and an unreachable
+endpoint end in one clear line."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import engine
+from engine import storage as storages
+from engine import store as layout
+from engine.reader import WindowReader
+from preprocess import build_zarr, verify_store
+from trainers import predict as predict_cli
+from trainers.train import main as train_main
+
+ROOT = Path(__file__).resolve().parents[1]
+BUCKET = "forgery-tests"
+
+
+def s3_target(url: str):
+    return storages.open_storage(url, read_only=False)
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server):
+    import boto3
+    boto3.session.Session().client("s3").create_bucket(Bucket=BUCKET)   # the env's key now
+    return f"s3://{BUCKET}"
+
+
+@pytest.fixture(scope="module")
+def s3_store(bucket, demo_source, tmp_path_factory):
+    """The demo source built to s3:// by the CLI."""
+    url = f"{bucket}/demo.zarr"
+    staging = tmp_path_factory.mktemp("staging") / "demo.zarr"
+    assert build_zarr.main(["--source", str(demo_source), "--out", url, "--staging", str(staging),
+                            "--workers", "2", "--no-figure"]) == 0
+    return url
+
+
+def test_the_store_on_s3_is_the_local_build_object_for_object(s3_store, demo_store):
+    target = s3_target(s3_store)
+    local = {p.relative_to(demo_store).as_posix(): p.read_bytes()
+             for p in demo_store.rglob("*") if p.is_file() and p.name != build_zarr.REPORT}
+    remote = target.sizes("")
+    assert set(remote) - {build_zarr.REPORT} == set(local)   # no lock object left behind
+    for key in ("zarr.json", "meta/label/c/0", "images/0/0/c.0.0.0"):
+        assert target.read(key) == local[key], key
+    assert layout.open_store(s3_store).attrs["fingerprint"] == \
+        layout.open_store(demo_store).attrs["fingerprint"]
+    # a rerun finds the complete store and changes nothing
+    assert build_zarr.build_store(Path("unused"), s3_store) is None
+
+
+def test_verify_reads_every_chunk_of_the_s3_store(s3_store, capsys):
+    assert verify_store.main([s3_store]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"{s3_store}: clean")
+
+
+def batches(store, count=2):
+    with engine.make_loader(store, "highres_no_ela", batch_size=4, img_size=128, device="cpu",
+                            backend="opencv", workers=1, seed=3) as loader:
+        return [{k: v.clone() for k, v in batch.items() if isinstance(v, torch.Tensor)}
+                for _, batch in zip(range(count), loader)]
+
+
+def test_loader_from_s3_gives_the_local_builds_batches_bit_for_bit(s3_store, demo_store):
+    for remote, local in zip(batches(s3_store), batches(demo_store), strict=True):
+        assert remote.keys() == local.keys()
+        for key in local:
+            assert torch.equal(remote[key], local[key]), key
+
+
+def test_the_cache_serves_a_second_read_from_local_disk(s3_store, tmp_path):
+    cached = storages.CachedStorage(storages.open_storage(s3_store), tmp_path / "cache", 10**9)
+    reader = WindowReader(s3_store)
+    reader.storage = cached
+    first = reader.read_array(layout.image_path(1))
+    assert any((tmp_path / "cache").rglob("*"))
+
+    class Offline:   # no pixel reads from S3: everything must come from the cache
+        def where(self, key=""):
+            return f"{s3_store}/{key}"
+
+        def read(self, key, *ranges):
+            raise AssertionError(f"read {key} from S3")
+        read_ranges = read_suffix = read
+
+    again = WindowReader(s3_store)
+    again.storage = storages.CachedStorage(Offline(), tmp_path / "cache", 10**9)
+    again.storage._root = cached.root
+    assert np.array_equal(again.read_array(layout.image_path(1)), first)
+
+
+def cache_bytes(folder):
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+def read_rows(s3_store, cached, rows=range(6)):
+    reader = WindowReader(s3_store)
+    reader.storage = cached
+    for row in rows:
+        reader.read_array(layout.image_path(row))
+
+
+def test_the_cache_stays_under_its_limit(s3_store, tmp_path):
+    read_rows(s3_store, storages.CachedStorage(storages.open_storage(s3_store),
+                                               tmp_path / "all", 10**9))
+    count, everything = cache_bytes(tmp_path / "all")
+    limit = everything // 2
+    # read again with half the room: the writes trim as they go
+    cached = storages.CachedStorage(storages.open_storage(s3_store), tmp_path / "half", limit)
+    read_rows(s3_store, cached)
+    assert 0 < cache_bytes(tmp_path / "half")[1] < everything
+    cached.trim()
+    kept, size = cache_bytes(tmp_path / "half")
+    assert 0 < kept < count and size <= limit
+
+
+def test_train_mine_and_predict_from_s3(s3_store, tmp_path, monkeypatch):
+    for name in (storages.CACHE_ENV, layout.MINING_DIR_ENV):
+        monkeypatch.setenv(name, "")   # restored after the test: the flags set them
+    run = tmp_path / "run"
+
+    def train(member, *extra):
+        return train_main(["--member", member, "--store", s3_store, "--out", str(run),
+                           "--epochs", "1", "--max-steps", "2", "--encoder-weights", "none",
+                           "--encoder", "timm-mobilenetv3_small_minimal_100", "--img-size", "64",
+                           "--batch-size", "2", "--device", "cpu", "--workers", "0",
+                           "--cache", str(tmp_path / "cache"), *extra])
+
+    assert train("highres_no_ela") == 0
+    assert any((tmp_path / "cache").rglob("*"))
+    target = s3_target(s3_store)
+    # mining for a store that cannot be written: into the local --mining-dir
+    assert train("hard_negative", "--mining-dir", str(tmp_path / "mined")) == 0
+    fingerprint = layout.open_store(s3_store).attrs["fingerprint"]
+    assert (tmp_path / "mined" / fingerprint / "mining" / "hard_negative" / "zarr.json").is_file()
+    assert target.keys("mining/") == []
+    # without it: next to the store's other arrays, on S3, and read from there
+    monkeypatch.setenv(layout.MINING_DIR_ENV, "")
+    assert train("hard_negative", "--overwrite") == 0
+    assert "mining/hard_negative/zarr.json" in target.keys("mining/")
+    assert layout.read_mining(layout.open_store(s3_store), "hard_negative")["checkpoint"]
+
+    out = tmp_path / "submission.csv"
+    assert predict_cli.main(["--store", s3_store, "--models", str(run / "models"),
+                             "--members", "highres_no_ela", "--device", "cpu",
+                             "--out", str(out)]) == 0
+    meta = layout.read_meta(layout.open_store(s3_store))
+    assert len(out.read_text().splitlines()) == 1 + int((meta["split"] == 1).sum())
+
+
+# a build that kills itself (SIGKILL) after its second batch of uploaded objects
+KILLED_BUILD = """
+import os, signal, sys
+from engine import storage
+from preprocess import build_zarr
+build_zarr.UPLOAD_BATCH = 4
+write_many, sent = storage.ZarrStorage.write_many, []
+def dying(self, items):
+    write_many(self, items)
+    sent.append(len(items))
+    if len(sent) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+storage.ZarrStorage.write_many = dying
+sys.exit(build_zarr.main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_upload_is_refused_then_resumed(bucket, demo_source, demo_store, tmp_path):
+    url = f"{bucket}/killed.zarr"
+    args = ["--source", str(demo_source), "--out", url, "--staging", str(tmp_path / "staging"),
+            "--workers", "1", "--no-figure"]
+    done = subprocess.run([sys.executable, "-c", KILLED_BUILD, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == -9, done.stderr
+    with pytest.raises(layout.StoreError, match="its build did not finish.*rerun build_zarr"):
+        layout.open_store(url)
+    target = s3_target(url)
+    total = sum(1 for p in (tmp_path / "staging").rglob("*") if p.is_file())
+    # the unfinished root, the lock and the two batches: 8 objects, not the store's `total`
+    assert 8 <= len(target.keys("")) < total
+    assert target.exists(build_zarr.REMOTE_LOCK)
+    # the rerun takes over the dead build's lock (same host) and sends only what is missing
+    sent = build_zarr.upload_store
+    counts = []
+    build_zarr.upload_store = lambda staging, t: counts.append(sent(staging, t)) or counts[-1]
+    try:
+        assert build_zarr.main(args) == 0
+    finally:
+        build_zarr.upload_store = sent
+    assert counts and counts[0] <= total - 8 + 1
+    assert layout.open_store(url).attrs["fingerprint"] == \
+        layout.open_store(demo_store).attrs["fingerprint"]
+    assert not target.exists(build_zarr.REMOTE_LOCK)
+    assert verify_store.main([url]) == 0
+
+
+def test_a_second_build_is_refused_while_another_host_holds_the_lock(bucket, demo_source,
+                                                                     tmp_path, capsys):
+    url = f"{bucket}/locked.zarr"
+    target = s3_target(url)
+    holder = {"pid": 4242, "host": "another-node", "started": "2026-01-01T00:00:00+00:00"}
+    assert target.create(build_zarr.REMOTE_LOCK, json.dumps(holder).encode())
+    assert not target.create(build_zarr.REMOTE_LOCK, b"{}")   # S3's If-None-Match: one winner
+    assert build_zarr.main(["--source", str(demo_source), "--out", url, "--staging",
+                            str(tmp_path / "staging"), "--no-figure"]) == 2
+    err = capsys.readouterr().err
+    assert "another build is writing it (PID 4242 on host another-node" in err
+    assert len(err.strip().splitlines()) == 1
+    assert target.keys("") == [build_zarr.REMOTE_LOCK]   # nothing built, the lock untouched
+
+
+def test_wrong_credentials_are_one_clear_line(s3_store, monkeypatch, capsys):
+    monkeypatch.setenv(storages.OPTIONS_ENV, json.dumps({"key": "nobody", "secret": "wrong"}))
+    with pytest.raises(layout.StoreError, match="access denied.*AWS_ACCESS_KEY_ID"):
+        layout.open_store(s3_store)
+    assert verify_store.main([s3_store]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "access denied" in err and len(err.splitlines()) == 1
+
+
+def test_an_unreachable_endpoint_is_one_clear_line(s3_store, capsys, monkeypatch):
+    monkeypatch.setenv(storages.OPTIONS_ENV, "{}")   # restored after the test: the flag sets it
+    with socket.socket() as probe:   # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert verify_store.main([s3_store, "--storage-option",
+                              f"endpoint_url=http://127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot reach its storage" in err and "AWS_ENDPOINT_URL" in err
+    assert len(err.splitlines()) == 1
