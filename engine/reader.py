@@ -103,14 +103,12 @@ class _PixelArray:
     def read_box(self, start: tuple[int, ...], stop: tuple[int, ...]) -> np.ndarray:
         """The pixels of [start, stop) along every axis."""
         out = np.empty(tuple(b - a for a, b in zip(start, stop)), self.dtype)
+        spans = [range(a // c, (b - 1) // c + 1) for a, b, c in zip(start, stop, self.chunks)]
         # per axis, each chunk's (slice of out, slice of the chunk)
         parts = [[(slice(max(a, i * c) - a, min(b, (i + 1) * c) - a),
-                   slice(max(a, i * c) - i * c, min(b, (i + 1) * c) - i * c))
-                  for i in range(a // c, (b - 1) // c + 1)]
-                 for a, b, c in zip(start, stop, self.chunks)]
-        indices = np.array(list(itertools.product(*(range(a // c, (b - 1) // c + 1)
-                                                    for a, b, c in zip(start, stop, self.chunks)))),
-                           np.int64).reshape(-1, len(self.shape))
+                   slice(max(a, i * c) - i * c, min(b, (i + 1) * c) - i * c)) for i in span]
+                 for a, b, c, span in zip(start, stop, self.chunks, spans)]
+        indices = np.array(list(itertools.product(*spans)), np.int64).reshape(-1, len(self.shape))
         chunks = np.empty((len(indices),) + self.chunks, self.dtype)
         stored = self._fetch(indices, chunks)
         for k, part in enumerate(itertools.product(*parts)):
