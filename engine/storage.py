@@ -241,10 +241,16 @@ class CachedStorage:
 
     def _keep(self, key: str, what: str, data: bytes) -> None:
         path = self._path(key, what)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError:
+            # a full disk, or another process's trim took the temporary file:
+            # the cache only saves requests, so the read goes on without it
+            tmp.unlink(missing_ok=True)
+            return
         self._written += len(data)
         if self._written * self.TRIM_SHARE > self.limit:
             self._written = 0

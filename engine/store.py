@@ -102,8 +102,9 @@ def rebuild_command(store: str | os.PathLike) -> str:
     settings (root attribute `build`) record; without --source the builder
     would write the demo over it, so an unknown source stays a placeholder."""
     try:
-        source = json.loads((Path(store) / "zarr.json").read_text())["attributes"]["build"]["source"]
-    except (OSError, ValueError, KeyError, TypeError):
+        root = storages.open_storage(store).read("zarr.json")
+        source = json.loads(root)["attributes"]["build"]["source"]
+    except Exception:   # for a message: whatever fails (no root, no storage) leaves the placeholder
         source = "SOURCE_FOLDER"
     return f"python preprocess/build_zarr.py --source {source} --out {store} --overwrite"
 
