@@ -70,6 +70,7 @@ def s3_server():
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
     saved = {k: os.environ.get(k) for k in env}
+    unchecked = settings.INITIAL_NO_AUTH_ACTION_COUNT
     os.environ.update(env)
     try:
         import boto3
@@ -88,6 +89,7 @@ def s3_server():
                "secret": key["SecretAccessKey"]}
     finally:
         server.stop()
+        settings.INITIAL_NO_AUTH_ACTION_COUNT = unchecked
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

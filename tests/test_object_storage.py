@@ -64,6 +64,23 @@ def test_the_store_on_s3_is_the_local_build_object_for_object(s3_store, demo_sto
     assert build_zarr.build_store(Path("unused"), s3_store) is None
 
 
+def test_a_file_url_is_the_local_store(demo_store):
+    url = f"file://{demo_store}"
+    assert not storages.is_url(url) and storages.location(url) == demo_store
+    assert layout.open_store(url).attrs["fingerprint"] == \
+        layout.open_store(demo_store).attrs["fingerprint"]
+    assert isinstance(WindowReader(url).storage, storages.LocalStorage)
+
+
+@pytest.mark.parametrize("text, option", [
+    ("endpoint_url=http://host:9000", ("endpoint_url", "http://host:9000")),
+    ("anon=true", ("anon", True)),
+    ('client_kwargs={"region_name": "eu"}', ("client_kwargs", {"region_name": "eu"})),
+])
+def test_storage_options_read_their_values_as_json_where_they_parse(text, option):
+    assert storages.parse_option(text) == option
+
+
 def test_verify_reads_every_chunk_of_the_s3_store(s3_store, capsys):
     assert verify_store.main([s3_store]) == 0
     assert capsys.readouterr().out.strip().endswith(f"{s3_store}: clean")
