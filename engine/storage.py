@@ -397,7 +397,7 @@ def configure_from(args) -> None:
 def storage_options(url: str) -> dict:
     """fsspec options for `url`: the defaults of its protocol, then configure()'s."""
     defaults = S3_DEFAULTS if url.split("://")[0] in ("s3", "s3a") else {}
-    return {**json.loads(json.dumps(defaults)), **json.loads(os.environ.get(OPTIONS_ENV, "{}"))}
+    return {**json.loads(json.dumps(defaults)), **json.loads(os.environ.get(OPTIONS_ENV) or "{}")}
 
 
 def zarr_store(url: str, read_only: bool = True):
