@@ -34,6 +34,7 @@ store on 2 cores in under 3 minutes.
 
     python benchmarks/loader_throughput.py                  # demo store
     python benchmarks/loader_throughput.py --realistic      # 300 images, 500-3000 px
+    python benchmarks/loader_throughput.py --store s3://bucket/store.zarr   # reads from a URL
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ import numpy as np
 import torch
 
 from benchmarks.baseline_loader import make_replaced_loader, unsupported_ops
-from engine import sampling, worker_ops
+from engine import sampling, storage, worker_ops
 from engine import store as layout
 from engine.loader import make_loader, planar_float, resolve_backend, resolve_device
 from engine.pipeline import BACKENDS, PREFETCH_PER_WORKER, OpencvBackend
@@ -389,9 +390,13 @@ def draw_chart(results: dict, path: Path):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--store", type=Path, default=layout.DEFAULT_STORE,
+    p.add_argument("--store", type=storage.location, default=layout.DEFAULT_STORE,
                    help="the store to read (built from a source folder that still exists: "
-                        "the replaced loader reads its PNGs)")
+                        "the replaced loader reads its PNGs); a URL measures reads from it "
+                        "against --compare-local (benchmarks/remote_reads.py)")
+    p.add_argument("--compare-local", type=Path,
+                   help="with a URL --store: the same store on local disk (default: the "
+                        "staging folder its build kept, data/staging/<URL as a name>)")
     p.add_argument("--realistic", action="store_true",
                    help=f"generate and build a store of {REALISTIC['count']} images, "
                         f"{REALISTIC['min_side']}-{REALISTIC['max_side']} px, under data/bench")
@@ -425,6 +430,7 @@ def parse_args(argv=None):
     p.add_argument("--json", type=Path, default=DEFAULT_JSON,
                    help="the figures, written (atomically) also when the run is stopped")
     p.add_argument("--png", type=Path, help="chart of a complete run (default: next to --json)")
+    storage.add_arguments(p, cache=False)
     args = p.parse_args(argv)
     if args.train_members is None:
         args.train_members = [TRAIN_MEMBER if TRAIN_MEMBER in args.members else args.members[0]]
@@ -572,9 +578,64 @@ def report(results: dict, rounds: int) -> None:
             print(f"{member}: the replaced loader skips {', '.join(r['replaced_skips'])}")
 
 
+def run_stoppable(results: dict, measure) -> None:
+    """measure() with SIGINT and SIGTERM turned into Stopped: `results` says
+    whether it finished ("partial") or what stopped it ("stopped")."""
+    previous = {signum: signal.signal(signum, _stop) for signum in _STOP_SIGNALS}
+    try:
+        measure()
+        results["partial"] = False
+    except Stopped as stop:
+        results["stopped"] = str(stop)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def write_results(results: dict, args, started: float) -> int:
+    """The JSON (also of a partial run), the wall time, the exit status."""
+    results["wall_seconds"] = time.perf_counter() - started
+    with atomic_open(args.json) as handle:
+        json.dump(results, handle, indent=2)
+    print(f"figures: {args.json}" + (" (partial)" if results["partial"] else ""))
+    print(f"total wall time {time.perf_counter() - started:.0f} s")
+    return 0 if not results["partial"] else 128 + signal.Signals[results["stopped"]].value
+
+
+def main_remote(args, started: float) -> int:
+    """--store URL: reads from the URL (no cache, a cold and a warm cache)
+    against the local copy of the store (benchmarks/remote_reads.py)."""
+    from benchmarks import remote_reads
+    from preprocess.build_zarr import default_staging
+
+    url, local = args.store, args.compare_local or default_staging(args.store)
+    layout.open_store(local)   # a missing local copy: its one-line StoreError now
+    results = {"store": url, "local": str(local), "img_size": args.img_size,
+               "batch_size": args.batch_size, "workers": args.workers, "cpu_count": os.cpu_count(),
+               "partial": True, "stopped": None, "members": {}}
+
+    def measure():
+        for member in args.members:
+            print(f"[{member}] reads: local disk, then {url} without a cache, with a cold and a "
+                  "warm cache ...", flush=True)
+            loader = make_loader(url, member, batch_size=args.batch_size, img_size=args.img_size,
+                                 seed=args.seed, workers=0)
+            jobs = [(rows, windows, args.img_size)
+                    for rows, windows, _, _ in planned_batches(loader, args.batches)]
+            results["members"][member] = remote_reads.measure_member(
+                url, local, jobs, loader.reader.with_ela, args.workers)
+
+    run_stoppable(results, measure)
+    remote_reads.report(url, local, results["members"])
+    return write_results(results, args, started)
+
+
 def main(argv=None) -> int:
     started = time.perf_counter()
     args = parse_args(argv)
+    storage.configure_from(args)
+    if storage.is_url(str(args.store)):
+        return main_remote(args, started)
     store = realistic_store(Path("data/bench")) if args.realistic else args.store
     source_files(store)  # fail early when the replaced loader cannot read the sources
     legacy = legacy_format_store(Path(store)) if args.compare_format else None
@@ -582,32 +643,23 @@ def main(argv=None) -> int:
     results = {"store": str(store), "img_size": args.img_size, "batch_size": args.batch_size,
                "workers": args.workers, "cpu_count": os.cpu_count(), "device": str(device),
                "partial": True, "stopped": None, "members": {}}
-    previous = {signum: signal.signal(signum, _stop) for signum in _STOP_SIGNALS}
-    try:
+
+    def measure():
         for member in args.members:
             row = results["members"][member] = {"backend": resolve_backend("auto", device),
                                                 "replaced_skips": unsupported_ops(get_recipe(member))}
             measure_member(store, member, args, device, row, legacy)
-        results["partial"] = False
-    except Stopped as stop:
-        results["stopped"] = str(stop)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+
+    run_stoppable(results, measure)
     for row in results["members"].values():
         if "rounds" in row:
             summarise(row)
-    results["wall_seconds"] = time.perf_counter() - started
     report(results, args.rounds)
-    with atomic_open(args.json) as handle:
-        json.dump(results, handle, indent=2)
-    print(f"figures: {args.json}" + (" (partial)" if results["partial"] else ""))
     if not results["partial"]:
         png = args.png or args.json.with_suffix(".png")
         draw_chart(results, png)
         print(f"chart: {png}")
-    print(f"total wall time {time.perf_counter() - started:.0f} s")
-    return 0 if not results["partial"] else 128 + signal.Signals[results["stopped"]].value
+    return write_results(results, args, started)
 
 
 if __name__ == "__main__":

@@ -261,3 +261,27 @@ def test_an_unreachable_endpoint_is_one_clear_line(s3_store, capsys, monkeypatch
     err = capsys.readouterr().err.strip()
     assert "cannot reach its storage" in err and "AWS_ENDPOINT_URL" in err
     assert len(err.splitlines()) == 1
+
+
+def test_the_loader_benchmark_reads_a_url_against_local_disk(s3_store, demo_store, tmp_path):
+    """benchmarks/loader_throughput.py --store URL: the same windows fetch the
+    same bytes from the bucket as from local disk, a warm cache asks the
+    server only for the store's root document, and the figures land in the JSON."""
+    from benchmarks import loader_throughput
+
+    out = tmp_path / "remote.json"
+    assert loader_throughput.main(["--store", s3_store, "--compare-local", str(demo_store),
+                                   "--members", "small_specialist", "--batches", "2",
+                                   "--batch-size", "4", "--img-size", "64", "--workers", "1",
+                                   "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert not figures["partial"]
+    rows = figures["members"]["small_specialist"]
+    assert list(rows) == ["local disk", "no cache", "cache, cold", "cache, warm"]
+    assert rows["no cache"]["kB_per_sample"] == pytest.approx(rows["local disk"]["kB_per_sample"])
+    assert rows["no cache"]["requests_per_sample"] == rows["local disk"]["requests_per_sample"] > 0
+    # warm: one request per reader process, the store's root document (its
+    # hash names the cache's folder), for the 8 samples of 2 batches of 4
+    assert rows["cache, warm"]["requests_per_sample"] * 8 == 1
+    assert rows["cache, warm"]["kB_per_sample"] * 8 < 2
+    assert all(r["samples_per_s"] > 0 for r in rows.values())
