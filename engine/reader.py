@@ -48,7 +48,11 @@ import zarr
 from engine import store as layout
 from engine.storage import is_url, open_storage, storage_of
 
-MAX_OPEN_ARRAYS = 4096   # arrays whose metadata and shard index a reader keeps, oldest out first
+# arrays whose metadata and shard index a reader keeps, oldest out first:
+# about 0.9 kB each, so some 30 MB per reader process at most; enough for the
+# arrays a member reads of a store of 10k images, where reading an array the
+# first time costs a sample about 0.3 ms more (docs/performance.md, "Store")
+MAX_OPEN_ARRAYS = 32768
 
 
 @dataclass
