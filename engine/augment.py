@@ -18,7 +18,9 @@ engine/ops.py) runs in three places:
 
 The batch is torch tensors on the CPU or a GPU:
 
-    image  float32 B x C x H x W in [0, 1]; C = 3 (RGB) or 4 (RGB + ELA)
+    image  float32 B x C x H x W, each channel scaled but not yet shifted
+           (Loader.to_float: black is 0, the value the affine's border and
+           the dropout's holes fill with); C = 3 (RGB) or 4 (RGB + ELA)
     mask   float32 B x 1 x H x W, 0/1
 """
 from __future__ import annotations
