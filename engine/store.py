@@ -304,10 +304,11 @@ def create_pixels(group: zarr.Group, path: str, data: np.ndarray,
     replacing any array there.
 
     The array's zarr.json and its objects are encoded here and written
-    through the group's storage (engine/storage.py), byte for byte what
-    zarr-python writes (tests/test_build_zarr.py): its per-array and
-    per-chunk asyncio overhead cost the builder more than compressing the
-    pixels. Unsharded masks are written only over the chunks that meet
+    through the group's storage (engine/storage.py): the metadata and the
+    chunk bytes zarr-python writes for the same pixels, a shard's chunks in
+    C order where zarr puts them in Morton order (tests/test_build_zarr.py);
+    zarr-python's per-array and per-chunk asyncio overhead cost the builder
+    more than compressing the pixels. Unsharded masks are written only over the chunks that meet
     their non-zero bounding box (per layer for instances_mask), all-zero
     chunks left out and the written ones listed (WRITTEN_CHUNKS): recording
     them cost nothing, where writing the all-zero chunks too would have
