@@ -2,6 +2,7 @@
 folder (config, per-step logs, TensorBoard, curves), reruns refused unless
 resumed or overwritten, Ctrl-C, and encoder weights from a file or offline."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from engine import store as layout
 from trainers import run_folder
 from trainers.checkpoint import last_path, load_checkpoint
 from trainers.model import WeightsUnavailable, build_model
-from trainers.train import main
+from trainers.train import StopOnInterrupt, main
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_ENCODER = "timm-mobilenetv3_small_minimal_100"
@@ -180,3 +181,19 @@ def test_offline_imagenet_weights_fail_within_seconds(monkeypatch, capsys, store
     assert status == 2 and time.monotonic() - started < 15
     err = capsys.readouterr().err
     assert "did not answer" in err and "--encoder-weights none" in err and "Traceback" not in err
+
+
+def test_a_ctrl_c_during_an_update_is_raised_once_after_it():
+    """The Ctrl-C that lands inside a step (or a checkpoint write) waits for
+    it, is raised once, and then lets the interrupted run save its last
+    checkpoint (a second raise there once made the run exit with -2, not 130)."""
+    stop = StopOnInterrupt()
+    steps = []
+    with stop:
+        with pytest.raises(KeyboardInterrupt):
+            with stop.updating():
+                os.kill(os.getpid(), signal.SIGINT)
+                steps.append("step finished")
+        with stop.updating():   # the run's last save
+            steps.append("saved")
+    assert steps == ["step finished", "saved"]

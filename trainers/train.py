@@ -240,6 +240,8 @@ class StopOnInterrupt:
         finally:
             self.in_update = False
         if self.pending:
+            # raised once: the interrupted run's own last save must not raise it again
+            self.pending = False
             raise KeyboardInterrupt
 
 
@@ -403,20 +405,22 @@ def train_one_epoch(t: Training, epoch: int) -> dict:
             break
         torch.manual_seed(step_seed(t.seed, epoch, run["step"], ddp.rank))
         loss = backward(t.net, batch, t.criterion, t.optimizer, t.scaler, ddp.device, recipe.grad_clip)
+        # the step, its log row and its recorded rows, all or none: a Ctrl-C
+        # waits for the block, so the checkpoint and the logs agree
         with t.stop.updating():
             update(t.optimizer, t.scaler)
             run["step"] += 1
             run["global_step"] += 1
+            if args.record_samples:
+                t.seen_rows.append(batch["index"].numpy())
+            now = time.perf_counter()
+            t.log.add(loss, global_step=run["global_step"], epoch=epoch, step=run["step"],
+                      lr=t.optimizer.param_groups[0]["lr"],
+                      samples_per_s=len(batch["index"]) * ddp.world_size / (now - last),
+                      data_wait_share=waited / (now - last))
         loss_sum += loss
         samples += len(batch["index"])
         wait += waited
-        if args.record_samples:
-            t.seen_rows.append(batch["index"].numpy())
-        now = time.perf_counter()
-        t.log.add(loss, global_step=run["global_step"], epoch=epoch, step=run["step"],
-                  lr=t.optimizer.param_groups[0]["lr"],
-                  samples_per_s=len(batch["index"]) * ddp.world_size / (now - last),
-                  data_wait_share=waited / (now - last))
         last = now
         bar.update()
         if len(t.log.rows) == 0 or run["step"] - first_step == steps_to_run:
