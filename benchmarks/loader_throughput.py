@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import signal
 import sys
@@ -52,6 +51,7 @@ import numpy as np
 import torch
 
 from benchmarks.baseline_loader import make_replaced_loader, unsupported_ops
+from benchmarks.remote_reads import read_batch, reading_pool
 from engine import sampling, storage, worker_ops
 from engine import store as layout
 from engine.loader import make_loader, planar_float, resolve_backend, resolve_device
@@ -119,19 +119,6 @@ def _time_batches(batches_iter, batches: int) -> tuple[float, int]:
     return time.perf_counter() - start, samples
 
 
-_READER = None
-
-
-def _open_reader(store, with_ela):
-    global _READER
-    _READER = WindowReader(store, with_ela=with_ela)
-
-
-def _read_batch(args):
-    rows, windows, out_size = args
-    return sum(_READER.read(int(r), w, out_size).image.nbytes for r, w in zip(rows, windows))
-
-
 def engine_stream(store, member, backend: str, **kwargs):
     """(loader, its batch stream past the first batch, pipeline start-up)."""
     loader = make_loader(store, member, backend="opencv" if backend == WORKER_FLOAT else backend,
@@ -163,17 +150,12 @@ def measure_engine(stream, batches: int) -> float:
     return samples / seconds
 
 
-def reading_pool(store, with_ela, workers):
-    """Processes that only read windows (measure_read_limit), started once per member."""
-    return mp.get_context("spawn").Pool(max(1, workers), _open_reader, (str(store), with_ela))
-
-
 def measure_read_limit(pool, loader, img_size, workers, batches) -> float:
     """Samples/s of reading the windows' blocks alone, in the pool's `workers` processes."""
     jobs = [(rows, windows, img_size) for rows, windows, _, _ in planned_batches(loader, batches)]
-    pool.map(_read_batch, jobs[:max(1, workers)], chunksize=1)
+    pool.map(read_batch, jobs[:max(1, workers)], chunksize=1)
     start = time.perf_counter()
-    pool.map(_read_batch, jobs, chunksize=1)
+    pool.map(read_batch, jobs, chunksize=1)
     seconds = time.perf_counter() - start
     return sum(len(rows) for rows, _, _ in jobs) / seconds
 

@@ -1,5 +1,7 @@
 """Reads of a store at a URL against the same store on local disk, in one run
-(`benchmarks/loader_throughput.py --store URL` runs this).
+(`benchmarks/loader_throughput.py --store URL` runs this), with the pool of
+processes that only read windows (reading_pool, read_batch), which also
+measures the loader benchmark's read limit.
 
 For each member, the windows of its first --batches planned batches are read
 by --workers fresh processes that only read (the loader's read limit), in
@@ -72,12 +74,19 @@ def _open_reader(store: str, with_ela: bool) -> None:
     _READER.meta   # the store opened and meta/ read once per process, as a loader's worker does
 
 
-def _read_batch(job) -> tuple[int, int, int]:
+def read_batch(job) -> tuple[int, int, int]:
+    """A pool worker's read of one batch's windows: (samples, requests to
+    the store, bytes fetched)."""
     rows, windows, out_size = job
     before = _COUNTER.requests, _COUNTER.bytes
     for row, window in zip(rows, windows):
         _READER.read(int(row), window, out_size)
     return len(rows), _COUNTER.requests - before[0], _COUNTER.bytes - before[1]
+
+
+def reading_pool(store, with_ela: bool, workers: int):
+    """Processes that only read windows (read_batch), each with its reader open."""
+    return mp.get_context("spawn").Pool(max(1, workers), _open_reader, (str(store), with_ela))
 
 
 def read_pass(store: str, jobs: list, with_ela: bool, workers: int, cache: Path | None) -> dict:
@@ -87,10 +96,10 @@ def read_pass(store: str, jobs: list, with_ela: bool, workers: int, cache: Path 
     try:
         if cache is not None:
             storage.configure(cache=cache)   # the workers take it from the environment
-        with mp.get_context("spawn").Pool(max(1, workers), _open_reader, (str(store), with_ela)) as pool:
+        with reading_pool(store, with_ela, workers) as pool:
             pool.map(time.sleep, [0.2] * max(1, workers))   # started before the clock
             start = time.perf_counter()
-            counts = pool.map(_read_batch, jobs, chunksize=1)
+            counts = pool.map(read_batch, jobs, chunksize=1)
             seconds = time.perf_counter() - start
     finally:
         os.environ.pop(storage.CACHE_ENV, None)

@@ -40,7 +40,6 @@ import math
 import os
 from dataclasses import dataclass
 
-import google_crc32c
 import numcodecs
 import numpy as np
 import zarr
@@ -208,8 +207,8 @@ class _PixelArray:
         if len(raw) < 4:
             raise self._damage(key, f"corrupt chunk ({len(raw)} bytes, shorter than its "
                                     "4-byte checksum)")
-        raw, stored = raw[:-4], int.from_bytes(raw[-4:].tobytes(), "little")
-        if google_crc32c.value(raw) != stored:
+        raw, trailer = raw[:-4], raw[-4:].tobytes()
+        if layout.checksum_bytes(raw) != trailer:
             raise self._damage(key, "corrupt chunk (crc32c checksum mismatch: flipped bytes "
                                     "or a truncated file)")
         if self._decoder is None:

@@ -58,7 +58,6 @@ import zarr
 
 from engine.recipes import SIZE_CLASS_EDGES
 from engine import storage as storages
-from engine.storage import storage_of
 
 FORMAT = "forgery-store"
 VERSION = 3   # 3: sharded small chunks (PixelLayout); 2: crc32c checksums; 1 had neither
@@ -314,7 +313,7 @@ def create_pixels(group: zarr.Group, path: str, data: np.ndarray,
     them cost nothing, where writing the all-zero chunks too would have
     added 28 % more files to the demo store (docs/performance.md, "Store").
     """
-    storage = storage_of(group)
+    storage = storages.storage_of(group)
     prefix = f"{group.path}/{path}" if group.path else path
     chunks = pixel_layout.chunk_shape(path, data.shape)
     storage.remove(prefix)
