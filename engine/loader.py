@@ -48,6 +48,7 @@ import torch
 from numba import njit
 
 from engine import augment, ops, photometric, sampling
+from engine import storage as storages
 from engine import store as layout
 from engine.device import resolve_device
 from engine.patch_bank import PatchBank
@@ -416,21 +417,27 @@ class Loader:
         return batches_in_flight * s.batch_size * side * side * channels
 
 
-_WORKER_STORE_ERROR = re.compile(r"engine\.store\.(\w+): (.+)")
+_WORKER_ERROR = re.compile(r"engine\.(store|storage)\.(\w+): (.+)")
+# what a worker's failure comes back as, when its traceback ends with one of these
+_WORKER_ERROR_KINDS = (layout.StoreError, storages.StorageUnavailable)
 
 
 @contextlib.contextmanager
 def _worker_store_errors():
-    """A store error a reader worker raised comes back as a StoreError (DALI
-    re-raises a worker's error as a plain Exception whose text ends with the
-    worker's traceback), so the user gets its one line, not seventy."""
+    """A store error, or a store URL that stopped answering, in a reader
+    worker comes back as a StoreError or StorageUnavailable (DALI re-raises a
+    worker's error as a plain Exception whose text ends with the worker's
+    traceback), so the user gets its one line, not seventy."""
     try:
         yield
     except Exception as exc:
         lines = str(exc).strip().splitlines()
-        found = _WORKER_STORE_ERROR.fullmatch(lines[-1]) if lines else None
-        if found and issubclass(getattr(layout, found[1], type(None)), layout.StoreError):
-            raise layout.StoreError(found[2]) from None
+        found = _WORKER_ERROR.fullmatch(lines[-1]) if lines else None
+        if found:
+            kind = getattr({"store": layout, "storage": storages}[found[1]], found[2], None)
+            for base in _WORKER_ERROR_KINDS:
+                if isinstance(kind, type) and issubclass(kind, base):
+                    raise base(found[3]) from None
         raise
 
 

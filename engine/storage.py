@@ -121,37 +121,49 @@ class ZarrStorage:
     def where(self, key: str = "") -> str:
         return f"{self.name}/{key}" if key else self.name
 
+    def _sync(self, coroutine):
+        """Run `coroutine`; a refused credential or an unreachable endpoint
+        (botocore has already retried) becomes a StorageUnavailable naming
+        the store, so a loader worker's failure reaches the user as one line."""
+        try:
+            return sync(coroutine)
+        except Exception as exc:
+            problem = explained(self.name, exc)
+            if problem is None:
+                raise
+            raise problem from exc
+
     def _get(self, key: str, byte_range=None):
         return self.store.get(key, self._prototype, byte_range)
 
     def read(self, key: str) -> bytes | None:
-        found = sync(self._get(key))
+        found = self._sync(self._get(key))
         return None if found is None else found.to_bytes()
 
     def read_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes] | None:
         async def all_ranges():
             return await asyncio.gather(*(self._get(key, self._range(start, stop))
                                           for start, stop in ranges))
-        found = sync(all_ranges())
+        found = self._sync(all_ranges())
         return None if any(f is None for f in found) else [f.to_bytes() for f in found]
 
     def read_suffix(self, key: str, length: int) -> bytes | None:
-        found = sync(self._get(key, self._suffix(length)))
+        found = self._sync(self._get(key, self._suffix(length)))
         return None if found is None else found.to_bytes()
 
     def exists(self, key: str) -> bool:
-        return sync(self.store.exists(key))
+        return self._sync(self.store.exists(key))
 
     def remove(self, prefix: str) -> None:
-        sync(self.store.delete_dir(prefix))
+        self._sync(self.store.delete_dir(prefix))
 
     def write(self, key: str, data: bytes) -> None:
-        sync(self.store.set(key, self._prototype.buffer.from_bytes(data)))
+        self._sync(self.store.set(key, self._prototype.buffer.from_bytes(data)))
 
     def keys(self, prefix: str) -> list[str]:
         async def listed():
             return [key async for key in self.store.list_prefix(prefix)]
-        return sync(listed())
+        return self._sync(listed())
 
     def sizes(self, prefix: str = "") -> dict[str, int]:
         """Size of every object under `prefix`, by key."""
@@ -159,19 +171,19 @@ class ZarrStorage:
 
         async def sized():
             return await asyncio.gather(*(self.store.getsize(key) for key in keys))
-        return dict(zip(keys, sync(sized())))
+        return dict(zip(keys, self._sync(sized())))
 
     def write_many(self, items: list[tuple[str, bytes]]) -> None:
         """Write every (key, data), all requests in flight together."""
         async def written():
             await asyncio.gather(*(self.store.set(key, self._prototype.buffer.from_bytes(data))
                                    for key, data in items))
-        sync(written())
+        self._sync(written())
 
     def delete(self, keys: list[str]) -> None:
         async def deleted():
             await asyncio.gather(*(self.store.delete(key) for key in keys))
-        sync(deleted())
+        self._sync(deleted())
 
     def create(self, key: str, data: bytes) -> bool:
         """Write `key` only when no object has that name (S3's If-None-Match:
@@ -180,7 +192,7 @@ class ZarrStorage:
         fs = getattr(self.store, "fs", None)
         if fs is not None:
             try:
-                sync(fs._pipe_file(f"{self.store.path}/{key}", data, mode="create"))
+                self._sync(fs._pipe_file(f"{self.store.path}/{key}", data, mode="create"))
                 return True
             except FileExistsError:
                 return False
@@ -424,14 +436,17 @@ class StorageUnavailable(RuntimeError):
     """A store URL whose storage refuses the credentials or cannot be reached."""
 
 
-_CONNECTION_ERRORS = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
-                      "ClientConnectorError", "ServerTimeoutError", "ConnectionError",
-                      "NoCredentialsError"}
+_CONNECTION_ERRORS = {"EndpointConnectionError", "ConnectionClosedError", "ConnectTimeoutError",
+                      "ReadTimeoutError", "ClientConnectorError", "ServerTimeoutError",
+                      "ConnectionError", "NoCredentialsError"}
 
 
 def explained(url: str, exc: Exception) -> StorageUnavailable | None:
     """`exc`, raised by the storage of `url`, as one line saying what to
-    check, or None when it is not about credentials or reaching it."""
+    check (itself when it is one already), or None when it is not about
+    credentials or reaching it."""
+    if isinstance(exc, StorageUnavailable):
+        return exc
     names = {cls.__name__ for cls in type(exc).__mro__}
     if "NoCredentialsError" in names:
         return StorageUnavailable(f"{url}: no credentials found; set AWS_ACCESS_KEY_ID and "

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     storages.configure_from(args)
     try:
         problems = verify(args.store)
-    except layout.StoreError as exc:
+    except (layout.StoreError, storages.StorageUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for line in problems:

@@ -4,13 +4,17 @@ source is verified, loaded (the same batches as the local build, bit for
 bit), trained from, mined (into the bucket, or a local --mining-dir) and
 predicted from; a killed upload is refused, then
 resumed; a second build is refused; wrong credentials and an unreachable
-endpoint end in one clear line."""
+endpoint end in one clear line, and so does a training run whose storage
+stops answering mid-run (its steps kept, and resumed)."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +27,8 @@ from engine import store as layout
 from engine.reader import WindowReader
 from preprocess import build_zarr, verify_store
 from trainers import predict as predict_cli
+from trainers import run_folder
+from trainers.checkpoint import last_path, load_checkpoint
 from trainers.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -285,3 +291,90 @@ def test_the_loader_benchmark_reads_a_url_against_local_disk(s3_store, demo_stor
     assert rows["cache, warm"]["requests_per_sample"] * 8 == 1
     assert rows["cache, warm"]["kB_per_sample"] * 8 < 2
     assert all(r["samples_per_s"] > 0 for r in rows.values())
+
+
+class Relay:
+    """A TCP relay on a free port of 127.0.0.1 to the S3 server at
+    `endpoint`, which cut() breaks as a failed network does: open connections
+    are reset and new ones refused."""
+
+    def __init__(self, endpoint: str):
+        self.upstream = ("127.0.0.1", int(endpoint.rsplit(":", 1)[1]))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sockets, self.lock = [], threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(self.upstream)
+            except OSError:   # cut
+                return
+            with self.lock:
+                self.sockets += [client, server]
+            for source, target in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, target):
+        try:
+            while data := source.recv(1 << 16):
+                target.sendall(data)
+        except OSError:
+            pass
+        for end in (source, target):
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self):
+        self.listener.shutdown(socket.SHUT_RDWR)   # wakes accept(), which then returns
+        self.listener.close()
+        with self.lock:
+            for end in self.sockets:
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def test_storage_that_stops_answering_mid_run_ends_it_resumably(s3_store, s3_server, tmp_path,
+                                                                 monkeypatch):
+    """A network failure during training, with a reader worker: one clear
+    line, exit status 2, the steps done so far checkpointed and logged, and
+    the resume command finishes the run once the storage answers again."""
+    monkeypatch.setenv(storages.OPTIONS_ENV, "{}")   # restored after the test: the flags set them
+    monkeypatch.setenv(storages.CACHE_ENV, "")
+    run, relay = tmp_path / "run", Relay(s3_server["endpoint"])
+    args = ["--member", "highres_no_ela", "--store", s3_store, "--out", str(run), "--epochs", "2",
+            "--max-steps", "20", "--encoder-weights", "none",
+            "--encoder", "timm-mobilenetv3_small_minimal_100", "--img-size", "64",
+            "--batch-size", "2", "--device", "cpu"]
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "trainers" / "train.py"), *args, "--workers", "1",
+         "--save-every", "2"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, env={**os.environ, "AWS_ENDPOINT_URL": relay.endpoint})
+    last = last_path(run / "models", "highres_no_ela")
+    deadline = time.monotonic() + 120
+    while not last.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    relay.cut()
+    err = process.communicate(timeout=120)[1]
+    assert process.returncode == 2, err[-2000:]
+    assert "Traceback" not in err
+    problem = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(problem) == 1 and "cannot reach its storage" in problem[0], err[-2000:]
+    assert s3_store in problem[0] and relay.endpoint in problem[0]
+    assert any("the last checkpoint holds it. Resume with:" in line for line in err.splitlines())
+    stopped_at = load_checkpoint(last)["global_step"]
+    assert 2 <= stopped_at < 20
+    steps = run_folder.read_rows(run / "logs" / "highres_no_ela_steps.csv")
+    assert [r["global_step"] for r in steps] == list(range(1, stopped_at + 1))
+    # the storage answers again (the session's own endpoint): resuming finishes the run
+    assert train_main([*args, "--workers", "1", "--resume"]) == 0
+    assert load_checkpoint(last)["global_step"] == 20
+    steps = run_folder.read_rows(run / "logs" / "highres_no_ela_steps.csv")
+    assert [r["global_step"] for r in steps] == list(range(1, 21))

@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         setting = (f"{args.split} split of {args.store}; threshold {post.threshold}, min area "
                    f"{post.min_area} px at 512" + ("; flip TTA" if args.tta else ""))
         draw(reports, args.out / "evaluation.png", setting)
-    except (CheckpointError, StoreError, ScoreError, OSError, ValueError) as exc:
+    except (CheckpointError, StoreError, storages.StorageUnavailable, ScoreError, OSError,
+            ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{setting}; members: {', '.join(args.members)}")

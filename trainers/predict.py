@@ -265,7 +265,8 @@ def user_errors() -> tuple[type[Exception], ...]:
     once its module is imported: --images never imports it (nor Zarr), so
     none can have been raised."""
     store = sys.modules.get("engine.store")
-    return (CheckpointError, BadInput, OSError, ValueError) + ((store.StoreError,) if store else ())
+    return (CheckpointError, BadInput, OSError, ValueError, storages.StorageUnavailable) + \
+        ((store.StoreError,) if store else ())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,7 +65,7 @@ from trainers.schedules import build_optimizer, build_scheduler
 
 # Errors that are the user's to fix: printed as one message, exit status 2.
 USER_ERRORS = (CheckpointError, WeightsUnavailable, layout.StoreError, SharedMemoryError,
-               run_folder.RunFolderError)
+               run_folder.RunFolderError, storages.StorageUnavailable)
 # Step losses are read from the device (which waits for the GPU to finish the
 # step) and logged every this many steps.
 SHOW_LOSS_EVERY = 10
@@ -580,12 +580,18 @@ def train_member(args: argparse.Namespace, ddp: distributed.Distributed) -> int:
                 "best_score": run["best_score"], "best_epoch": run["best_epoch"],
                 "select_on": recipe.select_on,
                 "train_seconds": sum(row["seconds"] for row in run["history"])})
-    except KeyboardInterrupt:
-        if t.saved_step != run["global_step"]:
+    except (KeyboardInterrupt, storages.StorageUnavailable) as exc:
+        # a store URL that stops answering mid-run (after botocore's retries)
+        # ends the run as Ctrl-C does: the steps done so far are kept, and
+        # the resume command below always has a checkpoint to start from
+        if (t.saved_step != run["global_step"]
+                or not last_path(t.models_dir, recipe.name).is_file()):
             t.save_last()
-        status = INTERRUPTED
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        status = INTERRUPTED if interrupted else 2
         if ddp.main:
-            print(f"\ninterrupted at step {run['global_step']}; the last checkpoint holds it. "
+            print("\ninterrupted" if interrupted else f"\nerror: {exc}\nstopped",
+                  f"at step {run['global_step']}; the last checkpoint holds it. "
                   f"Resume with: {resume_command(args)}", file=sys.stderr)
     finally:
         for loader in t.loaders.values():   # their pipelines and reader workers end here
