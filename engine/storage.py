@@ -110,11 +110,13 @@ class ZarrStorage:
     """Any other zarr Store, through zarr's store API."""
 
     def __init__(self, store, name: str | None = None):
-        """`store`: a zarr Store; `name`: its URL, for messages (else zarr's
-        description)."""
+        """`store`: a zarr Store; `name`: its URL, for messages (else the URL
+        of fsspec's store, or zarr's description of another)."""
         from zarr.abc.store import RangeByteRequest, SuffixByteRequest
         from zarr.core.buffer import default_buffer_prototype
-        self.store, self.name = store, name or str(store)
+        fs = getattr(store, "fs", None)
+        self.store = store
+        self.name = name or (fs.unstrip_protocol(store.path) if fs is not None else str(store))
         self._prototype = default_buffer_prototype()
         self._range, self._suffix = RangeByteRequest, SuffixByteRequest
 

@@ -490,8 +490,8 @@ def read_meta(group: zarr.Group) -> dict[str, np.ndarray]:
     """All meta/ arrays as numpy arrays (small: a few bytes per image)."""
     missing = [name for name in META_SCHEMA if f"meta/{name}" not in group]
     if missing:
-        root = getattr(group.store, "root", group.store)
-        raise StoreDamaged(root, Path(str(root)) / "meta" / missing[0],
+        storage = storages.storage_of(group)
+        raise StoreDamaged(storage.where(), storage.where(f"meta/{missing[0]}"),
                            f"missing ({len(missing)} of meta/'s {len(META_SCHEMA)} arrays are)")
     return {name: np.asarray(group[f"meta/{name}"][...]) for name in META_SCHEMA}
 

@@ -89,6 +89,7 @@ from preprocess import ela as ela_module
 from preprocess.demo_data import DEFAULT_COUNT, write_demo
 from preprocess.source import (DEFAULT_MAX_PIXELS, FOLDERS, BadInput, Case, count_test_images,
                                discover, load_image, load_masks, shown)
+from trainers.help_format import HelpFormatter
 
 STAGING = "staging"
 RECORDS = "records"
@@ -714,12 +715,13 @@ def ensure_demo(folder: Path, count: int, seed: int, progress: bool = True) -> N
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Build the forgery store (Zarr v3) from a Kaggle-layout folder, "
+        formatter_class=HelpFormatter,
+        description="Build the forgery store (Zarr v3) from a Kaggle-layout folder,\n"
                     "or from the built-in demo data when --source is not given.",
-        epilog="Row order: by folder, then case id. Exit status 0 on success or when a "
-               "complete store exists; 2 with a one-line message when the build cannot be "
-               "done (another build holds STORE.lock, nothing to store, --strict's first "
-               "bad input, a full disk...). Skipped files are listed in the summary and in "
+        epilog="Row order: by folder, then case id. Exit status 0 on success or when a\n"
+               "complete store exists; 2 with a one-line message when the build cannot be\n"
+               "done (another build holds STORE.lock, nothing to store, --strict's first\n"
+               "bad input, a full disk...). Skipped files are listed in the summary and in\n"
                "STORE/build_report.json.")
     parser.add_argument("--source", type=Path, help="Kaggle-layout folder (default: demo data)")
     parser.add_argument("--out", type=storages.location, default=layout.DEFAULT_STORE,

@@ -8,7 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from benchmarks import build_throughput, loader_throughput, sampling_throughput
+from benchmarks import build_throughput, layout_sweep, loader_throughput, sampling_throughput
+from preprocess import build_zarr
 from tests.test_predict import sure_member
 from trainers import evaluate as evaluate_cli
 from trainers import score as score_cli
@@ -180,7 +181,8 @@ def option_blocks(help_text: str) -> dict[str, str]:
                                   loader_throughput.parse_args, build_throughput.main,
                                   sampling_throughput.main, train_cli.parse_args,
                                   run_ensemble_cli.parse_args, predict_cli.parse_args,
-                                  export_cli.main, gpu_check.main])
+                                  export_cli.main, gpu_check.main, build_zarr.main,
+                                  layout_sweep.main])
 def test_help_shows_every_default(main, monkeypatch):
     parser = parser_of(main, ["--help"], monkeypatch)
     blocks = option_blocks(parser.format_help())

@@ -248,6 +248,20 @@ def test_a_second_build_is_refused_while_another_host_holds_the_lock(bucket, dem
     assert target.keys("") == [build_zarr.REMOTE_LOCK]   # nothing built, the lock untouched
 
 
+def test_a_damaged_store_on_s3_is_named_by_its_url(bucket, demo_store):
+    """The damage is named by URL, and so is the store in the verify and
+    rebuild commands the message gives."""
+    url = f"{bucket}/damaged.zarr"
+    target = s3_target(url)
+    build_zarr.upload_store(Path(demo_store), target)
+    target.remove("meta/label")
+    with pytest.raises(layout.StoreDamaged) as caught:
+        layout.read_meta(layout.open_store(url))
+    assert caught.value.where == f"{url}/meta/label"
+    assert f"`python preprocess/verify_store.py {url}`" in str(caught.value)
+    assert f"--out {url} --overwrite`" in str(caught.value)
+
+
 def test_wrong_credentials_are_one_clear_line(s3_store, monkeypatch, capsys):
     monkeypatch.setenv(storages.OPTIONS_ENV, json.dumps({"key": "nobody", "secret": "wrong"}))
     with pytest.raises(layout.StoreError, match="access denied.*AWS_ACCESS_KEY_ID"):
