@@ -49,8 +49,8 @@ If-None-Match, so one of two racing builds wins) recording the holder, and
 removed when it ends. A lock left by a build killed on this host is taken
 over (this host's flock on the URL, held by every build of it here, says
 its holder is dead); one from another host is refused with its holder named,
-since only that host can tell whether it still runs (delete the object to
-go on).
+since only that host can tell whether it still runs (--break-lock takes it
+once the user knows that build is dead).
 
 Errors (bad arguments, another build running, --strict's first bad input,
 nothing to store, a full disk or any other error reading or writing a
@@ -475,16 +475,18 @@ def build_store(source: Path, out: Path | str, *, workers: int | None = None, st
                 overwrite: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
                 progress: bool = True, figure: bool = True,
                 pixel_layout: layout.PixelLayout = layout.DEFAULT_LAYOUT,
-                staging: Path | None = None) -> dict | None:
+                staging: Path | None = None, break_lock: bool = False) -> dict | None:
     """Build `out` (a path, or a URL built in `staging` and uploaded) from
     `source`; returns the build report, or None when a complete store
     already exists there (and overwrite is False). Holds the output's lock
-    throughout (module docstring). `pixel_layout`: how pixel arrays are
-    chunked and encoded (benchmarks build other layouts)."""
+    throughout (module docstring); `break_lock` takes a URL's lock from a
+    build on another host known to be dead. `pixel_layout`: how pixel arrays
+    are chunked and encoded (benchmarks build other layouts)."""
     kwargs = dict(workers=workers, strict=strict, overwrite=overwrite, max_pixels=max_pixels,
                   progress=progress, figure=figure, pixel_layout=pixel_layout)
     if storages.is_url(out):
-        return build_to_url(Path(source), out, staging or default_staging(out), **kwargs)
+        return build_to_url(Path(source), out, staging or default_staging(out),
+                            break_lock=break_lock, **kwargs)
     return _build_local(Path(source), storages.location(str(out)), **kwargs)
 
 
@@ -567,12 +569,13 @@ def default_staging(url: str) -> Path:
                                           for c in url.replace("://", "_"))
 
 
-def build_to_url(source: Path, url: str, staging: Path, *, overwrite: bool, **kwargs) -> dict | None:
+def build_to_url(source: Path, url: str, staging: Path, *, overwrite: bool, break_lock: bool,
+                 **kwargs) -> dict | None:
     """Build in `staging` (resumable, as any local build), then upload it to
     `url` (module docstring); holds the URL's lock throughout."""
     try:
         target = storages.open_storage(url, read_only=False)
-        with remote_lock(url, target):
+        with remote_lock(url, target, break_lock):
             if _remote_complete(target) and not overwrite:
                 print(f"{url}: a complete store exists already; nothing to do "
                       "(--overwrite rebuilds it)")
@@ -631,22 +634,25 @@ def upload_store(staging: Path, target) -> int:
 
 
 @contextlib.contextmanager
-def remote_lock(url: str, target):
+def remote_lock(url: str, target, break_lock: bool = False):
     """Hold `url`'s lock object (module docstring) while the block runs, or
-    raise BuildError naming the build that holds it."""
+    raise BuildError naming the build that holds it; `break_lock` takes it
+    from a build on another host (which only a user can know is dead)."""
     here = Path(tempfile.gettempdir()) / f"forgery-build-{hashlib.sha256(url.encode()).hexdigest()[:16]}"
     with output_lock(here):   # every build of `url` on this host: dropped when it dies
         holder = {"pid": os.getpid(), "host": socket.gethostname(),
                   "started": datetime.now().astimezone().isoformat(timespec="seconds")}
         if not target.create(REMOTE_LOCK, json.dumps(holder).encode()):
             found = json.loads(target.read(REMOTE_LOCK) or b"{}")
-            if found.get("host") != holder["host"]:
+            elsewhere = found.get("host") != holder["host"]
+            if elsewhere and not break_lock:
                 raise BuildError(
                     f"{url}: another build is writing it (PID {found.get('pid')} on host "
                     f"{found.get('host')}, started {found.get('started')}; lock "
                     f"{url}/{REMOTE_LOCK}); wait for it to finish, or if that build is dead, "
-                    "delete the lock object and rerun")
-            print(f"{url}: taking over the lock of a build killed on this host "
+                    "rerun with --break-lock")
+            print(f"{url}: taking over the lock of a build "
+                  f"{'on host ' + str(found.get('host')) if elsewhere else 'killed on this host'} "
                   f"(PID {found.get('pid')}, started {found.get('started')})")
             target.write(REMOTE_LOCK, json.dumps(holder).encode())
         try:
@@ -748,11 +754,18 @@ def main(argv: list[str] | None = None) -> int:
                              "times the disk)")
     parser.add_argument("--codec-level", type=int, default=default.level,
                         help=f"compression level of --codec (default {default.level})")
+    parser.add_argument("--break-lock", action="store_true",
+                        help="with a URL --out: take the lock left by a build on another host "
+                             "that is known to be dead (a local build's lock is dropped by the "
+                             "kernel when its build dies)")
     storages.add_arguments(parser, cache=False)
     args = parser.parse_args(argv)
     storages.configure_from(args)
     if args.workers is not None and args.workers < 1:
         parser.error("--workers must be at least 1")
+    if args.break_lock and not storages.is_url(args.out):
+        parser.error("--break-lock: only for a URL --out (a local build's lock is dropped by the "
+                     "kernel when its build dies)")
     try:
         pixel_layout = layout.PixelLayout(args.chunk, args.codec, args.codec_level)
     except ValueError as exc:
@@ -764,7 +777,8 @@ def main(argv: list[str] | None = None) -> int:
             source = args.demo_dir
         build_store(source, args.out, workers=args.workers, strict=args.strict,
                     overwrite=args.overwrite, max_pixels=args.max_pixels,
-                    figure=not args.no_figure, pixel_layout=pixel_layout, staging=args.staging)
+                    figure=not args.no_figure, pixel_layout=pixel_layout, staging=args.staging,
+                    break_lock=args.break_lock)
     except (BuildError, BadInput, layout.StoreError) as exc:
         print(f"build_zarr: error: {exc}", file=sys.stderr)
         return 2

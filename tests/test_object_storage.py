@@ -3,7 +3,7 @@ server (tests/conftest.py, s3_server). A store built to s3:// from the demo
 source is verified, loaded (the same batches as the local build, bit for
 bit), trained from, mined (into the bucket, or a local --mining-dir) and
 predicted from; a killed upload is refused, then
-resumed; a second build is refused; wrong credentials and an unreachable
+resumed; a second build is refused (until --break-lock); wrong credentials and an unreachable
 endpoint end in one clear line, and so does a training run whose storage
 stops answering mid-run (its steps kept, and resumed)."""
 from __future__ import annotations
@@ -233,8 +233,8 @@ def test_a_killed_upload_is_refused_then_resumed(bucket, demo_source, demo_store
     assert verify_store.main([url]) == 0
 
 
-def test_a_second_build_is_refused_while_another_host_holds_the_lock(bucket, demo_source,
-                                                                     tmp_path, capsys):
+def test_a_build_is_refused_while_another_host_holds_the_lock_until_broken(
+        bucket, demo_source, tmp_path, capsys):
     url = f"{bucket}/locked.zarr"
     target = s3_target(url)
     holder = {"pid": 4242, "host": "another-node", "started": "2026-01-01T00:00:00+00:00"}
@@ -244,8 +244,19 @@ def test_a_second_build_is_refused_while_another_host_holds_the_lock(bucket, dem
                             str(tmp_path / "staging"), "--no-figure"]) == 2
     err = capsys.readouterr().err
     assert "another build is writing it (PID 4242 on host another-node" in err
-    assert len(err.strip().splitlines()) == 1
+    assert "rerun with --break-lock" in err and len(err.strip().splitlines()) == 1
     assert target.keys("") == [build_zarr.REMOTE_LOCK]   # nothing built, the lock untouched
+    # that build known to be dead: --break-lock takes its lock, builds, and lets it go
+    assert build_zarr.main(["--source", str(demo_source), "--out", url, "--staging",
+                            str(tmp_path / "staging"), "--no-figure", "--break-lock"]) == 0
+    assert "taking over the lock of a build on host another-node (PID 4242" in \
+        capsys.readouterr().out
+    assert not target.exists(build_zarr.REMOTE_LOCK)
+    assert layout.open_store(url).attrs["fingerprint"]
+    # a local build's lock needs no breaking: the flag is refused there
+    with pytest.raises(SystemExit) as refused:
+        build_zarr.main(["--out", str(tmp_path / "local.zarr"), "--break-lock"])
+    assert refused.value.code == 2 and "only for a URL --out" in capsys.readouterr().err
 
 
 def test_a_damaged_store_on_s3_is_named_by_its_url(bucket, demo_store):
