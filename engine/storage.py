@@ -362,6 +362,12 @@ def location(text: str) -> str | Path:
     return Path(text[len("file://"):] if text.startswith("file://") else text)
 
 
+def format_option(option: tuple[str, object]) -> str:
+    """parse_option's (key, value) as the KEY=VALUE it reads back."""
+    key, value = option
+    return f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+
+
 def parse_option(text: str) -> tuple[str, object]:
     """--storage-option KEY=VALUE: the value as JSON when it parses (numbers,
     true/false, objects), else the string."""

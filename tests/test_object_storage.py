@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -393,13 +394,21 @@ def test_storage_that_stops_answering_mid_run_ends_it_resumably(s3_store, s3_ser
     problem = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(problem) == 1 and "cannot reach its storage" in problem[0], err[-2000:]
     assert s3_store in problem[0] and relay.endpoint in problem[0]
-    assert any("the last checkpoint holds it. Resume with:" in line for line in err.splitlines())
+    resume = [line for line in err.splitlines() if "the last checkpoint holds it. Resume with:" in line]
+    assert len(resume) == 1
     stopped_at = load_checkpoint(last)["global_step"]
     assert 2 <= stopped_at < 20
     steps = run_folder.read_rows(run / "logs" / "highres_no_ela_steps.csv")
     assert [r["global_step"] for r in steps] == list(range(1, stopped_at + 1))
-    # the storage answers again (the session's own endpoint): resuming finishes the run
-    assert train_main([*args, "--workers", "1", "--resume"]) == 0
+    # the storage answers again (the session's own endpoint): the printed
+    # command, run as the user would, finishes the run with the same settings
+    command = shlex.split(resume[0].split("Resume with: ", 1)[1])
+    assert command[:2] == ["python", "trainers/train.py"]
+    for flag in ("--resume", "--workers 1", "--save-every 2", "--device cpu", "--max-steps 20"):
+        assert flag in shlex.join(command), flag
+    done = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
     assert load_checkpoint(last)["global_step"] == 20
     steps = run_folder.read_rows(run / "logs" / "highres_no_ela_steps.csv")
     assert [r["global_step"] for r in steps] == list(range(1, 21))

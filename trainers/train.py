@@ -74,7 +74,7 @@ RECIPE_FLAGS = ("epochs", "img_size", "batch_size", "lr", "encoder", "grad_clip"
 INTERRUPTED = 130   # exit status after Ctrl-C, as shells report it
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=HelpFormatter)
     p.add_argument("--member", required=True, choices=list(RECIPES))
@@ -135,6 +135,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="keep mining results in this local folder instead of the store "
                         "(for a read-only store; default: in the store)")
     storages.add_arguments(p)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     storages.configure_from(args)
     layout.use_mining_dir(args.mining_dir)
@@ -479,10 +484,32 @@ def end_of_epoch(t: Training, epoch: int, figures: dict) -> bool:
     return True
 
 
+# Flags the resume command leaves out: those naming the run (written first)
+# and those whose values the checkpoint brings back (recipe, seed, weights).
+NOT_REPEATED_ON_RESUME = {"help", "member", "store", "out", "resume", "overwrite", "seed",
+                          "encoder_weights", *RECIPE_FLAGS}
+
+
 def resume_command(args: argparse.Namespace) -> str:
-    return shlex.join(["python", "trainers/train.py", "--member", args.member,
-                       "--store", str(args.store), "--out", str(args.out), "--resume",
-                       *(["--max-steps", str(args.max_steps)] if args.max_steps else [])])
+    """The command that continues this run: its member, store and run
+    folder, then every other flag it was given (device, workers, storage
+    options, cache, ...) that the checkpoint does not bring back."""
+    words = ["python", "trainers/train.py", "--member", args.member, "--store", str(args.store),
+             "--out", str(args.out), "--resume"]
+    for action in build_parser()._actions:
+        value = getattr(args, action.dest, None)
+        if (not action.option_strings or action.dest in NOT_REPEATED_ON_RESUME
+                or value == action.default):
+            continue
+        flag = action.option_strings[0]
+        if action.nargs == 0:   # a switch
+            words.append(flag)
+        elif isinstance(value, list):   # a repeated flag: --storage-option
+            for item in value:
+                words += [flag, storages.format_option(item)]
+        else:
+            words += [flag, str(value)]
+    return shlex.join(words)
 
 
 def train(args: argparse.Namespace) -> int:
