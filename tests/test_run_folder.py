@@ -3,6 +3,7 @@ folder (config, per-step logs, TensorBoard, curves), reruns refused unless
 resumed or overwritten, Ctrl-C, and encoder weights from a file or offline."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ def test_a_run_folder_records_config_steps_validation_tensorboard_and_curves(sto
     run = tmp_path / "run"
     assert main(["--member", "small_specialist", "--store", str(store), "--out", str(run),
                  "--epochs", "2", "--max-steps", "12", *FAST]) == 0
-    printed = capsys.readouterr().out
+    printed, bars = capsys.readouterr()
     config = json.loads((run / "config.json").read_text())["members"]["small_specialist"]
     assert str(run / "config.json") in printed                      # said where, at start
     assert config["recipe"]["name"] == "small_specialist" and config["recipe"]["init"] == "random"
@@ -38,6 +39,8 @@ def test_a_run_folder_records_config_steps_validation_tensorboard_and_curves(sto
     steps = run_folder.read_rows(run / "logs" / "small_specialist_steps.csv")
     assert [r["global_step"] for r in steps] == list(range(1, 13))
     assert all(r["loss"] > 0 and 0 <= r["data_wait_share"] <= 1 and r["samples_per_s"] > 0 for r in steps)
+    # the progress bar ends on the run's last loss (not one up to 9 steps old, nor nan)
+    assert re.findall(r"loss=([^,\]]+)", bars)[-1] == f"{steps[-1]['loss']:.4f}"
     checks = run_folder.read_rows(run / "logs" / "small_specialist.csv")
     assert 1 <= len(checks) <= 2 and checks[-1]["global_step"] == 12
     events = list((run / "logs" / "tensorboard" / "small_specialist").glob("events.out.tfevents.*"))

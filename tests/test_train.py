@@ -14,8 +14,8 @@ import torch
 import engine
 from engine import store as layout
 from engine.recipes import RECIPES
-from trainers.checkpoint import (CheckpointError, best_path, file_sha256, last_path,
-                                 load_checkpoint, load_member, recipe_from_dict,
+from trainers.checkpoint import (OPTIMISER_STATE, CheckpointError, best_path, file_sha256,
+                                 last_path, load_checkpoint, load_member, recipe_from_dict,
                                  recipe_to_dict, save_checkpoint)
 from trainers.losses import MemberLoss
 from trainers.metrics import pixel_counts, summarize
@@ -60,7 +60,12 @@ def test_every_member_trains_and_writes_checkpoints_and_logs(trained, store, mem
     init = RECIPES[member].init if RECIPES[member].init.startswith("finetune:") else "random"
     assert recipe_from_dict(last["recipe"]) == dataclasses.replace(
         RECIPES[member], epochs=1, img_size=SIZE, batch_size=2, encoder=SMALL_ENCODER, init=init)
-    assert best_path(out / "models", member).is_file()
+    # best: what its readers need, without the optimiser (AdamW's moments are twice the model)
+    best = load_checkpoint(best_path(out / "models", member))
+    assert not set(OPTIMISER_STATE) & set(best) and best["recipe"] == last["recipe"]
+    assert best["model"].keys() == last["model"].keys()
+    assert best_path(out / "models", member).stat().st_size < \
+        0.5 * last_path(out / "models", member).stat().st_size
     lines = (out / "logs" / f"{member}.csv").read_text().splitlines()
     assert len(lines) == 2
     header, row = lines[0].split(","), dict(zip(lines[0].split(","), lines[1].split(",")))

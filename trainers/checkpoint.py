@@ -3,14 +3,17 @@
 A checkpoint is one torch.save'd dict: model, optimiser, scheduler (and AMP
 scaler) states, the position of the run (epoch, step = next batch of that
 epoch, global_step), the recipe as a dict, the store's fingerprint, the seed
-and the run's history. Random state is a function of (seed, epoch, step,
+and the run's history. That is `<member>_last.pth`, which --resume reads;
+`<member>_best.pth` is the same without the optimiser, scheduler and scaler
+(OPTIMISER_STATE): its readers (prediction, export, fine-tuning, mining)
+need the model, and AdamW's two moments would double its size. Random state is a function of (seed, epoch, step,
 rank): the loader re-seeds every batch and the trainer re-seeds torch before
 every step, so the seed and the position restore it exactly (DALI has no
 state to save: docs/architecture.md, "Determinism and resume").
 
 An export (trainers/export.py) is what prediction needs and nothing else:
-`<member>.safetensors`, the model's tensors only (a third of the checkpoint,
-readable without torch's pickle format), and `<member>.json` beside it: the
+`<member>.safetensors`, the model's tensors only (a third of the last
+checkpoint, readable without torch's pickle format), and `<member>.json` beside it: the
 recipe, the store's fingerprint, the sha256 of the checkpoint it came from and
 of the weights file, the export time and the versions of torch, smp, timm and
 safetensors. load_member reads either kind.
@@ -38,7 +41,8 @@ from trainers.atomic import atomic_open
 from trainers.model import build_model
 
 FORMAT = "forgery-member-checkpoint"
-TRAINING_STATE = ("model", "optimizer", "scheduler", "scaler")
+OPTIMISER_STATE = ("optimizer", "scheduler", "scaler")   # in last checkpoints, not best
+TRAINING_STATE = ("model",) + OPTIMISER_STATE
 MEMBER_FIELDS = ("model", "recipe", "fingerprint")     # enough to predict with
 RESUME_FIELDS = MEMBER_FIELDS + ("optimizer", "scheduler", "seed", "epoch", "step", "global_step",
                                  "best_score", "best_epoch", "epochs_since_best", "history")

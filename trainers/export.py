@@ -2,9 +2,9 @@
 
     python trainers/export.py --models models/ --out export/ [--members a,b,...]
 
-For each member's `<member>_best.pth` in --models (a training checkpoint with
-optimiser and scheduler state) writes `<member>.safetensors` (the model's
-tensors only) and `<member>.json` beside it (the recipe, the store's
+For each member's `<member>_best.pth` in --models (a training checkpoint: the
+model with the run's record, torch's pickle format) writes
+`<member>.safetensors` (the model's tensors only) and `<member>.json` beside it (the recipe, the store's
 fingerprint, the sha256 of the checkpoint and of the weights, the export time
 and the versions of torch, smp, timm and safetensors;
 trainers/checkpoint.py's module docstring describes the files). Each file is

@@ -3,8 +3,9 @@
     RUN/config.json                  per member: the resolved recipe, the flags, package
                                      versions, device, world size, store and its fingerprint,
                                      and once it ended by its own rules, its result
-    RUN/models/<member>_best.pth     best on the member's selection metric
-    RUN/models/<member>_last.pth     where a resumed run continues
+    RUN/models/<member>_best.pth     best on the member's selection metric (the model, no
+                                     optimiser state: a third of the size of _last)
+    RUN/models/<member>_last.pth     where a resumed run continues (with the optimiser state)
     RUN/logs/<member>_steps.csv      one row per optimiser step: loss, lr, samples/s, data wait
     RUN/logs/<member>.csv            one row per validation: the train loss since the last
                                      one and every validation metric

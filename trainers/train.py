@@ -53,9 +53,9 @@ from engine.loader import (BACKENDS, MEMORY_FORMATS, SharedMemoryError, cores_pe
                            resolve_backend)
 from engine.recipes import RECIPES, Recipe, get_recipe
 from trainers import distributed, mining, run_folder
-from trainers.checkpoint import (RESUME_FIELDS, CheckpointError, best_path, last_path, load_checkpoint,
-                                 load_member, recipe_from_dict, recipe_to_dict,
-                                 require_checkpoint, save_checkpoint)
+from trainers.checkpoint import (OPTIMISER_STATE, RESUME_FIELDS, CheckpointError, best_path,
+                                 last_path, load_checkpoint, load_member, recipe_from_dict,
+                                 recipe_to_dict, require_checkpoint, save_checkpoint)
 from trainers.help_format import HelpFormatter
 from trainers.losses import MemberLoss
 from trainers.metrics import check_metric_name, pixel_counts, summarize
@@ -428,7 +428,9 @@ def train_one_epoch(t: Training, epoch: int) -> dict:
         wait += waited
         last = now
         bar.update()
-        if len(t.log.rows) == 0 or run["step"] - first_step == steps_to_run:
+        if run["step"] - first_step == steps_to_run:
+            t.log.flush()   # the epoch's last losses, so the bar ends on a loss, not nan
+        if len(t.log.rows) == 0:
             bar.set_postfix(loss=f"{t.log.last_loss:.4f}",
                             samples_s=f"{samples * ddp.world_size / (now - started):.1f}")
         if args.save_every and run["global_step"] % args.save_every == 0:
@@ -467,7 +469,9 @@ def end_of_epoch(t: Training, epoch: int, figures: dict) -> bool:
     if ddp.main:
         if improved:
             with t.stop.updating():
-                save_checkpoint(best_path(t.models_dir, recipe.name), t.checkpoint_state())
+                save_checkpoint(best_path(t.models_dir, recipe.name),
+                                {k: v for k, v in t.checkpoint_state().items()
+                                 if k not in OPTIMISER_STATE})
         run_folder.append_rows(run_folder.logs_dir(t.args.out) / f"{recipe.name}.csv",
                                run_folder.EPOCH_FIELDS, [row])
         t.log.board.scalars(run["global_step"], {f"val/{k}": v for k, v in metrics.items()})
