@@ -36,8 +36,8 @@ from preprocess.build_zarr import (RECORDS, STAGING, build_store, init_worker, p
 from preprocess.demo_data import write_demo
 from preprocess.ela import compute_ela
 from preprocess.source import DEFAULT_MAX_PIXELS, discover, load_image, load_masks
-from trainers.atomic import atomic_open
-from trainers.help_format import HelpFormatter
+from common.atomic import atomic_open
+from common.help_format import HelpFormatter
 
 
 def decode_one(path: str) -> int:

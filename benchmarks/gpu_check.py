@@ -37,7 +37,7 @@ import threading
 import time
 from pathlib import Path
 
-from trainers.help_format import HelpFormatter
+from common.help_format import HelpFormatter
 
 ROOT = Path(__file__).resolve().parents[1]
 # (name, timeout in seconds on one H100 after install)

@@ -39,8 +39,8 @@ from engine import store as layout
 from engine.loader import make_loader
 from engine.reader import WindowReader
 from preprocess.verify_store import expected_arrays
-from trainers.atomic import atomic_open
-from trainers.help_format import HelpFormatter
+from common.atomic import atomic_open
+from common.help_format import HelpFormatter
 
 CODECS = (("zstd", 1), ("zstd", 3), ("lz4", 1), ("lz4", 9), ("lz4hc", 3), ("none", 0))
 

@@ -60,8 +60,8 @@ from engine.reader import WindowReader
 from engine.recipes import get_recipe
 from preprocess.build_zarr import REPORT
 from preprocess.source import Case, discover
-from trainers.atomic import atomic_open
-from trainers.help_format import HelpFormatter
+from common.atomic import atomic_open
+from common.help_format import HelpFormatter
 
 REALISTIC = {"count": 300, "min_side": 500, "max_side": 3000, "seed": 7}
 DEFAULT_JSON = Path("logs/loader_throughput.json")

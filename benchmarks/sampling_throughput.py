@@ -41,8 +41,8 @@ from tqdm import tqdm
 from engine import sampling
 from engine.recipes import get_recipe
 from engine.sampling import crop_windows, member_weights, sample_indices, sample_seeds
-from trainers.atomic import atomic_open
-from trainers.help_format import HelpFormatter
+from common.atomic import atomic_open
+from common.help_format import HelpFormatter
 
 MEMBER = "highres_no_ela"
 MODES = ("serial", "auto", "parallel")

@@ -27,6 +27,7 @@ environment so that reader worker processes and their children see the same
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
@@ -389,6 +390,56 @@ def configure(options: dict | None = None, cache: str | os.PathLike | None = Non
     if cache is not None:
         os.environ[CACHE_ENV] = json.dumps({"dir": str(Path(cache).absolute()),
                                             "limit_bytes": int(cache_limit_gb * 1e9)})
+
+
+# fsspec option names that hold credentials: never written to a file or printed
+SECRET_NAMES = frozenset({"key", "secret", "token", "password"})
+SECRET_SUFFIXES = ("_key", "_secret", "_token", "_password")
+REDACTED = "<redacted>"
+
+
+def is_secret(name: str) -> bool:
+    """Whether an fsspec option named `name` holds a credential (key, secret,
+    token, password, aws_secret_access_key, ...)."""
+    name = name.lower()
+    return name in SECRET_NAMES or name.endswith(SECRET_SUFFIXES)
+
+
+def redact(options):
+    """`options` (nested dicts and lists of fsspec options) with every
+    credential's value replaced by REDACTED."""
+    if isinstance(options, dict):
+        return {k: REDACTED if is_secret(str(k)) else redact(v) for k, v in options.items()}
+    if isinstance(options, list):
+        return [redact(v) for v in options]
+    return options
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageSettings:
+    """How a run reaches its store's bytes: fsspec options for a store URL,
+    the local read cache and its size limit, and the folder that keeps
+    mining results when the store cannot be written. One object, passed to
+    whatever opens a store; `public()` is what may be written or printed."""
+
+    options: dict = dataclasses.field(default_factory=dict)
+    cache: Path | None = None
+    cache_limit_gb: float = DEFAULT_CACHE_LIMIT_GB
+    mining_dir: Path | None = None
+
+    @classmethod
+    def from_args(cls, args) -> "StorageSettings":
+        """From add_arguments' flags (and --mining-dir where a CLI has it)."""
+        return cls(options=dict(args.storage_option), cache=getattr(args, "cache", None),
+                   cache_limit_gb=getattr(args, "cache_limit_gb", DEFAULT_CACHE_LIMIT_GB),
+                   mining_dir=getattr(args, "mining_dir", None))
+
+    def public(self) -> dict:
+        """The settings as JSON values, credentials redacted."""
+        return {"options": redact(self.options),
+                "cache": None if self.cache is None else str(self.cache),
+                "cache_limit_gb": self.cache_limit_gb,
+                "mining_dir": None if self.mining_dir is None else str(self.mining_dir)}
 
 
 def add_arguments(parser, cache: bool = True) -> None:

@@ -89,7 +89,7 @@ from preprocess import ela as ela_module
 from preprocess.demo_data import DEFAULT_COUNT, write_demo
 from preprocess.source import (DEFAULT_MAX_PIXELS, FOLDERS, BadInput, Case, count_test_images,
                                discover, load_image, load_masks, shown)
-from trainers.help_format import HelpFormatter
+from common.help_format import HelpFormatter
 
 STAGING = "staging"
 RECORDS = "records"

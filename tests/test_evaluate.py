@@ -19,7 +19,7 @@ from trainers import export as export_cli
 from trainers import predict as predict_cli
 from trainers import run_ensemble as run_ensemble_cli
 from trainers import train as train_cli
-from trainers.help_format import HelpFormatter
+from common.help_format import HelpFormatter
 
 SHAPE = (4, 4)
 

@@ -19,7 +19,7 @@ of the weights file, the export time and the versions of torch, smp, timm and
 safetensors. load_member reads either kind.
 
 Files are written beside their target and renamed into place
-(trainers/atomic.py), so a kill leaves either the old or the new file, never a
+(common/atomic.py), so a kill leaves either the old or the new file, never a
 truncated one. Every load checks what it needs: the format, the fields, and,
 where the caller knows them, which member and which store the checkpoint
 belongs to (a renamed file must not train or mine under another name).
@@ -37,7 +37,7 @@ import safetensors.torch
 import torch
 
 from engine.recipes import Recipe, SamplingRule, View
-from trainers.atomic import atomic_open
+from common.atomic import atomic_open
 from trainers.model import build_model
 
 FORMAT = "forgery-member-checkpoint"

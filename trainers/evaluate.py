@@ -18,7 +18,7 @@ value, the higher-is-better figures in one panel and the false-positive rate
 (lower is better) in another; OUT/solution.csv and
 OUT/submission.csv (full ensemble) let trainers/score.py reproduce the score.
 Each file is written beside its name and renamed into place when complete
-(trainers/atomic.py), so a failed or killed run leaves earlier files whole.
+(common/atomic.py), so a failed or killed run leaves earlier files whole.
 User errors print one `error:` line and exit 2.
 """
 from __future__ import annotations
@@ -35,10 +35,10 @@ from tqdm import tqdm
 from engine.recipes import SIZE_CLASS_EDGES, SIZE_CLASS_NAMES
 from engine import storage as storages
 from engine.store import StoreError
-from trainers.atomic import atomic_open
+from common.atomic import atomic_open
 from trainers.checkpoint import CheckpointError
 from trainers.ensemble import MODES, Ensemble, PostProcess
-from trainers.help_format import HelpFormatter
+from common.help_format import HelpFormatter
 from trainers.metrics import summarize
 from trainers.predict import (
     add_ensemble_options, batch_instances, ensemble_from_args, predict_batches, store_cases,

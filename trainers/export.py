@@ -25,7 +25,7 @@ from pathlib import Path
 from engine.recipes import get_recipe
 from trainers.checkpoint import CheckpointError, best_path, export_member
 from trainers.ensemble import ALL_MEMBERS
-from trainers.help_format import HelpFormatter
+from common.help_format import HelpFormatter
 from trainers.predict import DEFAULT_MODELS, member_names
 
 

@@ -24,7 +24,7 @@ safetensors, OpenCV, numpy and tqdm besides this repository (README,
 "Offline inference").
 
 The CSV is written beside --out and renamed over it when complete
-(trainers/atomic.py): a failed or killed run leaves an existing file as it
+(common/atomic.py): a failed or killed run leaves an existing file as it
 was. User errors (a missing checkpoint or store, --out naming a folder,
 --device cuda without CUDA...) print one `error:` line and exit 2.
 
@@ -50,8 +50,8 @@ from engine import storage as storages   # no zarr until a store is opened
 from engine.device import DEVICES, resolve_device
 from preprocess.ela import compute_ela
 from preprocess.source import DEFAULT_MAX_PIXELS, BadInput, load_image
-from trainers.atomic import atomic_open
-from trainers.help_format import HelpFormatter
+from common.atomic import atomic_open
+from common.help_format import HelpFormatter
 from trainers.run_folder import DEFAULT_RUN, models_dir
 from trainers.checkpoint import CheckpointError
 from trainers.ensemble import ALL_MEMBERS, MODES, Ensemble, PostProcess, instances, to_original_size
@@ -159,7 +159,7 @@ def predict_instances(ensemble: Ensemble, cases: Iterable[Case], post: PostProce
 
 
 def write_submission(results: Iterable[tuple[str, list[np.ndarray]]], path: str | Path) -> int:
-    """Write `case_id,annotation` rows, whole or not at all (trainers/atomic.py);
+    """Write `case_id,annotation` rows, whole or not at all (common/atomic.py);
     returns how many."""
     count = 0
     with atomic_open(path, "w", newline="", encoding="utf-8") as handle:

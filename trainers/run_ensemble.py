@@ -39,9 +39,9 @@ from engine import store as layout
 from engine.device import DEVICES
 from engine.recipes import RECIPES, SIZE_CLASS_NAMES
 from trainers import run_folder
-from trainers.atomic import atomic_open
+from common.atomic import atomic_open
 from trainers.checkpoint import last_path
-from trainers.help_format import HelpFormatter
+from common.help_format import HelpFormatter
 from trainers.mining import MINING_MEMBER
 
 ROOT = Path(__file__).resolve().parents[1]

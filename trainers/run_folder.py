@@ -14,7 +14,7 @@
 
 All members of an ensemble train into one run folder (the mined and
 fine-tuned members read highres_no_ela's checkpoint from it). Every file is
-written whole or not at all (trainers/atomic.py); the CSVs grow by appending
+written whole or not at all (common/atomic.py); the CSVs grow by appending
 whole rows, so an interrupted run keeps every row it logged.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from trainers.atomic import atomic_open
+from common.atomic import atomic_open
 
 DEFAULT_RUN = Path("runs/default")
 STEP_FIELDS = ("global_step", "epoch", "step", "loss", "lr", "samples_per_s", "data_wait_share")

@@ -19,7 +19,7 @@ submission has `case_id,annotation`. Both are UTF-8 (a byte-order mark is
 allowed) and fields may be of any length. Every row is checked, and a bad one
 (not UTF-8, too few fields, a malformed or out-of-range run...) stops the run with
 its file, line and case id; the CLI then prints `error: ...` and exits 2.
-Solution files are written whole or not at all (trainers/atomic.py).
+Solution files are written whole or not at all (common/atomic.py).
 """
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ from engine.reader import WindowReader
 from engine import storage as storages
 from engine.store import SPLITS
 from engine.store import StoreError, image_path, open_store, read_meta
-from trainers.atomic import atomic_open
-from trainers.help_format import HelpFormatter
+from common.atomic import atomic_open
+from common.help_format import HelpFormatter
 from trainers.rle import (SUBMISSION_COLUMNS, RLEError, decode_annotation_runs, encode_annotation,
                           mask_runs)
 

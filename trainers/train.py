@@ -56,7 +56,7 @@ from trainers import distributed, mining, run_folder
 from trainers.checkpoint import (OPTIMISER_STATE, RESUME_FIELDS, CheckpointError, best_path,
                                  last_path, load_checkpoint, load_member, recipe_from_dict,
                                  recipe_to_dict, require_checkpoint, save_checkpoint)
-from trainers.help_format import HelpFormatter
+from common.help_format import HelpFormatter
 from trainers.losses import MemberLoss
 from trainers.metrics import check_metric_name, pixel_counts, summarize
 from trainers.model import WeightsUnavailable, build_model, encoder_weights_arg, freeze_unused
