@@ -584,7 +584,7 @@ def write_results(results: dict, args, started: float) -> int:
     return 0 if not results["partial"] else 128 + signal.Signals[results["stopped"]].value
 
 
-def main_remote(args, started: float) -> int:
+def main_remote(args, started: float, settings: storage.StorageSettings) -> int:
     """--store URL: reads from the URL (no cache, a cold and a warm cache)
     against the local copy of the store (benchmarks/remote_reads.py)."""
     from benchmarks import remote_reads
@@ -601,11 +601,11 @@ def main_remote(args, started: float) -> int:
             print(f"[{member}] reads: local disk, then {url} without a cache, with a cold and a "
                   "warm cache ...", flush=True)
             loader = make_loader(url, member, batch_size=args.batch_size, img_size=args.img_size,
-                                 seed=args.seed, workers=0)
+                                 seed=args.seed, workers=0, storage=settings)
             jobs = [(rows, windows, args.img_size)
                     for rows, windows, _, _ in planned_batches(loader, args.batches)]
             results["members"][member] = remote_reads.measure_member(
-                url, local, jobs, loader.reader.with_ela, args.workers)
+                url, local, jobs, loader.reader.with_ela, args.workers, settings)
 
     run_stoppable(results, measure)
     remote_reads.report(url, local, results["members"])
@@ -615,9 +615,8 @@ def main_remote(args, started: float) -> int:
 def main(argv=None) -> int:
     started = time.perf_counter()
     args = parse_args(argv)
-    storage.configure_from(args)
     if storage.is_url(str(args.store)):
-        return main_remote(args, started)
+        return main_remote(args, started, storage.StorageSettings.from_args(args))
     store = realistic_store(Path("data/bench")) if args.realistic else args.store
     source_files(store)  # fail early when the replaced loader cannot read the sources
     legacy = legacy_format_store(Path(store)) if args.compare_format else None

@@ -21,8 +21,8 @@ worker does once per run.
 """
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -61,10 +61,10 @@ class CountingStorage:
 _READER = _COUNTER = None
 
 
-def _open_reader(store: str, with_ela: bool) -> None:
+def _open_reader(store: str, with_ela: bool, settings: storage.StorageSettings) -> None:
     """A worker's reader, its requests to the store (beneath any cache) counted."""
     global _READER, _COUNTER
-    _READER = WindowReader(store, with_ela=with_ela)
+    _READER = WindowReader(store, with_ela=with_ela, storage=settings)
     cached = isinstance(_READER.storage, storage.CachedStorage)
     _COUNTER = CountingStorage(_READER.storage.inner if cached else _READER.storage)
     if cached:
@@ -84,39 +84,37 @@ def read_batch(job) -> tuple[int, int, int]:
     return len(rows), _COUNTER.requests - before[0], _COUNTER.bytes - before[1]
 
 
-def reading_pool(store, with_ela: bool, workers: int):
+def reading_pool(store, with_ela: bool, workers: int, settings: storage.StorageSettings):
     """Processes that only read windows (read_batch), each with its reader open."""
-    return mp.get_context("spawn").Pool(max(1, workers), _open_reader, (str(store), with_ela))
+    return mp.get_context("spawn").Pool(max(1, workers), _open_reader,
+                                        (str(store), with_ela, settings))
 
 
-def read_pass(store: str, jobs: list, with_ela: bool, workers: int, cache: Path | None) -> dict:
-    """One pass over `jobs` by fresh reader processes: samples/s, server
-    requests and kB per sample."""
-    saved = os.environ.pop(storage.CACHE_ENV, None)
-    try:
-        if cache is not None:
-            storage.configure(cache=cache)   # the workers take it from the environment
-        with reading_pool(store, with_ela, workers) as pool:
-            pool.map(time.sleep, [0.2] * max(1, workers))   # started before the clock
-            start = time.perf_counter()
-            counts = pool.map(read_batch, jobs, chunksize=1)
-            seconds = time.perf_counter() - start
-    finally:
-        os.environ.pop(storage.CACHE_ENV, None)
-        if saved is not None:
-            os.environ[storage.CACHE_ENV] = saved
+def read_pass(store: str, jobs: list, with_ela: bool, workers: int,
+              settings: storage.StorageSettings) -> dict:
+    """One pass over `jobs` by fresh reader processes (reaching a URL with
+    `settings`, its read cache included): samples/s, server requests and kB
+    per sample."""
+    with reading_pool(store, with_ela, workers, settings) as pool:
+        pool.map(time.sleep, [0.2] * max(1, workers))   # started before the clock
+        start = time.perf_counter()
+        counts = pool.map(read_batch, jobs, chunksize=1)
+        seconds = time.perf_counter() - start
     samples, requests, fetched = (sum(c[i] for c in counts) for i in range(3))
     return {"samples_per_s": samples / seconds, "requests_per_sample": requests / samples,
             "kB_per_sample": fetched / samples / 1e3}
 
 
-def measure_member(url: str, local: Path, jobs: list, with_ela: bool, workers: int) -> dict:
+def measure_member(url: str, local: Path, jobs: list, with_ela: bool, workers: int,
+                   settings: storage.StorageSettings = storage.NO_SETTINGS) -> dict:
     """The four settings (SETTINGS) of one member's jobs."""
     with tempfile.TemporaryDirectory(prefix="store_cache_") as cache:
-        rows = {"local disk": read_pass(str(local), jobs, with_ela, workers, None),
-                "no cache": read_pass(url, jobs, with_ela, workers, None),
-                "cache, cold": read_pass(url, jobs, with_ela, workers, Path(cache)),
-                "cache, warm": read_pass(url, jobs, with_ela, workers, Path(cache))}
+        uncached = dataclasses.replace(settings, cache=None)
+        cached = dataclasses.replace(settings, cache=Path(cache))
+        rows = {"local disk": read_pass(str(local), jobs, with_ela, workers, uncached),
+                "no cache": read_pass(url, jobs, with_ela, workers, uncached),
+                "cache, cold": read_pass(url, jobs, with_ela, workers, cached),
+                "cache, warm": read_pass(url, jobs, with_ela, workers, cached)}
     for row in rows.values():
         row["x_local"] = row["samples_per_s"] / rows["local disk"]["samples_per_s"]
     return rows

@@ -55,6 +55,7 @@ from engine.patch_bank import PatchBank
 from engine.pipeline import (BACKENDS, PREFETCH_PER_WORKER, PlannedBatches, SampleAugment, WindowSource,
                              build_pipeline, get_backend, iterate)
 from engine.reader import WindowReader
+from engine.storage import StorageSettings
 from engine.recipes import WHOLE_IMAGE, Recipe, get_recipe
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -134,9 +135,9 @@ def _val_rows(recipe: Recipe, meta) -> np.ndarray:
     return np.flatnonzero(keep).astype(np.int64)
 
 
-def _train_weights(recipe: Recipe, group, meta) -> np.ndarray:
+def _train_weights(recipe: Recipe, group, meta, storage: StorageSettings | None) -> np.ndarray:
     """The member's sampling weights over the store's rows (mining flags included)."""
-    mining = {kind: layout.read_mining(group, kind) for kind in layout.MINING_KINDS}
+    mining = {kind: layout.read_mining(group, kind, storage) for kind in layout.MINING_KINDS}
     needed = recipe.mining
     if needed and mining[needed] is None:
         raise layout.StoreError(
@@ -445,7 +446,8 @@ def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img
                 seed: int = 0, epoch: int = 0, device: str = "cpu", rank: int = 0,
                 world_size: int = 1, augment: bool = True, start_batch: int = 0,
                 rows=None, workers: int | None = None, threads: int | None = None,
-                backend: str = "auto", memory_format: str = "contiguous") -> Loader:
+                backend: str = "auto", memory_format: str = "contiguous",
+                storage: StorageSettings | None = None) -> Loader:
     """Batches of `member` (a name or a Recipe) from `store` for one rank and epoch.
 
     split="train": the member's weighted epoch plan, view and augmentation.
@@ -457,6 +459,9 @@ def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img
     opencv on the CPU); engine/worker_ops.py says why.
     memory_format: "contiguous" (NCHW) or "channels_last" (NHWC strides), the
     same from both backends.
+    storage: how a store URL is reached (fsspec options, read cache) and
+    where mining results are kept (engine/storage.py StorageSettings); the
+    reader workers get it with their reader.
     workers and threads default to this process's share of the cores
     (cores_per_process: torchrun's ranks on a node split them).
     """
@@ -476,7 +481,7 @@ def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img
         raise ValueError(f"memory_format {memory_format!r}: expected one of {list(MEMORY_FORMATS)}")
     dev = resolve_device(device)
     backend = resolve_backend(backend, dev)
-    group = layout.open_store(store)
+    group = layout.open_store(store, storage=storage)
     meta = layout.read_meta(group)
     per_sample = SampleAugment(seed, epoch)
     common = dict(batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
@@ -489,7 +494,7 @@ def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img
         planner = Planner(augment=per_sample, fixed=_rows_plan(rows, meta, batch_size, rank,
                                                                world_size), **common)
     else:
-        weights = _train_weights(recipe, group, meta)
+        weights = _train_weights(recipe, group, meta, storage)
         if augment and split == "train":
             per_sample = _augmentation(recipe, group, meta, seed, epoch)
         planner = Planner(augment=per_sample, weights=weights,
@@ -504,7 +509,7 @@ def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img
                          workers=max(1, min(8, cores - 1)) if workers is None else workers,
                          threads=threads or min(4, cores),
                          memory_format=MEMORY_FORMATS[memory_format])
-    reader = WindowReader(store, with_ela=recipe.in_channels == 4)
+    reader = WindowReader(store, with_ela=recipe.in_channels == 4, storage=storage)
     source = WindowSource(reader, batches, img_size, per_sample, get_backend(backend), planner, epoch)
     return Loader(source, settings, start_batch=start_batch)
 

@@ -45,7 +45,7 @@ import numpy as np
 import zarr
 
 from engine import store as layout
-from engine.storage import is_url, open_storage, storage_of
+from engine.storage import NO_SETTINGS, StorageSettings, is_url, open_storage, storage_of
 
 # arrays whose metadata and shard index a reader keeps, oldest out first:
 # about 0.9 kB each, so some 30 MB per reader process at most; enough for the
@@ -302,16 +302,19 @@ def _layout_problem(path: str, meta: dict) -> str | None:
 class WindowReader:
     """Reads crop windows of images, union masks and ELA from a forgery store.
 
-    Cheap to construct and picklable (holds only the path or URL): worker processes
-    make their own and open arrays lazily, caching array metadata.
+    Cheap to construct and picklable (holds only the path or URL and the
+    storage settings): worker processes make their own and open arrays
+    lazily, caching array metadata.
     """
 
     def __init__(self, store: str | os.PathLike | zarr.Group, *, with_ela: bool = False,
-                 pyramid: bool = True):
+                 pyramid: bool = True, storage: StorageSettings | None = None):
         """`store`: its path or URL (engine/storage.py), or the group
-        engine.store.open_store returned."""
+        engine.store.open_store returned; `storage`: how a URL is reached."""
         self._group = store if isinstance(store, zarr.Group) else None
-        self.storage = storage_of(store) if self._group is not None else open_storage(store)
+        self.settings = storage or NO_SETTINGS
+        self.storage = (storage_of(store) if self._group is not None
+                        else open_storage(store, storage=self.settings))
         # what a worker process reopens (__getstate__): a URL stays a URL
         self.store = store if is_url(store) else str(self.storage.where())
         self.with_ela, self.pyramid = with_ela, pyramid
@@ -322,7 +325,8 @@ class WindowReader:
         self.stats = dict.fromkeys(("requests", "bytes_read", "bytes_decoded"), 0)
 
     def __getstate__(self):
-        return {"store": self.store, "with_ela": self.with_ela, "pyramid": self.pyramid}
+        return {"store": self.store, "with_ela": self.with_ela, "pyramid": self.pyramid,
+                "storage": self.settings}
 
     def __setstate__(self, state):
         self.__init__(**state)
@@ -330,7 +334,7 @@ class WindowReader:
     @property
     def group(self) -> zarr.Group:
         if self._group is None:
-            self._group = layout.open_store(self.store)
+            self._group = layout.open_store(self.store, storage=self.settings)
         return self._group
 
     @property

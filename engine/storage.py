@@ -19,10 +19,10 @@ from that name to its bytes, for the reader, the builder, mining, prediction
 and evaluation alike. Credentials and endpoint come from the environment as
 each fsspec back end reads them (for s3://: AWS_ENDPOINT_URL,
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE);
-further fsspec options and the cache are set with configure() (the CLIs'
---storage-option, --cache and --cache-limit-gb), which records them in the
-environment so that reader worker processes and their children see the same
-(docs/object_storage.md).
+further fsspec options, the cache and the mining folder travel as one
+StorageSettings (the CLIs' --storage-option, --cache, --cache-limit-gb and
+--mining-dir), passed to whatever opens a store and pickled with the
+readers into worker processes (docs/object_storage.md).
 """
 from __future__ import annotations
 
@@ -339,8 +339,6 @@ def storage_of(group) -> LocalStorage | ZarrStorage:
 
 # ---------------------------------------------------------------- stores named by URL
 
-OPTIONS_ENV = "FORGERY_STORAGE_OPTIONS"   # JSON object: fsspec options for every URL
-CACHE_ENV = "FORGERY_STORE_CACHE"         # JSON: {"dir": folder, "limit_bytes": n}
 DEFAULT_CACHE_LIMIT_GB = 20.0
 # botocore's defaults (a 60 s connect timeout, retries with backoff, under
 # s3fs's own five tries of timeouts) would leave a wrong endpoint unreported
@@ -381,17 +379,6 @@ def parse_option(text: str) -> tuple[str, object]:
         return key, value
 
 
-def configure(options: dict | None = None, cache: str | os.PathLike | None = None,
-              cache_limit_gb: float = DEFAULT_CACHE_LIMIT_GB) -> None:
-    """Set this process's (and its children's) fsspec options for URLs and
-    the local cache of their reads."""
-    if options:
-        os.environ[OPTIONS_ENV] = json.dumps(options)
-    if cache is not None:
-        os.environ[CACHE_ENV] = json.dumps({"dir": str(Path(cache).absolute()),
-                                            "limit_bytes": int(cache_limit_gb * 1e9)})
-
-
 # fsspec option names that hold credentials: never written to a file or printed
 SECRET_NAMES = frozenset({"key", "secret", "token", "password"})
 SECRET_SUFFIXES = ("_key", "_secret", "_token", "_password")
@@ -430,9 +417,12 @@ class StorageSettings:
     @classmethod
     def from_args(cls, args) -> "StorageSettings":
         """From add_arguments' flags (and --mining-dir where a CLI has it)."""
-        return cls(options=dict(args.storage_option), cache=getattr(args, "cache", None),
+        cache, mining_dir = getattr(args, "cache", None), getattr(args, "mining_dir", None)
+        # absolute: member processes and reader workers may run elsewhere
+        return cls(options=dict(args.storage_option),
+                   cache=None if cache is None else Path(cache).absolute(),
                    cache_limit_gb=getattr(args, "cache_limit_gb", DEFAULT_CACHE_LIMIT_GB),
-                   mining_dir=getattr(args, "mining_dir", None))
+                   mining_dir=None if mining_dir is None else Path(mining_dir).absolute())
 
     def public(self) -> dict:
         """The settings as JSON values, credentials redacted."""
@@ -440,6 +430,9 @@ class StorageSettings:
                 "cache": None if self.cache is None else str(self.cache),
                 "cache_limit_gb": self.cache_limit_gb,
                 "mining_dir": None if self.mining_dir is None else str(self.mining_dir)}
+
+
+NO_SETTINGS = StorageSettings()   # a local store, or a URL with its protocol's defaults only
 
 
 def add_arguments(parser, cache: bool = True) -> None:
@@ -459,36 +452,31 @@ def add_arguments(parser, cache: bool = True) -> None:
                         help="size limit of --cache")
 
 
-def configure_from(args) -> None:
-    """configure() from add_arguments' flags."""
-    configure(dict(args.storage_option), getattr(args, "cache", None),
-              getattr(args, "cache_limit_gb", DEFAULT_CACHE_LIMIT_GB))
-
-
-def storage_options(url: str) -> dict:
-    """fsspec options for `url`: the defaults of its protocol, then configure()'s."""
+def storage_options(url: str, storage: StorageSettings | None = None) -> dict:
+    """fsspec options for `url`: the defaults of its protocol, then the settings'."""
     defaults = S3_DEFAULTS if url.split("://")[0] in ("s3", "s3a") else {}
-    return {**json.loads(json.dumps(defaults)), **json.loads(os.environ.get(OPTIONS_ENV) or "{}")}
+    return {**json.loads(json.dumps(defaults)), **(storage or NO_SETTINGS).options}
 
 
-def zarr_store(url: str, read_only: bool = True):
-    """zarr's FsspecStore at `url` with storage_options(url)."""
+def zarr_store(url: str, read_only: bool = True, storage: StorageSettings | None = None):
+    """zarr's FsspecStore at `url` with storage_options(url, storage)."""
     import zarr
-    return zarr.storage.FsspecStore.from_url(url, storage_options=storage_options(url),
+    return zarr.storage.FsspecStore.from_url(url, storage_options=storage_options(url, storage),
                                              read_only=read_only)
 
 
-def open_storage(store: str | os.PathLike, read_only: bool = True):
+def open_storage(store: str | os.PathLike, read_only: bool = True,
+                 storage: StorageSettings | None = None):
     """The storage of the store named `store`: LocalStorage for a path; for
-    a URL, ZarrStorage over zarr_store, behind the configured cache."""
+    a URL, ZarrStorage over zarr_store, behind the settings' cache."""
     if not is_url(store):
         return LocalStorage(location(str(store)))
-    storage = ZarrStorage(zarr_store(store, read_only), store)
-    cache = os.environ.get(CACHE_ENV)
-    if cache and read_only:
-        cache = json.loads(cache)
-        return CachedStorage(storage, cache["dir"], cache["limit_bytes"])
-    return storage
+    storage = storage or NO_SETTINGS
+    found = ZarrStorage(zarr_store(store, read_only, storage), store)
+    if storage.cache is not None and read_only:
+        return CachedStorage(found, Path(storage.cache).absolute(),
+                             int(storage.cache_limit_gb * 1e9))
+    return found
 
 
 class StorageUnavailable(RuntimeError):

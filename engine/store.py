@@ -430,11 +430,13 @@ def _nonzero_chunks(plane: np.ndarray, chunk: int) -> tuple[slice, slice] | None
 COMPLETION = ("format", "version", "fingerprint")   # root attributes a finished build writes last
 
 
-def open_store(path: str | os.PathLike, mode: str = "r") -> zarr.Group:
-    """Open a complete forgery store, a local path or a URL
-    (engine/storage.py), or raise StoreError saying what is wrong."""
+def open_store(path: str | os.PathLike, mode: str = "r",
+               storage: storages.StorageSettings | None = None) -> zarr.Group:
+    """Open a complete forgery store, a local path or a URL reached with
+    `storage`'s settings (engine/storage.py), or raise StoreError saying
+    what is wrong."""
     if storages.is_url(path):
-        group = _open_url(path, mode)
+        group = _open_url(path, mode, storage)
     else:
         group = _open_local(storages.location(str(path)), mode)
     attrs = group.attrs.asdict()
@@ -465,12 +467,12 @@ def _open_local(path: Path, mode: str) -> zarr.Group:
         raise StoreError(f"{path}: not a Zarr v3 group ({exc})") from None
 
 
-def _open_url(url: str, mode: str) -> zarr.Group:
+def _open_url(url: str, mode: str, storage: storages.StorageSettings | None) -> zarr.Group:
     """A store on object storage has no rename: its build uploads the root
     zarr.json with the COMPLETION attributes last (preprocess/build_zarr.py),
     so a root without them is a build still running or killed."""
     try:
-        store = storages.zarr_store(url, read_only=mode == "r")
+        store = storages.zarr_store(url, read_only=mode == "r", storage=storage)
         root = storages.ZarrStorage(store, url).read("zarr.json")
         if root is None:
             raise StoreError(f"{url}: no store here; build one with "
@@ -509,41 +511,28 @@ def mining_path(kind: str) -> str:
     return f"mining/{kind}"
 
 
-MINING_DIR_ENV = "FORGERY_MINING_DIR"   # set by use_mining_dir: results kept there, not in the store
-
-
-def use_mining_dir(folder: str | os.PathLike | None) -> None:
-    """Keep this process's (and its children's) mining results in a local
-    `folder` instead of the store: for a store that cannot be written (a
-    read-only mount, a bucket without write permission). Results there are
-    kept per store content (by fingerprint)."""
-    if folder is not None:
-        os.environ[MINING_DIR_ENV] = str(Path(folder).absolute())
-
-
-def mining_dir() -> Path | None:
-    folder = os.environ.get(MINING_DIR_ENV)
-    return Path(folder) if folder else None
-
-
-def mining_group(group: zarr.Group, mode: str = "r") -> zarr.Group | None:
+def mining_group(group: zarr.Group, mode: str = "r",
+                 storage: storages.StorageSettings | None = None) -> zarr.Group | None:
     """The group holding store `group`'s mining results: the store itself,
-    or with use_mining_dir, that folder's group for the store's fingerprint
-    (created for mode "w"; None for "r" when there is none yet)."""
-    folder = mining_dir()
+    or with the settings' mining_dir (for a store that cannot be written: a
+    read-only mount, a bucket without write permission), that local
+    folder's group for the store's fingerprint (created for mode "w"; None
+    for "r" when there is none yet)."""
+    folder = (storage or storages.NO_SETTINGS).mining_dir
     if folder is None:
         return group
-    path = folder / group.attrs["fingerprint"]
+    path = Path(folder) / group.attrs["fingerprint"]
     if mode == "r" and not (path / "zarr.json").exists():
         return None
     return zarr.open_group(str(path), mode="r" if mode == "r" else "a")
 
 
-def read_mining(group: zarr.Group, kind: str) -> dict | None:
+def read_mining(group: zarr.Group, kind: str,
+                storage: storages.StorageSettings | None = None) -> dict | None:
     """A complete mining result {"score", "flag", "checkpoint"} of store
     `group` (from mining_group), or None."""
     path = mining_path(kind)
-    group = mining_group(group)
+    group = mining_group(group, storage=storage)
     if group is None:
         return None
     if path not in group:

@@ -475,18 +475,20 @@ def build_store(source: Path, out: Path | str, *, workers: int | None = None, st
                 overwrite: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
                 progress: bool = True, figure: bool = True,
                 pixel_layout: layout.PixelLayout = layout.DEFAULT_LAYOUT,
-                staging: Path | None = None, break_lock: bool = False) -> dict | None:
+                staging: Path | None = None, break_lock: bool = False,
+                storage: storages.StorageSettings | None = None) -> dict | None:
     """Build `out` (a path, or a URL built in `staging` and uploaded) from
     `source`; returns the build report, or None when a complete store
     already exists there (and overwrite is False). Holds the output's lock
     throughout (module docstring); `break_lock` takes a URL's lock from a
     build on another host known to be dead. `pixel_layout`: how pixel arrays
-    are chunked and encoded (benchmarks build other layouts)."""
+    are chunked and encoded (benchmarks build other layouts); `storage`: how
+    a URL is reached (fsspec options)."""
     kwargs = dict(workers=workers, strict=strict, overwrite=overwrite, max_pixels=max_pixels,
                   progress=progress, figure=figure, pixel_layout=pixel_layout)
     if storages.is_url(out):
         return build_to_url(Path(source), out, staging or default_staging(out),
-                            break_lock=break_lock, **kwargs)
+                            break_lock=break_lock, storage=storage, **kwargs)
     return _build_local(Path(source), storages.location(str(out)), **kwargs)
 
 
@@ -570,11 +572,11 @@ def default_staging(url: str) -> Path:
 
 
 def build_to_url(source: Path, url: str, staging: Path, *, overwrite: bool, break_lock: bool,
-                 **kwargs) -> dict | None:
+                 storage: storages.StorageSettings | None = None, **kwargs) -> dict | None:
     """Build in `staging` (resumable, as any local build), then upload it to
     `url` (module docstring); holds the URL's lock throughout."""
     try:
-        target = storages.open_storage(url, read_only=False)
+        target = storages.open_storage(url, read_only=False, storage=storage)
         with remote_lock(url, target, break_lock):
             if _remote_complete(target) and not overwrite:
                 print(f"{url}: a complete store exists already; nothing to do "
@@ -760,7 +762,6 @@ def main(argv: list[str] | None = None) -> int:
                              "kernel when its build dies)")
     storages.add_arguments(parser, cache=False)
     args = parser.parse_args(argv)
-    storages.configure_from(args)
     if args.workers is not None and args.workers < 1:
         parser.error("--workers must be at least 1")
     if args.break_lock and not storages.is_url(args.out):
@@ -778,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
         build_store(source, args.out, workers=args.workers, strict=args.strict,
                     overwrite=args.overwrite, max_pixels=args.max_pixels,
                     figure=not args.no_figure, pixel_layout=pixel_layout, staging=args.staging,
-                    break_lock=args.break_lock)
+                    break_lock=args.break_lock, storage=storages.StorageSettings.from_args(args))
     except (BuildError, BadInput, layout.StoreError) as exc:
         print(f"build_zarr: error: {exc}", file=sys.stderr)
         return 2

@@ -84,12 +84,14 @@ def check_meta(group: zarr.Group, root: str) -> tuple[dict | None, list[str]]:
     return meta, problems
 
 
-def verify(store: Path | str, progress: bool = True) -> list[str]:
-    """Every problem of a complete store, one line each, path first (empty
-    when clean); StoreError when it is not a store this engine reads."""
-    group = layout.open_store(store)
+def verify(store: Path | str, progress: bool = True,
+           storage: storages.StorageSettings | None = None) -> list[str]:
+    """Every problem of a complete store (a URL reached with `storage`), one
+    line each, path first (empty when clean); StoreError when it is not a
+    store this engine reads."""
+    group = layout.open_store(store, storage=storage)
     meta, problems = check_meta(group, str(store))
-    stored = stored_arrays(storages.open_storage(store))
+    stored = stored_arrays(storages.open_storage(store, storage=storage))
     if meta is None:   # without meta/, check the chunks of what is there
         expected = {path: None for path in stored}
     else:
@@ -98,7 +100,7 @@ def verify(store: Path | str, progress: bool = True) -> list[str]:
                      for path in sorted(expected.keys() - stored)]
         problems += [f"{store}/{path}: unexpected array (meta/ has no such row or level, "
                      "or the row is authentic)" for path in sorted(stored - expected.keys())]
-    reader = WindowReader(store)
+    reader = WindowReader(store, storage=storage)
     for path in tqdm(sorted(stored & expected.keys()), desc="verify", unit="array",
                      disable=None if progress else True):   # None: only on a terminal
         problems += [f"{exc.where}: {exc.problem}"
@@ -113,9 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("store", type=storages.location, help="the store to check (a path or a URL)")
     storages.add_arguments(parser, cache=False)
     args = parser.parse_args(argv)
-    storages.configure_from(args)
     try:
-        problems = verify(args.store)
+        problems = verify(args.store, storage=storages.StorageSettings.from_args(args))
     except (layout.StoreError, storages.StorageUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -154,9 +154,7 @@ def test_the_cache_stays_under_its_limit(s3_store, tmp_path):
     assert 0 < kept < count and size <= limit
 
 
-def test_train_mine_and_predict_from_s3(s3_store, tmp_path, monkeypatch):
-    for name in (storages.CACHE_ENV, layout.MINING_DIR_ENV):
-        monkeypatch.setenv(name, "")   # restored after the test: the flags set them
+def test_train_mine_and_predict_from_s3(s3_store, tmp_path):
     run = tmp_path / "run"
 
     def train(member, *extra):
@@ -175,7 +173,6 @@ def test_train_mine_and_predict_from_s3(s3_store, tmp_path, monkeypatch):
     assert (tmp_path / "mined" / fingerprint / "mining" / "hard_negative" / "zarr.json").is_file()
     assert target.keys("mining/") == []
     # without it: next to the store's other arrays, on S3, and read from there
-    monkeypatch.setenv(layout.MINING_DIR_ENV, "")
     assert train("hard_negative", "--overwrite") == 0
     assert "mining/hard_negative/zarr.json" in target.keys("mining/")
     assert layout.read_mining(layout.open_store(s3_store), "hard_negative")["checkpoint"]
@@ -274,17 +271,18 @@ def test_a_damaged_store_on_s3_is_named_by_its_url(bucket, demo_store):
     assert f"--out {url} --overwrite`" in str(caught.value)
 
 
-def test_wrong_credentials_are_one_clear_line(s3_store, monkeypatch, capsys):
-    monkeypatch.setenv(storages.OPTIONS_ENV, json.dumps({"key": "nobody", "secret": "wrong"}))
+def test_wrong_credentials_are_one_clear_line(s3_store, capsys):
+    wrong = storages.StorageSettings(options={"key": "nobody", "secret": "wrong-SENTINEL"})
     with pytest.raises(layout.StoreError, match="access denied.*AWS_ACCESS_KEY_ID"):
-        layout.open_store(s3_store)
-    assert verify_store.main([s3_store]) == 2
+        layout.open_store(s3_store, storage=wrong)
+    assert verify_store.main([s3_store, "--storage-option", "key=nobody",
+                              "--storage-option", "secret=wrong-SENTINEL"]) == 2
     err = capsys.readouterr().err.strip()
     assert "access denied" in err and len(err.splitlines()) == 1
+    assert "SENTINEL" not in err
 
 
-def test_an_unreachable_endpoint_is_one_clear_line(s3_store, capsys, monkeypatch):
-    monkeypatch.setenv(storages.OPTIONS_ENV, "{}")   # restored after the test: the flag sets it
+def test_an_unreachable_endpoint_is_one_clear_line(s3_store, capsys):
     with socket.socket() as probe:   # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -367,13 +365,10 @@ class Relay:
                     pass
 
 
-def test_storage_that_stops_answering_mid_run_ends_it_resumably(s3_store, s3_server, tmp_path,
-                                                                 monkeypatch):
+def test_storage_that_stops_answering_mid_run_ends_it_resumably(s3_store, s3_server, tmp_path):
     """A network failure during training, with a reader worker: one clear
     line, exit status 2, the steps done so far checkpointed and logged, and
     the resume command finishes the run once the storage answers again."""
-    monkeypatch.setenv(storages.OPTIONS_ENV, "{}")   # restored after the test: the flags set them
-    monkeypatch.setenv(storages.CACHE_ENV, "")
     run, relay = tmp_path / "run", Relay(s3_server["endpoint"])
     args = ["--member", "highres_no_ela", "--store", s3_store, "--out", str(run), "--epochs", "2",
             "--max-steps", "20", "--encoder-weights", "none",

@@ -102,14 +102,15 @@ def variants(ensemble: Ensemble) -> dict[str, tuple[str, ...]]:
 
 def evaluate(ensemble: Ensemble, store: str | Path, split: str = "val",
              post: PostProcess = MODES["default"], tta: bool = False, batch_size: int = 4,
-             submission: Path | None = None) -> dict[str, Report]:
-    """Reports of every variant over a store split; optionally writes the full
-    ensemble's submission CSV."""
-    group, meta, rows = open_split(store, split)
+             submission: Path | None = None,
+             storage: storages.StorageSettings | None = None) -> dict[str, Report]:
+    """Reports of every variant over a store split (a store URL reached with
+    `storage`); optionally writes the full ensemble's submission CSV."""
+    group, meta, rows = open_split(store, split, storage)
     chosen = variants(ensemble)
     reports = {name: Report() for name in chosen}
     predicted = []
-    cases = tqdm(store_cases(store, rows, ensemble.needs_ela), total=len(rows),
+    cases = tqdm(store_cases(store, rows, ensemble.needs_ela, storage), total=len(rows),
                  desc="evaluate", unit="img")
     for batch, probs in predict_batches(ensemble, cases, tta, batch_size):
         truths = [true_instances(group, case.row) for case in batch]
@@ -231,7 +232,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_ensemble_options(parser)
     storages.add_arguments(parser)
     args = parser.parse_args(argv)
-    storages.configure_from(args)
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} is a file; name the folder to write the results in")
     return args
@@ -241,9 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         post, ensemble = ensemble_from_args(args)
+        storage = storages.StorageSettings.from_args(args)
         reports = evaluate(ensemble, args.store, args.split, post, args.tta, args.batch_size,
-                           submission=args.out / "submission.csv")
-        write_solution(args.store, args.out / "solution.csv", args.split)
+                           submission=args.out / "submission.csv", storage=storage)
+        write_solution(args.store, args.out / "solution.csv", args.split, storage)
         setting = (f"{args.split} split of {args.store}; threshold {post.threshold}, min area "
                    f"{post.min_area} px at 512" + ("; flip TTA" if args.tta else ""))
         draw(reports, args.out / "evaluation.png", setting)

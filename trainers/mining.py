@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 import engine
 from engine import store as layout
+from engine.storage import NO_SETTINGS, StorageSettings
 from engine.store import SPLITS
 from engine.recipes import Recipe
 from trainers.checkpoint import file_sha256, load_member
@@ -65,7 +66,8 @@ def flags_from_scores(score: np.ndarray, rows: np.ndarray, kind: str) -> np.ndar
 @torch.no_grad()
 def score_rows(model: torch.nn.Module, store, recipe: Recipe, rows: np.ndarray, kind: str, *,
                batch_size: int, img_size: int, device: str, workers: int | None = None,
-               rank: int = 0, world_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+               rank: int = 0, world_size: int = 1,
+               storage: StorageSettings | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(rows, float32 scores) of this rank's share of `rows` (every world_size-th),
     from `model` at img_size, in the precision training uses on `device`."""
     model.eval()
@@ -73,7 +75,7 @@ def score_rows(model: torch.nn.Module, store, recipe: Recipe, rows: np.ndarray, 
     # closed when done: its reader workers end with the mining
     with engine.make_loader(store, recipe, rows=rows, batch_size=batch_size, img_size=img_size,
                             device=device, workers=workers, rank=rank,
-                            world_size=world_size) as loader:
+                            world_size=world_size, storage=storage) as loader:
         for batch in tqdm(loader, desc=f"mining {kind}", unit="batch", disable=rank != 0):
             with autocast(device):
                 logits = model(batch["image"])
@@ -83,11 +85,13 @@ def score_rows(model: torch.nn.Module, store, recipe: Recipe, rows: np.ndarray, 
     return np.concatenate(done), np.concatenate(scores)
 
 
-def write_mining(store, kind: str, score: np.ndarray, flag: np.ndarray, checkpoint_sha: str) -> None:
+def write_mining(store, kind: str, score: np.ndarray, flag: np.ndarray, checkpoint_sha: str,
+                 storage: StorageSettings | None = None) -> None:
+    storage = storage or NO_SETTINGS
     try:
         # into the store (a folder or a URL), or a read-only store's --mining-dir
-        group = layout.mining_group(layout.open_store(store, mode="r" if layout.mining_dir() else "r+"),
-                                    "w")
+        mode = "r" if storage.mining_dir else "r+"
+        group = layout.mining_group(layout.open_store(store, mode=mode, storage=storage), "w", storage)
         # A fresh group drops any older result first; the checkpoint attribute
         # goes last, so an interrupted write reads as "no result" (read_mining).
         sub = group.create_group(layout.mining_path(kind), overwrite=True)
@@ -105,36 +109,40 @@ def write_mining(store, kind: str, score: np.ndarray, flag: np.ndarray, checkpoi
 
 def mine(store, kind: str, model: torch.nn.Module, recipe: Recipe, checkpoint_sha: str, *,
          batch_size: int, img_size: int, device: str, workers: int | None = None,
-         ddp: Distributed | None = None) -> dict:
+         ddp: Distributed | None = None, storage: StorageSettings | None = None) -> dict:
     """Score, flag and write one kind of mining result; returns it as read_mining does.
     Under torchrun every rank scores its share and rank 0 writes the whole:
     no rank waits for another to mine alone (a wait the process group's
     timeout would end)."""
     ddp = ddp or Distributed.single(torch.device(device))
-    meta = layout.read_meta(layout.open_store(store))
+    meta = layout.read_meta(layout.open_store(store, storage=storage))
     rows = mining_rows(meta, kind)
     share = score_rows(model, store, recipe, rows, kind, batch_size=batch_size, img_size=img_size,
-                       device=device, workers=workers, rank=ddp.rank, world_size=ddp.world_size)
+                       device=device, workers=workers, rank=ddp.rank, world_size=ddp.world_size,
+                       storage=storage)
     shares = ddp.all_gather(share)
     if ddp.main:
         score = np.full(len(meta["label"]), np.nan, np.float32)
         for done, scores in shares:
             score[done] = scores
-        write_mining(store, kind, score, flags_from_scores(score, rows, kind), checkpoint_sha)
+        write_mining(store, kind, score, flags_from_scores(score, rows, kind), checkpoint_sha,
+                     storage)
     ddp.barrier()
-    return layout.read_mining(layout.open_store(store), kind)
+    return layout.read_mining(layout.open_store(store, storage=storage), kind, storage)
 
 
 def ensure_mining(store, kind: str, checkpoint: Path, *, batch_size: int, img_size: int,
                   device: str, workers: int | None = None,
-                  ddp: Distributed | None = None) -> tuple[dict, bool]:
+                  ddp: Distributed | None = None,
+                  storage: StorageSettings | None = None) -> tuple[dict, bool]:
     """The store's `kind` result for this checkpoint, mined now unless already there.
     Returns (result, reused)."""
     sha = file_sha256(checkpoint)
-    existing = layout.read_mining(layout.open_store(store), kind)
+    group = layout.open_store(store, storage=storage)
+    existing = layout.read_mining(group, kind, storage)
     if existing is not None and existing["checkpoint"] == sha:
         return existing, True
     model, recipe, _ = load_member(checkpoint, device=device, member=MINING_MEMBER,
-                                   fingerprint=layout.open_store(store).attrs.get("fingerprint"))
+                                   fingerprint=group.attrs.get("fingerprint"))
     return mine(store, kind, model, recipe, sha, batch_size=batch_size, img_size=img_size,
-                device=device, workers=workers, ddp=ddp), False
+                device=device, workers=workers, ddp=ddp, storage=storage), False

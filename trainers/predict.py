@@ -96,22 +96,24 @@ def folder_cases(files: list[Path], with_ela: bool,
         yield Case(path.stem, image, compute_ela(image) if with_ela else None)
 
 
-def store_split(store: Path, split: str, with_ela: bool) -> tuple[int, Iterator[Case]]:
+def store_split(store: Path, split: str, with_ela: bool,
+                storage: storages.StorageSettings | None = None) -> tuple[int, Iterator[Case]]:
     """How many rows a split of the store has, and their cases."""
     from engine.store import open_store, read_meta   # here: --images runs without Zarr
     from trainers.score import split_rows
 
-    rows = split_rows(read_meta(open_store(store)), split)
-    return len(rows), store_cases(store, rows, with_ela)
+    rows = split_rows(read_meta(open_store(store, storage=storage)), split)
+    return len(rows), store_cases(store, rows, with_ela, storage)
 
 
-def store_cases(store, rows: np.ndarray, with_ela: bool) -> Iterator[Case]:
+def store_cases(store, rows: np.ndarray, with_ela: bool,
+                storage: storages.StorageSettings | None = None) -> Iterator[Case]:
     """Cases of store rows, named as the solution writer names them."""
     from engine.reader import WindowReader   # here: --images runs without Zarr
     from engine.store import ela_path, image_path
     from trainers.score import store_case_ids
 
-    reader = WindowReader(store)   # refuses missing or corrupt chunks (StoreDamaged)
+    reader = WindowReader(store, storage=storage)   # refuses missing or corrupt chunks (StoreDamaged)
     names = store_case_ids(reader.meta["case_id"], rows)
     for name, row in zip(names, rows):
         image = reader.read_array(image_path(int(row)))
@@ -241,7 +243,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_ensemble_options(parser)
     storages.add_arguments(parser)
     args = parser.parse_args(argv)
-    storages.configure_from(args)
     if args.out.is_dir():
         parser.error(f"--out {args.out} is a folder; name the CSV to write, "
                      f"e.g. {args.out / 'submission.csv'}")
@@ -279,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             total = len(files)
             cases = folder_cases(files, ensemble.needs_ela, args.max_pixels)
         else:
-            total, cases = store_split(args.store, args.split, ensemble.needs_ela)
+            total, cases = store_split(args.store, args.split, ensemble.needs_ela,
+                                       storages.StorageSettings.from_args(args))
         cases = reported(tqdm(cases, total=total, desc="predict", unit="img"), unreadable,
                          args.strict)
         count = write_submission(predict_instances(ensemble, cases, post, args.tta,

@@ -259,9 +259,9 @@ def true_instances(group, row: int) -> list[np.ndarray]:
     return [layer.astype(bool) for layer in layers if layer.any()]
 
 
-def open_split(store: str | Path, split: str):
+def open_split(store: str | Path, split: str, storage: storages.StorageSettings | None = None):
     """(group, meta, rows) of a store split; an empty split is a StoreError."""
-    group = open_store(store)
+    group = open_store(store, storage=storage)
     meta = read_meta(group)
     rows = split_rows(meta, split)
     if not len(rows):
@@ -269,9 +269,10 @@ def open_split(store: str | Path, split: str):
     return group, meta, rows
 
 
-def write_solution(store: str | Path, path: str | Path, split: str = "val") -> int:
+def write_solution(store: str | Path, path: str | Path, split: str = "val",
+                   storage: storages.StorageSettings | None = None) -> int:
     """Write the solution CSV of a store split; returns the number of rows."""
-    group, meta, rows = open_split(store, split)
+    group, meta, rows = open_split(store, split, storage)
     with atomic_open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(SOLUTION_COLUMNS)
@@ -295,12 +296,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --write-solution: which rows of --store")
     storages.add_arguments(parser)
     args = parser.parse_args(argv)
-    storages.configure_from(args)
     try:
         if args.write_solution:
             if not args.store:
                 parser.error("--write-solution needs --store")
-            n = write_solution(args.store, args.write_solution, args.split)
+            n = write_solution(args.store, args.write_solution, args.split,
+                               storages.StorageSettings.from_args(args))
             print(f"wrote {n} rows to {args.write_solution}")
             return 0
         if not (args.solution and args.submission):
