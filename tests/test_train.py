@@ -21,6 +21,7 @@ from trainers.losses import MemberLoss
 from trainers.metrics import pixel_counts, summarize
 from trainers.model import build_model
 from trainers.schedules import build_optimizer, build_scheduler
+from trainers import run_folder
 from trainers.train import initial_model, main, optimiser_step, parse_args
 
 SIZE = 64
@@ -85,8 +86,8 @@ def test_mined_members_record_the_highres_checkpoint(trained, store, member):
 def test_high_recall_starts_from_the_highres_checkpoint(trained, store):
     assert trained("highres_no_ela") == 0
     models = trained.out / "models"
-    args = parse_args(["--member", "high_recall", *FAST])
-    model, recipe = initial_model(RECIPES["high_recall"], args, models,
+    config = parse_args(["--member", "high_recall", *FAST]).config
+    model, recipe = initial_model(RECIPES["high_recall"], config, models,
                                   layout.open_store(store).attrs["fingerprint"])
     parent, _, _ = load_member(best_path(models, "highres_no_ela"))
     assert recipe.encoder == SMALL_ENCODER
@@ -138,20 +139,35 @@ def final_state(out: Path, member: str) -> dict:
     return load_checkpoint(last_path(out / "models", member))
 
 
-def test_resume_after_interruptions_equals_an_uninterrupted_run(store, tmp_path, capsys):
+@pytest.mark.parametrize("knobs", [
     # batch 8: two batches an epoch, so the pieces stop mid-epoch and cross an epoch end
+    ["--batch-size", "8"],
+    # batch 4, two batches a step: four batches, two optimiser steps an epoch,
+    # warm-up into the second epoch, lr moving every step
+    ["--batch-size", "4", "--grad-accum-steps", "2", "--warmup-steps", "3", "--precision", "bf16"],
+], ids=["plain", "accumulation-warmup-bf16"])
+def test_resume_after_interruptions_equals_an_uninterrupted_run(store, tmp_path, capsys, knobs):
     common = ["--member", "highres_no_ela", "--store", str(store), "--epochs", "2",
-              "--encoder", SMALL_ENCODER, *FAST, "--batch-size", "8"]
+              "--encoder", SMALL_ENCODER, *FAST, *knobs]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert main(common + ["--out", str(whole)]) == 0
     assert main(common + ["--out", str(parts), "--max-steps", "1"]) == 0
-    assert final_state(parts, "highres_no_ela")["step"] == 1          # stopped mid-epoch
-    assert main(common + ["--out", str(parts), "--max-steps", "3", "--resume"]) == 0
-    assert main(common + ["--out", str(parts), "--resume"]) == 0
+    assert 0 < final_state(parts, "highres_no_ela")["step"] < 4         # stopped mid-epoch
+    # the recorded configuration comes back (here --max-steps 3 until another is typed)
+    assert main(["--member", "highres_no_ela", "--out", str(parts), "--max-steps", "3",
+                 "--resume"]) == 0
+    assert final_state(parts, "highres_no_ela")["global_step"] == 3
+    assert main(["--member", "highres_no_ela", "--out", str(parts), "--resume"]) == 0
+    assert final_state(parts, "highres_no_ela")["global_step"] == 3
+    assert main(common + ["--out", str(parts), "--resume", "--max-steps", "0"]) == 0
     a, b = final_state(whole, "highres_no_ela"), final_state(parts, "highres_no_ela")
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 0)
     assert a["global_step"] == b["global_step"] >= 4
-    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 2
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == a["global_step"]
+    lrs = [row["lr"] for row in run_folder.read_rows(whole / "logs" / "highres_no_ela_steps.csv")]
+    assert lrs == [row["lr"] for row in
+                   run_folder.read_rows(parts / "logs" / "highres_no_ela_steps.csv")]
+    assert lrs[0] != lrs[1]   # the schedule moves per step, inside the first epoch
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
     for key, state in a["optimizer"]["state"].items():
@@ -161,6 +177,8 @@ def test_resume_after_interruptions_equals_an_uninterrupted_run(store, tmp_path,
     capsys.readouterr()
     assert main(common + ["--out", str(parts), "--resume", "--img-size", "32"]) == 2
     assert "--img-size 32" in capsys.readouterr().err
+    assert main(common + ["--out", str(parts), "--resume", "--focal-alpha", "0.1"]) == 2
+    assert "--focal-alpha 0.1" in capsys.readouterr().err
     assert main(common + ["--out", str(parts), "--resume", "--epochs", "2"]) == 0
 
     # the same checkpoint on a store with another fingerprint is refused
@@ -282,11 +300,40 @@ def test_backend_option_reaches_every_loader_of_the_run(store, tmp_path, monkeyp
     assert all(backend == "dali" for _, backend in seen)
 
 
+def schedule_lrs(member, epochs, steps_per_epoch=1, warmup_steps=0):
+    recipe = dataclasses.replace(RECIPES[member], epochs=epochs)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=recipe.lr)
+    scheduler = build_scheduler(optimizer, recipe, steps_per_epoch=steps_per_epoch,
+                                warmup_steps=warmup_steps)
+    out = []
+    for _ in range(epochs * steps_per_epoch + 1):
+        out.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return recipe, out
+
+
+def test_the_schedule_runs_per_step_after_a_linear_warm_up():
+    recipe, lrs = schedule_lrs("hard_negative", 3, steps_per_epoch=4, warmup_steps=4)
+    assert lrs[:4] == pytest.approx([recipe.lr * k / 4 for k in (1, 2, 3, 4)])
+    assert lrs[4] == recipe.lr and lrs[12] == pytest.approx(recipe.schedule[1])
+    assert all(a > b for a, b in zip(lrs[4:12], lrs[5:13]))   # falls at every step
+    # without warm-up, at epoch ends: torch's per-epoch cosine
+    recipe, per_step = schedule_lrs("hard_negative", 3, steps_per_epoch=4)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=recipe.lr)
+    reference = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=3,
+                                                           eta_min=recipe.schedule[1])
+    for epoch in range(4):
+        assert per_step[4 * epoch] == pytest.approx(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        reference.step()
+
+
 def test_schedules_follow_the_recipes():
     def lrs(member, epochs):
         recipe = dataclasses.replace(RECIPES[member], epochs=epochs)
         optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=recipe.lr)
-        scheduler = build_scheduler(optimizer, recipe)
+        scheduler = build_scheduler(optimizer, recipe, steps_per_epoch=1)
         out = []
         for _ in range(epochs + 1):
             out.append(optimizer.param_groups[0]["lr"])

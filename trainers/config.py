@@ -33,8 +33,8 @@ from pathlib import Path
 from engine import storage as storages
 from engine import store as layout
 from engine.recipes import RECIPES, Recipe, SamplingRule, View, get_recipe
+from trainers.run_folder import DEFAULT_RUN
 
-DEFAULT_RUN = Path("runs/default")   # trainers/run_folder.py re-exports it
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # image sizes the models take: their encoders downsample five times by 2
 IMG_SIZE_MULTIPLE = 32
@@ -146,7 +146,7 @@ class RunConfig:
         recipe = self.resolved_recipe()
         at_least = {"epochs": (recipe.epochs, 1), "batch-size": (recipe.batch_size, 1),
                     "img-size": (recipe.img_size, IMG_SIZE_MULTIPLE),
-                    "early-stop": (recipe.early_stop, 1), "max-steps": (self.max_steps, 1),
+                    "early-stop": (recipe.early_stop, 1), "max-steps": (self.max_steps, 0),
                     "grad-accum-steps": (self.grad_accum_steps, 1),
                     "warmup-steps": (self.warmup_steps, 0), "save-every": (self.save_every, 0),
                     "workers": (self.workers, 0)}
@@ -251,7 +251,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, ensemble: bool = False) ->
                         "initialisation and dropout all follow it")
     parser.add_argument("--max-steps", type=int,
                         help="stop after this many optimiser steps in all (resumed runs "
-                             "included); validates and writes checkpoints (default: no limit)")
+                             "included); validates and writes checkpoints (default and 0: no "
+                             "limit)")
     parser.add_argument("--save-every", type=int, default=d.save_every,
                         help="also write <member>_last.pth every this many optimiser steps "
                              "(0: epoch ends only)")
@@ -291,16 +292,17 @@ def add_arguments(parser: argparse.ArgumentParser, *, ensemble: bool = False) ->
 
 
 def parse(parser: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
-    """(every flag, only the flags typed): the second parse leaves out what
-    was not on the command line, so a default never overrides a file."""
+    """(every flag, only the flags typed): the second parse, with every
+    default None (no typed flag parses to None), leaves out what was not on
+    the command line, so a default never overrides a file."""
     args = parser.parse_args(argv)
     saved = {name: parser.get_default(name) for name in vars(args)}
-    parser.set_defaults(**dict.fromkeys(saved, argparse.SUPPRESS))
+    parser.set_defaults(**dict.fromkeys(saved))
     try:
         typed = parser.parse_args(argv)
     finally:
         parser.set_defaults(**saved)
-    return args, typed
+    return args, argparse.Namespace(**{k: v for k, v in vars(typed).items() if v is not None})
 
 
 STORAGE_FLAGS = {"storage_option": "options", "cache": "cache",

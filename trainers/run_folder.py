@@ -1,8 +1,10 @@
 """A run folder: what one training run of one or more members leaves behind.
 
-    RUN/config.json                  per member: the resolved recipe, the flags, package
-                                     versions, device, world size, store and its fingerprint,
-                                     and once it ended by its own rules, its result
+    RUN/config.json                  per member: its configuration (trainers/config.py,
+                                     credentials redacted), the resolved recipe, the command
+                                     (redacted), package versions, device, world size, store
+                                     and its fingerprint, and once it ended by its own rules,
+                                     its result
     RUN/models/<member>_best.pth     best on the member's selection metric (the model, no
                                      optimiser state: a third of the size of _last)
     RUN/models/<member>_last.pth     where a resumed run continues (with the optimiser state)
@@ -15,11 +17,16 @@
 All members of an ensemble train into one run folder (the mined and
 fine-tuned members read highres_no_ela's checkpoint from it). Every file is
 written whole or not at all (common/atomic.py); the CSVs grow by appending
-whole rows, so an interrupted run keeps every row it logged.
+whole rows, so an interrupted run keeps every row it logged. Members
+trained at the same time into one folder (one per GPU) each change their own
+entry of config.json under a lock on RUN/config.json.lock, so none loses
+another's.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import json
 import math
 import platform
@@ -93,31 +100,66 @@ def versions() -> dict:
     return found
 
 
+def redacted_command(argv: list[str]) -> list[str]:
+    """`argv` with the values of credential-like --storage-option's replaced."""
+    from engine.storage import REDACTED, is_secret
+
+    flag, words = "--storage-option", []
+    for k, word in enumerate(argv):
+        if word.startswith(flag + "="):
+            prefix, option = flag + "=", word[len(flag) + 1:]
+        elif k and argv[k - 1] == flag:
+            prefix, option = "", word
+        else:
+            words.append(word)
+            continue
+        name = option.partition("=")[0]
+        words.append(f"{prefix}{name}={REDACTED}" if is_secret(name) else word)
+    return words
+
+
+@contextlib.contextmanager
+def _members(run: Path):
+    """RUN/config.json's members, read and written back under the folder's lock."""
+    path = Path(run) / "config.json"
+    with open(Path(run) / "config.json.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file closes
+        members = json.loads(path.read_text())["members"] if path.is_file() else {}
+        yield members
+        with atomic_open(path) as f:
+            json.dump({"members": members}, f, indent=2, default=str)
+
+
 def write_config(run: Path, member: str, config: dict) -> Path:
     """Record `config` as the member's entry of RUN/config.json; its path."""
-    path = Path(run) / "config.json"
-    members = json.loads(path.read_text())["members"] if path.is_file() else {}
-    members[member] = {**config, "command": sys.argv, "versions": versions()}
-    with atomic_open(path) as f:
-        json.dump({"members": members}, f, indent=2, default=str)
-    return path
+    with _members(run) as members:
+        members[member] = {**config, "command": redacted_command(sys.argv), "versions": versions()}
+    return Path(run) / "config.json"
 
 
 def record_result(run: Path, member: str, result: dict) -> None:
     """Add how the member's run ended to its entry of RUN/config.json."""
+    with _members(run) as members:
+        members[member]["result"] = result
+
+
+def member_entry(run: Path, member: str) -> dict:
+    """The member's entry of RUN/config.json ({} when it has none)."""
     path = Path(run) / "config.json"
-    document = json.loads(path.read_text())
-    document["members"][member]["result"] = result
-    with atomic_open(path) as f:
-        json.dump(document, f, indent=2, default=str)
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())["members"].get(member, {})
 
 
 def member_result(run: Path, member: str) -> dict | None:
     """The member's recorded result: None until a run of it ended by its own rules."""
-    path = Path(run) / "config.json"
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())["members"].get(member, {}).get("result")
+    return member_entry(run, member).get("result")
+
+
+def recorded_config(run: Path, member: str | None) -> dict | None:
+    """The configuration a run of `member` recorded (trainers/config.py
+    RunConfig.public()), or None."""
+    return member_entry(run, member).get("config") if member else None
 
 
 def append_rows(path: Path, fields: tuple[str, ...], rows: list[dict]) -> None:

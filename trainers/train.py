@@ -1,13 +1,21 @@
 """Train one ensemble member from the store: `python trainers/train.py --member NAME`.
 
 The member's recipe (engine/recipes.py; docs/recipes.md lists the six) says
-everything; flags override it for one run. Reading order:
+everything; flags or a --config file override it for one run
+(trainers/config.py: one RunConfig, recorded in RUN/config.json). Reading
+order, top to bottom:
 
-  main -> train_member: recipe + flags -> run folder -> (mining) -> model,
-          optimiser, schedule; then per epoch
-            train_one_epoch  the loader's batches (resumable at any batch),
-                             one row per step in logs/<member>_steps.csv
-            validate         metrics over the validation rows; select
+  main -> parse_args: defaults, --config, typed flags (a resumed run: its
+          recorded configuration first); refused here, before any worker
+          starts or file is written, when they cannot work
+       -> train_member: run folder -> starting_point (recipe, seed, the
+          checkpoint when resuming) -> (mining) -> new_training (model,
+          optimiser, per-step schedule, RunState) -> record_start ->
+          run_epochs, per epoch:
+            train_one_epoch  the loader's batches (resumable at any
+                             optimiser step), one row per step in
+                             logs/<member>_steps.csv
+            end_of_epoch     checkpoint, then validate; select
                              <member>_best.pth, write <member>_last.pth, one
                              row in logs/<member>.csv; stop early where the
                              recipe says
@@ -25,20 +33,21 @@ epoch plan, mines and validates its share, and uses its share of the node's
 cores for loader workers (docs/architecture.md, "Multi-process training").
 `--ddp` runs that code path in one process too.
 
-On CUDA: bf16 autocast (fp16 with a gradient scaler on GPUs without bf16) in
-training, validation and mining alike, cuDNN autotuning for the fixed input
-size, channels-last tensors, fused AdamW; losses stay on the GPU and are read
-every SHOW_LOSS_EVERY steps.
+On CUDA (--precision auto): bf16 autocast (fp16 with a gradient scaler on
+GPUs without bf16) in training and validation alike, cuDNN autotuning for the
+fixed input size, channels-last tensors, fused AdamW; losses stay on the GPU
+and are read every SHOW_LOSS_EVERY steps.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import shlex
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -46,171 +55,148 @@ import torch
 from tqdm import tqdm
 
 import engine
+from common.help_format import HelpFormatter
 from engine import storage as storages
 from engine import store as layout
-from engine.device import DEVICES, resolve_device
-from engine.loader import (BACKENDS, MEMORY_FORMATS, SharedMemoryError, cores_per_process,
-                           resolve_backend)
-from engine.recipes import RECIPES, Recipe, get_recipe
+from engine.device import resolve_device
+from engine.loader import MEMORY_FORMATS, SharedMemoryError, cores_per_process, resolve_backend
+from engine.recipes import RECIPES, Recipe
+from trainers import config as run_config
 from trainers import distributed, mining, run_folder
 from trainers.checkpoint import (OPTIMISER_STATE, RESUME_FIELDS, CheckpointError, best_path,
                                  last_path, load_checkpoint, load_member, recipe_from_dict,
                                  recipe_to_dict, require_checkpoint, save_checkpoint)
-from common.help_format import HelpFormatter
+from trainers.config import ConfigError, RunConfig
 from trainers.losses import MemberLoss
 from trainers.metrics import check_metric_name, pixel_counts, summarize
 from trainers.model import WeightsUnavailable, build_model, encoder_weights_arg, freeze_unused
 from trainers.precision import autocast, grad_scaler, precision_name
 from trainers.schedules import build_optimizer, build_scheduler
 
-# Errors that are the user's to fix: printed as one message, exit status 2.
-USER_ERRORS = (CheckpointError, WeightsUnavailable, layout.StoreError, SharedMemoryError,
-               run_folder.RunFolderError, storages.StorageUnavailable)
 # Step losses are read from the device (which waits for the GPU to finish the
 # step) and logged every this many steps.
 SHOW_LOSS_EVERY = 10
-# Flags that override a recipe field of the same name for one run.
-RECIPE_FLAGS = ("epochs", "img_size", "batch_size", "lr", "encoder", "grad_clip", "early_stop")
 INTERRUPTED = 130   # exit status after Ctrl-C, as shells report it
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=HelpFormatter)
-    p.add_argument("--member", required=True, choices=list(RECIPES))
-    p.add_argument("--store", type=storages.location, default=layout.DEFAULT_STORE,
-                   help=f"the store (default: {layout.DEFAULT_STORE})")
-    p.add_argument("--out", type=Path, default=run_folder.DEFAULT_RUN,
-                   help="the run folder (a folder): OUT/models, OUT/logs, OUT/config.json; the "
-                        f"members of one ensemble share it (default: {run_folder.DEFAULT_RUN})")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start this member over in a run folder that already holds a run of it")
-    p.add_argument("--epochs", type=int, help="default: the recipe's")
-    p.add_argument("--img-size", type=int, help="default: the recipe's")
-    p.add_argument("--batch-size", type=int, help="per process; default: the recipe's")
-    p.add_argument("--lr", type=float, help="default: the recipe's")
-    p.add_argument("--encoder", help="an smp encoder name; default: the recipe's")
-    p.add_argument("--grad-clip", type=float,
-                   help="clip the gradient norm to this value (default: the recipe's, none)")
-    p.add_argument("--early-stop", type=int,
-                   help="stop after this many epochs without a better selection metric "
-                        "(default: the recipe's; small_specialist 10, others never)")
-    p.add_argument("--encoder-weights", type=encoder_weights_arg, default="imagenet",
-                   help="imagenet (downloaded once into the Hugging Face cache; offline: the cache "
-                        "or a clear error within seconds), none (random, never downloads), or the "
-                        "path of a timm/smp weight file for the encoder (default: imagenet)")
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="stop after this many optimiser steps in all (resumed runs included); "
-                        "validates and writes checkpoints; --resume continues from there")
-    p.add_argument("--save-every", type=int, default=500,
-                   help="also write <member>_last.pth every this many steps "
-                        "(0: epoch ends only; default: 500)")
-    p.add_argument("--device", choices=DEVICES, default="auto",
-                   help="auto: CUDA where present (default: auto)")
-    p.add_argument("--seed", type=int, default=None,
-                   help="plan, augmentation, initialisation and dropout all follow it "
-                        "(default: 0, or the resumed run's)")
-    p.add_argument("--resume", action="store_true", help="continue from <member>_last.pth")
-    p.add_argument("--workers", type=int, default=None,
-                   help="loader reader processes (default: this process's share of the cores, "
-                        "less one, at most 8; 0 reads in the training process)")
-    p.add_argument("--backend", choices=("auto",) + BACKENDS, default="auto",
-                   help="where the loader's per-sample work runs: dali (DALI operators + Kornia), "
-                        "opencv (OpenCV in the reader processes); auto: dali on CUDA, opencv on the CPU")
-    p.add_argument("--memory-format", choices=("auto",) + tuple(MEMORY_FORMATS), default="auto",
-                   help="layout of the model's activations and input batches; auto: channels_last "
-                        "on CUDA (tensor-core convolutions take NHWC), contiguous on the CPU")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--member", choices=list(RECIPES),
+                   help="the member to train (required, here or in --config)")
+    run_config.add_arguments(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <member>_last.pth with the settings the run recorded in "
+                        "OUT/config.json (flags typed here override them; of the recipe only "
+                        "--epochs may change; credentials come again from flags or the environment)")
     p.add_argument("--ddp", action="store_true",
                    help="use torch.distributed and DistributedDataParallel even in one process "
                         "(automatic under torchrun with more than one process); checks that path")
-    p.add_argument("--dist-timeout", type=float, default=distributed.DEFAULT_TIMEOUT_MINUTES,
-                   help="minutes a rank waits for the others before the run fails "
-                        f"(default: {distributed.DEFAULT_TIMEOUT_MINUTES})")
-    p.add_argument("--no-tensorboard", action="store_true",
-                   help="write no TensorBoard event files (written when tensorboard is installed)")
-    p.add_argument("--record-samples", action="store_true",
-                   help="write the meta rows this process trained on to "
-                        "logs/<member>_samples_rank<R>.npy")
-    p.add_argument("--mining-dir", type=Path, default=None,
-                   help="keep mining results in this local folder instead of the store "
-                        "(for a read-only store; default: in the store)")
-    storages.add_arguments(p)
     return p
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = build_parser()
-    args = p.parse_args(argv)
-    storages.configure_from(args)
-    layout.use_mining_dir(args.mining_dir)
-    for name in ("epochs", "img_size", "batch_size", "max_steps", "early_stop"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What a command line asks: the run's configuration, and what to do
+    with a run of it already in the folder."""
+
+    config: RunConfig
+    resume: bool = False
+    overwrite: bool = False
+
+
+def parse_args(argv=None) -> Request:
+    """The command line as a checked Request; what cannot work ends here
+    with one line and status 2."""
+    parser = build_parser()
+    args, typed = run_config.parse(parser, argv)
     try:
-        resolve_device(args.device)
-    except ValueError as exc:
-        p.error(f"--device {args.device}: {exc}")
-    return args
+        return Request(configured(args, typed), args.resume, args.overwrite)
+    except ConfigError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
 
 
-def recipe_overrides(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name) for name in RECIPE_FLAGS if getattr(args, name) is not None}
+def configured(args: argparse.Namespace, typed: argparse.Namespace) -> RunConfig:
+    """Defaults (or, resuming, the run's recorded configuration), then
+    --config, then the typed flags; checked."""
+    config = run_config.from_args(typed)
+    recorded = run_folder.recorded_config(config.out, config.member) if args.resume else None
+    if recorded is not None:
+        base = RunConfig().merged(recorded, f"{config.out / 'config.json'}")
+        config = run_config.from_args(typed, base)
+    config.check()
+    try:
+        encoder_weights_arg(config.encoder_weights)
+        resolve_device(config.device)
+    except (argparse.ArgumentTypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    return config
 
 
-def resumed_run(state: dict, path: Path, args: argparse.Namespace) -> Recipe:
+# Errors that are the user's to fix: printed as one message, exit status 2.
+USER_ERRORS = (CheckpointError, WeightsUnavailable, layout.StoreError, SharedMemoryError,
+               run_folder.RunFolderError, storages.StorageUnavailable, ConfigError)
+
+
+def resumed_run(state: dict, path: Path, config: RunConfig) -> Recipe:
     """The saved run's recipe with the overrides a resumed run may make (more epochs);
-    a seed or other recipe flag unlike the saved run's is refused (load_checkpoint
+    a seed or other recipe field unlike the saved run's is refused (load_checkpoint
     refused another member's or store's checkpoint already)."""
     saved = recipe_from_dict(state["recipe"])
-    changed = {name: value for name, value in recipe_overrides(args).items()
-               if name != "epochs" and getattr(saved, name) != value}
-    if args.seed is not None and args.seed != state["seed"]:
-        changed["seed"] = args.seed
+    wanted = dataclasses.asdict(run_config.apply_overrides(saved, config.recipe))
+    changed = {name: value for name, value in wanted.items()
+               if name != "epochs" and value != getattr(saved, name)
+               and not dataclasses.is_dataclass(getattr(saved, name))}
+    changed.update({name: value for name in ("sampling", "view")
+                    if (value := wanted[name]) != dataclasses.asdict(getattr(saved, name))})
+    if config.seed is not None and config.seed != state["seed"]:
+        changed["seed"] = config.seed
     if changed:
         flags = ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in changed.items())
         raise CheckpointError(f"{path}: --resume continues the saved run as it was; {flags} "
                               "differ from it (only --epochs may change). Drop them, or train "
                               "afresh without --resume")
-    return dataclasses.replace(saved, epochs=args.epochs or saved.epochs)
+    return dataclasses.replace(saved, epochs=config.recipe.get("epochs", saved.epochs))
 
 
 def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
-    """Seed of torch's generator (dropout) for one step: a resumed run redraws the same."""
+    """Seed of torch's generator (dropout) for one batch: a resumed run redraws the same."""
     return int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1)[0])
 
 
-def backward(net, batch: dict, criterion, optimizer, scaler, device: torch.device,
-             grad_clip) -> torch.Tensor:
-    """Forward (under autocast on CUDA), backward, optional clipping; the batch
-    loss, detached, still on the device (reading it waits for the GPU)."""
-    with autocast(device):
+def backward(net, batch: dict, criterion, scaler, device: torch.device,
+             precision: str = "auto", share: float = 1.0) -> torch.Tensor:
+    """Forward (under the run's autocast), backward of `share` of the loss
+    (gradients add up over accumulated batches); the batch loss, detached,
+    still on the device (reading it waits for the GPU)."""
+    with autocast(device, precision):
         logits = net(batch["image"])
     loss = criterion(logits.float(), batch["mask"])
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)   # clip the true gradients, not the scaled ones
-    else:
-        loss.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    scaled = loss * share if share != 1.0 else loss
+    (scaler.scale(scaled) if scaler is not None else scaled).backward()
     return loss.detach()
 
 
-def update(optimizer, scaler) -> None:
+def update(net, optimizer, scaler, grad_clip) -> None:
+    """Optional clipping of the true gradients, the optimiser step, and the
+    gradients cleared for the next step."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)   # clip the true gradients, not the scaled ones
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def optimiser_step(net, batch: dict, criterion, optimizer, scaler, device: torch.device,
-                   grad_clip) -> torch.Tensor:
+                   grad_clip, precision: str = "auto") -> torch.Tensor:
     """backward, then update; the detached batch loss."""
-    loss = backward(net, batch, criterion, optimizer, scaler, device, grad_clip)
-    update(optimizer, scaler)
+    optimizer.zero_grad(set_to_none=True)
+    loss = backward(net, batch, criterion, scaler, device, precision)
+    update(net, optimizer, scaler, grad_clip)
     return loss
 
 
@@ -250,7 +236,8 @@ class StopOnInterrupt:
             raise KeyboardInterrupt
 
 
-def initial_model(recipe: Recipe, args, models_dir: Path, fingerprint: str) -> tuple[torch.nn.Module, Recipe]:
+def initial_model(recipe: Recipe, config: RunConfig, models_dir: Path,
+                  fingerprint: str) -> tuple[torch.nn.Module, Recipe]:
     """The recipe's initialisation: encoder weights as --encoder-weights says
     (the recipe records which: imagenet, random or file:PATH), or the best
     checkpoint of the member it fine-tunes."""
@@ -263,38 +250,64 @@ def initial_model(recipe: Recipe, args, models_dir: Path, fingerprint: str) -> t
                                   f"{recipe.name!r} needs {recipe.in_channels}")
         # the architecture is the parent's: record its encoder in this run's recipe
         return model.train(), dataclasses.replace(recipe, encoder=parent_recipe.encoder)
-    init = {"imagenet": "imagenet", "none": "random"}.get(args.encoder_weights,
-                                                          f"file:{args.encoder_weights}")
-    return (build_model(recipe.encoder, recipe.in_channels, args.encoder_weights),
+    weights = config.encoder_weights
+    init = {"imagenet": "imagenet", "none": "random"}.get(weights, f"file:{weights}")
+    return (build_model(recipe.encoder, recipe.in_channels, weights),
             dataclasses.replace(recipe, init=init))
 
 
-def run_mining(recipe: Recipe, args, models_dir: Path, ddp: distributed.Distributed) -> None:
+def run_mining(recipe: Recipe, config: RunConfig, models_dir: Path,
+               ddp: distributed.Distributed) -> None:
     """Every rank mines its share, rank 0 writes; reused while the checkpoint is unchanged."""
     # every rank checks, so a missing checkpoint stops all of them, not only rank 0
     path = require_checkpoint(models_dir, mining.MINING_MEMBER, recipe.name,
                               f"{recipe.mining} mining")
     result, reused = mining.ensure_mining(
-        args.store, recipe.mining, path, batch_size=recipe.batch_size, img_size=recipe.img_size,
-        device=str(ddp.device), workers=args.workers, ddp=ddp)
+        config.store, recipe.mining, path, batch_size=recipe.batch_size, img_size=recipe.img_size,
+        device=str(ddp.device), workers=config.workers, ddp=ddp, storage=config.storage)
     if ddp.main:
         print(f"{recipe.mining} mining ({'reused' if reused else 'new'}, checkpoint "
               f"{result['checkpoint'][:12]}): {int(result['flag'].sum())} images flagged")
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, loader, ddp: distributed.Distributed) -> dict:
+def validate(model: torch.nn.Module, loader, ddp: distributed.Distributed,
+             precision: str = "auto") -> dict:
     """Metrics over the member's validation rows (`loader`: the run's
     validation loader, run_loader), each rank scoring its share, in the
     precision of training."""
     model.eval()
     counts = [np.zeros((0, 4), np.int64)]
     for batch in loader:
-        with autocast(ddp.device):
+        with autocast(ddp.device, precision):
             logits = model(batch["image"])
         counts.append(pixel_counts(logits.float(), batch["mask"]))
     model.train()
     return summarize(np.concatenate(ddp.all_gather(np.concatenate(counts))))
+
+
+@dataclasses.dataclass
+class RunState:
+    """Where a run stands and what it selected: saved in every checkpoint
+    (at its top level, RESUME_FIELDS), restored on --resume."""
+
+    epoch: int = 0
+    step: int = 0                 # batches of the epoch done
+    global_step: int = 0          # optimiser steps done
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    epochs_since_best: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    # the figures of an epoch whose batches are done and whose validation is
+    # not: a run stopped while validating resumes with them
+    epoch_figures: dict | None = None
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, state.get(field.name, getattr(self, field.name)))
 
 
 class StepLog:
@@ -333,18 +346,19 @@ class StepLog:
 class Training:
     """What one member's run holds while it trains."""
 
-    args: argparse.Namespace
+    config: RunConfig
     ddp: distributed.Distributed
     recipe: Recipe
     seed: int
     fingerprint: str
+    memory_format: str            # the resolved --memory-format
     model: torch.nn.Module
     net: torch.nn.Module          # the model, or DistributedDataParallel around it
     optimizer: torch.optim.Optimizer
     scheduler: object
     scaler: object
     criterion: torch.nn.Module
-    run: dict                     # position and selection state, saved in checkpoints
+    state: RunState               # position and selection, saved in checkpoints
     log: StepLog
     stop: StopOnInterrupt
     saved_step: int = -1          # global_step of the newest last checkpoint
@@ -353,20 +367,21 @@ class Training:
 
     @property
     def models_dir(self) -> Path:
-        return run_folder.models_dir(self.args.out)
+        return run_folder.models_dir(self.config.out)
 
     def checkpoint_state(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "recipe": recipe_to_dict(self.recipe), "fingerprint": self.fingerprint,
-                "seed": self.seed, "encoder_weights": self.args.encoder_weights, **self.run}
+                "seed": self.seed, "encoder_weights": self.config.encoder_weights,
+                **self.state.state_dict()}
 
     def save_last(self) -> None:
         with self.stop.updating():   # a Ctrl-C waits for the file to be whole
             if self.ddp.main:
                 save_checkpoint(last_path(self.models_dir, self.recipe.name), self.checkpoint_state())
-            self.saved_step = self.run["global_step"]
+            self.saved_step = self.state.global_step
 
 
 def run_loader(t: Training, split: str, epoch: int, start_batch: int = 0):
@@ -377,270 +392,345 @@ def run_loader(t: Training, split: str, epoch: int, start_batch: int = 0):
     loader = t.loaders.get(split)
     if loader is not None:
         return loader.set_epoch(epoch, start_batch)
-    args, recipe, ddp = t.args, t.recipe, t.ddp
+    config, recipe, ddp = t.config, t.recipe, t.ddp
     loader = engine.make_loader(
-        args.store, recipe, split=split, batch_size=recipe.batch_size, img_size=recipe.img_size,
+        config.store, recipe, split=split, batch_size=recipe.batch_size, img_size=recipe.img_size,
         seed=t.seed, epoch=epoch, device=str(ddp.device), rank=ddp.rank,
         world_size=ddp.world_size, start_batch=start_batch, augment=split == "train",
-        workers=args.workers, backend=args.backend, memory_format=args.memory_format)
+        workers=config.workers, backend=config.backend, memory_format=t.memory_format,
+        storage=config.storage)
     t.loaders[split] = loader
     return loader
+
+
+def accumulate(t: Training, batches, count: int, epoch: int):
+    """Forward and backward of the next `count` batches, their gradients
+    adding up (DDP syncs on the last only); (mean loss on the device, the
+    batches' rows, seconds waited for them), or None when the loader ran dry."""
+    losses, rows, waited = [], [], 0.0
+    for k in range(count):
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        waited += time.perf_counter() - t0
+        if batch is None:
+            return None
+        torch.manual_seed(step_seed(t.seed, epoch, t.state.step + k, t.ddp.rank))
+        sync = k == count - 1 or not hasattr(t.net, "no_sync")
+        with nullcontext() if sync else t.net.no_sync():
+            losses.append(backward(t.net, batch, t.criterion, t.scaler, t.ddp.device,
+                                   t.config.precision, 1.0 / count))
+        rows.append(batch["index"])
+    return torch.stack(losses).mean() if count > 1 else losses[0], rows, waited
+
+
+def optimiser_steps(t: Training, loader) -> int:
+    """Optimiser steps left in the epoch from where the run stands (the last
+    may take fewer than --grad-accum-steps batches), within --max-steps."""
+    steps = math.ceil(len(loader) / t.config.grad_accum_steps)
+    if t.config.max_steps:
+        steps = min(steps, t.config.max_steps - t.state.global_step)
+    return max(steps, 0)
+
+
+def take_step(t: Training, epoch: int, loss, rows: list, waited: float, since: float) -> float:
+    """The update, its step counters, its log row and its recorded rows, all
+    or none: a Ctrl-C waits for the block, so the checkpoint and the logs
+    agree. The time it ended."""
+    state, ddp = t.state, t.ddp
+    with t.stop.updating():
+        update(t.net, t.optimizer, t.scaler, t.recipe.grad_clip)
+        lr = t.optimizer.param_groups[0]["lr"]
+        t.scheduler.step()
+        state.step += len(rows)
+        state.global_step += 1
+        if t.config.record_samples:
+            t.seen_rows.extend(r.numpy() for r in rows)
+        now = time.perf_counter()
+        samples = sum(len(r) for r in rows)
+        t.log.add(loss, global_step=state.global_step, epoch=epoch, step=state.step, lr=lr,
+                  samples_per_s=samples * ddp.world_size / (now - since),
+                  data_wait_share=waited / (now - since))
+    return now
 
 
 def train_one_epoch(t: Training, epoch: int) -> dict:
     """Train on the epoch's batches from where the run stands; the epoch's
     figures, with "stopped" set when --max-steps ended it early."""
-    args, recipe, ddp, run = t.args, t.recipe, t.ddp, t.run
-    loader = run_loader(t, "train", epoch, run["step"])
-    first_step, wait, samples = run["step"], 0.0, 0
-    loss_sum = torch.zeros((), device=ddp.device)
-    steps_to_run = len(loader)
-    if args.max_steps:
-        steps_to_run = min(steps_to_run, args.max_steps - run["global_step"])
+    state, ddp, config = t.state, t.ddp, t.config
+    loader = run_loader(t, "train", epoch, state.step)
+    if not len(loader) and state.epoch_figures:   # stopped while validating: validate again
+        return state.epoch_figures
+    first_step, batches_left, steps_to_run = state.step, len(loader), optimiser_steps(t, loader)
+    first_global_step = state.global_step
+    wait, samples, loss_sum = 0.0, 0, torch.zeros((), device=ddp.device)
     started = last = time.perf_counter()
-    bar = tqdm(total=first_step + steps_to_run, initial=first_step, disable=not ddp.main,
-               desc=f"{recipe.name} epoch {epoch + 1}/{recipe.epochs}", unit="step")
+    bar = tqdm(total=first_step + batches_left, initial=first_step, disable=not ddp.main,
+               desc=f"{t.recipe.name} epoch {epoch + 1}/{t.recipe.epochs}", unit="batch")
     batches = iter(loader)
-    stopped = False
-    for _ in range(steps_to_run):
-        t0 = time.perf_counter()
-        batch = next(batches, None)
-        waited = time.perf_counter() - t0
-        if batch is None:
+    for done in range(1, steps_to_run + 1):
+        taken = accumulate(t, batches, min(config.grad_accum_steps, batches_left), epoch)
+        if taken is None:
             break
-        torch.manual_seed(step_seed(t.seed, epoch, run["step"], ddp.rank))
-        loss = backward(t.net, batch, t.criterion, t.optimizer, t.scaler, ddp.device, recipe.grad_clip)
-        # the step, its log row and its recorded rows, all or none: a Ctrl-C
-        # waits for the block, so the checkpoint and the logs agree
-        with t.stop.updating():
-            update(t.optimizer, t.scaler)
-            run["step"] += 1
-            run["global_step"] += 1
-            if args.record_samples:
-                t.seen_rows.append(batch["index"].numpy())
-            now = time.perf_counter()
-            t.log.add(loss, global_step=run["global_step"], epoch=epoch, step=run["step"],
-                      lr=t.optimizer.param_groups[0]["lr"],
-                      samples_per_s=len(batch["index"]) * ddp.world_size / (now - last),
-                      data_wait_share=waited / (now - last))
+        loss, rows, waited = taken
+        last = take_step(t, epoch, loss, rows, waited, last)
+        batches_left -= len(rows)
         loss_sum += loss
-        samples += len(batch["index"])
+        samples += sum(len(r) for r in rows)
         wait += waited
-        last = now
-        bar.update()
-        if run["step"] - first_step == steps_to_run:
+        bar.update(len(rows))
+        if done == steps_to_run:
             t.log.flush()   # the epoch's last losses, so the bar ends on a loss, not nan
         if len(t.log.rows) == 0:
             bar.set_postfix(loss=f"{t.log.last_loss:.4f}",
-                            samples_s=f"{samples * ddp.world_size / (now - started):.1f}")
-        if args.save_every and run["global_step"] % args.save_every == 0:
+                            samples_s=f"{samples * ddp.world_size / (last - started):.1f}")
+        if config.save_every and state.global_step % config.save_every == 0:
             t.save_last()
-    else:
-        stopped = bool(args.max_steps) and run["global_step"] >= args.max_steps
     bar.close()
     t.log.flush()
     seconds = time.perf_counter() - started
-    steps = run["step"] - first_step
-    return {"stopped": stopped and run["step"] < first_step + len(loader), "seconds": seconds,
-            "train_loss": loss_sum.item() / max(steps, 1),
+    return {"stopped": batches_left > 0, "seconds": seconds,
+            "train_loss": loss_sum.item() / max(state.global_step - first_global_step, 1),
             "samples_per_s": samples * ddp.world_size / seconds, "data_wait_share": wait / seconds}
 
 
 def end_of_epoch(t: Training, epoch: int, figures: dict) -> bool:
-    """Validate, select, checkpoint, log; whether the run goes on."""
-    recipe, run, ddp = t.recipe, t.run, t.ddp
-    metrics = validate(t.model, run_loader(t, "val", epoch), ddp)
-    score = metrics[recipe.select_on]
-    epoch_done = not figures["stopped"]
-    row = {"epoch": epoch, "step": run["step"], "global_step": run["global_step"],
+    """Checkpoint, validate, select, checkpoint again, log; whether the run goes on."""
+    recipe, state, ddp = t.recipe, t.state, t.ddp
+    if t.saved_step != state.global_step:
+        # a run stopped while validating resumes here, not at the last --save-every
+        state.epoch_figures = figures
+        t.save_last()
+    metrics = validate(t.model, run_loader(t, "val", epoch), ddp, t.config.precision)
+    state.epoch_figures = None
+    row = {"epoch": epoch, "step": state.step, "global_step": state.global_step,
            "train_loss": figures["train_loss"], "lr": t.optimizer.param_groups[0]["lr"],
            "seconds": figures["seconds"], "samples_per_s": figures["samples_per_s"],
            "data_wait_share": figures["data_wait_share"], "select_on": recipe.select_on,
-           "select_score": score, **metrics}
-    run["history"].append(row)
-    improved = score > run["best_score"]
-    if improved:
-        run["best_score"], run["best_epoch"], run["epochs_since_best"] = score, epoch, 0
-    elif epoch_done:
-        run["epochs_since_best"] += 1
-    if epoch_done:
-        t.scheduler.step()
-        run["epoch"], run["step"] = epoch + 1, 0
+           "select_score": metrics[recipe.select_on], **metrics}
+    improved = select(t, epoch, row, epoch_done=not figures["stopped"])
     if ddp.main:
         if improved:
             with t.stop.updating():
                 save_checkpoint(best_path(t.models_dir, recipe.name),
                                 {k: v for k, v in t.checkpoint_state().items()
                                  if k not in OPTIMISER_STATE})
-        run_folder.append_rows(run_folder.logs_dir(t.args.out) / f"{recipe.name}.csv",
+        run_folder.append_rows(run_folder.logs_dir(t.config.out) / f"{recipe.name}.csv",
                                run_folder.EPOCH_FIELDS, [row])
-        t.log.board.scalars(run["global_step"], {f"val/{k}": v for k, v in metrics.items()})
+        t.log.board.scalars(state.global_step, {f"val/{k}": v for k, v in metrics.items()})
         print(f"epoch {epoch + 1}: loss {row['train_loss']:.4f}, {recipe.select_on} "
-              f"{score:.4f} (best {run['best_score']:.4f}), {row['samples_per_s']:.1f} "
+              f"{row['select_score']:.4f} (best {state.best_score:.4f}), {row['samples_per_s']:.1f} "
               f"samples/s, data wait {row['data_wait_share']:.0%}")
     t.save_last()
-    if figures["stopped"] or (t.args.max_steps and run["global_step"] >= t.args.max_steps):
+    return goes_on(t, figures)
+
+
+def select(t: Training, epoch: int, row: dict, epoch_done: bool) -> bool:
+    """Record the validation in the run's state; whether it is the best yet."""
+    state = t.state
+    state.history.append(row)
+    improved = row["select_score"] > state.best_score
+    if improved:
+        state.best_score, state.best_epoch, state.epochs_since_best = row["select_score"], epoch, 0
+    elif epoch_done:
+        state.epochs_since_best += 1
+    if epoch_done:
+        state.epoch, state.step = epoch + 1, 0
+    return improved
+
+
+def goes_on(t: Training, figures: dict) -> bool:
+    """Whether the run trains another epoch: not after --max-steps, nor
+    after the recipe's early stop."""
+    state, recipe = t.state, t.recipe
+    if figures["stopped"] or (t.config.max_steps and state.global_step >= t.config.max_steps):
         return False
-    if recipe.early_stop and run["epochs_since_best"] >= recipe.early_stop:
-        if ddp.main:
+    if recipe.early_stop and state.epochs_since_best >= recipe.early_stop:
+        if t.ddp.main:
             print(f"early stop: no better {recipe.select_on} for {recipe.early_stop} epochs")
         return False
     return True
 
 
-# Flags the resume command leaves out: those naming the run (written first)
-# and those whose values the checkpoint brings back (recipe, seed, weights).
-NOT_REPEATED_ON_RESUME = {"help", "member", "store", "out", "resume", "overwrite", "seed",
-                          "encoder_weights", *RECIPE_FLAGS}
-
-
-def resume_command(args: argparse.Namespace) -> str:
-    """The command that continues this run: its member, store and run
-    folder, then every other flag it was given (device, workers, storage
-    options, cache, ...) that the checkpoint does not bring back."""
-    words = ["python", "trainers/train.py", "--member", args.member, "--store", str(args.store),
-             "--out", str(args.out), "--resume"]
-    for action in build_parser()._actions:
-        value = getattr(args, action.dest, None)
-        if (not action.option_strings or action.dest in NOT_REPEATED_ON_RESUME
-                or value == action.default):
-            continue
-        flag = action.option_strings[0]
-        if action.nargs == 0:   # a switch
-            words.append(flag)
-        elif isinstance(value, list):   # a repeated flag: --storage-option
-            for item in value:
-                words += [flag, storages.format_option(item)]
-        else:
-            words += [flag, str(value)]
+def resume_command(config: RunConfig) -> str:
+    """The command that continues this run: the rest of its settings come
+    back from RUN/config.json, except credentials, never recorded: they are
+    named for the user to give again (or to set in the environment)."""
+    words = ["python", "trainers/train.py", "--member", config.member, "--out", str(config.out),
+             "--resume"]
+    for name in config.storage.options:
+        if storages.is_secret(name):
+            words += ["--storage-option", f"{name}=<{name.upper()}>"]
     return shlex.join(words)
 
 
-def train(args: argparse.Namespace) -> int:
-    ddp = distributed.setup(resolve_device(args.device), force=args.ddp,
-                            timeout_minutes=args.dist_timeout)
+def train(request: Request) -> int:
+    config = request.config
+    ddp = distributed.setup(resolve_device(config.device), force=config.ddp,
+                            timeout_minutes=config.dist_timeout)
     try:
-        return train_member(args, ddp)
+        return train_member(request, ddp)
     finally:
         ddp.close()
 
 
-def train_member(args: argparse.Namespace, ddp: distributed.Distributed) -> int:
+def train_member(request: Request, ddp: distributed.Distributed) -> int:
+    config = request.config
+    memory_format = set_up_device(config, ddp)
+    fingerprint = layout.open_store(config.store, storage=config.storage).attrs.get("fingerprint")
+    if ddp.main:
+        run_folder.prepare(config.out, config.member, resume=request.resume,
+                           overwrite=request.overwrite)
+    ddp.barrier()
+    recipe, seed, checkpoint = starting_point(request, fingerprint)
+    if recipe.mining:
+        run_mining(recipe, config, run_folder.models_dir(config.out), ddp)
+    t = new_training(config, ddp, recipe, seed, fingerprint, memory_format, checkpoint)
+    if ddp.main:
+        record_start(t, resumed=checkpoint is not None)
+    return run_epochs(t)
+
+
+def set_up_device(config: RunConfig, ddp: distributed.Distributed) -> str:
+    """Threads and cuDNN for this process; the resolved memory format."""
     on_cuda = ddp.device.type == "cuda"
-    if args.memory_format == "auto":
-        args.memory_format = "channels_last" if on_cuda else "contiguous"
     if ddp.local_world_size > 1:
         torch.set_num_threads(cores_per_process())
     # one input size all run long: let cuDNN time its algorithms once and keep the fastest
     torch.backends.cudnn.benchmark = on_cuda
-    fingerprint = layout.open_store(args.store).attrs.get("fingerprint")
-    if ddp.main:
-        run_folder.prepare(args.out, args.member, resume=args.resume, overwrite=args.overwrite)
-    ddp.barrier()
-    models_dir = run_folder.models_dir(args.out)
+    if config.memory_format != "auto":
+        return config.memory_format
+    return "channels_last" if on_cuda else "contiguous"
 
-    # --- recipe, and the run's state when resuming
-    state = None
-    if args.resume:
-        path = last_path(models_dir, args.member)
-        state = load_checkpoint(path, member=args.member, fingerprint=fingerprint,
-                                fields=RESUME_FIELDS)
-        recipe = resumed_run(state, path, args)
-        seed = state["seed"]
-        args.encoder_weights = state.get("encoder_weights", args.encoder_weights)
-    else:
-        recipe = dataclasses.replace(get_recipe(args.member), **recipe_overrides(args))
-        seed = 0 if args.seed is None else args.seed
+
+def starting_point(request: Request, fingerprint: str) -> tuple[Recipe, int, dict | None]:
+    """(recipe, seed, the checkpoint when resuming): a new run's recipe is
+    the table's with the configuration's overrides; a resumed run's is its
+    checkpoint's."""
+    config = request.config
+    if not request.resume:
+        recipe = config.resolved_recipe()
+        check_metric_name(recipe.select_on)
+        return recipe, 0 if config.seed is None else config.seed, None
+    path = last_path(run_folder.models_dir(config.out), config.member)
+    state = load_checkpoint(path, member=config.member, fingerprint=fingerprint,
+                            fields=RESUME_FIELDS)
+    recipe = resumed_run(state, path, config)
     check_metric_name(recipe.select_on)
-    if recipe.mining:
-        run_mining(recipe, args, models_dir, ddp)
+    return recipe, state["seed"], state
 
-    # --- model, optimiser, schedule
-    if state is None:
+
+def new_training(config: RunConfig, ddp: distributed.Distributed, recipe: Recipe, seed: int,
+                 fingerprint: str, memory_format: str, checkpoint: dict | None) -> Training:
+    """Model, optimiser, per-step schedule and run state: a new run's
+    initialisation, or the checkpoint's."""
+    models_dir = run_folder.models_dir(config.out)
+    if checkpoint is None:
         torch.manual_seed(seed)   # initialisation of the decoder and gate
-        model, recipe = initial_model(recipe, args, models_dir, fingerprint)
+        model, recipe = initial_model(recipe, config, models_dir, fingerprint)
     else:
+        config = dataclasses.replace(config, encoder_weights=checkpoint.get(
+            "encoder_weights", config.encoder_weights))
         model = build_model(recipe.encoder, recipe.in_channels, encoder_weights="none")
-        model.load_state_dict(state["model"])
+        model.load_state_dict(checkpoint["model"])
     freeze_unused(model, recipe.in_channels)
-    model.to(ddp.device, memory_format=MEMORY_FORMATS[args.memory_format]).train()
-    optimizer = build_optimizer(model, recipe, fused=on_cuda)
-    scheduler = build_scheduler(optimizer, recipe)
-    scaler = grad_scaler(ddp.device)
-    run = {"epoch": 0, "step": 0, "global_step": 0, "best_score": -np.inf, "best_epoch": -1,
-           "epochs_since_best": 0, "history": []}
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        run.update({k: state[k] for k in run})
+    model.to(ddp.device, memory_format=MEMORY_FORMATS[memory_format]).train()
+    t = Training(config, ddp, recipe, seed, fingerprint, memory_format, model, ddp.wrap(model),
+                 build_optimizer(model, recipe, fused=ddp.device.type == "cuda"), None,
+                 grad_scaler(ddp.device, config.precision), MemberLoss(recipe), RunState(),
+                 StepLog(config.out, recipe.name, ddp.main, config.tensorboard), StopOnInterrupt())
+    if checkpoint is not None:
+        t.state.load_state_dict(checkpoint)
+    # the schedule runs in optimiser steps: the train loader knows an epoch's batches
+    loader = run_loader(t, "train", t.state.epoch, t.state.step)
+    t.scheduler = build_scheduler(t.optimizer, recipe, warmup_steps=config.warmup_steps,
+                                  steps_per_epoch=math.ceil((loader.start_batch + len(loader))
+                                                            / config.grad_accum_steps))
+    if checkpoint is not None:
+        t.optimizer.load_state_dict(checkpoint["optimizer"])
+        t.scheduler.load_state_dict(checkpoint["scheduler"])
+        if t.scaler is not None and checkpoint.get("scaler"):
+            t.scaler.load_state_dict(checkpoint["scaler"])
+    t.saved_step = t.state.global_step
+    return t
 
-    config = {"member": recipe.name, "recipe": recipe_to_dict(recipe), "seed": seed,
-              "flags": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "device": str(ddp.device), "world_size": ddp.world_size,
-              "precision": precision_name(ddp.device), "store": str(args.store),
-              "store_fingerprint": fingerprint, "resumed_at_step": run["global_step"] if state else None}
-    if ddp.main:
-        where = run_folder.write_config(args.out, recipe.name, config)
-        print(f"{recipe.name}: device {ddp.device}"
-              f"{f' ({torch.cuda.get_device_name(ddp.device)})' if on_cuda else ''}, "
-              f"backend {resolve_backend(args.backend, ddp.device)}, "
-              f"world size {ddp.world_size} ({ddp.backend}), precision {precision_name(ddp.device)}, "
-              f"memory format {args.memory_format}, {cores_per_process()} cores per process")
-        print(f"{recipe.name}: {recipe.epochs} epochs, batch {recipe.batch_size} x {recipe.img_size} px, "
-              f"lr {recipe.lr:g} {recipe.schedule[0]}, init {recipe.init}, encoder {recipe.encoder} "
-              f"({args.encoder_weights} weights), seed {seed}; run folder {args.out} (config: {where})")
 
-    t = Training(args, ddp, recipe, seed, fingerprint, model, ddp.wrap(model), optimizer, scheduler,
-                 scaler, MemberLoss(recipe), run,
-                 StepLog(args.out, recipe.name, ddp.main, not args.no_tensorboard), StopOnInterrupt(),
-                 saved_step=run["global_step"])
+def record_start(t: Training, resumed: bool) -> None:
+    """The run's entry in RUN/config.json (credentials redacted), and what it is, printed."""
+    config, recipe, ddp = t.config, t.recipe, t.ddp
+    on_cuda = ddp.device.type == "cuda"
+    precision = precision_name(ddp.device, config.precision)
+    where = run_folder.write_config(config.out, recipe.name, {
+        "member": recipe.name, "recipe": recipe_to_dict(recipe), "seed": t.seed,
+        "config": config.public(), "device": str(ddp.device), "world_size": ddp.world_size,
+        "precision": precision, "store": str(config.store), "store_fingerprint": t.fingerprint,
+        "resumed_at_step": t.state.global_step if resumed else None})
+    print(f"{recipe.name}: device {ddp.device}"
+          f"{f' ({torch.cuda.get_device_name(ddp.device)})' if on_cuda else ''}, "
+          f"backend {resolve_backend(config.backend, ddp.device)}, "
+          f"world size {ddp.world_size} ({ddp.backend}), precision {precision}, "
+          f"memory format {t.memory_format}, {cores_per_process()} cores per process")
+    print(f"{recipe.name}: {recipe.epochs} epochs, batch {recipe.batch_size} x {recipe.img_size} px"
+          f"{f' x {config.grad_accum_steps} accumulated' if config.grad_accum_steps > 1 else ''}, "
+          f"lr {recipe.lr:g} {recipe.schedule[0]} per step"
+          f"{f' after {config.warmup_steps} warm-up steps' if config.warmup_steps else ''}, "
+          f"init {recipe.init}, encoder {recipe.encoder} ({config.encoder_weights} weights), "
+          f"seed {t.seed}; run folder {config.out} (config: {where})")
+
+
+def run_epochs(t: Training) -> int:
+    """The epochs from where the run stands; 0, or how it was stopped."""
+    config, recipe, ddp, state = t.config, t.recipe, t.ddp, t.state
     status = 0
     try:
         with t.stop:
-            for epoch in range(run["epoch"], recipe.epochs):
-                if args.max_steps and run["global_step"] >= args.max_steps:
+            for epoch in range(state.epoch, recipe.epochs):
+                if config.max_steps and state.global_step >= config.max_steps:
                     break
                 figures = train_one_epoch(t, epoch)
                 if not end_of_epoch(t, epoch, figures):
                     break
         if ddp.main:
-            run_folder.record_result(args.out, recipe.name, {
-                "finished": True, "global_step": run["global_step"], "epoch": run["epoch"],
-                "best_score": run["best_score"], "best_epoch": run["best_epoch"],
+            run_folder.record_result(config.out, recipe.name, {
+                "finished": True, "global_step": state.global_step, "epoch": state.epoch,
+                "best_score": state.best_score, "best_epoch": state.best_epoch,
                 "select_on": recipe.select_on,
-                "train_seconds": sum(row["seconds"] for row in run["history"])})
+                "train_seconds": sum(row["seconds"] for row in state.history)})
     except (KeyboardInterrupt, storages.StorageUnavailable) as exc:
         # a store URL that stops answering mid-run (after botocore's retries)
         # ends the run as Ctrl-C does: the steps done so far are kept, and
         # the resume command below always has a checkpoint to start from
-        if (t.saved_step != run["global_step"]
+        if (t.saved_step != state.global_step
                 or not last_path(t.models_dir, recipe.name).is_file()):
             t.save_last()
         interrupted = isinstance(exc, KeyboardInterrupt)
         status = INTERRUPTED if interrupted else 2
         if ddp.main:
             print("\ninterrupted" if interrupted else f"\nerror: {exc}\nstopped",
-                  f"at step {run['global_step']}; the last checkpoint holds it. "
-                  f"Resume with: {resume_command(args)}", file=sys.stderr)
+                  f"at step {state.global_step}; the last checkpoint holds it. "
+                  f"Resume with: {resume_command(config)}", file=sys.stderr)
     finally:
-        for loader in t.loaders.values():   # their pipelines and reader workers end here
-            loader.close()
-        t.log.flush()
-        t.log.board.close()
-        if args.record_samples:
-            rows = np.concatenate(t.seen_rows) if t.seen_rows else np.zeros(0, np.int64)
-            np.save(run_folder.logs_dir(args.out) / f"{recipe.name}_samples_rank{ddp.rank}.npy", rows)
-        if ddp.main and run_folder.read_rows(t.log.path):
-            run_folder.plot_curves(args.out, recipe.name)
+        close_run(t)
     return status
 
 
+def close_run(t: Training) -> None:
+    """The loaders' pipelines and reader workers end; logs, samples and curves written."""
+    for loader in t.loaders.values():
+        loader.close()
+    t.log.flush()
+    t.log.board.close()
+    if t.config.record_samples:
+        rows = np.concatenate(t.seen_rows) if t.seen_rows else np.zeros(0, np.int64)
+        np.save(run_folder.logs_dir(t.config.out)
+                / f"{t.recipe.name}_samples_rank{t.ddp.rank}.npy", rows)
+    if t.ddp.main and run_folder.read_rows(t.log.path):
+        run_folder.plot_curves(t.config.out, t.recipe.name)
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    request = parse_args(argv)
     try:
-        return train(args)
+        return train(request)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
