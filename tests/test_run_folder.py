@@ -17,7 +17,7 @@ from engine import store as layout
 from trainers import run_folder
 from trainers.checkpoint import last_path, load_checkpoint
 from trainers.model import WeightsUnavailable, build_model
-from trainers.train import StopOnInterrupt, main
+from trainers.train import StopOnInterrupt, main, parse_args, resume_command
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_ENCODER = "timm-mobilenetv3_small_minimal_100"
@@ -34,7 +34,7 @@ def test_a_run_folder_records_config_steps_validation_tensorboard_and_curves(sto
     assert str(run / "config.json") in printed                      # said where, at start
     assert config["recipe"]["name"] == "small_specialist" and config["recipe"]["init"] == "random"
     assert config["store_fingerprint"] == layout.open_store(store).attrs["fingerprint"]
-    assert config["flags"]["max_steps"] == 12 and config["device"] == "cpu"
+    assert config["config"]["max_steps"] == 12 and config["device"] == "cpu"
     assert config["versions"]["torch"] and config["versions"]["segmentation-models-pytorch"]
     steps = run_folder.read_rows(run / "logs" / "small_specialist_steps.csv")
     assert [r["global_step"] for r in steps] == list(range(1, 13))
@@ -200,3 +200,107 @@ def test_a_ctrl_c_during_an_update_is_raised_once_after_it():
         with stop.updating():   # the run's last save
             steps.append("saved")
     assert steps == ["step finished", "saved"]
+
+
+def test_flags_that_cannot_work_are_refused_before_the_run_folder_is_made(store, tmp_path, capsys):
+    run = tmp_path / "run"
+    for bad, named in ((["--img-size", "50"], "--img-size 50"), (["--batch-size", "0"], "--batch-size"),
+                       (["--grad-accum-steps", "0"], "--grad-accum-steps"),
+                       (["--precision", "fp16"], "--precision fp16")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--member", "small_specialist", "--store", str(store), "--out", str(run),
+                  *FAST, *bad])
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and named in err and len(err.splitlines()) == 1, err
+        assert not run.exists()
+
+
+def test_a_config_file_with_recipe_fields_and_flags_over_it(store, tmp_path):
+    """--config (YAML here) sets recipe fields and settings; only the flags
+    typed override it (--max-steps), the rest keep the file's values."""
+    settings = tmp_path / "run.yaml"
+    settings.write_text("member: small_specialist\nmax_steps: 5\nseed: 7\n"
+                        "recipe:\n  epochs: 1\n  focal_alpha: 0.5\n  augment: [[hflip, {p: 1.0}]]\n"
+                        "  sampling: {area_weights: [5.0, 2.0, 1.0]}\n")
+    run = tmp_path / "run"
+    assert main(["--config", str(settings), "--store", str(store), "--out", str(run), *FAST,
+                 "--max-steps", "1"]) == 0
+    state = load_checkpoint(last_path(run / "models", "small_specialist"))
+    assert state["global_step"] == 1 and state["seed"] == 7
+    assert state["recipe"]["focal_alpha"] == 0.5 and state["recipe"]["img_size"] == 64
+    assert state["recipe"]["augment"] == (("hflip", {"p": 1.0}),)
+    assert state["recipe"]["sampling"]["area_weights"] == (5.0, 2.0, 1.0)
+    # validated as the recipe table is: an unknown augmentation is named
+    settings.write_text("member: small_specialist\nrecipe:\n  augment: [[sharpen_a_lot, {}]]\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(settings), "--store", str(store), "--out", str(tmp_path / "other")])
+    assert exit_.value.code == 2 and not (tmp_path / "other").exists()
+
+
+SENTINEL = "SENTINEL-4b1d"
+
+
+def test_credentials_are_never_written_or_printed(store, tmp_path, capfd):
+    """A --storage-option secret: in no file of the run folder, in nothing
+    printed, nor in the resume command, which names it for the user to give again."""
+    run = tmp_path / "run"
+    command = ["--member", "small_specialist", "--store", str(store), "--out", str(run), "--epochs",
+               "1", "--max-steps", "2", *FAST, "--storage-option", f"secret={SENTINEL}",
+               f"--storage-option=aws_secret_access_key={SENTINEL}"]
+    assert main(command) == 0
+    config = json.loads((run / "config.json").read_text())["members"]["small_specialist"]
+    assert config["config"]["storage"]["options"]["secret"] == "<redacted>"
+    again = resume_command(parse_args(command).config)
+    assert "--storage-option 'secret=<SECRET>'" in again and SENTINEL not in again
+    printed = capfd.readouterr()
+    assert SENTINEL not in printed.out + printed.err
+    for path in run.rglob("*"):
+        assert not path.is_file() or SENTINEL.encode() not in path.read_bytes(), path
+
+
+def test_a_run_stopped_while_validating_resumes(store, tmp_path, monkeypatch):
+    """Stopped during validation (a reader worker dying, a Ctrl-C caught by
+    DALI): the checkpoint written before validating holds the epoch's steps,
+    and --resume validates them and finishes."""
+    import trainers.train as train_module
+
+    def dying(*args, **kwargs):
+        raise RuntimeError("a reader worker died")
+
+    run = tmp_path / "run"
+    common = ["--member", "small_specialist", "--store", str(store), "--out", str(run),
+              "--epochs", "1", "--max-steps", "2", "--save-every", "0", *FAST]
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "validate", dying)
+        with pytest.raises(RuntimeError, match="worker died"):
+            main(common)
+    state = load_checkpoint(last_path(run / "models", "small_specialist"))
+    assert state["global_step"] == 2 and state["epoch_figures"]["train_loss"] > 0
+    assert run_folder.member_result(run, "small_specialist") is None
+    assert main(["--member", "small_specialist", "--out", str(run), "--resume"]) == 0
+    assert run_folder.member_result(run, "small_specialist")["global_step"] == 2
+    rows = run_folder.read_rows(run / "logs" / "small_specialist.csv")
+    assert len(rows) == 1 and rows[0]["train_loss"] == state["epoch_figures"]["train_loss"]
+
+
+WRITER = """
+import sys
+from trainers import run_folder
+run, member = sys.argv[1], sys.argv[2]
+for k in range(60):
+    run_folder.write_config(run, member, {"k": k})
+    run_folder.record_result(run, member, {"k": k})
+"""
+
+
+def test_members_trained_in_parallel_keep_each_others_entries(tmp_path):
+    """Two processes (members on two GPUs) recording into one config.json:
+    neither loses the other's entry or result."""
+    members = ("highres_no_ela", "small_specialist")
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), member], cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE,
+                                text=True) for member in members]
+    for writer in writers:
+        assert writer.wait(timeout=120) == 0, writer.stderr.read()
+    for member in members:
+        assert run_folder.member_result(tmp_path, member) == {"k": 59}

@@ -330,21 +330,10 @@ def test_the_schedule_runs_per_step_after_a_linear_warm_up():
 
 
 def test_schedules_follow_the_recipes():
-    def lrs(member, epochs):
-        recipe = dataclasses.replace(RECIPES[member], epochs=epochs)
-        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=recipe.lr)
-        scheduler = build_scheduler(optimizer, recipe, steps_per_epoch=1)
-        out = []
-        for _ in range(epochs + 1):
-            out.append(optimizer.param_groups[0]["lr"])
-            optimizer.step()
-            scheduler.step()
-        return recipe, out
-
-    recipe, cosine = lrs("hard_negative", 30)
+    recipe, cosine = schedule_lrs("hard_negative", 30)
     assert cosine[0] == recipe.lr and cosine[30] == pytest.approx(recipe.schedule[1])
     assert all(a > b for a, b in zip(cosine[:30], cosine[1:31]))
-    recipe, restarts = lrs("small_specialist", 40)
+    recipe, restarts = schedule_lrs("small_specialist", 40)
     _, t0, t_mult = recipe.schedule
     restart_epochs = [0, t0, t0 + t0 * t_mult]
     assert [restarts[e] for e in restart_epochs] == pytest.approx([recipe.lr] * 3)

@@ -458,9 +458,11 @@ def train_one_epoch(t: Training, epoch: int) -> dict:
     figures, with "stopped" set when --max-steps ended it early."""
     state, ddp, config = t.state, t.ddp, t.config
     loader = run_loader(t, "train", epoch, state.step)
-    if not len(loader) and state.epoch_figures:   # stopped while validating: validate again
-        return state.epoch_figures
     first_step, batches_left, steps_to_run = state.step, len(loader), optimiser_steps(t, loader)
+    if state.epoch_figures is not None:   # stopped while validating these batches
+        if not steps_to_run:
+            return state.epoch_figures   # validate them again
+        state.epoch_figures = None       # more steps allowed now: train on
     first_global_step = state.global_step
     wait, samples, loss_sum = 0.0, 0, torch.zeros((), device=ddp.device)
     started = last = time.perf_counter()
@@ -684,7 +686,8 @@ def run_epochs(t: Training) -> int:
     try:
         with t.stop:
             for epoch in range(state.epoch, recipe.epochs):
-                if config.max_steps and state.global_step >= config.max_steps:
+                if (config.max_steps and state.global_step >= config.max_steps
+                        and state.epoch_figures is None):   # validated already
                     break
                 figures = train_one_epoch(t, epoch)
                 if not end_of_epoch(t, epoch, figures):
