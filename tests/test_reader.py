@@ -125,6 +125,24 @@ def test_reader_survives_pickling_for_worker_processes(demo_store, meta):
     assert clone.read(0, window, 32).ela.shape[2] == 1
 
 
+def test_worker_processes_get_the_storage_settings_with_their_reader(demo_store, tmp_path):
+    """No environment variable carries the storage settings: a reader
+    unpickled in a worker holds the same StorageSettings, and a URL is
+    opened with its options."""
+    import pickle
+
+    from engine import storage
+
+    settings = storage.StorageSettings(options={"anon": True, "endpoint_url": "http://here:9"},
+                                       cache=tmp_path / "cache")
+    clone = pickle.loads(pickle.dumps(WindowReader(demo_store, storage=settings)))
+    assert clone.settings == settings
+    options = storage.storage_options("s3://bucket/store.zarr", settings)
+    assert options["endpoint_url"] == "http://here:9" and options["anon"] is True
+    assert options["config_kwargs"] == storage.S3_DEFAULTS["config_kwargs"]
+    assert "endpoint_url" not in storage.storage_options("s3://bucket/store.zarr")
+
+
 def test_a_window_fetches_only_the_chunks_it_touches_by_byte_range(demo_store, meta):
     """A level-0 window across four chunks decodes those four chunks and no
     more, fetched as one byte range per row of adjacent chunks after one
