@@ -32,7 +32,7 @@ from pathlib import Path
 
 from engine import storage as storages
 from engine import store as layout
-from engine.recipes import RECIPES, Recipe, SamplingRule, View, get_recipe
+from engine.recipes import RECIPES, Recipe, get_recipe
 from trainers.run_folder import DEFAULT_RUN
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -70,7 +70,7 @@ class RunConfig:
     out: Path = DEFAULT_RUN
     recipe: dict = dataclasses.field(default_factory=dict)   # fields overriding the member's recipe
     encoder_weights: str = "imagenet"
-    seed: int = 0
+    seed: int | None = None      # 0, or a resumed run's
     max_steps: int | None = None
     save_every: int = 500
     warmup_steps: int = 0
@@ -157,8 +157,8 @@ class RunConfig:
             raise ConfigError(f"--img-size {recipe.img_size}: must be a multiple of "
                               f"{IMG_SIZE_MULTIPLE} (the encoders halve it five times), e.g. "
                               f"{max(IMG_SIZE_MULTIPLE, recipe.img_size // 32 * 32)}")
-        if not recipe.lr > 0:
-            raise ConfigError(f"--lr must be above 0, got {recipe.lr}")
+        if not recipe.lr >= 0:   # 0 keeps the weights still: a check of the rest of a run
+            raise ConfigError(f"--lr must be at least 0, got {recipe.lr}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.precision == "fp16" and self.device == "cpu":
@@ -169,7 +169,8 @@ class RunConfig:
 def apply_overrides(recipe: Recipe, overrides: dict) -> Recipe:
     """`recipe` with some fields replaced (sampling and view field by field),
     checked as the recipe table's entries are (their __post_init__)."""
-    from trainers.checkpoint import _tuples   # JSON's lists as the table's tuples
+    # (here: checkpoint imports torch; _tuples: JSON's lists as the table's tuples)
+    from trainers.checkpoint import _tuples, recipe_from_dict
 
     base = dataclasses.asdict(recipe)
     unknown = sorted(set(overrides) - set(base) | ({"name"} & set(overrides)))
@@ -177,12 +178,10 @@ def apply_overrides(recipe: Recipe, overrides: dict) -> Recipe:
         raise ConfigError(f"recipe field {unknown[0]!r}: cannot be set; the fields are "
                           f"{', '.join(k for k in base if k != 'name')}")
     merged = {**base, **overrides}
-    for nested, kind in (("sampling", SamplingRule), ("view", View)):
+    for nested in ("sampling", "view"):
         merged[nested] = {**base[nested], **(overrides.get(nested) or {})}
     try:
-        merged = _tuples(merged)
-        return Recipe(**{**merged, "sampling": SamplingRule(**merged["sampling"]),
-                         "view": View(**merged["view"])})
+        return recipe_from_dict(_tuples(merged))
     except (TypeError, ValueError, KeyError) as exc:
         raise ConfigError(f"recipe of {recipe.name}: {exc}") from None
 
@@ -247,8 +246,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, ensemble: bool = False) ->
                         help="imagenet (downloaded once into the Hugging Face cache), none "
                              "(random, never downloads), or the path of a timm/smp weight file "
                              "for the encoder")
-    parser.add_argument("--seed", type=int, default=d.seed, help="plan, augmentation, "
-                        "initialisation and dropout all follow it")
+    parser.add_argument("--seed", type=int, help="plan, augmentation, initialisation and "
+                        "dropout all follow it (default: 0, or the resumed run's)")
     parser.add_argument("--max-steps", type=int,
                         help="stop after this many optimiser steps in all (resumed runs "
                              "included); validates and writes checkpoints (default and 0: no "
