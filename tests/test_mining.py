@@ -138,7 +138,7 @@ def test_a_read_only_store_gets_a_message_saying_what_to_do(store, monkeypatch):
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(layout, "open_store", lambda path, mode="r": (
+    monkeypatch.setattr(layout, "open_store", lambda path, mode="r", storage=None: (
         read_only() if mode != "r" else zarr.open_group(str(path), mode="r")))
     with pytest.raises(layout.StoreError, match=r"Read-only file system.*writable copy"):
         mining.write_mining(store, "hard_fn", np.zeros(n, np.float32), np.zeros(n, np.uint8), "sha")
