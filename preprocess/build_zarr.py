@@ -73,6 +73,7 @@ import socket
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -93,7 +94,7 @@ from common.help_format import HelpFormatter
 
 STAGING = "staging"
 RECORDS = "records"
-REPORT = "build_report.json"
+REPORT = layout.REPORT
 VAL_FRACTION = 0.1
 DEMO_DIR = Path("data/demo")
 
@@ -339,13 +340,6 @@ def fingerprint(meta: dict, instances: dict) -> str:
     return digest.hexdigest()
 
 
-def _write_array(group: zarr.Group, path: str, data: np.ndarray) -> None:
-    dtype = str if data.dtype.kind == "T" else data.dtype  # str: variable-length UTF-8
-    arr = group.create_array(path, shape=data.shape, dtype=dtype,
-                             chunks=tuple(max(1, s) for s in data.shape), overwrite=True)
-    arr[...] = data
-
-
 def finalize(partial: Path, settings: Settings, cases: list[Case], records: list[dict],
              report: dict) -> None:
     """meta/, instances/, rows, report and root attributes; each step can be
@@ -355,9 +349,9 @@ def finalize(partial: Path, settings: Settings, cases: list[Case], records: list
                                   settings.val_fraction)
     root = zarr.open_group(str(partial), mode="r+")
     for name, data in meta.items():
-        _write_array(root, f"meta/{name}", data)
+        layout.create_table(root, f"meta/{name}", data)
     for name, data in instances.items():
-        _write_array(root, f"instances/{name}", data)
+        layout.create_table(root, f"instances/{name}", data)
     for top in {node.split("/")[0] for node in layout.row_nodes(0)}:
         root.require_group(top)
     for row, (_, record) in enumerate(stored):
@@ -370,6 +364,9 @@ def finalize(partial: Path, settings: Settings, cases: list[Case], records: list
     root.attrs.update({
         "format": layout.FORMAT, "version": layout.VERSION,
         "fingerprint": fingerprint(meta, instances), "layout": settings.layout,
+        # new at every build, even of the same inputs: what the read cache
+        # keys a store's bytes by (engine/storage.py CachedStorage)
+        storages.BUILD_ID: uuid.uuid4().hex,
         "levels": {"min_side": layout.MIN_LEVEL_SIDE, "max": layout.MAX_LEVELS},
     })
 
@@ -557,7 +554,7 @@ def _build_locked(source: Path, out: Path, *, workers: int | None, strict: bool,
 
 # ---------------------------------------------------------------- a store at a URL
 
-REMOTE_LOCK = "build.lock"   # the lock object, inside the store's prefix
+REMOTE_LOCK = layout.BUILD_LOCK   # the lock object, inside the store's prefix
 UPLOAD_BATCH = 16            # objects in flight together while uploading
 UPLOAD_OF = "upload_of"      # the unfinished root's attribute: sha256 of the root it stands for
 
@@ -577,6 +574,7 @@ def build_to_url(source: Path, url: str, staging: Path, *, overwrite: bool, brea
         target = storages.open_storage(url, read_only=False)
         with remote_lock(url, target, break_lock):
             if _remote_complete(target) and not overwrite:
+                layout.open_store(url)   # refuses a store of another version, naming the rebuild
                 print(f"{url}: a complete store exists already; nothing to do "
                       "(--overwrite rebuilds it)")
                 return None
@@ -598,8 +596,7 @@ def build_to_url(source: Path, url: str, staging: Path, *, overwrite: bool, brea
 
 def _remote_complete(target) -> bool:
     root = target.read("zarr.json")
-    return root is not None and all(k in json.loads(root).get("attributes", {})
-                                    for k in layout.COMPLETION)
+    return root is not None and not layout.unfinished(json.loads(root).get("attributes", {}))
 
 
 def _wipe(target) -> None:
