@@ -8,9 +8,11 @@ endpoint end in one clear line, and so does a training run whose storage
 stops answering mid-run (its steps kept, and resumed)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -114,18 +117,155 @@ def test_the_cache_serves_a_second_read_from_local_disk(s3_store, tmp_path):
     first = reader.read_array(layout.image_path(1))
     assert any((tmp_path / "cache").rglob("*"))
 
-    class Offline:   # no pixel reads from S3: everything must come from the cache
+    class Offline:   # only the root (its build id) from S3: everything else from the cache
         def where(self, key=""):
             return f"{s3_store}/{key}"
 
         def read(self, key, *ranges):
+            if key == "zarr.json" and not ranges:
+                return cached.inner.read(key)
             raise AssertionError(f"read {key} from S3")
         read_ranges = read_suffix = read
 
     again = WindowReader(s3_store)
     again.storage = storages.CachedStorage(Offline(), tmp_path / "cache", 10**9)
-    again.storage._root = cached.root
     assert np.array_equal(again.read_array(layout.image_path(1)), first)
+
+
+def small_source(demo_source, folder, invert=False):
+    """Five cases of the demo source (three authentic, two forged), their
+    pixels inverted when `invert`: the same cases, sizes and masks, so the
+    same meta/ and build settings, other pixels."""
+    names = [f"train_images/authentic/{p.name}"
+             for p in sorted((demo_source / "train_images/authentic").glob("*.png"))[:3]]
+    for forged in sorted((demo_source / "train_images/forged").glob("*.png"))[:2]:
+        names += [f"train_images/forged/{forged.name}", f"train_masks/{forged.stem}.npy"]
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(demo_source / name, folder / name)
+        if invert and name.endswith(".png"):
+            cv2.imwrite(str(folder / name), 255 - cv2.imread(str(folder / name), cv2.IMREAD_UNCHANGED))
+    return folder
+
+
+def cached_reader(url, folder):
+    reader = WindowReader(url)
+    reader.storage = storages.CachedStorage(storages.open_storage(url), folder, 10**9)
+    return reader
+
+
+def test_a_store_rebuilt_at_the_same_url_is_never_read_from_the_old_builds_cache(
+        bucket, demo_source, tmp_path):
+    """The rebuild changes pixels only (same cases, sizes, masks: the same
+    meta/, fingerprint and build settings); reads through the cache the old
+    build filled give the new pixels."""
+    url, cache = f"{bucket}/rebuilt.zarr", tmp_path / "cache"
+    build = ["--out", url, "--staging", str(tmp_path / "staging"), "--workers", "1", "--no-figure"]
+    source = small_source(demo_source, tmp_path / "source")
+    assert build_zarr.main(["--source", str(source), *build]) == 0
+    old = cached_reader(url, cache).read_array(layout.image_path(0))
+    small_source(demo_source, source, invert=True)
+    assert build_zarr.main(["--source", str(source), *build, "--overwrite"]) == 0
+    new = WindowReader(url).read_array(layout.image_path(0))
+    assert not np.array_equal(new, old)
+    assert np.array_equal(cached_reader(url, cache).read_array(layout.image_path(0)), new)
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 2   # one folder per build
+
+
+def _flip_last(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def _shape_edited(path):
+    """The cached zarr.json of an array with its first dimension doubled
+    (its checksum trailer kept: the edit, not the format, must be caught)."""
+    data = path.read_bytes()
+    doc = json.loads(data[:-4])
+    doc["shape"][0] *= 2
+    path.write_bytes(json.dumps(doc).encode() + data[-4:])
+
+
+def _replaced_by_folder(path):
+    path.unlink()
+    (path / "inner").mkdir(parents=True)
+
+
+CACHE_DAMAGE = {
+    "a flipped byte": _flip_last,
+    "truncated": lambda path: path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2]),
+    "emptied": lambda path: path.write_bytes(b""),
+    "replaced by a folder": _replaced_by_folder,
+}
+
+
+@pytest.mark.parametrize("kind", CACHE_DAMAGE)
+def test_a_bad_cache_entry_is_read_again_from_the_store(s3_store, tmp_path, kind):
+    """Damage to every entry of the cache (array metadata, shard index,
+    chunks), or the metadata's shape edited: the reads give the store's
+    pixels, and the entries are written again, good."""
+    path, cache = layout.image_path(1), tmp_path / "cache"
+    truth = WindowReader(s3_store).read_array(path)
+    cached_reader(s3_store, cache).read_array(path)
+    entries = [p for p in cache.rglob("*") if p.is_file()]
+    assert len(entries) >= 3   # zarr.json, the shard's index, its chunks
+    for entry in entries:
+        CACHE_DAMAGE[kind](entry)
+    assert np.array_equal(cached_reader(s3_store, cache).read_array(path), truth)
+    assert sorted(p for p in cache.rglob("*") if p.is_file()) == sorted(entries)
+    # and now from the cache alone, every entry good again
+    assert np.array_equal(cached_reader(s3_store, cache).read_array(path), truth)
+
+
+def test_a_cached_metadata_document_is_checked_like_data(s3_store, tmp_path):
+    path, cache = layout.image_path(1), tmp_path / "cache"
+    reader = cached_reader(s3_store, cache)
+    truth = reader.read_array(path)
+    _shape_edited(reader.storage._path(f"{path}/zarr.json", "all"))
+    again = cached_reader(s3_store, cache).read_array(path)
+    assert again.shape == truth.shape and np.array_equal(again, truth)
+
+
+@contextlib.contextmanager
+def read_only(folder):
+    """`folder` read-only: by its mode bits, and for root (whom they do not
+    stop) by a read-only bind mount of it."""
+    if os.geteuid():
+        for path in [folder, *folder.rglob("*")]:
+            path.chmod(path.stat().st_mode & ~0o222)
+        try:
+            yield
+        finally:
+            for path in [folder, *folder.rglob("*")]:
+                path.chmod(path.stat().st_mode | 0o200)
+        return
+    done = subprocess.run(["mount", "--bind", "-o", "ro", str(folder), str(folder)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"running as root and cannot mount {folder} read-only: {done.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_cache_folder_that_cannot_be_written_is_reported_once_and_read_around(
+        s3_store, tmp_path, capsys):
+    cache, paths = tmp_path / "cache", [layout.image_path(row) for row in range(4)]
+    truth = [WindowReader(s3_store).read_array(path) for path in paths]
+    cached_reader(s3_store, cache).read_array(paths[0])   # a populated folder
+    storages._UNWRITABLE_CACHES.clear()
+    capsys.readouterr()
+    with read_only(cache):
+        for _ in range(2):   # the first array from the cache, the others from the store
+            reader = cached_reader(s3_store, cache)
+            for path, pixels in zip(paths, truth):
+                assert np.array_equal(reader.read_array(path), pixels)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: {cache}: the read cache cannot be written")
+    assert "reading on from the store without it" in err[0]
+    storages._UNWRITABLE_CACHES.clear()
 
 
 def cache_bytes(folder):
