@@ -209,6 +209,73 @@ class ZarrStorage:
         self.write(key, data)
         return True
 
+    # Conditional operations on one small object (a build's lock object):
+    # S3's If-Match on the object's ETag, so that of two writers only the
+    # one that saw the current version succeeds, and a delete never removes
+    # a version its caller did not see. Other file systems get the same
+    # answers from a read, a comparison and the operation, which a writer
+    # in between can defeat.
+
+    def _s3(self, key: str):
+        """(s3fs file system, bucket, key) of `key` where the store is on S3, else None."""
+        fs = getattr(self.store, "fs", None)
+        if fs is None or not hasattr(fs, "_call_s3"):
+            return None
+        bucket, name, _ = fs.split_path(f"{self.store.path}/{key}")
+        return fs, bucket, name
+
+    async def _s3_call(self, key: str, method: str, **kwargs):
+        """botocore's `method` on `key`, or None when S3 answers that the
+        object is gone or its version is not the one given."""
+        fs, bucket, name = self._s3(key)
+        await fs.set_session()
+        client = await fs.get_s3(bucket)
+        try:
+            return await getattr(client, method)(Bucket=bucket, Key=name, **kwargs)
+        except Exception as exc:
+            if _s3_error_code(exc) in ("NoSuchKey", "PreconditionFailed",
+                                       "ConditionalRequestConflict", "404"):
+                return None
+            raise
+
+    def read_tagged(self, key: str) -> tuple[bytes, str] | None:
+        """The object and a tag of its version (S3's ETag, elsewhere a
+        digest of its bytes), or None when there is none."""
+        if self._s3(key) is None:
+            data = self.read(key)
+            return None if data is None else (data, hashlib.sha256(data).hexdigest())
+
+        async def tagged():
+            found = await self._s3_call(key, "get_object")
+            if found is None:
+                return None
+            async with found["Body"] as body:
+                return await body.read(), found["ETag"]
+        return self._sync(tagged())
+
+    def replace_tagged(self, key: str, data: bytes, tag: str) -> str | None:
+        """Write `key` only while its version is `tag`; the new version's
+        tag, or None when it has changed or is gone."""
+        if self._s3(key) is None:
+            found = self.read_tagged(key)
+            if found is None or found[1] != tag:
+                return None
+            self.write(key, data)
+            return hashlib.sha256(data).hexdigest()
+        done = self._sync(self._s3_call(key, "put_object", Body=data, IfMatch=tag))
+        return None if done is None else done["ETag"]
+
+    def delete_tagged(self, key: str, tag: str) -> bool:
+        """Delete `key` only while its version is `tag`; False when it has
+        changed or is gone."""
+        if self._s3(key) is None:
+            found = self.read_tagged(key)
+            if found is None or found[1] != tag:
+                return False
+            self.delete([key])
+            return True
+        return self._sync(self._s3_call(key, "delete_object", IfMatch=tag)) is not None
+
 
 BUILD_ID = "build_id"   # the root attribute naming one build of a store: the read cache's key
 _UNWRITABLE_CACHES: set[Path] = set()   # cache folders this process has reported
@@ -590,12 +657,22 @@ _CONNECTION_ERRORS = {"EndpointConnectionError", "ConnectionClosedError", "Conne
                       "ConnectionError", "NoCredentialsError"}
 
 
+def _s3_error_code(exc: BaseException | None) -> str | None:
+    """The error code of botocore's ClientError (s3fs raises it as the
+    cause of an OSError), or None."""
+    return getattr(exc, "response", {}).get("Error", {}).get("Code")
+
+
 def explained(url: str, exc: Exception) -> StorageUnavailable | None:
     """`exc`, raised by the storage of `url`, as one line saying what to
     check (itself when it is one already), or None when it is not about
     credentials or reaching it."""
     if isinstance(exc, StorageUnavailable):
         return exc
+    if _s3_error_code(exc) == "NoSuchBucket" or _s3_error_code(exc.__cause__) == "NoSuchBucket":
+        bucket = url.split("://", 1)[-1].split("/", 1)[0]
+        return StorageUnavailable(f"{url}: the bucket {bucket} does not exist; create it, or "
+                                  "check the URL and the endpoint")
     names = {cls.__name__ for cls in type(exc).__mro__}
     if "NoCredentialsError" in names:
         return StorageUnavailable(f"{url}: no credentials found; set AWS_ACCESS_KEY_ID and "

@@ -362,7 +362,7 @@ def test_a_killed_upload_is_refused_then_resumed(bucket, demo_source, demo_store
     # the rerun takes over the dead build's lock (same host) and sends only what is missing
     sent = build_zarr.upload_store
     counts = []
-    build_zarr.upload_store = lambda staging, t: counts.append(sent(staging, t)) or counts[-1]
+    build_zarr.upload_store = lambda *args: counts.append(sent(*args)) or counts[-1]
     try:
         assert build_zarr.main(args) == 0
     finally:
@@ -398,6 +398,68 @@ def test_a_build_is_refused_while_another_host_holds_the_lock_until_broken(
     with pytest.raises(SystemExit) as refused:
         build_zarr.main(["--out", str(tmp_path / "local.zarr"), "--break-lock"])
     assert refused.value.code == 2 and "only for a URL --out" in capsys.readouterr().err
+
+
+def test_a_build_whose_lock_is_taken_over_stops_and_leaves_the_new_holders_lock(
+        bucket, demo_source, tmp_path, monkeypatch, capsys):
+    """Another build takes the lock over (--break-lock, on another host)
+    while this one uploads: this one stops before its next batch with one
+    line (exit 2), never writes the complete root, and does not delete the
+    other build's lock."""
+    url = f"{bucket}/taken.zarr"
+    target = s3_target(url)
+    other = json.dumps({"pid": 4242, "host": "another-node", "started": "2026-01-01T00:00:00+00:00",
+                        "token": "theirs"}).encode()
+    write_many, batches = storages.ZarrStorage.write_many, []
+
+    def taken_after_two_batches(self, items):
+        write_many(self, items)
+        batches.append(len(items))
+        if len(batches) == 2:
+            target.write(build_zarr.REMOTE_LOCK, other)
+    monkeypatch.setattr(storages.ZarrStorage, "write_many", taken_after_two_batches)
+    monkeypatch.setattr(build_zarr, "UPLOAD_BATCH", 4)
+    source = small_source(demo_source, tmp_path / "source")
+    assert build_zarr.main(["--source", str(source), "--out", url, "--staging",
+                            str(tmp_path / "staging"), "--workers", "1", "--no-figure"]) == 2
+    assert len(batches) == 2
+    err = capsys.readouterr().err   # the progress bar's lines, then the one error line
+    assert "Traceback" not in err
+    problem = [line for line in err.splitlines() if line.startswith("build_zarr:")]
+    assert len(problem) == 1
+    assert problem[0].startswith(f"build_zarr: error: {url}: this build lost its lock")
+    assert "PID 4242 on host another-node" in problem[0]
+    assert "before uploading objects 9-12" in problem[0]
+    assert target.read(build_zarr.REMOTE_LOCK) == other
+    with pytest.raises(layout.StoreError, match="its build did not finish"):
+        layout.open_store(url)
+
+
+def test_a_lock_taken_over_at_the_end_is_not_deleted(bucket, s3_server):
+    """release() deletes only the version of the lock this build wrote."""
+    url = f"{bucket}/released.zarr"
+    target = s3_target(url)
+    with build_zarr.remote_lock(url, target) as lock:
+        assert json.loads(target.read(build_zarr.REMOTE_LOCK))["token"]
+        lock.check("anything")
+        target.write(build_zarr.REMOTE_LOCK, b'{"host": "another-node", "token": "theirs"}')
+    assert target.read(build_zarr.REMOTE_LOCK) == b'{"host": "another-node", "token": "theirs"}'
+    # a takeover races another: the conditional write loses to the version written meanwhile
+    tag = target.read_tagged(build_zarr.REMOTE_LOCK)[1]
+    target.write(build_zarr.REMOTE_LOCK, b'{"host": "a-third-node"}')
+    assert target.replace_tagged(build_zarr.REMOTE_LOCK, b"{}", tag) is None
+    assert not target.delete_tagged(build_zarr.REMOTE_LOCK, tag)
+    assert target.read(build_zarr.REMOTE_LOCK) == b'{"host": "a-third-node"}'
+
+
+def test_a_bucket_that_does_not_exist_is_one_line(s3_server, demo_source, tmp_path, capsys):
+    url = "s3://no-such-bucket-here/store.zarr"
+    assert build_zarr.main(["--source", str(demo_source), "--out", url, "--staging",
+                            str(tmp_path / "staging"), "--no-figure"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"build_zarr: error: {url}: the bucket no-such-bucket-here does not exist; "
+                   "create it, or check the URL and the endpoint")
+    assert not (tmp_path / "staging").exists()   # refused before building anything
 
 
 def test_a_damaged_store_on_s3_is_named_by_its_url(bucket, demo_store):
