@@ -66,8 +66,14 @@ def test_the_store_on_s3_is_the_local_build_object_for_object(s3_store, demo_sto
              for p in demo_store.rglob("*") if p.is_file() and p.name != build_zarr.REPORT}
     remote = target.sizes("")
     assert set(remote) - {build_zarr.REPORT} == set(local)   # no lock object left behind
-    for key in ("zarr.json", "meta/label/c/0", "images/0/0/c.0.0.0"):
+    for key in ("meta/label/c/0", "images/0/0/c.0.0.0"):
         assert target.read(key) == local[key], key
+    # the same root but for the build id: each build has its own
+    remote_root, local_root = (json.loads(root) for root in (target.read("zarr.json"),
+                                                             local["zarr.json"]))
+    assert remote_root["attributes"].pop(storages.BUILD_ID) != \
+        local_root["attributes"].pop(storages.BUILD_ID)
+    assert remote_root == local_root
     assert layout.open_store(s3_store).attrs["fingerprint"] == \
         layout.open_store(demo_store).attrs["fingerprint"]
     # a rerun finds the complete store and changes nothing
