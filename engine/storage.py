@@ -357,7 +357,7 @@ class CachedStorage:
             self._drop(path)
             return None
         except OSError as exc:   # unreadable (permissions): read from the store
-            self._unusable(exc)
+            self._report_unwritable(exc)
             return None
         data, trailer = entry[:-4], entry[-4:]
         if len(entry) < 4 or self._checksum(path, data) != trailer:
@@ -369,7 +369,7 @@ class CachedStorage:
             except FileNotFoundError:   # another process's trim removed it: the bytes are good
                 pass
             except OSError as exc:
-                self._unusable(exc)
+                self._report_unwritable(exc)
         return data
 
     def _drop(self, path: Path) -> None:
@@ -384,9 +384,9 @@ class CachedStorage:
         except FileNotFoundError:
             pass
         except OSError as exc:
-            self._unusable(exc)
+            self._report_unwritable(exc)
 
-    def _unusable(self, exc: OSError) -> None:
+    def _report_unwritable(self, exc: OSError) -> None:
         """Report once per process that the folder cannot be written; this
         process then writes nothing there."""
         if self.writable:
@@ -407,7 +407,7 @@ class CachedStorage:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
             if not isinstance(exc, FileNotFoundError):   # that: another process's trim took tmp
-                self._unusable(exc)
+                self._report_unwritable(exc)
             return
         self._written += len(data)
         if self._written * self.TRIM_SHARE > self.limit:
@@ -434,7 +434,7 @@ class CachedStorage:
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                self._unusable(exc)
+                self._report_unwritable(exc)
                 return
             total -= size
 
@@ -660,7 +660,8 @@ _CONNECTION_ERRORS = {"EndpointConnectionError", "ConnectionClosedError", "Conne
 def _s3_error_code(exc: BaseException | None) -> str | None:
     """The error code of botocore's ClientError (s3fs raises it as the
     cause of an OSError), or None."""
-    return getattr(exc, "response", {}).get("Error", {}).get("Code")
+    response = getattr(exc, "response", None)
+    return response.get("Error", {}).get("Code") if isinstance(response, dict) else None
 
 
 def explained(url: str, exc: Exception) -> StorageUnavailable | None:
