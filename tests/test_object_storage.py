@@ -261,7 +261,6 @@ def test_a_cache_folder_that_cannot_be_written_is_reported_once_and_read_around(
     cache, paths = tmp_path / "cache", [layout.image_path(row) for row in range(4)]
     truth = [WindowReader(s3_store).read_array(path) for path in paths]
     cached_reader(s3_store, cache).read_array(paths[0])   # a populated folder
-    storages._UNWRITABLE_CACHES.clear()
     capsys.readouterr()
     with read_only(cache):
         for _ in range(2):   # the first array from the cache, the others from the store
@@ -271,7 +270,6 @@ def test_a_cache_folder_that_cannot_be_written_is_reported_once_and_read_around(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"warning: {cache}: the read cache cannot be written")
     assert "reading on from the store without it" in err[0]
-    storages._UNWRITABLE_CACHES.clear()
 
 
 def cache_bytes(folder):
