@@ -28,7 +28,7 @@ import zarr
 from tqdm import tqdm
 
 from engine.reader import WindowReader
-from engine.store import image_path, instances_mask_path
+from engine.store import image_path, instances_mask_path, read_table
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,8 @@ class PatchBank:
     def from_store(cls, group: zarr.Group, meta: dict[str, np.ndarray], rows: Sequence[int], *,
                    min_side: int, max_patches: int, padding: int, seed: int) -> "PatchBank":
         """Patches of the instances of `rows` (the training split's rows)."""
-        image_row = np.asarray(group["instances/image_row"][...])
-        bbox = np.asarray(group["instances/bbox"][...])
+        image_row = read_table(group, "instances/image_row")
+        bbox = read_table(group, "instances/bbox")
         chosen = choose(eligible_instances(image_row, bbox, rows, min_side), max_patches, seed)
         if len(chosen) == 0:
             raise ValueError(

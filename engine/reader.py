@@ -394,7 +394,7 @@ class WindowReader:
         """Row `row`'s instance masks, uint8 (H, W) each, [] for an authentic
         row; a forged row without them is a damaged store. Reads only its
         meta/n_instances value, not all of meta/: scorers make a reader per row."""
-        count = int(self.group["meta/n_instances"][row])
+        count = int(layout.read_table(self.group, "meta/n_instances", row))
         if not count:
             return []
         path = layout.instances_mask_path(row)

@@ -27,14 +27,17 @@ readers into worker processes (docs/object_storage.md).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
 
+import google_crc32c
 
 
 class LocalStorage:
@@ -206,65 +209,205 @@ class ZarrStorage:
         self.write(key, data)
         return True
 
+    # Conditional operations on one small object (a build's lock object):
+    # S3's If-Match on the object's ETag, so that of two writers only the
+    # one that saw the current version succeeds, and a delete never removes
+    # a version its caller did not see. Other file systems get the same
+    # answers from a read, a comparison and the operation, which a writer
+    # in between can defeat.
+
+    def _s3(self, key: str):
+        """(s3fs file system, bucket, key) of `key` where the store is on S3, else None."""
+        fs = getattr(self.store, "fs", None)
+        if fs is None or not hasattr(fs, "_call_s3"):
+            return None
+        bucket, name, _ = fs.split_path(f"{self.store.path}/{key}")
+        return fs, bucket, name
+
+    async def _s3_call(self, key: str, method: str, **kwargs):
+        """botocore's `method` on `key`, or None when S3 answers that the
+        object is gone or its version is not the one given."""
+        fs, bucket, name = self._s3(key)
+        await fs.set_session()
+        client = await fs.get_s3(bucket)
+        try:
+            return await getattr(client, method)(Bucket=bucket, Key=name, **kwargs)
+        except Exception as exc:
+            if _s3_error_code(exc) in ("NoSuchKey", "PreconditionFailed",
+                                       "ConditionalRequestConflict", "404"):
+                return None
+            raise
+
+    def read_tagged(self, key: str) -> tuple[bytes, str] | None:
+        """The object and a tag of its version (S3's ETag, elsewhere a
+        digest of its bytes), or None when there is none."""
+        if self._s3(key) is None:
+            data = self.read(key)
+            return None if data is None else (data, hashlib.sha256(data).hexdigest())
+
+        async def tagged():
+            found = await self._s3_call(key, "get_object")
+            if found is None:
+                return None
+            async with found["Body"] as body:
+                return await body.read(), found["ETag"]
+        return self._sync(tagged())
+
+    def replace_tagged(self, key: str, data: bytes, tag: str) -> str | None:
+        """Write `key` only while its version is `tag`; the new version's
+        tag, or None when it has changed or is gone."""
+        if self._s3(key) is None:
+            found = self.read_tagged(key)
+            if found is None or found[1] != tag:
+                return None
+            self.write(key, data)
+            return hashlib.sha256(data).hexdigest()
+        done = self._sync(self._s3_call(key, "put_object", Body=data, IfMatch=tag))
+        return None if done is None else done["ETag"]
+
+    def delete_tagged(self, key: str, tag: str) -> bool:
+        """Delete `key` only while its version is `tag`; False when it has
+        changed or is gone."""
+        if self._s3(key) is None:
+            found = self.read_tagged(key)
+            if found is None or found[1] != tag:
+                return False
+            self.delete([key])
+            return True
+        return self._sync(self._s3_call(key, "delete_object", IfMatch=tag)) is not None
+
+
+BUILD_ID = "build_id"   # the root attribute naming one build of a store: the read cache's key
+_UNWRITABLE_CACHES: set[Path] = set()   # cache folders this process has reported
+
 
 class CachedStorage:
     """Another storage's reads kept in a local folder, bounded in size.
 
     Each read (a whole object, a byte range, a suffix) is one file, named by
-    a hash of its object key and range, in a folder per store content (the
-    hash of the store's root zarr.json, whose fingerprint and build settings
-    change when the store is rebuilt, so a rebuilt store never reads the old
-    one's bytes). A file is written to a temporary name and renamed, so
-    several worker processes and ranks can share the folder: a reader sees
-    a whole file or none. When this process has written an eighth of the
-    limit since it last looked, it sums the folder and removes the least
-    recently used files until it is under 80 % of the limit (a removal
-    another process made first is no loss). The reader checks every chunk's
-    and index's CRC-32C whatever its source."""
+    a hash of its object key and range, in a folder per build of the store:
+    the build id (BUILD_ID) the store's own root zarr.json records, read from
+    the store once per process. Every build writes a new one, so a store
+    rebuilt at the same URL, even with only some pixels changed, is never
+    served the old build's bytes; a store without one (an unfinished upload)
+    is read uncached. Each file ends with a CRC-32C of its name and bytes,
+    checked on every read: a corrupt or truncated file, one renamed from
+    another entry, or a folder in its place is dropped and read again from
+    the store, so damage of the cache is never reported as damage of the
+    store (the reader still checks every chunk's and index's CRC-32C, and
+    array metadata is a cached entry like any other).
+
+    A file is written to a temporary name and renamed, so several worker
+    processes and ranks can share the folder: a reader sees a whole file or
+    none. When this process has written an eighth of the limit since it last
+    looked, it sums the folder and removes the least recently used files
+    until it is under 80 % of the limit (a removal another process made
+    first is no loss). A folder that cannot be written (read-only, full,
+    not a folder) is reported once per process on stderr; reads go on from
+    the store, and from the entries there that can still be read."""
 
     TRIM_SHARE = 8          # look at the folder's size after writing limit / TRIM_SHARE bytes
     KEEP_AFTER_TRIM = 0.8   # of the limit: room for a while before the next trim
 
     def __init__(self, inner, folder: str | os.PathLike, limit_bytes: int):
         self.inner, self.folder, self.limit = inner, Path(folder), int(limit_bytes)
-        self._root = None
+        self._root: Path | None = None
+        self._build: str | None = None
         self._written = 0
 
     def where(self, key: str = ""):
         return self.inner.where(key)
 
     @property
-    def root(self) -> Path:
-        """This store content's folder (reads the root zarr.json once)."""
-        if self._root is None:
-            digest = hashlib.sha256(self.inner.read("zarr.json") or b"").hexdigest()
-            self._root = self.folder / digest[:32]
+    def root(self) -> Path | None:
+        """This build's folder, None for a store without a build id (the
+        root zarr.json read once, from the store)."""
+        if self._build is None:
+            self._build = build_id(self.inner.read("zarr.json"))
+            self._root = self.folder / self._build if self._build else None
         return self._root
 
-    def _path(self, key: str, what: str) -> Path:
+    @property
+    def writable(self) -> bool:
+        return self.folder not in _UNWRITABLE_CACHES
+
+    def _path(self, key: str, what: str) -> Path | None:
+        if self.root is None:
+            return None
         digest = hashlib.sha256(f"{key}\0{what}".encode()).hexdigest()
         return self.root / digest[:2] / digest
 
+    @staticmethod
+    def _checksum(path: Path, data: bytes) -> bytes:
+        """CRC-32C of the entry's name and bytes: an entry moved to another
+        name fails it too."""
+        return google_crc32c.extend(google_crc32c.value(path.name.encode()), data).to_bytes(4, "little")
+
     def _cached(self, key: str, what: str) -> bytes | None:
+        """The entry's bytes, or None when there is no good one (a bad one
+        is dropped)."""
         path = self._path(key, what)
+        if path is None:
+            return None
         try:
-            data = path.read_bytes()
-            os.utime(path)   # recency for the trim
-            return data
+            entry = path.read_bytes()
         except FileNotFoundError:
             return None
+        except IsADirectoryError:
+            self._drop(path)
+            return None
+        except OSError as exc:   # unreadable (permissions): read from the store
+            self._report_unwritable(exc)
+            return None
+        data, trailer = entry[:-4], entry[-4:]
+        if len(entry) < 4 or self._checksum(path, data) != trailer:
+            self._drop(path)
+            return None
+        if self.writable:
+            try:
+                os.utime(path)   # recency for the trim
+            except FileNotFoundError:   # another process's trim removed it: the bytes are good
+                pass
+            except OSError as exc:
+                self._report_unwritable(exc)
+        return data
+
+    def _drop(self, path: Path) -> None:
+        """Remove a bad entry (a file or a folder), if the folder can be written."""
+        if not self.writable:
+            return
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self._report_unwritable(exc)
+
+    def _report_unwritable(self, exc: OSError) -> None:
+        """Report once per process that the folder cannot be written; this
+        process then writes nothing there."""
+        if self.writable:
+            _UNWRITABLE_CACHES.add(self.folder)
+            print(f"warning: {self.folder}: the read cache cannot be written "
+                  f"({exc.strerror or exc}); reading on from the store without it", file=sys.stderr)
 
     def _keep(self, key: str, what: str, data: bytes) -> None:
         path = self._path(key, what)
+        if path is None or not self.writable:
+            return
         tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(data)
+            tmp.write_bytes(data + self._checksum(path, data))
             os.replace(tmp, path)
-        except OSError:
-            # a full disk, or another process's trim took the temporary file:
-            # the cache only saves requests, so the read goes on without it
-            tmp.unlink(missing_ok=True)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            if not isinstance(exc, FileNotFoundError):   # that: another process's trim took tmp
+                self._report_unwritable(exc)
             return
         self._written += len(data)
         if self._written * self.TRIM_SHARE > self.limit:
@@ -290,6 +433,9 @@ class CachedStorage:
                 path.unlink()
             except FileNotFoundError:
                 pass
+            except OSError as exc:
+                self._report_unwritable(exc)
+                return
             total -= size
 
     def read(self, key: str) -> bytes | None:
@@ -325,6 +471,17 @@ class CachedStorage:
 
     def keys(self, prefix: str) -> list[str]:
         return self.inner.keys(prefix)
+
+
+def build_id(root: bytes | None) -> str:
+    """The BUILD_ID attribute of a store's root zarr.json ("" when there is
+    none, or no readable root)."""
+    try:
+        found = json.loads(root or b"{}").get("attributes", {}).get(BUILD_ID, "")
+    except (ValueError, AttributeError):
+        return ""
+    # a folder name: only what a uuid's hex can hold
+    return found if isinstance(found, str) and found.isalnum() else ""
 
 
 def storage_of(group) -> LocalStorage | ZarrStorage:
@@ -488,12 +645,23 @@ _CONNECTION_ERRORS = {"EndpointConnectionError", "ConnectionClosedError", "Conne
                       "ConnectionError", "NoCredentialsError"}
 
 
+def _s3_error_code(exc: BaseException | None) -> str | None:
+    """The error code of botocore's ClientError (s3fs raises it as the
+    cause of an OSError), or None."""
+    response = getattr(exc, "response", None)
+    return response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+
+
 def explained(url: str, exc: Exception) -> StorageUnavailable | None:
     """`exc`, raised by the storage of `url`, as one line saying what to
     check (itself when it is one already), or None when it is not about
     credentials or reaching it."""
     if isinstance(exc, StorageUnavailable):
         return exc
+    if _s3_error_code(exc) == "NoSuchBucket" or _s3_error_code(exc.__cause__) == "NoSuchBucket":
+        bucket = url.split("://", 1)[-1].split("/", 1)[0]
+        return StorageUnavailable(f"{url}: the bucket {bucket} does not exist; create it, or "
+                                  "check the URL and the endpoint")
     names = {cls.__name__ for cls in type(exc).__mro__}
     if "NoCredentialsError" in names:
         return StorageUnavailable(f"{url}: no credentials found; set AWS_ACCESS_KEY_ID and "

@@ -8,10 +8,13 @@ keeps its original resolution; `<row>` is the image's row in `meta/`, written
 as a decimal integer):
 
     zarr.json                 attributes: format="forgery-store", version,
-                              fingerprint, layout, levels, build settings
+                              fingerprint, build_id (new at every build),
+                              layout, levels, build settings
     meta/<name>               1-D (or N x k) arrays of META_SCHEMA below, with
                               instance_start (N+1,) int64: instances of row r
                               are instances/*[instance_start[r]:instance_start[r+1]]
+                              (meta/ and instances/: one chunk per array,
+                              zstd then CRC-32C, checked at every read)
     instances/image_row       int32 (M,)  row in meta/ of each forged region
     instances/bbox            int32 (M, 4) y0, x0, y1, x1, half-open
     instances/area            int64 (M,)  pixels of the region
@@ -38,8 +41,9 @@ chunks left out. A reader fetches the index once and then only the chunks a
 window touches. A shard an array should have and has not, an index or chunk
 whose checksum fails, is damage: engine/reader.py refuses it (naming the
 shard) and `python preprocess/verify_store.py STORE` lists all of it.
-Version 3 (VERSION) brought the sharded layout: open_store refuses an older
-store with the command that rebuilds it.
+Version 4 (VERSION) brought checksums on meta/ and instances/ and the build
+id (version 3 the sharded layout): open_store refuses an older store with
+the command that rebuilds it.
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ import functools
 import itertools
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +65,9 @@ from engine.recipes import SIZE_CLASS_EDGES
 from engine import storage as storages
 
 FORMAT = "forgery-store"
-VERSION = 3   # 3: sharded small chunks (PixelLayout); 2: crc32c checksums; 1 had neither
+# 4: meta/ and instances/ checksummed, a build id; 3: sharded small chunks
+# (PixelLayout); 2: crc32c checksums on pixel chunks; 1 had neither
+VERSION = 4
 DEFAULT_STORE = Path("data/store.zarr")
 
 SPLITS = {"train": 0, "val": 1}   # meta/split values
@@ -117,6 +124,21 @@ class StoreDamaged(StoreError):
         super().__init__(f"{where}: {problem}; the store is damaged: "
                          f"`python preprocess/verify_store.py {store}` lists all of the damage, "
                          f"`{rebuild_command(store)}` rebuilds it")
+
+
+REPORT = "build_report.json"   # skipped inputs and timings, beside the arrays
+BUILD_LOCK = "build.lock"      # the lock object of a build to a URL (preprocess/build_zarr.py)
+PIXEL_ARRAY_DEPTHS = {"images": 3, "masks": 3, "ela": 3, "instances_mask": 2}   # parts of a path
+
+
+def pixel_array_of(key: str) -> str | None:
+    """The pixel array (images/<row>/<level>, instances_mask/<row>, ...)
+    whose object, metadata or any other file `key` is, or None."""
+    parts = key.split("/")
+    depth = PIXEL_ARRAY_DEPTHS.get(parts[0], 0)
+    if depth and len(parts) > depth and all(p.isdigit() for p in parts[1:depth]):
+        return "/".join(parts[:depth])
+    return None
 
 
 def partial_path(store: Path) -> Path:
@@ -427,7 +449,9 @@ def _nonzero_chunks(plane: np.ndarray, chunk: int) -> tuple[slice, slice] | None
                                    (cols[0], cols[-1], plane.shape[1])))
 
 
-COMPLETION = ("format", "version", "fingerprint")   # root attributes a finished build writes last
+# root attributes a finished build writes last; BUILD_ID names the build
+# (a new one at every build: the read cache's key, engine/storage.py)
+COMPLETION = ("format", "version", "fingerprint", storages.BUILD_ID)
 
 
 def open_store(path: str | os.PathLike, mode: str = "r",
@@ -447,7 +471,7 @@ def open_store(path: str | os.PathLike, mode: str = "r",
     if attrs.get("version") != VERSION:
         raise StoreError(
             f"{path}: store version {attrs.get('version')!r}, this engine reads version "
-            f"{VERSION} (sharded chunks with checksums); rebuild it with "
+            f"{VERSION} (checksums on every chunk, meta/ included); rebuild it with "
             f"`{rebuild_command(path)}`"
         )
     return group
@@ -477,7 +501,7 @@ def _open_url(url: str, mode: str, storage: storages.StorageSettings | None) -> 
         if root is None:
             raise StoreError(f"{url}: no store here; build one with "
                              f"`python preprocess/build_zarr.py --out {url}`")
-        if not all(k in json.loads(root).get("attributes", {}) for k in COMPLETION):
+        if unfinished(json.loads(root).get("attributes", {})):
             raise StoreError(f"{url}: its build did not finish (its root zarr.json has no "
                              "fingerprint yet); rerun build_zarr to resume it")
         return zarr.open_group(store, mode=mode)
@@ -488,14 +512,59 @@ def _open_url(url: str, mode: str, storage: storages.StorageSettings | None) -> 
         raise StoreError(str(problem) if problem else f"{url}: not a Zarr v3 group ({exc})") from None
 
 
+def unfinished(attributes: dict) -> bool:
+    """Whether a root's attributes are those of a build still uploading
+    (without the COMPLETION attributes); a root of another version is not:
+    open_store refuses it by its version."""
+    return attributes.get("version", VERSION) == VERSION and \
+        not all(k in attributes for k in COMPLETION)
+
+
+def table_compressors() -> tuple:
+    """zarr's bytes-to-bytes codecs of the meta/ and instances/ arrays:
+    zstd, then the CRC-32C of the frame (what pixel chunks carry too)."""
+    return zarr.codecs.ZstdCodec(), zarr.codecs.Crc32cCodec()
+
+
+def create_table(group: zarr.Group, path: str, data: np.ndarray) -> None:
+    """Write one meta/ or instances/ array: one chunk, checksummed, written
+    even when it is all fill (a chunk missing is then damage, not zeros)."""
+    dtype = str if data.dtype.kind == "T" else data.dtype  # str: variable-length UTF-8
+    arr = group.create_array(path, shape=data.shape, dtype=dtype,
+                             chunks=tuple(max(1, s) for s in data.shape),
+                             compressors=table_compressors(), overwrite=True,
+                             config={"write_empty_chunks": True})
+    arr[...] = data
+
+
+def read_table(group: zarr.Group, path: str, selection=Ellipsis) -> np.ndarray:
+    """`selection` of a meta/ or instances/ array, its chunk's checksum
+    verified (zarr's crc32c codec); StoreDamaged naming the array when it
+    or its chunk is missing or fails its checksum."""
+    storage = storages.storage_of(group)
+    try:
+        arr = group[path]
+    except KeyError:
+        raise StoreDamaged(storage.where(), storage.where(path), "array missing") from None
+    chunk = f"{path}/{arr.metadata.encode_chunk_key((0,) * arr.ndim)}"
+    if arr.size and not storage.exists(chunk):
+        raise StoreDamaged(storage.where(), storage.where(chunk), "chunk missing")
+    try:
+        return np.asarray(arr[selection])
+    except (ValueError, RuntimeError, TypeError) as exc:   # zarr's crc32c: ValueError; codecs: others
+        raise StoreDamaged(storage.where(), storage.where(chunk),
+                           f"corrupt chunk ({str(exc).split('.')[0]})") from None
+
+
 def read_meta(group: zarr.Group) -> dict[str, np.ndarray]:
-    """All meta/ arrays as numpy arrays (small: a few bytes per image)."""
-    missing = [name for name in META_SCHEMA if f"meta/{name}" not in group]
-    if missing:
-        storage = storages.storage_of(group)
-        raise StoreDamaged(storage.where(), storage.where(f"meta/{missing[0]}"),
-                           f"missing ({len(missing)} of meta/'s {len(META_SCHEMA)} arrays are)")
-    return {name: np.asarray(group[f"meta/{name}"][...]) for name in META_SCHEMA}
+    """All meta/ arrays as numpy arrays (small: a few bytes per image), each
+    checked (read_table)."""
+    return {name: read_table(group, f"meta/{name}") for name in META_SCHEMA}
+
+
+def read_instance_tables(group: zarr.Group) -> dict[str, np.ndarray]:
+    """All instances/ arrays (INSTANCE_ARRAYS), each checked (read_table)."""
+    return {name: read_table(group, f"instances/{name}") for name in INSTANCE_ARRAYS}
 
 
 MINING_KINDS = ("hard_negative", "hard_fn")
@@ -543,3 +612,25 @@ def read_mining(group: zarr.Group, kind: str,
         return None
     return {"score": np.asarray(sub["score"][...]), "flag": np.asarray(sub["flag"][...]).astype(bool),
             "checkpoint": checkpoint}
+
+
+def _layout_keys() -> re.Pattern:
+    """Every key of the layout outside the pixel arrays (pixel_array_of):
+    the root's files, the groups' zarr.json, the tables' and mining results'
+    metadata and chunks."""
+    def either(names):
+        return "|".join(map(re.escape, names))
+    table = r"(zarr\.json|c(/\d+)+)"
+    tops = [*PIXEL_ARRAY_DEPTHS, "meta", "instances", "mining"]
+    return re.compile("|".join(f"({pattern})" for pattern in (
+        either(("zarr.json", REPORT, BUILD_LOCK)),
+        rf"({either(tops)})/zarr\.json",
+        rf"({either(p for p, d in PIXEL_ARRAY_DEPTHS.items() if d == 3)})/\d+/zarr\.json",
+        rf"meta/({either(META_SCHEMA)})/{table}",
+        rf"instances/({either(INSTANCE_ARRAYS)})/{table}",
+        rf"mining/({either(MINING_KINDS)})/zarr\.json",
+        rf"mining/({either(MINING_KINDS)})/(score|flag)/{table}",
+    )))
+
+
+LAYOUT_KEYS = _layout_keys()

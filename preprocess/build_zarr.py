@@ -45,16 +45,24 @@ unfinished, then every other object, objects already there with the same
 size skipped (a rerun after a kill resumes the upload), and the complete root
 zarr.json last. Object storage has no rename and no flock: the build holds a
 lock object `<out>/build.lock` made by a conditional write (S3's
-If-None-Match, so one of two racing builds wins) recording the holder, and
-removed when it ends. A lock left by a build killed on this host is taken
+If-None-Match, so one of two racing builds wins) recording the holder and
+a token of this build. A lock left by a build killed on this host is taken
 over (this host's flock on the URL, held by every build of it here, says
 its holder is dead); one from another host is refused with its holder named,
 since only that host can tell whether it still runs (--break-lock takes it
-once the user knows that build is dead).
+once the user knows that build is dead). A takeover is a conditional write
+on the lock's ETag (If-Match: of two takers one wins). Before every step
+that commits anything to the URL (removing the old store, each upload
+batch, each root zarr.json) the build reads the lock back: one no longer
+holding its own record has been taken over, and the build stops there
+with one line. At the end the lock is deleted only if it is still the
+version this build wrote (a conditional delete on its ETag), so a build
+never removes another's lock. (File systems without conditional writes
+get a read and a comparison instead, which a writer in between can defeat.)
 
-Errors (bad arguments, another build running, --strict's first bad input,
-nothing to store, a full disk or any other error reading or writing a
-file) print one line `build_zarr: error: <path>: <problem>` and exit with
+Errors (bad arguments, another build running, a lost lock, a bucket that
+does not exist, --strict's first bad input, nothing to store, a full disk
+or any other error reading or writing a file) print one line `build_zarr: error: <path>: <problem>` and exit with
 status 2; after a full disk, free space and rerun the same command: the
 build resumes.
 """
@@ -73,6 +81,7 @@ import socket
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -93,7 +102,7 @@ from common.help_format import HelpFormatter
 
 STAGING = "staging"
 RECORDS = "records"
-REPORT = "build_report.json"
+REPORT = layout.REPORT
 VAL_FRACTION = 0.1
 DEMO_DIR = Path("data/demo")
 
@@ -339,13 +348,6 @@ def fingerprint(meta: dict, instances: dict) -> str:
     return digest.hexdigest()
 
 
-def _write_array(group: zarr.Group, path: str, data: np.ndarray) -> None:
-    dtype = str if data.dtype.kind == "T" else data.dtype  # str: variable-length UTF-8
-    arr = group.create_array(path, shape=data.shape, dtype=dtype,
-                             chunks=tuple(max(1, s) for s in data.shape), overwrite=True)
-    arr[...] = data
-
-
 def finalize(partial: Path, settings: Settings, cases: list[Case], records: list[dict],
              report: dict) -> None:
     """meta/, instances/, rows, report and root attributes; each step can be
@@ -355,9 +357,9 @@ def finalize(partial: Path, settings: Settings, cases: list[Case], records: list
                                   settings.val_fraction)
     root = zarr.open_group(str(partial), mode="r+")
     for name, data in meta.items():
-        _write_array(root, f"meta/{name}", data)
+        layout.create_table(root, f"meta/{name}", data)
     for name, data in instances.items():
-        _write_array(root, f"instances/{name}", data)
+        layout.create_table(root, f"instances/{name}", data)
     for top in {node.split("/")[0] for node in layout.row_nodes(0)}:
         root.require_group(top)
     for row, (_, record) in enumerate(stored):
@@ -370,6 +372,9 @@ def finalize(partial: Path, settings: Settings, cases: list[Case], records: list
     root.attrs.update({
         "format": layout.FORMAT, "version": layout.VERSION,
         "fingerprint": fingerprint(meta, instances), "layout": settings.layout,
+        # new at every build, even of the same inputs: what the read cache
+        # keys a store's bytes by (engine/storage.py CachedStorage)
+        storages.BUILD_ID: uuid.uuid4().hex,
         "levels": {"min_side": layout.MIN_LEVEL_SIDE, "max": layout.MAX_LEVELS},
     })
 
@@ -559,7 +564,7 @@ def _build_locked(source: Path, out: Path, *, workers: int | None, strict: bool,
 
 # ---------------------------------------------------------------- a store at a URL
 
-REMOTE_LOCK = "build.lock"   # the lock object, inside the store's prefix
+REMOTE_LOCK = layout.BUILD_LOCK   # the lock object, inside the store's prefix
 UPLOAD_BATCH = 16            # objects in flight together while uploading
 UPLOAD_OF = "upload_of"      # the unfinished root's attribute: sha256 of the root it stands for
 
@@ -577,15 +582,17 @@ def build_to_url(source: Path, url: str, staging: Path, *, overwrite: bool, brea
     `url` (module docstring); holds the URL's lock throughout."""
     try:
         target = storages.open_storage(url, read_only=False, storage=storage)
-        with remote_lock(url, target, break_lock):
+        with remote_lock(url, target, break_lock) as lock:
             if _remote_complete(target) and not overwrite:
+                layout.open_store(url, storage=storage)   # refuses a store of another version, naming the rebuild
                 print(f"{url}: a complete store exists already; nothing to do "
                       "(--overwrite rebuilds it)")
                 return None
             if overwrite:
+                lock.check("removing the store there")
                 _wipe(target)
             report = build_store(source, staging, overwrite=overwrite, **kwargs)
-            sent = upload_store(staging, target)
+            sent = upload_store(staging, target, lock.check)
             print(f"uploaded {sent} objects to {url} (the build stays in {staging}: delete it "
                   "when no longer needed)")
             return report
@@ -600,8 +607,7 @@ def build_to_url(source: Path, url: str, staging: Path, *, overwrite: bool, brea
 
 def _remote_complete(target) -> bool:
     root = target.read("zarr.json")
-    return root is not None and all(k in json.loads(root).get("attributes", {})
-                                    for k in layout.COMPLETION)
+    return root is not None and not layout.unfinished(json.loads(root).get("attributes", {}))
 
 
 def _wipe(target) -> None:
@@ -611,56 +617,113 @@ def _wipe(target) -> None:
     target.delete([k for k in target.keys("") if k != REMOTE_LOCK])
 
 
-def upload_store(staging: Path, target) -> int:
+def upload_store(staging: Path, target, check=lambda step: None) -> int:
     """Upload the local store `staging` to `target` (a ZarrStorage): an
     unfinished root, every other object unless one of its size is there,
-    then the complete root. Returns the number of objects sent."""
+    then the complete root. `check(step)` runs before each write (the
+    lock's RemoteLock.check). Returns the number of objects sent."""
     root = (staging / "zarr.json").read_bytes()
     digest = hashlib.sha256(root).hexdigest()
     there = target.read("zarr.json")
     if there is not None and json.loads(there).get("attributes", {}).get(UPLOAD_OF) != digest:
+        check("removing an unfinished upload of another build")
         _wipe(target)   # a killed upload of another build: its same-size objects are not ours
     unfinished = json.loads(root)
     unfinished["attributes"] = {k: v for k, v in unfinished["attributes"].items()
                                 if k not in layout.COMPLETION} | {UPLOAD_OF: digest}
+    check("uploading")
     target.write("zarr.json", json.dumps(unfinished).encode())
     sizes = target.sizes("")
     todo = [path for path in sorted(staging.rglob("*")) if path.is_file()
             and (key := path.relative_to(staging).as_posix()) != "zarr.json"
             and sizes.get(key) != path.stat().st_size]
     for start in range(0, len(todo), UPLOAD_BATCH):
+        check(f"uploading objects {start + 1}-{min(start + UPLOAD_BATCH, len(todo))} of {len(todo)}")
         target.write_many([(path.relative_to(staging).as_posix(), path.read_bytes())
                            for path in todo[start:start + UPLOAD_BATCH]])
+    check("writing the complete root zarr.json")
     target.write("zarr.json", root)
     return len(todo) + 1
 
 
 @contextlib.contextmanager
 def remote_lock(url: str, target, break_lock: bool = False):
-    """Hold `url`'s lock object (module docstring) while the block runs, or
-    raise BuildError naming the build that holds it; `break_lock` takes it
-    from a build on another host (which only a user can know is dead)."""
+    """Hold `url`'s lock object (module docstring) while the block runs,
+    yielding its RemoteLock, or raise BuildError naming the build that
+    holds it; `break_lock` takes it from a build on another host (which
+    only a user can know is dead)."""
     here = Path(tempfile.gettempdir()) / f"forgery-build-{hashlib.sha256(url.encode()).hexdigest()[:16]}"
     with output_lock(here):   # every build of `url` on this host: dropped when it dies
-        holder = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "started": datetime.now().astimezone().isoformat(timespec="seconds")}
-        if not target.create(REMOTE_LOCK, json.dumps(holder).encode()):
-            found = json.loads(target.read(REMOTE_LOCK) or b"{}")
-            elsewhere = found.get("host") != holder["host"]
+        lock = RemoteLock(url, target)
+        lock.acquire(break_lock)
+        try:
+            yield lock
+        finally:
+            lock.release()
+
+
+def _holder_named(record: dict) -> str:
+    return (f"PID {record.get('pid')} on host {record.get('host')}, "
+            f"started {record.get('started')}")
+
+
+class RemoteLock:
+    """This build's hold on the lock object of a store at a URL: a record
+    of its holder with a token of this build, and the tag (S3's ETag) of
+    the version this build wrote. Another build can take the lock over
+    (--break-lock, believing this one dead): check() before every step that
+    commits anything stops this build then, and release() deletes only the
+    version this build wrote (a conditional delete), never another's."""
+
+    def __init__(self, url: str, target):
+        self.url, self.target, self.tag = url, target, None
+        self.record = json.dumps({
+            "pid": os.getpid(), "host": socket.gethostname(),
+            "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "token": uuid.uuid4().hex}).encode()
+
+    def acquire(self, break_lock: bool) -> None:
+        while not self.target.create(REMOTE_LOCK, self.record):
+            found = self.target.read_tagged(REMOTE_LOCK)
+            if found is None:   # released since: create it again
+                continue
+            held = json.loads(found[0] or b"{}")
+            elsewhere = held.get("host") != socket.gethostname()
             if elsewhere and not break_lock:
                 raise BuildError(
-                    f"{url}: another build is writing it (PID {found.get('pid')} on host "
-                    f"{found.get('host')}, started {found.get('started')}; lock "
-                    f"{url}/{REMOTE_LOCK}); wait for it to finish, or if that build is dead, "
+                    f"{self.url}: another build is writing it ({_holder_named(held)}; lock "
+                    f"{self.url}/{REMOTE_LOCK}); wait for it to finish, or if that build is dead, "
                     "rerun with --break-lock")
-            print(f"{url}: taking over the lock of a build "
-                  f"{'on host ' + str(found.get('host')) if elsewhere else 'killed on this host'} "
-                  f"(PID {found.get('pid')}, started {found.get('started')})")
-            target.write(REMOTE_LOCK, json.dumps(holder).encode())
-        try:
-            yield
-        finally:
-            target.delete([REMOTE_LOCK])
+            print(f"{self.url}: taking over the lock of a build "
+                  f"{'on host ' + str(held.get('host')) if elsewhere else 'killed on this host'} "
+                  f"(PID {held.get('pid')}, started {held.get('started')})")
+            if self.target.replace_tagged(REMOTE_LOCK, self.record, found[1]) is None:
+                raise BuildError(f"{self.url}: another build took over the lock "
+                                 f"{self.url}/{REMOTE_LOCK} at the same time; rerun to see whose it is")
+            break
+        self.tag = self._ours("taking the lock")
+
+    def _ours(self, step: str) -> str:
+        """The tag of the lock's version, or BuildError when it is no longer this build's."""
+        found = self.target.read_tagged(REMOTE_LOCK)
+        if found is None or found[0] != self.record:
+            self.tag = None   # not ours: release() leaves it alone
+            taker = "removed it" if found is None else \
+                f"holds it now ({_holder_named(json.loads(found[0] or b'{}'))})"
+            raise BuildError(f"{self.url}: this build lost its lock {self.url}/{REMOTE_LOCK} "
+                             f"(another build {taker}, e.g. with --break-lock) and stopped before "
+                             f"{step}; that build owns the store now")
+        return found[1]
+
+    def check(self, step: str) -> None:
+        """Raise BuildError unless this build still holds the lock (`step`:
+        what it was about to do, for the message)."""
+        self._ours(step)
+
+    def release(self) -> None:
+        if self.tag is not None:
+            self.target.delete_tagged(REMOTE_LOCK, self.tag)
+            self.tag = None
 
 
 def nothing_stored(source: Path, skipped: list[dict]) -> BuildError:

@@ -6,10 +6,14 @@ Every shard of every image, ELA and mask array is read: its index checked
 against its CRC-32C, then every chunk it stores compared with its CRC-32C
 and decoded, as the engine's reader does (engine/reader.py); a shard an
 array should have and has not is missing, and so is, in version 2's
-unsharded layout, a chunk file an array should have (see engine/store.py). meta/ is checked against the arrays present: every row has
-its image and ELA levels of the right shapes, forged rows have their masks
-and instance masks, authentic rows none, and nothing else is there; meta/
-and instances/ must still match the store's fingerprint.
+unsharded layout, a chunk file an array should have (see engine/store.py).
+Every meta/ and instances/ array is read with its checksum checked, then
+meta/ is checked against the arrays present: every row has its image and
+ELA levels of the right shapes, forged rows have their masks and instance
+masks, authentic rows none, and nothing else is there; meta/ and
+instances/ must still match the store's fingerprint. Any other file (one
+that is no part of the layout engine/store.py describes) is reported as
+unknown.
 
 Each problem is printed on its own line, starting with the path of the chunk,
 array or meta/ at fault. Exit status: 0 clean, 1 damaged (then rebuild the
@@ -49,27 +53,28 @@ def expected_arrays(meta: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-PIXEL_DEPTHS = {"images": 3, "masks": 3, "ela": 3, "instances_mask": 2}   # parts of an array's path
+def stored_arrays(keys: list[str]) -> set[str]:
+    """Paths of the pixel arrays among a store's `keys` (those with a zarr.json)."""
+    return {array for key in keys
+            if (array := layout.pixel_array_of(key)) and key == f"{array}/zarr.json"}
 
 
-def stored_arrays(storage) -> set[str]:
-    """Paths of the pixel arrays in the store (those with a zarr.json),
-    listed through its storage (a folder or a URL)."""
-    found = set()
-    for top, depth in PIXEL_DEPTHS.items():
-        for key in storage.keys(f"{top}/"):
-            parts = key.split("/")
-            if len(parts) == depth + 1 and parts[-1] == "zarr.json":
-                found.add("/".join(parts[:-1]))
-    return found
+def unknown_files(keys: list[str], arrays: set[str]) -> list[str]:
+    """The `keys` that are no file of the store's layout: neither one of
+    engine.store.LAYOUT_KEYS nor inside one of the pixel `arrays` (whose
+    own files the array checks look at)."""
+    return sorted(key for key in keys if not layout.LAYOUT_KEYS.fullmatch(key)
+                  and layout.pixel_array_of(key) not in arrays)
 
 
 def check_meta(group: zarr.Group, root: str) -> tuple[dict | None, list[str]]:
     """meta/ (None when unusable) and what is wrong with it and instances/."""
     try:
         meta = layout.read_meta(group)
-        instances = {n: np.asarray(group[f"instances/{n}"][...]) for n in layout.INSTANCE_ARRAYS}
-    except Exception as exc:  # zarr raises several types for missing or undecodable arrays
+        instances = layout.read_instance_tables(group)
+    except layout.StoreDamaged as exc:
+        return None, [f"{exc.where}: {exc.problem}"]
+    except Exception as exc:  # zarr raises several types for undecodable metadata
         return None, [f"{root}/meta: unreadable ({type(exc).__name__}: {exc})"]
     rows = len(meta["label"])
     lengths = {name: len(arr) for name, arr in meta.items()}
@@ -91,7 +96,9 @@ def verify(store: Path | str, progress: bool = True,
     store this engine reads."""
     group = layout.open_store(store, storage=storage)
     meta, problems = check_meta(group, str(store))
-    stored = stored_arrays(storages.open_storage(store, storage=storage))
+    opened = storages.open_storage(store, storage=storage)
+    keys = opened.keys("")
+    stored = stored_arrays(keys)
     if meta is None:   # without meta/, check the chunks of what is there
         expected = {path: None for path in stored}
     else:
@@ -100,6 +107,8 @@ def verify(store: Path | str, progress: bool = True,
                      for path in sorted(expected.keys() - stored)]
         problems += [f"{store}/{path}: unexpected array (meta/ has no such row or level, "
                      "or the row is authentic)" for path in sorted(stored - expected.keys())]
+    problems += [f"{opened.where(key)}: unknown file (no part of the store's layout)"
+                 for key in unknown_files(keys, stored | expected.keys())]
     reader = WindowReader(store, storage=storage)
     for path in tqdm(sorted(stored & expected.keys()), desc="verify", unit="array",
                      disable=None if progress else True):   # None: only on a terminal

@@ -224,7 +224,7 @@ def _full_disk_while_finalizing(monkeypatch):
     def write_array(group, path, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"/full/{path}")
 
-    monkeypatch.setattr(build_zarr, "_write_array", write_array)
+    monkeypatch.setattr(layout, "create_table", write_array)
     return "/full/meta/"
 
 

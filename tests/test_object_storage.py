@@ -8,9 +8,11 @@ endpoint end in one clear line, and so does a training run whose storage
 stops answering mid-run (its steps kept, and resumed)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -63,8 +66,14 @@ def test_the_store_on_s3_is_the_local_build_object_for_object(s3_store, demo_sto
              for p in demo_store.rglob("*") if p.is_file() and p.name != build_zarr.REPORT}
     remote = target.sizes("")
     assert set(remote) - {build_zarr.REPORT} == set(local)   # no lock object left behind
-    for key in ("zarr.json", "meta/label/c/0", "images/0/0/c.0.0.0"):
+    for key in ("meta/label/c/0", "images/0/0/c.0.0.0"):
         assert target.read(key) == local[key], key
+    # the same root but for the build id: each build has its own
+    remote_root, local_root = (json.loads(root) for root in (target.read("zarr.json"),
+                                                             local["zarr.json"]))
+    assert remote_root["attributes"].pop(storages.BUILD_ID) != \
+        local_root["attributes"].pop(storages.BUILD_ID)
+    assert remote_root == local_root
     assert layout.open_store(s3_store).attrs["fingerprint"] == \
         layout.open_store(demo_store).attrs["fingerprint"]
     # a rerun finds the complete store and changes nothing
@@ -114,18 +123,153 @@ def test_the_cache_serves_a_second_read_from_local_disk(s3_store, tmp_path):
     first = reader.read_array(layout.image_path(1))
     assert any((tmp_path / "cache").rglob("*"))
 
-    class Offline:   # no pixel reads from S3: everything must come from the cache
+    class Offline:   # only the root (its build id) from S3: everything else from the cache
         def where(self, key=""):
             return f"{s3_store}/{key}"
 
         def read(self, key, *ranges):
+            if key == "zarr.json" and not ranges:
+                return cached.inner.read(key)
             raise AssertionError(f"read {key} from S3")
         read_ranges = read_suffix = read
 
     again = WindowReader(s3_store)
     again.storage = storages.CachedStorage(Offline(), tmp_path / "cache", 10**9)
-    again.storage._root = cached.root
     assert np.array_equal(again.read_array(layout.image_path(1)), first)
+
+
+def small_source(demo_source, folder, invert=False):
+    """Five cases of the demo source (three authentic, two forged), their
+    pixels inverted when `invert`: the same cases, sizes and masks, so the
+    same meta/ and build settings, other pixels."""
+    names = [f"train_images/authentic/{p.name}"
+             for p in sorted((demo_source / "train_images/authentic").glob("*.png"))[:3]]
+    for forged in sorted((demo_source / "train_images/forged").glob("*.png"))[:2]:
+        names += [f"train_images/forged/{forged.name}", f"train_masks/{forged.stem}.npy"]
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(demo_source / name, folder / name)
+        if invert and name.endswith(".png"):
+            cv2.imwrite(str(folder / name), 255 - cv2.imread(str(folder / name), cv2.IMREAD_UNCHANGED))
+    return folder
+
+
+def cached_reader(url, folder):
+    reader = WindowReader(url)
+    reader.storage = storages.CachedStorage(storages.open_storage(url), folder, 10**9)
+    return reader
+
+
+def test_a_store_rebuilt_at_the_same_url_is_never_read_from_the_old_builds_cache(
+        bucket, demo_source, tmp_path):
+    """The rebuild changes pixels only (same cases, sizes, masks: the same
+    meta/, fingerprint and build settings); reads through the cache the old
+    build filled give the new pixels."""
+    url, cache = f"{bucket}/rebuilt.zarr", tmp_path / "cache"
+    build = ["--out", url, "--staging", str(tmp_path / "staging"), "--workers", "1", "--no-figure"]
+    source = small_source(demo_source, tmp_path / "source")
+    assert build_zarr.main(["--source", str(source), *build]) == 0
+    old = cached_reader(url, cache).read_array(layout.image_path(0))
+    small_source(demo_source, source, invert=True)
+    assert build_zarr.main(["--source", str(source), *build, "--overwrite"]) == 0
+    new = WindowReader(url).read_array(layout.image_path(0))
+    assert not np.array_equal(new, old)
+    assert np.array_equal(cached_reader(url, cache).read_array(layout.image_path(0)), new)
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 2   # one folder per build
+
+
+def _flip_last(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def _shape_edited(path):
+    """The cached zarr.json of an array with its first dimension doubled
+    (its checksum trailer kept: the edit, not the format, must be caught)."""
+    data = path.read_bytes()
+    doc = json.loads(data[:-4])
+    doc["shape"][0] *= 2
+    path.write_bytes(json.dumps(doc).encode() + data[-4:])
+
+
+def _replaced_by_folder(path):
+    path.unlink()
+    (path / "inner").mkdir(parents=True)
+
+
+CACHE_DAMAGE = {
+    "a flipped byte": _flip_last,
+    "truncated": lambda path: path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2]),
+    "emptied": lambda path: path.write_bytes(b""),
+    "replaced by a folder": _replaced_by_folder,
+}
+
+
+@pytest.mark.parametrize("kind", CACHE_DAMAGE)
+def test_a_bad_cache_entry_is_read_again_from_the_store(s3_store, tmp_path, kind):
+    """Damage to every entry of the cache (array metadata, shard index,
+    chunks), or the metadata's shape edited: the reads give the store's
+    pixels, and the entries are written again, good."""
+    path, cache = layout.image_path(1), tmp_path / "cache"
+    truth = WindowReader(s3_store).read_array(path)
+    cached_reader(s3_store, cache).read_array(path)
+    entries = [p for p in cache.rglob("*") if p.is_file()]
+    assert len(entries) >= 3   # zarr.json, the shard's index, its chunks
+    for entry in entries:
+        CACHE_DAMAGE[kind](entry)
+    assert np.array_equal(cached_reader(s3_store, cache).read_array(path), truth)
+    assert sorted(p for p in cache.rglob("*") if p.is_file()) == sorted(entries)
+    # and now from the cache alone, every entry good again
+    assert np.array_equal(cached_reader(s3_store, cache).read_array(path), truth)
+
+
+def test_a_cached_metadata_document_is_checked_like_data(s3_store, tmp_path):
+    path, cache = layout.image_path(1), tmp_path / "cache"
+    reader = cached_reader(s3_store, cache)
+    truth = reader.read_array(path)
+    _shape_edited(reader.storage._path(f"{path}/zarr.json", "all"))
+    again = cached_reader(s3_store, cache).read_array(path)
+    assert again.shape == truth.shape and np.array_equal(again, truth)
+
+
+@contextlib.contextmanager
+def read_only(folder):
+    """`folder` read-only: by its mode bits, and for root (whom they do not
+    stop) by a read-only bind mount of it."""
+    if os.geteuid():
+        for path in [folder, *folder.rglob("*")]:
+            path.chmod(path.stat().st_mode & ~0o222)
+        try:
+            yield
+        finally:
+            for path in [folder, *folder.rglob("*")]:
+                path.chmod(path.stat().st_mode | 0o200)
+        return
+    done = subprocess.run(["mount", "--bind", "-o", "ro", str(folder), str(folder)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"running as root and cannot mount {folder} read-only: {done.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_cache_folder_that_cannot_be_written_is_reported_once_and_read_around(
+        s3_store, tmp_path, capsys):
+    cache, paths = tmp_path / "cache", [layout.image_path(row) for row in range(4)]
+    truth = [WindowReader(s3_store).read_array(path) for path in paths]
+    cached_reader(s3_store, cache).read_array(paths[0])   # a populated folder
+    capsys.readouterr()
+    with read_only(cache):
+        for _ in range(2):   # the first array from the cache, the others from the store
+            reader = cached_reader(s3_store, cache)
+            for path, pixels in zip(paths, truth):
+                assert np.array_equal(reader.read_array(path), pixels)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: {cache}: the read cache cannot be written")
+    assert "reading on from the store without it" in err[0]
 
 
 def cache_bytes(folder):
@@ -219,7 +363,7 @@ def test_a_killed_upload_is_refused_then_resumed(bucket, demo_source, demo_store
     # the rerun takes over the dead build's lock (same host) and sends only what is missing
     sent = build_zarr.upload_store
     counts = []
-    build_zarr.upload_store = lambda staging, t: counts.append(sent(staging, t)) or counts[-1]
+    build_zarr.upload_store = lambda *args: counts.append(sent(*args)) or counts[-1]
     try:
         assert build_zarr.main(args) == 0
     finally:
@@ -255,6 +399,68 @@ def test_a_build_is_refused_while_another_host_holds_the_lock_until_broken(
     with pytest.raises(SystemExit) as refused:
         build_zarr.main(["--out", str(tmp_path / "local.zarr"), "--break-lock"])
     assert refused.value.code == 2 and "only for a URL --out" in capsys.readouterr().err
+
+
+def test_a_build_whose_lock_is_taken_over_stops_and_leaves_the_new_holders_lock(
+        bucket, demo_source, tmp_path, monkeypatch, capsys):
+    """Another build takes the lock over (--break-lock, on another host)
+    while this one uploads: this one stops before its next batch with one
+    line (exit 2), never writes the complete root, and does not delete the
+    other build's lock."""
+    url = f"{bucket}/taken.zarr"
+    target = s3_target(url)
+    other = json.dumps({"pid": 4242, "host": "another-node", "started": "2026-01-01T00:00:00+00:00",
+                        "token": "theirs"}).encode()
+    write_many, batches = storages.ZarrStorage.write_many, []
+
+    def taken_after_two_batches(self, items):
+        write_many(self, items)
+        batches.append(len(items))
+        if len(batches) == 2:
+            target.write(build_zarr.REMOTE_LOCK, other)
+    monkeypatch.setattr(storages.ZarrStorage, "write_many", taken_after_two_batches)
+    monkeypatch.setattr(build_zarr, "UPLOAD_BATCH", 4)
+    source = small_source(demo_source, tmp_path / "source")
+    assert build_zarr.main(["--source", str(source), "--out", url, "--staging",
+                            str(tmp_path / "staging"), "--workers", "1", "--no-figure"]) == 2
+    assert len(batches) == 2
+    err = capsys.readouterr().err   # the progress bar's lines, then the one error line
+    assert "Traceback" not in err
+    problem = [line for line in err.splitlines() if line.startswith("build_zarr:")]
+    assert len(problem) == 1
+    assert problem[0].startswith(f"build_zarr: error: {url}: this build lost its lock")
+    assert "PID 4242 on host another-node" in problem[0]
+    assert "before uploading objects 9-12" in problem[0]
+    assert target.read(build_zarr.REMOTE_LOCK) == other
+    with pytest.raises(layout.StoreError, match="its build did not finish"):
+        layout.open_store(url)
+
+
+def test_a_lock_taken_over_at_the_end_is_not_deleted(bucket, s3_server):
+    """release() deletes only the version of the lock this build wrote."""
+    url = f"{bucket}/released.zarr"
+    target = s3_target(url)
+    with build_zarr.remote_lock(url, target) as lock:
+        assert json.loads(target.read(build_zarr.REMOTE_LOCK))["token"]
+        lock.check("anything")
+        target.write(build_zarr.REMOTE_LOCK, b'{"host": "another-node", "token": "theirs"}')
+    assert target.read(build_zarr.REMOTE_LOCK) == b'{"host": "another-node", "token": "theirs"}'
+    # a takeover races another: the conditional write loses to the version written meanwhile
+    tag = target.read_tagged(build_zarr.REMOTE_LOCK)[1]
+    target.write(build_zarr.REMOTE_LOCK, b'{"host": "a-third-node"}')
+    assert target.replace_tagged(build_zarr.REMOTE_LOCK, b"{}", tag) is None
+    assert not target.delete_tagged(build_zarr.REMOTE_LOCK, tag)
+    assert target.read(build_zarr.REMOTE_LOCK) == b'{"host": "a-third-node"}'
+
+
+def test_a_bucket_that_does_not_exist_is_one_line(s3_server, demo_source, tmp_path, capsys):
+    url = "s3://no-such-bucket-here/store.zarr"
+    assert build_zarr.main(["--source", str(demo_source), "--out", url, "--staging",
+                            str(tmp_path / "staging"), "--no-figure"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"build_zarr: error: {url}: the bucket no-such-bucket-here does not exist; "
+                   "create it, or check the URL and the endpoint")
+    assert not (tmp_path / "staging").exists()   # refused before building anything
 
 
 def test_a_damaged_store_on_s3_is_named_by_its_url(bucket, demo_store):

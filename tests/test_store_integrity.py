@@ -260,6 +260,55 @@ def test_instance_layers_must_match_meta(copy, meta, rows):
         true_instances(layout.open_store(copy), forged)
 
 
+TABLE_DAMAGE = {   # name: (what to do to a meta/ or instances/ chunk file, what the message says)
+    "a byte flipped": (lambda f: _flip_at(f, len(f.read_bytes()) // 2), "corrupt chunk"),
+    "its checksum flipped": (_flip(-1), "corrupt chunk"),
+    "truncated to half": (lambda f: _truncate(f, 0.5), "corrupt chunk"),
+    "deleted": (Path.unlink, "chunk missing"),
+}
+
+
+@pytest.mark.parametrize("kind", TABLE_DAMAGE)
+def test_a_damaged_meta_array_is_refused_naming_it(copy, rows, kind):
+    """meta/label as training, score --write-solution and prediction read it
+    (read_meta), meta/n_instances as a scorer reads one row of it, and
+    instances/ as the patch bank and verify read them: each refused with
+    StoreDamaged naming the chunk, never read as other values."""
+    damage, says = TABLE_DAMAGE[kind]
+    chunks = {name: copy / name / "c" / "0" for name in ("meta/label", "meta/n_instances")}
+    chunks["instances/bbox"] = copy / "instances/bbox/c/0/0"
+    for file in chunks.values():
+        damage(file)
+
+    def refused(name):
+        return pytest.raises(layout.StoreDamaged, match=f"^{re.escape(f'{chunks[name]}: {says}')}")
+
+    with refused("meta/label"):
+        layout.read_meta(layout.open_store(copy))
+    with refused("meta/label"):
+        WindowReader(copy).read(rows[1], (0, 0, 8, 8), 8)
+    with refused("meta/n_instances"):
+        true_instances(layout.open_store(copy), rows[1])
+    with refused("instances/bbox"):
+        layout.read_instance_tables(layout.open_store(copy))
+    problems = verify_store.verify(copy, progress=False)
+    assert problems[0].startswith(f"{chunks['meta/label']}: {says}"), problems
+
+
+def test_verify_reports_unknown_files(copy, rows):
+    """Files that are no part of the layout, wherever they are; files inside
+    a pixel array are the array check's (test_verify_lists_every_inconsistency_with_meta)."""
+    authentic, _ = rows
+    strays = [copy / "notes.txt", copy / "meta" / "label" / "extra", copy / "meta" / "old" / "zarr.json",
+              copy / layout.image_path(authentic).rsplit("/", 1)[0] / "thumbnail.png",
+              copy / "images" / "99999" / "0" / "c.0.0.0", copy / "scratch" / "a" / "b"]
+    for stray in strays:
+        stray.parent.mkdir(parents=True, exist_ok=True)
+        stray.write_bytes(b"left behind")
+    assert sorted(verify_store.verify(copy, progress=False)) == sorted(
+        f"{stray}: unknown file (no part of the store's layout)" for stray in strays)
+
+
 def test_verify_cli_exit_codes(copy, rows, tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "preprocess/verify_store.py", *map(str, args)],
@@ -275,13 +324,14 @@ def test_verify_cli_exit_codes(copy, rows, tmp_path):
 
 
 def test_an_old_store_version_names_the_rebuild(copy, demo_source):
+    """Version 3, before meta/ had checksums, is refused like any older one."""
     root = copy / "zarr.json"
     doc = json.loads(root.read_text())
-    doc["attributes"]["version"] = 1
+    doc["attributes"]["version"] = 3
     root.write_text(json.dumps(doc))
-    expected = (f"{copy}: store version 1, this engine reads version {layout.VERSION} (sharded "
-                f"chunks with checksums); rebuild it with `python preprocess/build_zarr.py --source "
-                f"{demo_source.resolve()} --out {copy} --overwrite`")
+    expected = (f"{copy}: store version 3, this engine reads version {layout.VERSION} (checksums "
+                f"on every chunk, meta/ included); rebuild it with `python "
+                f"preprocess/build_zarr.py --source {demo_source.resolve()} --out {copy} --overwrite`")
     with pytest.raises(layout.StoreError) as refused:
         WindowReader(copy).read_array(layout.image_path(0))
     assert str(refused.value) == expected
