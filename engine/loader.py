@@ -324,22 +324,23 @@ class Loader:
             device="gpu" if on_gpu else "cpu", device_id=(s.device.index or 0) if on_gpu else None,
             num_threads=s.threads, py_workers=s.workers, seed=s.seed)
         self._pipe_epoch = 0
-        with _worker_store_errors():   # DALI's iterator reads the first batch when built
-            self._batches_iter = iterate(self._pipe)
+        self._batches_iter = iterate(self._pipe)   # reads the first batch
 
     def __iter__(self):
         if not len(self.batches):
             return
         s = self.settings
-        if self._serves_next():
-            self._batches_iter.reset()   # collects the first batches the workers made
-        else:
+        try:
+            # both read batches: a worker's store error arrives here as at any batch
+            with _worker_store_errors():
+                if self._serves_next():
+                    self._batches_iter.reset()   # collects the first batches the workers made
+                else:
+                    self.close()
+                    self._build()
+        except BaseException:
             self.close()
-            try:
-                self._build()
-            except BaseException:
-                self.close()
-                raise
+            raise
         self._ready = False
         count = len(self.batches)
         try:
@@ -418,8 +419,10 @@ class Loader:
 
 
 _WORKER_ERROR = re.compile(r"engine\.(store|storage)\.(\w+): (.+)")
-# what a worker's failure comes back as, when its traceback ends with one of these
-_WORKER_ERROR_KINDS = (layout.StoreError, storages.StorageUnavailable)
+# what a worker's failure comes back as, when its traceback ends with one of
+# these (the first that fits: an unreachable store is StorageUnavailable, so
+# training keeps its steps and prints how to resume)
+_WORKER_ERROR_KINDS = (storages.StorageUnavailable, layout.StoreError)
 
 
 @contextlib.contextmanager
