@@ -336,15 +336,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     unreadable: list[Case] = []
     try:
-        post, ensemble = ensemble_from_args(args)
-        if args.images:
+        if args.images:   # listed before the models load: a wrong folder is named at once
             files, skipped = image_files(args.images)
             for problem in skipped:
                 if args.strict:
                     raise problem
                 print(f"warning: {problem}; skipped, no row", file=sys.stderr)
-            total = len(files)
-            cases = folder_cases(files, ensemble.needs_ela, args.max_pixels)
+        post, ensemble = ensemble_from_args(args)
+        if args.images:
+            total, cases = len(files), folder_cases(files, ensemble.needs_ela, args.max_pixels)
         else:
             total, cases = store_split(args.store, args.split, ensemble.needs_ela)
         cases = reported(tqdm(cases, total=total, desc="predict", unit="img"), unreadable,
