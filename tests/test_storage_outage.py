@@ -4,6 +4,11 @@ way a failure mid-epoch does: one line naming the store, exit status 2, a
 checkpoint of the last completed step and the command that resumes it."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 
 import engine
@@ -12,7 +17,7 @@ from trainers import run_folder
 from trainers import train as train_module
 from trainers.checkpoint import last_path, load_checkpoint
 
-from test_object_storage import Relay, bucket, s3_store  # noqa: F401 (fixtures)
+from test_object_storage import ROOT, Relay, bucket, s3_store  # noqa: F401 (fixtures)
 
 
 class OnceRelay(Relay):
@@ -79,3 +84,33 @@ def test_storage_that_stops_answering_anywhere_ends_the_run_resumably(
     steps = run_folder.read_rows(run / "logs" / "highres_no_ela_steps.csv")
     saved = load_checkpoint(last_path(run / "models", "highres_no_ela"))["global_step"]
     assert saved == len(steps) and f"stopped at step {saved};" in err
+
+
+def test_under_torchrun_every_rank_ends_when_the_storage_stops_answering(
+        s3_store, s3_server, tmp_path):
+    """Two gloo ranks read through a relay cut after the first checkpoint:
+    the job ends (torchrun's agent stops the ranks once one has exited)
+    well before the process group's timeout, with the error line, the
+    resume command and the checkpoint of the steps done."""
+    relay, run = OnceRelay(s3_server["endpoint"]), tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "trainers" / "train.py"), "--member", "highres_no_ela", "--store", s3_store,
+         "--out", str(run), "--epochs", "3", "--encoder-weights", "none",
+         "--encoder", "timm-mobilenetv3_small_minimal_100", "--img-size", "64",
+         "--batch-size", "2", "--device", "cpu", "--workers", "1", "--save-every", "1",
+         "--dist-timeout", "10", "--storage-option", f"endpoint_url={relay.endpoint}"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    last = last_path(run / "models", "highres_no_ela")
+    deadline = time.monotonic() + 180
+    while not last.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    relay.cut()
+    cut_at = time.monotonic()
+    err = process.communicate(timeout=300)[1]
+    print(f"ended {time.monotonic() - cut_at:.1f} s after the cut")
+    assert process.returncode != 0
+    assert "cannot reach its storage" in err and "Resume with:" in err, err[-4000:]
+    steps = run_folder.read_rows(run / "logs" / "highres_no_ela_steps.csv")
+    assert load_checkpoint(last)["global_step"] == len(steps) >= 1
