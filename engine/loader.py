@@ -324,14 +324,15 @@ class Loader:
             device="gpu" if on_gpu else "cpu", device_id=(s.device.index or 0) if on_gpu else None,
             num_threads=s.threads, py_workers=s.workers, seed=s.seed)
         self._pipe_epoch = 0
-        self._batches_iter = iterate(self._pipe)   # reads the first batch
+        with _worker_store_errors():   # DALI's iterator reads the first batch when built
+            self._batches_iter = iterate(self._pipe)
 
     def __iter__(self):
         if not len(self.batches):
             return
         s = self.settings
         try:
-            # both read batches: a worker's store error arrives here as at any batch
+            # the first batches the workers made may carry a store error
             with _worker_store_errors():
                 if self._serves_next():
                     self._batches_iter.reset()   # collects the first batches the workers made
