@@ -54,7 +54,8 @@ from benchmarks.baseline_loader import make_replaced_loader, unsupported_ops
 from benchmarks.remote_reads import read_batch, reading_pool
 from engine import sampling, storage, worker_ops
 from engine import store as layout
-from engine.loader import make_loader, planar_float, resolve_backend, resolve_device
+from engine.loader import (SharedMemoryError, make_loader, planar_float, resolve_backend,
+                           resolve_device)
 from engine.pipeline import BACKENDS, PREFETCH_PER_WORKER, OpencvBackend
 from engine.reader import WindowReader
 from engine.recipes import get_recipe
@@ -615,6 +616,14 @@ def main_remote(args, started: float, settings: storage.StorageSettings) -> int:
 def main(argv=None) -> int:
     started = time.perf_counter()
     args = parse_args(argv)
+    try:
+        return measure_store(args, started)
+    except (layout.StoreError, storage.StorageUnavailable, SharedMemoryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def measure_store(args, started: float) -> int:
     if storage.is_url(str(args.store)):
         return main_remote(args, started, storage.StorageSettings.from_args(args))
     store = realistic_store(Path("data/bench")) if args.realistic else args.store

@@ -332,15 +332,17 @@ class Loader:
         if not len(self.batches):
             return
         s = self.settings
-        if self._serves_next():
-            self._batches_iter.reset()   # collects the first batches the workers made
-        else:
+        try:
+            # the first batches the workers made may carry a store error
+            with _worker_store_errors():
+                if self._serves_next():
+                    self._batches_iter.reset()   # collects the first batches the workers made
+                else:
+                    self.close()
+                    self._build()
+        except BaseException:
             self.close()
-            try:
-                self._build()
-            except BaseException:
-                self.close()
-                raise
+            raise
         self._ready = False
         count = len(self.batches)
         try:
@@ -419,8 +421,10 @@ class Loader:
 
 
 _WORKER_ERROR = re.compile(r"engine\.(store|storage)\.(\w+): (.+)")
-# what a worker's failure comes back as, when its traceback ends with one of these
-_WORKER_ERROR_KINDS = (layout.StoreError, storages.StorageUnavailable)
+# what a worker's failure comes back as, when its traceback ends with one of
+# these (the first that fits: an unreachable store is StorageUnavailable, so
+# training keeps its steps and prints how to resume)
+_WORKER_ERROR_KINDS = (storages.StorageUnavailable, layout.StoreError)
 
 
 @contextlib.contextmanager

@@ -103,6 +103,13 @@ class StoreError(RuntimeError):
     """A store that is missing, incomplete, of another format or version."""
 
 
+class StoreUnreachable(StoreError, storages.StorageUnavailable):
+    """A store URL that cannot be opened because its storage refuses the
+    credentials or does not answer: a StoreError to the CLIs that open
+    stores, and a StorageUnavailable to training, which keeps its steps and
+    prints how to resume when it happens mid-run (a reader opens its store lazily)."""
+
+
 def rebuild_command(store: str | os.PathLike) -> str:
     """The command that rebuilds `store` from the source folder its build
     settings (root attribute `build`) record; without --source the builder
@@ -509,7 +516,9 @@ def _open_url(url: str, mode: str, storage: storages.StorageSettings | None) -> 
         raise
     except Exception as exc:
         problem = storages.explained(url, exc)
-        raise StoreError(str(problem) if problem else f"{url}: not a Zarr v3 group ({exc})") from None
+        if problem:
+            raise StoreUnreachable(str(problem)) from None
+        raise StoreError(f"{url}: not a Zarr v3 group ({exc})") from None
 
 
 def unfinished(attributes: dict) -> bool:

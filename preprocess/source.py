@@ -183,7 +183,7 @@ def _entry_problem(path: Path, suffix: str) -> str | None:
         return f"dangling symlink (its target {os.readlink(path)!r} does not exist); not read"
     if not stat.S_ISREG(mode):
         link = f"symlink to {os.readlink(path)!r}, " if path.is_symlink() else ""
-        return link + _not_regular(mode)
+        return link + not_regular(mode)
     if path.suffix.lower() != suffix:
         return f"not a {suffix} file; expected <case>{suffix}"
     return _case_id_problem(path.stem)
@@ -202,7 +202,7 @@ def _case_id_problem(case_id: str) -> str | None:
     return None
 
 
-def _not_regular(mode: int) -> str:
+def not_regular(mode: int) -> str:
     return FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file") + "; only regular files are read"
 
 
@@ -218,7 +218,7 @@ def open_regular(path: Path):
     with os.fdopen(fd, "rb") as file:
         status = os.fstat(fd)
         if not stat.S_ISREG(status.st_mode):
-            raise BadInput(path, _not_regular(status.st_mode))
+            raise BadInput(path, not_regular(status.st_mode))
         if status.st_size == 0:
             raise BadInput(path, "zero-byte file")
         try:

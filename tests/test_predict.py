@@ -6,7 +6,9 @@ averaged RGB member, the 4-channel (RGB + ELA) member and the specialist, so
 the average, the union and the ELA path all run.
 """
 import csv
+import os
 import re
+import resource
 import struct
 from dataclasses import replace
 
@@ -97,7 +99,7 @@ def test_a_missing_checkpoint_is_named(demo_store, models_dir, tmp_path, capsys)
 
 
 def test_image_folder_problems_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no .png images"):
+    with pytest.raises(FileNotFoundError, match="no images to predict"):
         predict_cli.image_files(tmp_path)
     (tmp_path / "a.png").write_bytes(b"")
     (tmp_path / "a.PNG").write_bytes(b"")
@@ -219,3 +221,41 @@ def test_bad_options_are_one_error_line(tmp_path, capsys, option, problem):
         predict_cli.main(["--images", str(tmp_path), *option])
     assert exit_status.value.code == 2
     assert re.search(r"^\S+: error: " + problem, capsys.readouterr().err, re.M)
+
+
+def test_every_entry_of_the_image_folder_gets_a_row_or_a_line(images_with_a_bad_one,
+                                                              stand_in_ensemble, tmp_path, capsys):
+    folder = images_with_a_bad_one
+    for name, suffix in (("d", ".jpg"), ("e", ".tif"), ("f", ".bmp"), ("g", ".webp")):
+        assert cv2.imwrite(str(folder / f"{name}{suffix}"), np.full((20, 30, 3), 128, np.uint8))
+    (folder / "dir.png").mkdir()
+    os.mkfifo(folder / "fifo.png")
+    (folder / "zero.png").symlink_to("/dev/zero")
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "submission.csv"
+    assert predict_cli.main(["--images", str(folder), "--out", str(out)]) == 0
+    full = f"[1, {20 * 30}]"
+    assert read_rows(out)[1:] == [["a", full], ["b", "authentic"], ["c", full], ["d", full],
+                                  ["e", full], ["f", full], ["g", full]]
+    err = capsys.readouterr().err
+    for name in ("dir.png", "fifo.png", "zero.png", "notes.txt"):
+        assert re.search(rf"^warning: .*{name}: .*; skipped, no row$", err, re.M), name
+    # --strict refuses the first such entry, the FIFO never opened
+    assert predict_cli.main(["--images", str(folder), "--out", str(tmp_path / "s.csv"),
+                             "--strict"]) == 2
+    assert re.search(r"^error: .*dir\.png: .*folder", capsys.readouterr().err, re.M)
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_a_full_disk_while_writing_the_submission_names_the_file(tmp_path):
+    out = tmp_path / "submission.csv"
+    out.write_text("old\n")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16, hard))   # Python ignores SIGXFSZ: EFBIG
+    try:
+        with pytest.raises(OSError) as refused:
+            predict_cli.write_submission([("a", [])] * 10, out)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert str(out) in str(refused.value) and "cannot write the submission" in str(refused.value)
+    assert out.read_text() == "old\n"

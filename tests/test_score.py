@@ -240,3 +240,42 @@ def test_a_failed_solution_write_leaves_the_old_file(demo_store, tmp_path, monke
     assert path.read_text() == "old\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["solution.csv"]
     assert main(["--write-solution", str(tmp_path), "--store", str(demo_store)]) == 2
+
+
+def test_thirty_thousand_one_pixel_instances_score_in_memory_of_the_file(tmp_path):
+    # 30000 one-pixel instances on every third pixel of 300 x 300: a dense
+    # (prediction x truth) matrix would take 7.2 GB. A perfect prediction
+    # scores 1; moving every other predicted pixel onto its free neighbour
+    # leaves 15000 exact matches and 15000 instances that overlap nothing:
+    # 15000 / max(30000, 30000) = 1/2.
+    pixels = np.arange(30000) * 3 + 1
+    truth = ";".join(f"[{p}, 1]" for p in pixels)
+    shifted = ";".join(f"[{p + k % 2}, 1]" for k, p in enumerate(pixels))
+    solution = write_csv(tmp_path / "s.csv", "case_id,annotation,shape",
+                         [["a", quoted(truth), '"[300, 300]"']])
+    perfect = write_csv(tmp_path / "p.csv", "case_id,annotation", [["a", quoted(truth)]])
+    half = write_csv(tmp_path / "h.csv", "case_id,annotation", [["a", quoted(shifted)]])
+    tracemalloc.start()
+    try:
+        scores = score_files(solution, perfect), score_files(solution, half)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert scores == (1.0, pytest.approx(1 / 2))
+    assert peak < 300e6
+
+
+def test_matching_by_overlap_components_equals_one_matching_over_all_pairs():
+    # Random overlapping instances, so components hold several pairs: the
+    # score equals the Hungarian matching over the full dense F1 matrix.
+    from scipy.optimize import linear_sum_assignment
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        true = [m for m in rng.random((rng.integers(1, 6), 6, 6)) < 0.15 if m.any()]
+        pred = [m for m in rng.random((rng.integers(1, 6), 6, 6)) < 0.15 if m.any()]
+        if not (true and pred):
+            continue
+        tp = np.array([[np.sum(p & t) for t in true] for p in pred])
+        f1 = 2 * tp / (np.sum(pred, axis=(1, 2))[:, None] + np.sum(true, axis=(1, 2))[None])
+        best = f1[linear_sum_assignment(f1, maximize=True)].sum() / max(len(pred), len(true))
+        assert image_score(true, pred) == pytest.approx(best)

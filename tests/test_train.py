@@ -4,7 +4,9 @@ test_distributed.py)."""
 import csv
 import dataclasses
 import math
+import resource
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -224,6 +226,28 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatc
         save_checkpoint(path, {"step": 2})
     assert load_checkpoint(path, fields=())["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["m_last.pth"]
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_old_one(store, tmp_path):
+    common = ["--member", "highres_no_ela", "--store", str(store), "--out", str(tmp_path),
+              "--epochs", "1", "--encoder", SMALL_ENCODER, *FAST]
+    assert main(common + ["--max-steps", "1"]) == 0
+    last = last_path(tmp_path / "models", "highres_no_ela")
+    limit = last.stat().st_size // 2
+
+    def no_room():
+        # no file may grow past half a last checkpoint (Python ignores
+        # SIGXFSZ, so the write fails with EFBIG), as a full disk refuses it
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    done = subprocess.run([sys.executable, "trainers/train.py", *common, "--max-steps", "2",
+                           "--resume"], preexec_fn=no_room, capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    problem = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(problem) == 1 and str(last) in problem[0], done.stderr[-2000:]
+    assert load_checkpoint(last)["global_step"] == 1
 
 
 def test_a_renamed_checkpoint_is_refused_not_trained_under_another_name(store, tmp_path, capsys):

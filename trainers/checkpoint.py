@@ -106,9 +106,21 @@ def recipe_from_dict(data: dict) -> Recipe:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write state to path atomically (a temporary file renamed into place)."""
-    with atomic_open(path, "wb") as f:
-        torch.save({"format": FORMAT, **state}, f)
+    """Write state to path atomically (a temporary file renamed into place);
+    a write the disk refuses (full, a quota) is a CheckpointError naming the
+    file, which then holds what it held before."""
+    try:
+        with atomic_open(path, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+    except (OSError, RuntimeError) as exc:
+        # torch's zip writer, closing after a failed write, raises a
+        # RuntimeError of its own over the OSError that says why
+        refused = exc if isinstance(exc, OSError) else exc.__context__
+        if not isinstance(refused, OSError):
+            raise
+        kept = "the previous checkpoint there is kept" if Path(path).is_file() else "nothing written"
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({refused.strerror or refused}); "
+                              f"{kept}. Free space there and run again") from None
 
 
 def load_checkpoint(path: Path, map_location="cpu", *, member: str | None = None,

@@ -5,13 +5,17 @@
         [--models models/] [--members a,b,...] [--mode default] [--threshold T]
         [--min-area A] [--tta] [--batch-size B] [--device auto|cpu|cuda]
 
---images reads every PNG of DIR (case id = file stem) with the build step's
-decoding, checks and pixel conversion (preprocess/source.py: 16-bit to 8-bit,
-grey to RGB, alpha over white; at most --max-pixels, as the build) and
-computes the comprehensive member's ELA the way the build step does. An image
-that cannot be read is named in one line and gets the row `authentic` (the
-competition wants a row for every id); the run goes on, says at the end how
-many there were, and exits 0. With --strict it stops at the first, exit 2.
+--images reads every image of DIR (case id = file stem): PNG with the build
+step's decoding and checks, and the other formats OpenCV reads (IMAGE_SUFFIXES:
+JPEG, TIFF, BMP, WebP, JPEG 2000, PNM), all with the build's pixel conversion
+(preprocess/source.py: 16-bit to 8-bit, grey to RGB, alpha over white; at
+most --max-pixels) and the comprehensive member's ELA the way the build step
+computes it. Every entry of DIR is accounted for: an image that cannot be
+read is named in one line and gets the row `authentic` (the competition wants
+a row for every id); any other entry (a folder, FIFO or device named like an
+image, a file of another kind) is named and skipped; the run goes on, says at
+the end how many images could not be read, and exits 0. With --strict it
+stops at the first of either, exit 2.
 --store reads a split's images and stored ELA, and names rows as
 trainers/score.py's solution writer does, so the two files match.
 
@@ -36,12 +40,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import stat
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -49,7 +55,8 @@ from tqdm import tqdm
 from engine import storage as storages   # no zarr until a store is opened
 from engine.device import DEVICES, resolve_device
 from preprocess.ela import compute_ela
-from preprocess.source import DEFAULT_MAX_PIXELS, BadInput, load_image
+from preprocess.source import (DEFAULT_MAX_PIXELS, BadInput, load_image, not_regular, open_regular,
+                              png_byte_limit, to_rgb8)
 from common.atomic import atomic_open
 from common.help_format import HelpFormatter
 from trainers.run_folder import DEFAULT_RUN, models_dir
@@ -69,19 +76,67 @@ class Case:
     problem: BadInput | None = None  # why the image could not be read
 
 
-def image_files(folder: str | Path) -> list[Path]:
-    """The PNG files of a folder, sorted; a folder without any is an error."""
+# What --images reads: the 8- and 16-bit formats OpenCV decodes (its float
+# formats, EXR and HDR, are not photographs the models were trained on).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".tif", ".tiff", ".bmp", ".dib", ".webp",
+                  ".jp2", ".pbm", ".pgm", ".ppm", ".pnm")
+
+
+def _skip_reason(path: Path) -> str | None:
+    """Why a folder entry is not an image to predict, or None."""
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return f"not an image file (read: {', '.join(IMAGE_SUFFIXES)})"
+    try:
+        mode = path.stat().st_mode   # through a link: what it points to
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    return None if stat.S_ISREG(mode) else not_regular(mode)
+
+
+def image_files(folder: str | Path) -> tuple[list[Path], list[BadInput]]:
+    """The image files of a folder, sorted, and why each other entry is left
+    out (a folder, FIFO or device named like an image, another file); a
+    folder without any image is an error."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: image folder does not exist")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".png")
+    files, skipped = [], []
+    for path in sorted(folder.iterdir()):
+        reason = _skip_reason(path)
+        if reason:
+            skipped.append(BadInput(path, reason))
+        else:
+            files.append(path)
     if not files:
-        raise FileNotFoundError(f"{folder}: no .png images to predict")
+        raise FileNotFoundError(f"{folder}: no images to predict ({', '.join(IMAGE_SUFFIXES)})")
     stems = [p.stem for p in files]
     repeated = sorted({s for s in stems if stems.count(s) > 1})
     if repeated:
-        raise BadInput(folder, f"case ids occur twice (e.g. a.png and a.PNG): {repeated}")
-    return files
+        raise BadInput(folder, f"case ids occur twice (e.g. a.png and a.jpg): {repeated}")
+    return files, skipped
+
+
+def read_image(path: Path, max_pixels: int) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of any IMAGE_SUFFIXES file: a PNG as the build
+    reads it (its header's size checked before decoding), another format
+    decoded by OpenCV (whose own pixel limit bounds the decode), then held
+    to max_pixels and converted by the build's rule."""
+    if path.suffix.lower() == ".png":
+        return load_image(path, max_pixels)
+    with open_regular(path) as (file, size):
+        if size > png_byte_limit(max_pixels):
+            raise BadInput(path, f"{size} bytes, more than an image of at most {max_pixels} "
+                           "pixels takes (--max-pixels)")
+        data = file.read(size)
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None or pixels.dtype not in (np.uint8, np.uint16):
+        raise BadInput(path, "unreadable, truncated or not an 8- or 16-bit image "
+                       "(the decoder failed)")
+    height, width = pixels.shape[:2]
+    if height * width > max_pixels:
+        raise BadInput(path, f"{width} x {height} = {height * width} pixels exceeds the "
+                       f"limit of {max_pixels} (--max-pixels)")
+    return to_rgb8(pixels)
 
 
 def folder_cases(files: list[Path], with_ela: bool,
@@ -89,7 +144,7 @@ def folder_cases(files: list[Path], with_ela: bool,
     """A case per file; one that cannot be read carries its problem instead of pixels."""
     for path in files:
         try:
-            image = load_image(path, max_pixels)
+            image = read_image(path, max_pixels)
         except BadInput as exc:
             yield Case(path.stem, None, problem=exc)
             continue
@@ -164,12 +219,18 @@ def write_submission(results: Iterable[tuple[str, list[np.ndarray]]], path: str 
     """Write `case_id,annotation` rows, whole or not at all (common/atomic.py);
     returns how many."""
     count = 0
-    with atomic_open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(SUBMISSION_COLUMNS)
-        for case_id, masks in results:
-            writer.writerow([case_id, encode_annotation(masks)])
-            count += 1
+    try:
+        with atomic_open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(SUBMISSION_COLUMNS)
+            for case_id, masks in results:
+                writer.writerow([case_id, encode_annotation(masks)])
+                count += 1
+    except OSError as exc:   # a full disk's error names no file: say which
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, f"{path}: cannot write the submission ({exc.strerror}); "
+                      "an earlier file there is kept") from None
     return count
 
 
@@ -228,7 +289,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=HelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", type=Path, help="folder of PNG images (case id = file stem)")
+    source.add_argument("--images", type=Path,
+                        help="folder of images, PNG, JPEG, TIFF, BMP, WebP... (case id = file stem)")
     source.add_argument("--store", type=storages.location,
                         help="forgery store to predict a split of (a path or a URL)")
     parser.add_argument("--out", type=Path, default=Path("submission.csv"),
@@ -238,8 +300,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="with --images: an image with more pixels is not read, as in the "
                              f"build (default {DEFAULT_MAX_PIXELS:,})")
     parser.add_argument("--strict", action="store_true",
-                        help="stop at the first image that cannot be read (exit 2, nothing "
-                             "written) instead of writing 'authentic' for it")
+                        help="stop at the first image that cannot be read, or --images entry "
+                             "that is not an image file (exit 2, nothing written), instead of "
+                             "writing 'authentic' for it or skipping it")
     add_ensemble_options(parser)
     storages.add_arguments(parser)
     args = parser.parse_args(argv)
@@ -274,11 +337,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     unreadable: list[Case] = []
     try:
+        if args.images:   # listed before the models load: a wrong folder is named at once
+            files, skipped = image_files(args.images)
+            for problem in skipped:
+                if args.strict:
+                    raise problem
+                print(f"warning: {problem}; skipped, no row", file=sys.stderr)
         post, ensemble = ensemble_from_args(args)
         if args.images:
-            files = image_files(args.images)
-            total = len(files)
-            cases = folder_cases(files, ensemble.needs_ela, args.max_pixels)
+            total, cases = len(files), folder_cases(files, ensemble.needs_ela, args.max_pixels)
         else:
             total, cases = store_split(args.store, args.split, ensemble.needs_ela,
                                        storages.StorageSettings.from_args(args))

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from scipy import sparse
 from scipy.optimize import linear_sum_assignment
+from scipy.sparse.csgraph import connected_components
 
 from engine.reader import WindowReader
 from engine import storage as storages
@@ -171,12 +172,45 @@ def _overlaps(pred: list[np.ndarray], true: list[np.ndarray]) -> sparse.coo_matr
     return (covered_pixels @ _segment_incidence(true, cuts).T).tocoo()
 
 
+def _matched_f1(overlap: sparse.coo_matrix, pred_area: np.ndarray,
+                true_area: np.ndarray) -> float:
+    """The F1 sum of the best one-to-one matching of overlapping instances.
+
+    Pairs without overlap score 0, so a matching gains nothing from them and
+    the matching splits into the connected components of the overlap graph,
+    each solved alone: memory and time follow the overlapping pairs, never
+    n_pred x n_true (30000 one-pixel instances would need 7.2 GB at once)."""
+    # 2 tp / (2 tp + fp + fn) of every overlapping pair.
+    f1 = 2 * overlap.data / (pred_area[overlap.row] + true_area[overlap.col])
+    n_pred, n_true = overlap.shape
+    graph = sparse.coo_matrix((np.ones(overlap.nnz), (overlap.row, n_pred + overlap.col)),
+                              shape=(n_pred + n_true,) * 2)
+    _, component = connected_components(graph, directed=False)
+    edge_component = component[overlap.row]
+    edges_per_component = np.bincount(edge_component)
+    # A component of one edge is one pair, matched to each other: most of a
+    # large image's instances, summed at once instead of solved one by one.
+    alone = edges_per_component[edge_component] == 1
+    total = float(f1[alone].sum())
+    shared = np.flatnonzero(~alone)
+    shared = shared[np.argsort(edge_component[shared], kind="stable")]
+    for edges in np.split(shared, np.flatnonzero(np.diff(edge_component[shared])) + 1):
+        if not len(edges):
+            continue
+        rows, row = np.unique(overlap.row[edges], return_inverse=True)
+        cols, col = np.unique(overlap.col[edges], return_inverse=True)
+        block = np.zeros((len(rows), len(cols)))
+        block[row, col] = f1[edges]
+        total += float(block[linear_sum_assignment(block, maximize=True)].sum())
+    return total
+
+
 def runs_score(true: list[np.ndarray], pred: list[np.ndarray]) -> float:
     """One image's score from its true and predicted instances as runs
     (trainers/rle.py; [] = authentic). Memory grows with the runs and the
     overlapping pairs, never with the image: pixel overlaps are a sparse
     product over the segments that the runs' boundaries cut, and only
-    instances that overlap something enter the matching."""
+    instances that overlap one another are matched together."""
     if not true or not pred:
         return float(not true and not pred)
     overlap = _overlaps(pred, true)
@@ -184,14 +218,7 @@ def runs_score(true: list[np.ndarray], pred: list[np.ndarray]) -> float:
         return 0.0
     pred_area = np.array([np.sum(r[:, 1] - r[:, 0]) for r in pred], np.float64)
     true_area = np.array([np.sum(r[:, 1] - r[:, 0]) for r in true], np.float64)
-    # 2 tp / (2 tp + fp + fn); pairs without overlap score 0, as in the
-    # competition, and cannot raise the matched sum, so they are left out.
-    rows, row = np.unique(overlap.row, return_inverse=True)
-    cols, col = np.unique(overlap.col, return_inverse=True)
-    f1 = np.zeros((len(rows), len(cols)))
-    f1[row, col] = 2 * overlap.data / (pred_area[overlap.row] + true_area[overlap.col])
-    matched_rows, matched_cols = linear_sum_assignment(f1, maximize=True)
-    return float(f1[matched_rows, matched_cols].sum() / max(len(pred), len(true)))
+    return _matched_f1(overlap, pred_area, true_area) / max(len(pred), len(true))
 
 
 def image_score(true: list[np.ndarray], pred: list[np.ndarray]) -> float:
