@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import re
 import shutil
 from dataclasses import dataclass
 
@@ -47,14 +46,13 @@ import numpy as np
 import torch
 from numba import njit
 
-from engine import augment, ops, photometric, sampling
-from engine import storage as storages
+from engine import augment, dali_compat, ops, photometric, sampling
 from engine import store as layout
 from engine.device import resolve_device
 from engine.patch_bank import PatchBank
 from engine.pipeline import (BACKENDS, PREFETCH_PER_WORKER, PlannedBatches, SampleAugment, WindowSource,
                              build_pipeline, get_backend, iterate)
-from engine.reader import WindowReader
+from engine.reader import WindowReader, carried_error
 from engine.recipes import WHOLE_IMAGE, Recipe, get_recipe
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -319,10 +317,11 @@ class Loader:
         if s.workers > 0:
             check_shared_memory(self.shared_memory_need())
         self._pipe_source = self.source
-        self._pipe = build_pipeline(
-            self.source, batch_size=s.batch_size, out_size=s.img_size,
-            device="gpu" if on_gpu else "cpu", device_id=(s.device.index or 0) if on_gpu else None,
-            num_threads=s.threads, py_workers=s.workers, seed=s.seed)
+        with dali_compat.workers_ignore_interrupts():   # Ctrl-C is the trainer's to handle
+            self._pipe = build_pipeline(
+                self.source, batch_size=s.batch_size, out_size=s.img_size,
+                device="gpu" if on_gpu else "cpu", device_id=(s.device.index or 0) if on_gpu else None,
+                num_threads=s.threads, py_workers=s.workers, seed=s.seed)
         self._pipe_epoch = 0
         with _worker_store_errors():   # DALI's iterator reads the first batch when built
             self._batches_iter = iterate(self._pipe)
@@ -367,32 +366,23 @@ class Loader:
         overlap validation and the checkpoint), without waiting for them."""
         pipe = self._pipe
         # DALI's source raised StopIteration while prefetching past the end,
-        # so reset() starts the next epoch (a no-op before that; then the
-        # pipeline is simply built again)
-        if not getattr(pipe, "_last_iter", False) or not pipe.empty():
+        # so reset() starts the next epoch (otherwise the pipeline is simply
+        # built again)
+        if not dali_compat.epoch_ended(pipe):
             return
         pipe.reset()
         self._pipe_epoch += 1
         self._ready = True
-        schedule = getattr(pipe, "_schedule_py_workers", None)   # DALI 2.4's; absent: no head start
-        if schedule is not None and self.settings.workers > 0:
-            schedule()
+        if self.settings.workers > 0:
+            dali_compat.schedule_workers(pipe)
 
     def close(self) -> None:
         """End the pipeline and its reader workers (they exit, their shared
         memory is freed). The loader stays usable: iterating it again builds a new one."""
         pipe, self._pipe, self._batches_iter, self._pipe_source = self._pipe, None, None, None
         self._ready, self._pipe_epoch = False, 0
-        if pipe is None:
-            return
-        # DALI 2.4 has no public close: what its own exit handler (_shutdown)
-        # and the pool's finaliser (close) do, now rather than at exit
-        pool = getattr(pipe, "_py_pool", None)
-        try:
-            pipe._shutdown()
-        finally:
-            if pool is not None:
-                pool.close()   # stops and joins the worker processes
+        if pipe is not None:
+            dali_compat.close(pipe)   # DALI 2.4 has no public close
 
     def __enter__(self) -> "Loader":
         return self
@@ -417,28 +407,20 @@ class Loader:
         return batches_in_flight * s.batch_size * side * side * channels
 
 
-_WORKER_ERROR = re.compile(r"engine\.(store|storage)\.(\w+): (.+)")
-# what a worker's failure comes back as, when its traceback ends with one of these
-_WORKER_ERROR_KINDS = (layout.StoreError, storages.StorageUnavailable)
-
-
 @contextlib.contextmanager
 def _worker_store_errors():
     """A store error, or a store URL that stopped answering, in a reader
-    worker comes back as a StoreError or StorageUnavailable (DALI re-raises a
-    worker's error as a plain Exception whose text ends with the worker's
-    traceback), so the user gets its one line, not seventy."""
+    worker comes back as the same error (DALI re-raises a worker's error as a
+    plain Exception whose text ends with the worker's traceback;
+    engine/reader.py's CARRIED_ERRORS names the errors so carried), so the
+    user gets its one line, not seventy."""
     try:
         yield
     except Exception as exc:
-        lines = str(exc).strip().splitlines()
-        found = _WORKER_ERROR.fullmatch(lines[-1]) if lines else None
-        if found:
-            kind = getattr({"store": layout, "storage": storages}[found[1]], found[2], None)
-            for base in _WORKER_ERROR_KINDS:
-                if isinstance(kind, type) and issubclass(kind, base):
-                    raise base(found[3]) from None
-        raise
+        carried = carried_error(str(exc))
+        if carried is None:
+            raise
+        raise carried from None
 
 
 def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img_size: int = 512,
