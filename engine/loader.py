@@ -36,10 +36,12 @@ taken. `loader.close()` (or a `with` block) ends the pipeline and workers.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -423,6 +425,59 @@ def _worker_store_errors():
         raise carried from None
 
 
+class SpawnGuardError(RuntimeError):
+    """make_loader called from a script's top level without the `if __name__
+    == "__main__":` guard that worker processes need."""
+
+
+def _spawn_guard_error(script: str) -> SpawnGuardError:
+    return SpawnGuardError(
+        f"{script}: make_loader starts reader worker processes, which import this script again "
+        "and would run its top-level code (DALI then reports \"Workers initialization failed\"); "
+        "put the code that makes and uses the loader under `if __name__ == \"__main__\":` "
+        "(or pass workers=0)")
+
+
+def _is_main_test(node: ast.AST) -> bool:
+    """`__name__ == "__main__"` (either way round)."""
+    if not (isinstance(node, ast.Compare) and len(node.ops) == 1 and isinstance(node.ops[0], ast.Eq)):
+        return False
+    sides = {ast.dump(node.left), ast.dump(node.comparators[0])}
+    return sides == {ast.dump(ast.Name("__name__", ast.Load())), ast.dump(ast.Constant("__main__"))}
+
+
+def check_spawn_guard(workers: int) -> None:
+    """Refuse, naming the script, to start reader workers from a main script's
+    unguarded top level. DALI starts its workers with `spawn`: each imports
+    the main script again (as __mp_main__), so unguarded code makes a loader
+    in every worker. Seen from the worker (its main module is __mp_main__) or,
+    before any worker starts, from the script's source: the top-level
+    statement running now is not an `if __name__ == "__main__":` block."""
+    main = sys.modules.get("__main__")
+    script = getattr(main, "__file__", None)
+    if main is None or script is None:   # an interactive session, `python -c`: nothing re-imported
+        return
+    if main.__name__ == "__mp_main__":
+        raise _spawn_guard_error(script)
+    if workers == 0:
+        return
+    frame = sys._getframe(1)
+    while frame is not None and not (frame.f_globals is main.__dict__ and frame.f_code.co_name == "<module>"):
+        frame = frame.f_back
+    if frame is None:   # not called while the script's top level runs (e.g. from a thread)
+        return
+    try:
+        tree = ast.parse(open(script, "rb").read(), script)
+    except (OSError, SyntaxError, ValueError):
+        return
+    line = frame.f_lineno
+    for statement in tree.body:
+        if statement.lineno <= line <= statement.end_lineno:
+            if not (isinstance(statement, ast.If) and _is_main_test(statement.test)):
+                raise _spawn_guard_error(script)
+            return
+
+
 def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img_size: int = 512,
                 seed: int = 0, epoch: int = 0, device: str = "cpu", rank: int = 0,
                 world_size: int = 1, augment: bool = True, start_batch: int = 0,
@@ -440,7 +495,14 @@ def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img
     memory_format: "contiguous" (NCHW) or "channels_last" (NHWC strides), the
     same from both backends.
     workers and threads default to this process's share of the cores
-    (cores_per_process: torchrun's ranks on a node split them).
+    (cores_per_process: torchrun's ranks on a node split them; one core is
+    left to the consumer, and the workers idle once DALI's prefetch queues are full).
+
+    The reader workers are started with `spawn` and import the main script
+    again: a script that makes a loader with workers must do so under
+    `if __name__ == "__main__":`; without it SpawnGuardError names the script.
+    engine/torch_dataset.py's LoaderDataset hands the batches to a
+    torch.utils.data.DataLoader(..., batch_size=None).
     """
     recipe = member if isinstance(member, Recipe) else get_recipe(member)
     if split not in layout.SPLITS:
@@ -458,6 +520,9 @@ def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img
         raise ValueError(f"memory_format {memory_format!r}: expected one of {list(MEMORY_FORMATS)}")
     dev = resolve_device(device)
     backend = resolve_backend(backend, dev)
+    cores = cores_per_process()
+    workers = max(1, min(8, cores - 1)) if workers is None else workers
+    check_spawn_guard(workers)
     group = layout.open_store(store)
     meta = layout.read_meta(group)
     per_sample = SampleAugment(seed, epoch)
@@ -479,11 +544,7 @@ def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img
                           view=recipe.view, meta={k: meta[k] for k in ("height", "width", "bbox",
                                                                        "centroid")}, **common)
     batches, per_sample = planner.plan(epoch, start_batch)
-    cores = cores_per_process()
-    settings = _Settings(dev, batch_size, img_size, seed, epoch,
-                         # one core left to the consumer; the workers idle once
-                         # DALI's prefetch queues are full
-                         workers=max(1, min(8, cores - 1)) if workers is None else workers,
+    settings = _Settings(dev, batch_size, img_size, seed, epoch, workers=workers,
                          threads=threads or min(4, cores),
                          memory_format=MEMORY_FORMATS[memory_format])
     reader = WindowReader(store, with_ela=recipe.in_channels == 4)
