@@ -182,14 +182,17 @@ def results_markdown(found: dict) -> str:
 def evaluate_run(args: argparse.Namespace) -> dict:
     from engine.device import resolve_device
     from trainers.ensemble import MODES, Ensemble
-    from trainers.evaluate import draw, evaluate
+    from trainers.evaluate import draw, draw_predictions, evaluate
     from trainers.score import write_solution
 
     post = MODES[args.mode]
     ensemble = Ensemble.load(run_folder.models_dir(args.out), tuple(training_order()),
                              resolve_device(args.device or "auto"))
     folder = args.out / "evaluation"
-    reports = evaluate(ensemble, args.store, "val", post, args.tta, submission=folder / "submission.csv")
+    shown = []
+    reports = evaluate(ensemble, args.store, "val", post, args.tta, submission=folder / "submission.csv",
+                       shown=shown)
+    draw_predictions(shown, folder / "predictions.png")
     write_solution(args.store, folder / "solution.csv", "val")
     setting = (f"val split; threshold {post.threshold}, min area {post.min_area} px at 512"
                + ("; flip TTA" if args.tta else ""))
