@@ -36,25 +36,25 @@ taken. `loader.close()` (or a `with` block) ends the pipeline and workers.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import os
-import re
 import shutil
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from numba import njit
 
-from engine import augment, ops, photometric, sampling
-from engine import storage as storages
+from engine import augment, dali_compat, ops, photometric, sampling
 from engine import store as layout
 from engine.device import resolve_device
 from engine.patch_bank import PatchBank
 from engine.pipeline import (BACKENDS, PREFETCH_PER_WORKER, PlannedBatches, SampleAugment, WindowSource,
                              build_pipeline, get_backend, iterate)
-from engine.reader import WindowReader
+from engine.reader import WindowReader, carried_error
 from engine.storage import StorageSettings
 from engine.recipes import WHOLE_IMAGE, Recipe, get_recipe
 
@@ -320,10 +320,11 @@ class Loader:
         if s.workers > 0:
             check_shared_memory(self.shared_memory_need())
         self._pipe_source = self.source
-        self._pipe = build_pipeline(
-            self.source, batch_size=s.batch_size, out_size=s.img_size,
-            device="gpu" if on_gpu else "cpu", device_id=(s.device.index or 0) if on_gpu else None,
-            num_threads=s.threads, py_workers=s.workers, seed=s.seed)
+        with dali_compat.workers_ignore_interrupts():   # Ctrl-C is the trainer's to handle
+            self._pipe = build_pipeline(
+                self.source, batch_size=s.batch_size, out_size=s.img_size,
+                device="gpu" if on_gpu else "cpu", device_id=(s.device.index or 0) if on_gpu else None,
+                num_threads=s.threads, py_workers=s.workers, seed=s.seed)
         self._pipe_epoch = 0
         with _worker_store_errors():   # DALI's iterator reads the first batch when built
             self._batches_iter = iterate(self._pipe)
@@ -370,32 +371,23 @@ class Loader:
         overlap validation and the checkpoint), without waiting for them."""
         pipe = self._pipe
         # DALI's source raised StopIteration while prefetching past the end,
-        # so reset() starts the next epoch (a no-op before that; then the
-        # pipeline is simply built again)
-        if not getattr(pipe, "_last_iter", False) or not pipe.empty():
+        # so reset() starts the next epoch (otherwise the pipeline is simply
+        # built again)
+        if not dali_compat.epoch_ended(pipe):
             return
         pipe.reset()
         self._pipe_epoch += 1
         self._ready = True
-        schedule = getattr(pipe, "_schedule_py_workers", None)   # DALI 2.4's; absent: no head start
-        if schedule is not None and self.settings.workers > 0:
-            schedule()
+        if self.settings.workers > 0:
+            dali_compat.schedule_workers(pipe)
 
     def close(self) -> None:
         """End the pipeline and its reader workers (they exit, their shared
         memory is freed). The loader stays usable: iterating it again builds a new one."""
         pipe, self._pipe, self._batches_iter, self._pipe_source = self._pipe, None, None, None
         self._ready, self._pipe_epoch = False, 0
-        if pipe is None:
-            return
-        # DALI 2.4 has no public close: what its own exit handler (_shutdown)
-        # and the pool's finaliser (close) do, now rather than at exit
-        pool = getattr(pipe, "_py_pool", None)
-        try:
-            pipe._shutdown()
-        finally:
-            if pool is not None:
-                pool.close()   # stops and joins the worker processes
+        if pipe is not None:
+            dali_compat.close(pipe)   # DALI 2.4 has no public close
 
     def __enter__(self) -> "Loader":
         return self
@@ -420,30 +412,73 @@ class Loader:
         return batches_in_flight * s.batch_size * side * side * channels
 
 
-_WORKER_ERROR = re.compile(r"engine\.(store|storage)\.(\w+): (.+)")
-# what a worker's failure comes back as, when its traceback ends with one of
-# these (the first that fits: an unreachable store is StorageUnavailable, so
-# training keeps its steps and prints how to resume)
-_WORKER_ERROR_KINDS = (storages.StorageUnavailable, layout.StoreError)
-
-
 @contextlib.contextmanager
 def _worker_store_errors():
     """A store error, or a store URL that stopped answering, in a reader
-    worker comes back as a StoreError or StorageUnavailable (DALI re-raises a
-    worker's error as a plain Exception whose text ends with the worker's
-    traceback), so the user gets its one line, not seventy."""
+    worker comes back as the same error (DALI re-raises a worker's error as a
+    plain Exception whose text ends with the worker's traceback;
+    engine/reader.py's CARRIED_ERRORS names the errors so carried), so the
+    user gets its one line, not seventy."""
     try:
         yield
     except Exception as exc:
-        lines = str(exc).strip().splitlines()
-        found = _WORKER_ERROR.fullmatch(lines[-1]) if lines else None
-        if found:
-            kind = getattr({"store": layout, "storage": storages}[found[1]], found[2], None)
-            for base in _WORKER_ERROR_KINDS:
-                if isinstance(kind, type) and issubclass(kind, base):
-                    raise base(found[3]) from None
-        raise
+        carried = carried_error(str(exc))
+        if carried is None:
+            raise
+        raise carried from None
+
+
+class SpawnGuardError(RuntimeError):
+    """make_loader called from a script's top level without the `if __name__
+    == "__main__":` guard that worker processes need."""
+
+
+def _spawn_guard_error(script: str) -> SpawnGuardError:
+    return SpawnGuardError(
+        f"{script}: make_loader starts reader worker processes, which import this script again "
+        "and would run its top-level code (DALI then reports \"Workers initialization failed\"); "
+        "put the code that makes and uses the loader under `if __name__ == \"__main__\":` "
+        "(or pass workers=0)")
+
+
+def _is_main_test(node: ast.AST) -> bool:
+    """`__name__ == "__main__"` (either way round)."""
+    if not (isinstance(node, ast.Compare) and len(node.ops) == 1 and isinstance(node.ops[0], ast.Eq)):
+        return False
+    sides = {ast.dump(node.left), ast.dump(node.comparators[0])}
+    return sides == {ast.dump(ast.Name("__name__", ast.Load())), ast.dump(ast.Constant("__main__"))}
+
+
+def check_spawn_guard(workers: int) -> None:
+    """Refuse, naming the script, to start reader workers from a main script's
+    unguarded top level. DALI starts its workers with `spawn`: each imports
+    the main script again (as __mp_main__), so unguarded code makes a loader
+    in every worker. Seen from the worker (its main module is __mp_main__) or,
+    before any worker starts, from the script's source: the top-level
+    statement running now is not an `if __name__ == "__main__":` block."""
+    main = sys.modules.get("__main__")
+    script = getattr(main, "__file__", None)
+    if main is None or script is None:   # an interactive session, `python -c`: nothing re-imported
+        return
+    if main.__name__ == "__mp_main__":
+        raise _spawn_guard_error(script)
+    if workers == 0:
+        return
+    frame = sys._getframe(1)
+    while frame is not None and not (frame.f_globals is main.__dict__ and frame.f_code.co_name == "<module>"):
+        frame = frame.f_back
+    if frame is None:   # not called while the script's top level runs (e.g. from a thread)
+        return
+    try:
+        tree = ast.parse(open(script, "rb").read(), script)
+    except (OSError, SyntaxError, ValueError):
+        return
+    line = frame.f_lineno
+    for statement in tree.body:
+        if statement.lineno <= line <= statement.end_lineno:
+            if not (isinstance(statement, ast.If) and _is_main_test(statement.test)):
+                raise _spawn_guard_error(script)
+            return
 
 
 def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img_size: int = 512,
@@ -467,7 +502,14 @@ def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img
     where mining results are kept (engine/storage.py StorageSettings); the
     reader workers get it with their reader.
     workers and threads default to this process's share of the cores
-    (cores_per_process: torchrun's ranks on a node split them).
+    (cores_per_process: torchrun's ranks on a node split them; one core is
+    left to the consumer, and the workers idle once DALI's prefetch queues are full).
+
+    The reader workers are started with `spawn` and import the main script
+    again: a script that makes a loader with workers must do so under
+    `if __name__ == "__main__":`; without it SpawnGuardError names the script.
+    engine/torch_dataset.py's LoaderDataset hands the batches to a
+    torch.utils.data.DataLoader(..., batch_size=None).
     """
     recipe = member if isinstance(member, Recipe) else get_recipe(member)
     if split not in layout.SPLITS:
@@ -485,6 +527,9 @@ def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img
         raise ValueError(f"memory_format {memory_format!r}: expected one of {list(MEMORY_FORMATS)}")
     dev = resolve_device(device)
     backend = resolve_backend(backend, dev)
+    cores = cores_per_process()
+    workers = max(1, min(8, cores - 1)) if workers is None else workers
+    check_spawn_guard(workers)
     group = layout.open_store(store, storage=storage)
     meta = layout.read_meta(group)
     per_sample = SampleAugment(seed, epoch)
@@ -506,11 +551,7 @@ def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img
                           view=recipe.view, meta={k: meta[k] for k in ("height", "width", "bbox",
                                                                        "centroid")}, **common)
     batches, per_sample = planner.plan(epoch, start_batch)
-    cores = cores_per_process()
-    settings = _Settings(dev, batch_size, img_size, seed, epoch,
-                         # one core left to the consumer; the workers idle once
-                         # DALI's prefetch queues are full
-                         workers=max(1, min(8, cores - 1)) if workers is None else workers,
+    settings = _Settings(dev, batch_size, img_size, seed, epoch, workers=workers,
                          threads=threads or min(4, cores),
                          memory_format=MEMORY_FORMATS[memory_format])
     reader = WindowReader(store, with_ela=recipe.in_channels == 4, storage=storage)

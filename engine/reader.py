@@ -45,7 +45,7 @@ import numpy as np
 import zarr
 
 from engine import store as layout
-from engine.storage import NO_SETTINGS, StorageSettings, is_url, open_storage, storage_of
+from engine.storage import NO_SETTINGS, StorageSettings, StorageUnavailable, is_url, open_storage, storage_of
 
 # arrays whose metadata and shard index a reader keeps, oldest out first:
 # about 0.9 kB each, so some 30 MB per reader process at most; enough for the
@@ -444,3 +444,30 @@ class WindowReader:
         roi_end = np.array([min(fy1, by1) - by0, min(fx1, bx1) - bx0], np.float32)
         scale = image.shape[0] / int(self.meta["height"][row]) * image.shape[1] / int(self.meta["width"][row])
         return WindowBlock(pixels, mask[..., None], ela, roi_start, roi_end, level, float(np.sqrt(scale)))
+
+
+# The errors a reader worker's failure is carried back as, by the name its
+# traceback gives them (`module.Class: message`): DALI hands a worker's error
+# back to the training process as text only, and this explicit map turns it
+# into an error of the same class with the same message (a StoreDamaged stays
+# one). Most specific first is not needed: names are exact.
+CARRIED_ERRORS = {f"{kind.__module__}.{kind.__qualname__}": kind
+                  for kind in (layout.StoreError, layout.StoreDamaged, layout.StoreUnreachable,
+                               StorageUnavailable)}
+
+
+def carried_error(text: str) -> Exception | None:
+    """The error whose traceback `text` ends with, when it is one of
+    CARRIED_ERRORS, rebuilt as that class with its message; otherwise None."""
+    lines = text.strip().splitlines()
+    name, sep, message = lines[-1].partition(": ") if lines else ("", "", "")
+    kind = CARRIED_ERRORS.get(name)
+    if kind is None or not sep:
+        return None
+    error = kind.__new__(kind)   # StoreDamaged's constructor takes the parts, not the text
+    Exception.__init__(error, message)
+    if isinstance(error, layout.StoreDamaged):
+        # its message is "{where}: {problem}; the store is damaged: ..." (engine/store.py)
+        error.where, _, rest = message.partition(": ")
+        error.problem = rest.split("; the store is damaged")[0]
+    return error

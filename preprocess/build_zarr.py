@@ -458,10 +458,15 @@ def run_cases(partial: Path, cases: list[Case], todo: list[int], workers: int, s
                 raise BuildError(f"{record['file']}: {record['skipped']}")
             records[record["key"]] = record
             bar.update()
+        if pool is not None:
+            # workers that exit, not terminated ones, run their exit finalisers:
+            # numcodecs' Blosc lock is unlinked instead of reported as a leaked semaphore
+            pool.close()
+            pool.join()
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
+            pool.terminate()   # on an error: stops the workers (a no-op once they have exited)
             pool.join()
     return records
 

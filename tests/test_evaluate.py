@@ -96,6 +96,8 @@ def test_evaluate_writes_the_chart_with_its_setting(demo_store, tmp_path, monkey
     monkeypatch.setattr(evaluate_cli, "draw", lambda *a: drawn.update(fig=draw(*a)))
     assert evaluate_cli.main(["--store", str(demo_store), "--out", str(tmp_path)]) == 0
     assert cv2.imread(str(tmp_path / "evaluation.png")) is not None
+    grid = cv2.imread(str(tmp_path / "predictions.png"))
+    assert grid.shape[1] == evaluate_cli.GRID_COLUMNS * evaluate_cli.TILE
     fig = drawn["fig"]
     assert fig.get_suptitle() == f"val split of {demo_store}; threshold 0.5, min area 0 px at 512"
     assert capsys.readouterr().out.startswith(fig.get_suptitle() + "; members: ")
@@ -207,3 +209,26 @@ def test_loader_benchmark_device_is_a_checked_choice(capsys):
     assert status.value.code == 2
     assert "argument --device: invalid choice: 'gpu'" in capsys.readouterr().err
     assert loader_throughput.parse_args(["--device", "cuda"]).device == "cuda"
+
+
+def test_prediction_grid_shows_the_worst_first(tmp_path):
+    """Tiles in rows of GRID_COLUMNS, lowest score first; of equal scores the
+    larger forgery first; only the `limit` worst are drawn."""
+    def shown(case_id, score, side):
+        image = np.full((300, 200, 3), 90, np.uint8)
+        true = np.zeros((300, 200), np.uint8)
+        true[10:10 + side, 10:10 + side] = 1
+        return evaluate_cli.Shown.of(case_id, score, image, {evaluate_cli.TRUE: [true],
+                                                             evaluate_cli.FULL: [true[::-1]]})
+    items = [shown("good", 0.9, 50), shown("small_miss", 0.0, 20), shown("half", 0.5, 50),
+             shown("big_miss", 0.0, 120), shown("fine", 0.8, 50), shown("perfect", 1.0, 50)]
+    path = tmp_path / "predictions.png"
+    order = evaluate_cli.draw_predictions(items, path, limit=5)
+    assert order == ["big_miss", "small_miss", "half", "fine", "good"]
+    grid = cv2.imread(str(path))
+    tile_height = evaluate_cli.TILE + evaluate_cli.LABEL_HEIGHT
+    assert grid.shape == (2 * tile_height, evaluate_cli.GRID_COLUMNS * evaluate_cli.TILE, 3)
+    # the first tile holds the big miss's green (true) outline, the sixth place is empty
+    first = grid[:tile_height, :evaluate_cli.TILE]
+    assert ((first[..., 1] == 200) & (first[..., 2] == 0)).any()
+    assert (grid[tile_height:, evaluate_cli.TILE:2 * evaluate_cli.TILE] == 255).all()

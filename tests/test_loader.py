@@ -256,8 +256,9 @@ def test_errors_say_what_and_where(demo_store, tmp_path):
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_damaged_shard_stops_the_epoch_with_its_name(demo_store, tmp_path, workers):
-    """In this process or in a reader worker alike: a StoreError naming the shard
-    (DALI hands a worker's error back as a plain Exception; the loader turns it back)."""
+    """In this process or in a reader worker alike: a StoreDamaged naming the shard
+    (DALI hands a worker's error back as a plain Exception; the loader turns it
+    back into the same class, engine/reader.py's CARRIED_ERRORS)."""
     damaged = tmp_path / "damaged.zarr"
     shutil.copytree(demo_store, damaged)
     loader = make_loader(damaged, "highres_no_ela", batch_size=2, img_size=16, workers=workers,
@@ -265,8 +266,10 @@ def test_a_damaged_shard_stops_the_epoch_with_its_name(demo_store, tmp_path, wor
     row = int(loader.batches.rows[0][0])
     for shard in (damaged / "images" / str(row)).rglob("c.*"):
         shard.write_bytes(b"garbage")
-    with pytest.raises(layout.StoreError, match=r"images/.*/c\.0\.0\.0: corrupt shard index"):
+    with pytest.raises(layout.StoreDamaged, match=r"images/.*/c\.0\.0\.0: corrupt shard index") as caught:
         next(iter(loader))
+    assert caught.value.where.endswith("/c.0.0.0") and caught.value.problem.startswith("corrupt shard index")
+    assert "Traceback" not in str(caught.value)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

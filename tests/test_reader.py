@@ -165,3 +165,21 @@ def test_a_window_fetches_only_the_chunks_it_touches_by_byte_range(demo_store, m
     image = layout.open_store(demo_store)[path]
     np.testing.assert_array_equal(reader.read(row, window, 8).image,
                                   image[side - 4:side + 4, side - 4:side + 4])
+
+
+def test_carried_errors_keep_their_class_and_message():
+    """What DALI hands back for a worker's error (its traceback as text) becomes
+    the same class with the same message; any other error is left alone."""
+    from engine.reader import carried_error
+    from engine.storage import StorageUnavailable
+    damaged = layout.StoreDamaged("s3://b/s.zarr", "s3://b/s.zarr/images/3/0/c.0.0.0", "chunk missing")
+    for error in (damaged, StorageUnavailable("s3://b/s.zarr: access denied"),
+                  layout.StoreError("s.zarr: no store here")):
+        text = ("\n\nException traceback received from worker thread:\n\nTraceback (most recent call last):\n"
+                f'  File "engine/reader.py", line 1, in read\n{type(error).__module__}.'
+                f"{type(error).__qualname__}: {error}\n")
+        carried = carried_error(text)
+        assert type(carried) is type(error) and str(carried) == str(error)
+    carried = carried_error(f"engine.store.StoreDamaged: {damaged}")
+    assert (carried.where, carried.problem) == (damaged.where, damaged.problem)
+    assert carried_error("Traceback ...\nValueError: engine.store.StoreDamaged: no") is None

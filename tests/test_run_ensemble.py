@@ -54,6 +54,7 @@ def test_the_whole_ensemble_in_one_command_then_a_rerun_resumes(store, tmp_path)
     markdown = (out / "results.md").read_text()
     assert "competition score" in markdown and "detection recall, tiny" in markdown
     assert (out / "evaluation" / "evaluation.png").stat().st_size > 0
+    assert (out / "evaluation" / "predictions.png").stat().st_size > 0   # with the specialist outlined
     assert (out / "evaluation" / "submission.csv").read_text().startswith("case_id,annotation")
 
     # a member killed before it ended has no result: the rerun resumes it, skips the rest

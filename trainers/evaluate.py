@@ -15,7 +15,10 @@ it, which shows what the specialist adds. For each:
   pooled over all pixels and averaged per image (trainers/metrics.py).
 Tables go to stdout; OUT/evaluation.png draws them, every bar labelled with its
 value, the higher-is-better figures in one panel and the false-positive rate
-(lower is better) in another; OUT/solution.csv and
+(lower is better) in another; OUT/predictions.png shows the validation
+images worst-scored first (up to 16), each with the true mask (green), the
+ensemble's (red) and the specialist's own (blue) predicted masks outlined;
+OUT/solution.csv and
 OUT/submission.csv (full ensemble) let trainers/score.py reproduce the score.
 Each file is written beside its name and renamed into place when complete
 (common/atomic.py), so a failed or killed run leaves earlier files whole.
@@ -24,10 +27,12 @@ User errors print one `error:` line and exit 2.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 from matplotlib.figure import Figure
 from tqdm import tqdm
@@ -100,27 +105,108 @@ def variants(ensemble: Ensemble) -> dict[str, tuple[str, ...]]:
     return {FULL: names}
 
 
+TILE = 192                  # px, the longer side of an image in predictions.png
+LABEL_HEIGHT = 18
+GRID_COLUMNS = 4
+GRID_IMAGES = 16
+TRUE, SPECIALIST = "true", "specialist"
+OUTLINES = {TRUE: (0, 200, 0), FULL: (230, 0, 0), SPECIALIST: (0, 90, 255)}   # RGB
+
+
+@dataclass
+class Shown:
+    """One image of predictions.png: a thumbnail and its masks at the same size."""
+
+    case_id: str
+    score: float                  # the full ensemble's image score
+    image: np.ndarray             # uint8 RGB, longer side TILE
+    masks: dict[str, np.ndarray]  # OUTLINES name -> bool mask
+
+    @classmethod
+    def of(cls, case_id: str, score: float, image: np.ndarray,
+           instances: dict[str, list[np.ndarray]]) -> "Shown":
+        height, width = image.shape[:2]
+        scale = TILE / max(height, width)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        masks = {name: cv2.resize(np.logical_or.reduce(found).astype(np.uint8) if found else
+                                  np.zeros((height, width), np.uint8), size,
+                                  interpolation=cv2.INTER_NEAREST).astype(bool)
+                 for name, found in instances.items()}
+        return cls(case_id, score, cv2.resize(image, size, interpolation=cv2.INTER_AREA), masks)
+
+    def worst_first(self) -> tuple[float, int]:
+        """Sort key: the lowest score first; of equal scores, the larger forgery."""
+        return self.score, -int(self.masks[TRUE].sum())
+
+    def tile(self) -> np.ndarray:
+        """The thumbnail on a TILE square with each mask's outline, its id and score below."""
+        out = np.full((TILE + LABEL_HEIGHT, TILE, 3), 255, np.uint8)
+        drawn = np.ascontiguousarray(self.image[..., :3])
+        for name, mask in self.masks.items():
+            contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL,
+                                           cv2.CHAIN_APPROX_SIMPLE)
+            cv2.drawContours(drawn, contours, -1, OUTLINES[name], 1)
+        out[:drawn.shape[0], :drawn.shape[1]] = drawn
+        cv2.putText(out, f"{self.case_id[:18]} {self.score:.2f}", (2, TILE + LABEL_HEIGHT - 5),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        return out
+
+
+def draw_predictions(shown: list[Shown], path: Path, limit: int = GRID_IMAGES) -> list[str]:
+    """A grid (GRID_COLUMNS wide) of the `limit` worst-scored images, worst
+    first, row by row, written to `path` as PNG; returns their case ids in
+    that order."""
+    chosen = sorted(shown, key=Shown.worst_first)[:limit]
+    rows = max(1, math.ceil(len(chosen) / GRID_COLUMNS))
+    grid = np.full((rows * (TILE + LABEL_HEIGHT), GRID_COLUMNS * TILE, 3), 255, np.uint8)
+    for k, item in enumerate(chosen):
+        y, x = divmod(k, GRID_COLUMNS)
+        grid[y * (TILE + LABEL_HEIGHT):(y + 1) * (TILE + LABEL_HEIGHT), x * TILE:(x + 1) * TILE] = item.tile()
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ValueError(f"{path}: OpenCV could not encode the grid as PNG")
+    with atomic_open(path, "wb") as handle:
+        handle.write(encoded.tobytes())
+    return [item.case_id for item in chosen]
+
+
+def specialists(ensemble: Ensemble) -> tuple[str, ...]:
+    """The members united with the averaged ones (the specialist)."""
+    return tuple(m.name for m in ensemble.members if ensemble.recipes[m.name].ensemble_role == "union")
+
+
 def evaluate(ensemble: Ensemble, store: str | Path, split: str = "val",
              post: PostProcess = MODES["default"], tta: bool = False, batch_size: int = 4,
-             submission: Path | None = None,
+             submission: Path | None = None, shown: list[Shown] | None = None,
              storage: storages.StorageSettings | None = None) -> dict[str, Report]:
     """Reports of every variant over a store split (a store URL reached with
-    `storage`); optionally writes the full ensemble's submission CSV."""
+    `storage`); optionally writes the full ensemble's submission CSV, and
+    appends each image's thumbnail and masks (true, ensemble, specialist) to
+    `shown` for draw_predictions."""
     group, meta, rows = open_split(store, split, storage)
     chosen = variants(ensemble)
     reports = {name: Report() for name in chosen}
     predicted = []
+    # what each batch's probabilities are combined as: every variant, and the specialist alone
+    combined = dict(chosen)
+    if shown is not None and specialists(ensemble):
+        combined[SPECIALIST] = specialists(ensemble)
     cases = tqdm(store_cases(store, rows, ensemble.needs_ela, storage), total=len(rows),
                  desc="evaluate", unit="img")
     for batch, probs in predict_batches(ensemble, cases, tta, batch_size):
         truths = [true_instances(group, case.row) for case in batch]
-        for name, members in chosen.items():
-            found = batch_instances(batch, ensemble.combine({m: probs[m] for m in members}), post)
-            for case, true, pred in zip(batch, truths, found):
+        found = {name: batch_instances(batch, ensemble.combine({m: probs[m] for m in members}), post)
+                 for name, members in combined.items()}
+        for name in chosen:
+            for case, true, pred in zip(batch, truths, found[name]):
                 reports[name].add(true, pred, int(meta["size_class"][case.row]),
                                   case.image.shape[:2])
-            if name == FULL:
-                predicted.extend(zip((case.case_id for case in batch), found))
+        predicted.extend(zip((case.case_id for case in batch), found[FULL]))
+        if shown is not None:
+            scores = reports[FULL].scores[-len(batch):]
+            for k, (case, true) in enumerate(zip(batch, truths)):
+                outlines = {name: found[name][k] for name in (FULL, SPECIALIST) if name in found}
+                shown.append(Shown.of(case.case_id, scores[k], case.image, {TRUE: true, **outlines}))
     if submission is not None:
         write_submission(predicted, submission)
     return reports
@@ -242,8 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         post, ensemble = ensemble_from_args(args)
         storage = storages.StorageSettings.from_args(args)
+        shown = []
         reports = evaluate(ensemble, args.store, args.split, post, args.tta, args.batch_size,
-                           submission=args.out / "submission.csv", storage=storage)
+                           submission=args.out / "submission.csv", shown=shown, storage=storage)
+        draw_predictions(shown, args.out / "predictions.png")
         write_solution(args.store, args.out / "solution.csv", args.split, storage)
         setting = (f"{args.split} split of {args.store}; threshold {post.threshold}, min area "
                    f"{post.min_area} px at 512" + ("; flip TTA" if args.tta else ""))
@@ -254,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{setting}; members: {', '.join(args.members)}")
     print(format_tables(reports))
-    print(f"figure: {args.out / 'evaluation.png'}; score again with `python trainers/score.py "
+    print(f"figures: {args.out / 'evaluation.png'}, {args.out / 'predictions.png'} (worst first); score again with `python trainers/score.py "
           f"--solution {args.out / 'solution.csv'} --submission {args.out / 'submission.csv'}`")
     return 0
 

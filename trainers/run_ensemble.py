@@ -262,15 +262,17 @@ def results_markdown(found: dict) -> str:
 def evaluate_run(args: argparse.Namespace, config: RunConfig) -> dict:
     from engine.device import resolve_device
     from trainers.ensemble import MODES, Ensemble
-    from trainers.evaluate import draw, evaluate
+    from trainers.evaluate import draw, draw_predictions, evaluate
     from trainers.score import write_solution
 
     post, out = MODES[args.mode], config.out
     ensemble = Ensemble.load(run_folder.models_dir(out), tuple(training_order()),
                              resolve_device(config.device))
     folder = out / "evaluation"
-    reports = evaluate(ensemble, config.store, "val", post, args.tta,
-                       submission=folder / "submission.csv", storage=config.storage)
+    shown = []
+    reports = evaluate(ensemble, config.store, "val", post, args.tta, submission=folder / "submission.csv",
+                       shown=shown, storage=config.storage)
+    draw_predictions(shown, folder / "predictions.png")
     write_solution(config.store, folder / "solution.csv", "val", config.storage)
     setting = (f"val split; threshold {post.threshold}, min area {post.min_area} px at 512"
                + ("; flip TTA" if args.tta else ""))
