@@ -266,10 +266,10 @@ def stage_train_step(work: Path, device: str, cpu: bool, quick: bool) -> str:
         memory_format = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
         model.to(dev, memory_format=memory_format).train()
         optimizer = build_optimizer(model, recipe, fused=dev.type == "cuda")
-        loader = make_loader(work / "store.zarr", recipe, batch_size=s["batch"], img_size=s["img"],
-                             device=device, workers=s["workers"],
-                             memory_format="channels_last" if dev.type == "cuda" else "contiguous")
-        batch = next(iter(loader))
+        with make_loader(work / "store.zarr", recipe, batch_size=s["batch"], img_size=s["img"],
+                         device=device, workers=s["workers"],
+                         memory_format="channels_last" if dev.type == "cuda" else "contiguous") as loader:
+            batch = next(iter(loader))
         criterion, scaler = MemberLoss(recipe), grad_scaler(dev)
         optimiser_step(model, batch, criterion, optimizer, scaler, dev, None)   # warm-up, cuDNN choice
         if dev.type == "cuda":
