@@ -2,6 +2,7 @@
 driver cannot serve it fails; its CPU rehearsal runs every stage end to end
 (so the first run on a lent GPU spends its minutes on the GPU, not on this
 script's own bugs); a failing stage fails the check."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ from engine import device
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+# this environment less PYTHONPATH: the repo root only from the script's own path
+NOT_INSTALLED = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
 def test_without_a_gpu_it_says_so_in_one_line_and_passes(capsys, monkeypatch):
@@ -55,7 +58,7 @@ def test_a_failing_stage_fails_the_check_and_shows_why(tmp_path):
 def test_it_runs_from_a_checkout_without_installing(tmp_path):
     # the lent GPU machine runs it from an unpacked project: no PYTHONPATH, another folder
     done = subprocess.run([sys.executable, str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True,
-                          env={"PATH": "/usr/bin:/bin"}, timeout=120)
+                          env=NOT_INSTALLED, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "no CUDA GPU" in done.stdout
 
@@ -69,7 +72,7 @@ def test_the_quick_cpu_rehearsal_passes_and_prints_its_budgets(tmp_path):
     # on these shared 2 cores the budgets, set for an H200, are tripled
     done = subprocess.run([sys.executable, str(SCRIPT), "--allow-cpu", "--quick", "--timeout-scale", "3",
                            "--work", str(tmp_path / "w")], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=900, env={"PATH": "/usr/bin:/bin"})
+                          timeout=900, env=NOT_INSTALLED)
     lines = done.stdout.splitlines()
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert lines[1] == "stage budgets: " + ", ".join(
