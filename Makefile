@@ -1,16 +1,19 @@
 # `make demo` and `make test` install into .venv on first use (or when
-# pyproject.toml changes), then run.
+# pyproject.toml or the lock changes), then run. The exact versions tested
+# are the lock of the venv's Python (3.11 or 3.12), used as pip constraints.
+PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LOCK := requirements/lock-py$(shell $(PYTHON) -c 'import sys; print("%d%d" % sys.version_info[:2])').txt
 STORE ?= data/store.zarr
 
-.PHONY: install demo ensemble test gpu-check clean
+.PHONY: install demo ensemble test gpu-check device-kit clean
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
+$(STAMP): pyproject.toml $(LOCK)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c $(LOCK) -e '.[s3,test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -34,6 +37,10 @@ test: $(STAMP)
 # (benchmarks/gpu_check.py); without one it says so and exits 0
 gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py
+
+# the GPU check's wheels and scripts for the offline lent GPU machine (README, "GPU check offline")
+device-kit: $(STAMP)
+	$(PY) benchmarks/device_kit.py --out .kit
 
 clean:
 	rm -rf data models logs runs .pytest_cache

@@ -233,16 +233,27 @@ def measure_training_wait(store, member, img_size, batch_size, workers, epochs, 
     run). steps: at most this many training steps per epoch (None: all); the
     rest of the epoch is taken untrained, as only a finished epoch lets the
     next reuse the pipeline."""
+    from engine.loader import MEMORY_FORMATS
     from trainers.losses import MemberLoss
-    from trainers.model import build_model
+    from trainers.model import build_model, freeze_unused
+    from trainers.precision import grad_scaler
+    from trainers.schedules import build_optimizer
+    from trainers.train import optimiser_step
 
+    # the trainer's step and settings (trainers/train.py): on CUDA bf16
+    # autocast, channels_last, fused AdamW, cuDNN autotuning
     recipe = get_recipe(member)
-    model = build_model(recipe.encoder, recipe.in_channels, encoder_weights="none").to(device)
-    loss_fn = MemberLoss(recipe)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    on_cuda = device.type == "cuda"
+    torch.backends.cudnn.benchmark = on_cuda
+    memory_format = "channels_last" if on_cuda else "contiguous"
+    model = build_model(recipe.encoder, recipe.in_channels, encoder_weights="none")
+    freeze_unused(model, recipe.in_channels)
+    model.to(device, memory_format=MEMORY_FORMATS[memory_format]).train()
+    loss_fn, scaler = MemberLoss(recipe), grad_scaler(device)
+    optimiser = build_optimizer(model, recipe, fused=on_cuda)
     per_epoch = []
     with make_loader(store, member, batch_size=batch_size, img_size=img_size, seed=seed,
-                     workers=workers, device=str(device)) as loader:
+                     workers=workers, device=str(device), memory_format=memory_format) as loader:
         for epoch in range(epochs):
             loader.set_epoch(epoch)
             batches = iter(loader)
@@ -254,11 +265,8 @@ def measure_training_wait(store, member, img_size, batch_size, workers, epochs, 
                 if batch is None:
                     break
                 t1 = time.perf_counter()
-                loss = loss_fn(model(batch["image"]), batch["mask"])
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-                if device.type == "cuda":
+                optimiser_step(model, batch, loss_fn, optimiser, scaler, device, None)
+                if on_cuda:
                     torch.cuda.synchronize(device)
                 t2 = time.perf_counter()
                 wait, step, done = wait + (t1 - t0), step + (t2 - t0), done + 1

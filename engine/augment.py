@@ -9,12 +9,18 @@ engine/ops.py) runs in three places:
   2. colour, blur, noise and JPEG as DALI operators after the crop-resize
      (engine/photometric.py);
   3. here, on the batch after the pipeline: the geometry rows the worker drew
-     (ops.draw_geometry), one sample at a time, with each op's torch
-     implementation: flips and quarter turns as torch.flip / torch.rot90, the
-     affine through kornia's warp_affine with the matrix the opencv backend
-     gives cv2.warpAffine (bilinear images, nearest masks, zeros outside),
-     coarse dropout's holes on RGB only. The same seed gives the same
-     transform as the opencv backend's.
+     (ops.draw_geometry), with each op's torch implementation, applied to
+     the batch at once: at each row position, the samples whose row there
+     is the same op (flips; quarter turns of the same k; the affine, with
+     each sample's own matrix) go through one call, on an index_select of
+     the batch when not all of them act. Flips and quarter turns are
+     torch.flip / torch.rot90, the affine kornia's warp_affine with the
+     matrices the opencv backend gives cv2.warpAffine (bilinear images,
+     nearest masks, zeros outside: one batched warp for the images and one
+     for the masks), coarse dropout's holes on RGB only. The rows are read
+     on the CPU and copied to the batch's device once per batch, from pinned
+     memory without blocking, so a GPU batch waits on no copy back. The same
+     seed gives the same transform as the opencv backend's.
 
 The batch is torch tensors on the CPU or a GPU:
 
@@ -25,6 +31,7 @@ The batch is torch tensors on the CPU or a GPU:
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from engine import ops
@@ -37,10 +44,38 @@ GEOMETRIC_OPS = frozenset(ops.GEOMETRIC) - {"coarse_dropout"}
 def apply_geometry(image: torch.Tensor, mask: torch.Tensor,
                    geometry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(image, mask) after each sample's rows of `geometry` (B x rows x
-    ops.ROW_WIDTH, on the CPU); may write into `image`."""
-    images, masks, moved = list(image.unbind(0)), list(mask.unbind(0)), False
-    for b, rows in enumerate(geometry.cpu().numpy()):
-        for op, row in ops.acting_rows(rows):
-            images[b], masks[b] = op.torch(images[b], masks[b], row)
-            moved = True
-    return (torch.stack(images), torch.stack(masks)) if moved else (image, mask)
+    ops.ROW_WIDTH, on the CPU); may write into `image` and `mask`."""
+    groups = list(_groups(geometry.cpu().numpy()))
+    if not groups:
+        return image, mask
+    samples, values = _to_device([g[1] for g in groups], [g[2] for g in groups], image.device)
+    for (op, chosen, cpu_values), index, on_device in zip(groups, samples, values):
+        if len(chosen) == len(image):   # the whole batch, in order
+            image, mask = op.torch(image, mask, cpu_values, on_device)
+        else:
+            moved_image, moved_mask = op.torch(image.index_select(0, index), mask.index_select(0, index),
+                                               cpu_values, on_device)
+            image, mask = image.index_copy_(0, index, moved_image), mask.index_copy_(0, index, moved_mask)
+    return image, mask
+
+
+def _groups(geometry: np.ndarray):
+    """(op, samples, their values) for each row position in order, one per op
+    (and op.group key) acting there: the samples applied together."""
+    for column in geometry.transpose(1, 0, 2):
+        together: dict[tuple, list[int]] = {}
+        for b in np.flatnonzero(column[:, 0] >= 0):
+            op = ops.OPS[ops.GEOMETRIC[int(column[b, 0])]]
+            together.setdefault((op.name, op.group(column[b, 1:])), []).append(int(b))
+        for (name, _), chosen in together.items():
+            yield ops.OPS[name], np.asarray(chosen, np.int64), column[chosen, 1:]
+
+
+def _to_device(samples: list[np.ndarray], values: list[np.ndarray], device: torch.device):
+    """Every group's sample indices and values on `device`, in one copy each."""
+    sizes = [len(s) for s in samples]
+    index = torch.from_numpy(np.concatenate(samples))
+    rows = torch.from_numpy(np.ascontiguousarray(np.concatenate(values)))
+    if device.type == "cuda":
+        index, rows = (t.pin_memory().to(device, non_blocking=True) for t in (index, rows))
+    return index.split(sizes), rows.split(sizes)

@@ -104,6 +104,15 @@ def cores_per_process() -> int:
     return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
+def dali_device_id(device: torch.device) -> int | None:
+    """The GPU ordinal DALI runs on for `device`: a bare "cuda" is the current
+    device (torch.cuda.set_device, as each torchrun rank sets it), not GPU 0;
+    None on the CPU."""
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """'auto': the dali backend on CUDA, the opencv one on the CPU."""
     if backend == "auto":
@@ -323,7 +332,7 @@ class Loader:
         with dali_compat.workers_ignore_interrupts():   # Ctrl-C is the trainer's to handle
             self._pipe = build_pipeline(
                 self.source, batch_size=s.batch_size, out_size=s.img_size,
-                device="gpu" if on_gpu else "cpu", device_id=(s.device.index or 0) if on_gpu else None,
+                device="gpu" if on_gpu else "cpu", device_id=dali_device_id(s.device),
                 num_threads=s.threads, py_workers=s.workers, seed=s.seed)
         self._pipe_epoch = 0
         with _worker_store_errors():   # DALI's iterator reads the first batch when built

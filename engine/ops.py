@@ -82,7 +82,11 @@ class Op:
     draw: Callable                             # (params, rng, size) -> see the module docstring
     opencv: Callable                           # photometric (image, vector, extra); geometric (arrays, row)
     dali: Callable | None = None               # photometric: DALI nodes (image, vector, extra)
-    torch: Callable | None = None              # geometric: (image CHW, mask 1HW, row) -> both
+    # geometric: (images NCHW, masks N1HW, values, values_on_device) -> both, for N
+    # samples whose rows share the op and its `group` key (values: their rows'
+    # values N x (ROW_WIDTH - 1), numpy on the CPU, and as a tensor on the images' device)
+    torch: Callable | None = None
+    group: Callable = field(default=lambda values: ())   # geometric: samples applied together
     count: int = 0                             # photometric: numbers in the drawn vector
     idle: np.ndarray | None = None             # photometric: the extra input of a sample it skips
     extra_on_device: bool = False              # photometric: the extra input moves to the GPU
@@ -247,13 +251,12 @@ def _warp_opencv(arrays, row):
             for a, interp in zip(arrays, (cv2.INTER_LINEAR, cv2.INTER_NEAREST, cv2.INTER_LINEAR))]
 
 
-def _warp_torch(image, mask, row):
-    import torch
+def _warp_torch(images, masks, values, on_device):
     from kornia.geometry.transform import warp_affine
-    matrix = torch.tensor(row[:6], dtype=image.dtype, device=image.device).view(1, 2, 3)
-    size = tuple(image.shape[-2:])
-    return (warp_affine(image[None], matrix, size, mode="bilinear", padding_mode="zeros")[0],
-            warp_affine(mask[None], matrix, size, mode="nearest", padding_mode="zeros")[0])
+    matrices = on_device[:, :6].reshape(-1, 2, 3).to(images.dtype)
+    size = tuple(images.shape[-2:])
+    return (warp_affine(images, matrices, size, mode="bilinear", padding_mode="zeros"),
+            warp_affine(masks, matrices, size, mode="nearest", padding_mode="zeros"))
 
 
 def _holes(p, rng, size):
@@ -269,10 +272,12 @@ def _blank_opencv(arrays, row):
     return arrays
 
 
-def _blank_torch(image, mask, row):
-    top, left, height, width = (int(v) for v in row[:4])
-    image[:3, top:top + height, left:left + width] = 0
-    return image, mask
+def _blank_torch(images, masks, values, on_device):
+    # the holes' corners and sides as Python ints: slicing launches no copy back to the CPU
+    for image, row in zip(images, values):
+        top, left, height, width = (int(v) for v in row[:4])
+        image[:3, top:top + height, left:left + width] = 0
+    return images, masks
 
 
 def _turn(k):
@@ -282,16 +287,18 @@ def _turn(k):
 _GEOMETRIC = (
     Op("hflip", "geometric", {}, lambda p, rng, size: [()],
        opencv=lambda arrays, row: _each(arrays, lambda a: cv2.flip(a, 1)),
-       torch=lambda image, mask, row: (image.flip(-1), mask.flip(-1))),
+       torch=lambda images, masks, values, on_device: (images.flip(-1), masks.flip(-1))),
     Op("vflip", "geometric", {}, lambda p, rng, size: [()],
        opencv=lambda arrays, row: _each(arrays, lambda a: cv2.flip(a, 0)),
-       torch=lambda image, mask, row: (image.flip(-2), mask.flip(-2))),
+       torch=lambda images, masks, values, on_device: (images.flip(-2), masks.flip(-2))),
     Op("rot90", "geometric", {"k": Param(0, 3, (1, 3), "pair", integer=True)},
        lambda p, rng, size: [(int(rng.integers(p["k"][0], p["k"][1] + 1)),)],
        # OpenCV's flip and rotate: 20-60x faster than copying numpy's strided views
        opencv=lambda arrays, row: arrays if not _turn(row[0]) else _each(
            arrays, lambda a: cv2.rotate(a, _COUNTERCLOCKWISE[_turn(row[0])])),
-       torch=lambda image, mask, row: tuple(t.rot90(_turn(row[0]), dims=(-2, -1)) for t in (image, mask))),
+       torch=lambda images, masks, values, on_device: tuple(
+           t.rot90(_turn(values[0, 0]), dims=(-2, -1)) for t in (images, masks)),
+       group=lambda values: _turn(values[0])),
     Op("affine", "geometric", {"shift": Param(0, 0.5, 0.0625), "scale": Param(0, 0.9, 0.1),
                                "rotate": Param(0, 180, 45)},
        _affine_rows, opencv=_warp_opencv, torch=_warp_torch),
@@ -353,24 +360,29 @@ def geometric_entries(augment) -> tuple:
     return tuple(entry for entry in augment if kind(entry) == "geometric")
 
 
+def _most_rows(name, params) -> int:
+    if name == "one_of":
+        return max(_most_rows(*op) for op in params["ops"])
+    return OPS[name].rows(with_defaults(name, params))
+
+
 def row_count(entries) -> int:
     """Rows a sample's geometry takes at most (at least one, so every batch has
     the same shape)."""
-    def most(name, params):
-        if name == "one_of":
-            return max(most(*op) for op in params["ops"])
-        return OPS[name].rows(with_defaults(name, params))
-    return max(1, sum(most(*entry) for entry in entries))
+    return max(1, sum(_most_rows(*entry) for entry in entries))
 
 
 def draw_geometry(entries, rng: np.random.Generator, size: int) -> np.ndarray:
     """One sample's geometry, float32 (row_count(entries), ROW_WIDTH): each
     entry acts with its p, a one_of's choice uniform among its ops; unused
-    rows have op -1."""
+    rows have op -1. Each entry has its own rows, at the same place in every
+    sample's geometry, so the batch step applies an entry to all the samples
+    it acts on at once (engine/augment.py)."""
     out = np.zeros((row_count(entries), ROW_WIDTH), np.float32)
     out[:, 0] = -1
-    at = 0
+    start = 0
     for name, params in entries:
+        at, start = start, start + _most_rows(name, params)
         if rng.random() >= params.get("p", 1.0):
             continue
         if name == "one_of":

@@ -166,6 +166,27 @@ def test_photometric_entries_leave_the_batch_alone():
     assert torch.equal(out[:, 3], image[:, 3]) and torch.equal(out_mask, mask)
 
 
+def test_a_batch_is_warped_at_once_and_equals_each_sample_warped_alone(monkeypatch):
+    # the dali backend's geometry runs per row position on the whole batch
+    # (one warp_affine for the images, one for the masks), not per sample
+    import kornia.geometry.transform as kornia_transform
+    mixed = (("one_of", {"p": 1.0, "ops": (("hflip", {}), ("vflip", {}))}), ("rot90", {"p": 0.7, "k": (1, 3)}),
+             ("affine", {"p": 0.5}), ("coarse_dropout", {"p": 0.5}))
+    image, mask = green_square_batch(batch=12, channels=4)
+    entries = ops.geometric_entries(mixed)
+    geometry = torch.from_numpy(np.stack([ops.draw_geometry(entries, np.random.default_rng((4, b)), SIZE)
+                                          for b in range(12)]))
+    alone = [apply_geometry(image[b:b + 1].clone(), mask[b:b + 1].clone(), geometry[b:b + 1]) for b in range(12)]
+    warps = []
+    real = kornia_transform.warp_affine
+    monkeypatch.setattr(kornia_transform, "warp_affine", lambda src, *a, **k: warps.append(len(src)) or real(src, *a, **k))
+    out, out_mask = apply_geometry(image.clone(), mask.clone(), geometry)
+    warped = int((geometry[:, :, 0] == ops.GEOMETRIC.index("affine")).any(1).sum())
+    assert 0 < warped < 12 and warps == [warped, warped]
+    assert torch.equal(out, torch.cat([a[0] for a in alone]))
+    assert torch.equal(out_mask, torch.cat([a[1] for a in alone]))
+
+
 # --- the registry and recipe validation ---------------------------------------
 
 def test_every_op_has_both_backends_and_valid_defaults():

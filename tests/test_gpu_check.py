@@ -2,6 +2,7 @@
 driver cannot serve it fails; its CPU rehearsal runs every stage end to end
 (so the first run on a lent GPU spends its minutes on the GPU, not on this
 script's own bugs); a failing stage fails the check."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ from engine import device
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+# this environment less PYTHONPATH: the repo root only from the script's own path
+NOT_INSTALLED = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
 def test_without_a_gpu_it_says_so_in_one_line_and_passes(capsys, monkeypatch):
@@ -38,7 +41,7 @@ def test_the_cpu_rehearsal_passes_every_stage(tmp_path):
     summaries = {line.split()[1]: line for line in lines if line.startswith("PASS ")}
     assert "alignment >=" in summaries["loader"]
     assert "grey-level difference" in summaries["photometric"]
-    assert "world size 1 (gloo)" in summaries["torchrun"]
+    assert "world size 2 (gloo)" in summaries["torchrun"]
     assert "rows" in summaries["predict"] and "samples" not in summaries["predict"]
     assert "opencv" in summaries["throughput"] and "dali" in summaries["throughput"]
 
@@ -50,3 +53,33 @@ def test_a_failing_stage_fails_the_check_and_shows_why(tmp_path):
     assert any(line.startswith("FAIL predict") for line in done.stdout.splitlines())
     assert "FAIL gpu-check: 0/1 stages passed" in done.stdout
     assert "    | " in done.stdout   # the stage's own output, indented
+
+
+def test_it_runs_from_a_checkout_without_installing(tmp_path):
+    # the lent GPU machine runs it from an unpacked project: no PYTHONPATH, another folder
+    done = subprocess.run([sys.executable, str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True,
+                          env=NOT_INSTALLED, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "no CUDA GPU" in done.stdout
+
+
+def test_the_quick_budgets_fit_one_ten_minute_command():
+    assert sum(timeout for _, timeout in gpu_check.QUICK_STAGES) < 480
+    assert {name for name, _ in gpu_check.QUICK_STAGES} <= set(gpu_check.STAGE_FUNCTIONS)
+
+
+def test_the_quick_cpu_rehearsal_passes_and_prints_its_budgets(tmp_path):
+    # on these shared 2 cores the budgets, set for an H200, are tripled
+    done = subprocess.run([sys.executable, str(SCRIPT), "--allow-cpu", "--quick", "--timeout-scale", "3",
+                           "--work", str(tmp_path / "w")], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=900, env=NOT_INSTALLED)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert lines[1] == "stage budgets: " + ", ".join(
+        f"{name} {3 * budget} s" for name, budget in gpu_check.QUICK_STAGES) + \
+        f" = {3 * sum(b for _, b in gpu_check.QUICK_STAGES)} s"
+    summaries = {line.split()[1]: line for line in lines if line.startswith("PASS ")}
+    assert list(summaries)[:-1] == [name for name, _ in gpu_check.QUICK_STAGES]
+    assert "Numba cache warm" in summaries["data"] and "world size 2 (gloo)" in summaries["torchrun"]
+    assert "highres_no_ela with flip TTA" in summaries["predict"]
+    assert lines[-1].startswith(f"PASS gpu-check: {len(gpu_check.QUICK_STAGES)}/")

@@ -326,3 +326,11 @@ def test_a_gpu_that_torch_cannot_use_is_an_error_not_a_cpu_run(monkeypatch, tmp_
         gpus_seen_by_driver.cache_clear()
     with pytest.raises(ValueError, match="device 'gpu'"):
         resolve_device("gpu")
+
+
+def test_dali_runs_on_the_current_cuda_device_for_a_bare_cuda(monkeypatch):
+    # a torchrun rank sets its device and asks for "cuda": DALI must not land on GPU 0
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert engine_loader.dali_device_id(torch.device("cuda")) == 3
+    assert engine_loader.dali_device_id(torch.device("cuda:1")) == 1
+    assert engine_loader.dali_device_id(torch.device("cpu")) is None

@@ -88,3 +88,13 @@ def test_normalising_in_the_workers_makes_the_loaders_batches(demo_store):
 def test_the_default_training_run_is_the_reference_members(members, trained):
     assert bench.parse_args(["--members", *members]).train_members == trained
     assert bench.parse_args(["--train-members", "comprehensive"]).train_members == ["comprehensive"]
+
+
+def test_the_training_wait_is_timed_with_the_trainers_own_step(demo_store, monkeypatch):
+    # bf16, channels_last, fused AdamW on CUDA come with trainers/train.py's step and settings
+    import trainers.train
+    steps = []
+    real = trainers.train.optimiser_step
+    monkeypatch.setattr(trainers.train, "optimiser_step", lambda *a, **k: steps.append(a[-2]) or real(*a, **k))
+    result = bench.measure_training_wait(demo_store, "highres_no_ela", 32, 2, 0, 1, 2, 0, torch.device("cpu"))
+    assert result["steps"] == 2 and steps == [torch.device("cpu")] * 2

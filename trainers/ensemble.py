@@ -122,6 +122,18 @@ def member_probabilities(model: nn.Module, x: torch.Tensor, tta: bool) -> torch.
     return prob / 3
 
 
+def _memory_format(device: torch.device) -> torch.memory_format:
+    # channels_last on CUDA, as the members were trained (trainers/train.py): cuDNN's fast kernels
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def _on_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch as the members take it; to a GPU from pinned memory, without blocking."""
+    if device.type == "cuda":
+        x = x.pin_memory().to(device, non_blocking=True)
+    return x.contiguous(memory_format=_memory_format(device))
+
+
 @dataclass
 class Member:
     name: str
@@ -138,7 +150,7 @@ class Ensemble:
         self.device = torch.device(device)
         self.members = members
         for member in members:
-            member.model.to(self.device).eval()
+            member.model.to(self.device, memory_format=_memory_format(self.device)).eval()
         self.recipes = {m.name: m.recipe for m in members}
         self.size = max(m.recipe.img_size for m in members)
         self.needs_ela = any(m.recipe.in_channels == 4 for m in members)
@@ -179,8 +191,8 @@ class Ensemble:
         for member in self.members:
             key = (member.recipe.img_size, member.recipe.in_channels)
             if key not in inputs:
-                inputs[key] = model_input(images, elas if key[1] == 4 else None,
-                                          key[0]).to(self.device)
+                inputs[key] = _on_device(model_input(images, elas if key[1] == 4 else None, key[0]),
+                                         self.device)
             prob = member_probabilities(member.model, inputs[key], tta)
             if prob.shape[-1] != self.size:
                 prob = nn.functional.interpolate(prob, size=(self.size, self.size),
