@@ -84,7 +84,8 @@ def read_batch(job) -> tuple[int, int, int]:
     return len(rows), _COUNTER.requests - before[0], _COUNTER.bytes - before[1]
 
 
-def reading_pool(store, with_ela: bool, workers: int, settings: storage.StorageSettings):
+def reading_pool(store, with_ela: bool, workers: int,
+                 settings: storage.StorageSettings = storage.NO_SETTINGS):
     """Processes that only read windows (read_batch), each with its reader open."""
     return mp.get_context("spawn").Pool(max(1, workers), _open_reader,
                                         (str(store), with_ela, settings))

@@ -37,7 +37,6 @@ import sys
 import uuid
 from pathlib import Path
 
-import google_crc32c
 
 
 class LocalStorage:
@@ -341,6 +340,10 @@ class CachedStorage:
     def _checksum(path: Path, data: bytes) -> bytes:
         """CRC-32C of the entry's name and bytes: an entry moved to another
         name fails it too."""
+        # imported here: offline prediction imports this module but reads no
+        # store, and its notebook's wheels (README) have no google-crc32c
+        import google_crc32c
+
         return google_crc32c.extend(google_crc32c.value(path.name.encode()), data).to_bytes(4, "little")
 
     def _cached(self, key: str, what: str) -> bytes | None:

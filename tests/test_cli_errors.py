@@ -54,5 +54,4 @@ def test_a_user_mistake_is_one_line_and_exit_2(tmp_path, cli, args, named):
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     problem = [line for line in lines if "error:" in line]
     assert problem and named.format(**where) in problem[0], done.stderr[-3000:]
-    # run_ensemble adds the command that reruns the ensemble once the cause is fixed
-    assert len(problem) == 1 + (cli == "trainers/run_ensemble.py"), done.stderr[-3000:]
+    assert len(problem) == 1, done.stderr[-3000:]

@@ -250,7 +250,7 @@ def test_errors_say_what_and_where(demo_store, tmp_path):
     no_meta = tmp_path / "no_meta.zarr"
     shutil.copytree(demo_store, no_meta)
     shutil.rmtree(no_meta / "meta")
-    with pytest.raises(layout.StoreError, match=r"no_meta.zarr/meta/case_id: missing.*verify_store"):
+    with pytest.raises(layout.StoreError, match=r"no_meta.zarr/meta/case_id: array missing.*verify_store"):
         make_loader(no_meta, "highres_no_ela")
 
 
