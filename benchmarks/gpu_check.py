@@ -249,7 +249,7 @@ def stage_train_step(work: Path, device: str, cpu: bool, quick: bool) -> str:
     from trainers.model import build_model, freeze_unused
     from trainers.precision import grad_scaler, precision_name
     from trainers.schedules import build_optimizer
-    from trainers.train import optimiser_step
+    from trainers.training import optimiser_step
 
     s = sizes(cpu, quick)
     dev = torch.device(device)

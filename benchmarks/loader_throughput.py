@@ -238,7 +238,7 @@ def measure_training_wait(store, member, img_size, batch_size, workers, epochs, 
     from trainers.model import build_model, freeze_unused
     from trainers.precision import grad_scaler
     from trainers.schedules import build_optimizer
-    from trainers.train import optimiser_step
+    from trainers.training import optimiser_step
 
     # the trainer's step and settings (trainers/train.py): on CUDA bf16
     # autocast, channels_last, fused AdamW, cuDNN autotuning

@@ -2,14 +2,13 @@
 
 Its own module, apart from engine/loader.py, so that prediction picks its
 device without importing the loader's DALI, Numba and Kornia (an offline
-notebook need not carry them).
+notebook need not carry them). Torch is imported only where a device is
+resolved, so that a command line offers DEVICES (--help) without it.
 """
 from __future__ import annotations
 
 import functools
 import subprocess
-
-import torch
 
 DEVICES = ("auto", "cpu", "cuda")   # what every command line offers for --device
 
@@ -25,6 +24,8 @@ def gpus_seen_by_driver() -> list[str]:
 
 
 def _cuda_unusable_message(asked: str) -> str:
+    import torch
+
     gpus = gpus_seen_by_driver()
     if not gpus:
         return f"device {asked!r} asked for, but CUDA is not available on this machine"
@@ -38,6 +39,8 @@ def resolve_device(device: str) -> torch.device:
     """'auto' picks CUDA when present; 'cuda' without CUDA is an error, and so
     is 'auto' where the driver sees a GPU that torch cannot use (rather than
     training on the CPU for days without anyone noticing)."""
+    import torch
+
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

@@ -198,6 +198,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
 
 ENSEMBLE_AVERAGE = tuple(n for n, r in RECIPES.items() if r.ensemble_role == "average")
 ENSEMBLE_UNION = tuple(n for n, r in RECIPES.items() if r.ensemble_role == "union")
+# The member whose checkpoint mines for the recipes with `mining` (trainers/mining.py);
+# here, without torch, for trainers/run_ensemble.py's training order.
+MINING_MEMBER = "highres_no_ela"
 
 
 def get_recipe(name: str) -> Recipe:

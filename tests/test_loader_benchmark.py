@@ -92,9 +92,9 @@ def test_the_default_training_run_is_the_reference_members(members, trained):
 
 def test_the_training_wait_is_timed_with_the_trainers_own_step(demo_store, monkeypatch):
     # bf16, channels_last, fused AdamW on CUDA come with trainers/train.py's step and settings
-    import trainers.train
+    import trainers.training
     steps = []
-    real = trainers.train.optimiser_step
-    monkeypatch.setattr(trainers.train, "optimiser_step", lambda *a, **k: steps.append(a[-2]) or real(*a, **k))
+    real = trainers.training.optimiser_step
+    monkeypatch.setattr(trainers.training, "optimiser_step", lambda *a, **k: steps.append(a[-2]) or real(*a, **k))
     result = bench.measure_training_wait(demo_store, "highres_no_ela", 32, 2, 0, 1, 2, 0, torch.device("cpu"))
     assert result["steps"] == 2 and steps == [torch.device("cpu")] * 2

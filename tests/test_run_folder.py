@@ -262,7 +262,7 @@ def test_a_run_stopped_while_validating_resumes(store, tmp_path, monkeypatch):
     """Stopped during validation (a reader worker dying, a Ctrl-C caught by
     DALI): the checkpoint written before validating holds the epoch's steps,
     and --resume validates them and finishes."""
-    import trainers.train as train_module
+    import trainers.training as training   # where train.py's training code looks up validate
 
     def dying(*args, **kwargs):
         raise RuntimeError("a reader worker died")
@@ -271,7 +271,7 @@ def test_a_run_stopped_while_validating_resumes(store, tmp_path, monkeypatch):
     common = ["--member", "small_specialist", "--store", str(store), "--out", str(run),
               "--epochs", "1", "--max-steps", "2", "--save-every", "0", *FAST]
     with monkeypatch.context() as patch:
-        patch.setattr(train_module, "validate", dying)
+        patch.setattr(training, "validate", dying)
         with pytest.raises(RuntimeError, match="worker died"):
             main(common)
     state = load_checkpoint(last_path(run / "models", "small_specialist"))

@@ -15,6 +15,7 @@ import engine
 from engine.loader import Loader
 from trainers import run_folder
 from trainers import train as train_module
+from trainers import training
 from trainers.checkpoint import last_path, load_checkpoint
 
 from test_object_storage import ROOT, Relay, bucket, s3_store  # noqa: F401 (fixtures)
@@ -56,8 +57,8 @@ POINTS = {
     # first batches, while validation reads the batches it has ready
     "epoch start": lambda m, r: cut_before(m, r, Loader, "_next_epoch",
                                            lambda self: self.epoch == 1 and self.planner.fixed is None),
-    "validation": lambda m, r: cut_before(m, r, train_module, "validate"),
-    "checkpoint": lambda m, r: cut_before(m, r, train_module, "save_checkpoint"),
+    "validation": lambda m, r: cut_before(m, r, training, "validate"),
+    "checkpoint": lambda m, r: cut_before(m, r, training, "save_checkpoint"),
 }
 
 

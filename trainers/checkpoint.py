@@ -39,6 +39,7 @@ import torch
 from engine.recipes import Recipe, SamplingRule, View
 from common.atomic import atomic_open
 from trainers.model import build_model
+from trainers.run_folder import CheckpointError, best_path, last_path  # noqa: F401 (re-exported)
 
 FORMAT = "forgery-member-checkpoint"
 OPTIMISER_STATE = ("optimizer", "scheduler", "scaler")   # in last checkpoints, not best
@@ -50,18 +51,6 @@ EXPORT_FORMAT = "forgery-member-export"
 EXPORT_FIELDS = ("recipe", "fingerprint", "weights_sha256")   # enough to predict with
 # Recorded in an export: the packages that build the model its tensors fit.
 EXPORT_PACKAGES = ("torch", "segmentation-models-pytorch", "timm", "safetensors")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unreadable or does not fit this run."""
-
-
-def best_path(models_dir: Path, member: str) -> Path:
-    return Path(models_dir) / f"{member}_best.pth"
-
-
-def last_path(models_dir: Path, member: str) -> Path:
-    return Path(models_dir) / f"{member}_last.pth"
 
 
 def export_path(folder: Path, member: str) -> Path:

@@ -32,13 +32,13 @@ from pathlib import Path
 
 from engine import storage as storages
 from engine import store as layout
+from engine.device import DEVICES
 from engine.recipes import RECIPES, Recipe, get_recipe
 from trainers.run_folder import DEFAULT_RUN
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # image sizes the models take: their encoders downsample five times by 2
 IMG_SIZE_MULTIPLE = 32
-DEVICES = ("auto", "cpu", "cuda")
 
 
 class ConfigError(ValueError):

@@ -29,41 +29,11 @@ from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
 from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from torch import nn
 
-from engine.recipes import ENSEMBLE_AVERAGE, ENSEMBLE_UNION, Recipe, get_recipe
+from engine.recipes import Recipe, get_recipe
 from trainers.checkpoint import CheckpointError, best_path, export_path, load_member, member_file
+# the operating points, in a module of their own so that --help lists them without torch
+from trainers.postprocess import ALL_MEMBERS, MIN_AREA_REFERENCE_PIXELS, MODES, PostProcess  # noqa: F401
 from trainers.precision import autocast
-
-ALL_MEMBERS = ENSEMBLE_AVERAGE + ENSEMBLE_UNION
-# Minimum component areas are given in pixels of a 512 x 512 model input
-# (docs/recipes.md, "Ensemble"); on an image they mean the same fraction of its area.
-MIN_AREA_REFERENCE_PIXELS = 512 * 512
-
-
-@dataclass(frozen=True)
-class PostProcess:
-    threshold: float
-    min_area: int       # pixels at 512 x 512
-
-    def __post_init__(self):
-        if not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"threshold {self.threshold}: must lie strictly between 0 and 1")
-        if self.min_area < 0:
-            raise ValueError(f"min_area {self.min_area}: must not be negative")
-
-    def min_area_at(self, height: int, width: int) -> float:
-        """The minimum component area in pixels of a height x width image."""
-        return self.min_area * height * width / MIN_AREA_REFERENCE_PIXELS
-
-
-# The documented operating points (threshold, minimum area at 512 px).
-MODES = {
-    "high-precision": PostProcess(0.80, 100),
-    "balanced": PostProcess(0.70, 50),
-    "default": PostProcess(0.65, 50),
-    "high-recall": PostProcess(0.60, 30),
-    "max-recall": PostProcess(0.55, 20),
-}
-
 
 def combine(probs: dict[str, torch.Tensor], recipes: dict[str, Recipe]) -> torch.Tensor:
     """Final probability from member probabilities of one shape (average, then union)."""

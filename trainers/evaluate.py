@@ -31,6 +31,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -41,8 +42,9 @@ from engine.recipes import SIZE_CLASS_EDGES, SIZE_CLASS_NAMES
 from engine import storage as storages
 from engine.store import StoreError
 from common.atomic import atomic_open
-from trainers.checkpoint import CheckpointError
-from trainers.ensemble import MODES, Ensemble, PostProcess
+from trainers.run_folder import CheckpointError
+# trainers/ensemble.py (torch) comes with a loaded ensemble: --help needs only the modes
+from trainers.postprocess import MODES, PostProcess
 from common.help_format import HelpFormatter
 from trainers.metrics import summarize
 from trainers.predict import (
@@ -50,6 +52,9 @@ from trainers.predict import (
     write_submission,
 )
 from trainers.score import ScoreError, image_score, open_split, true_instances, write_solution
+
+if TYPE_CHECKING:
+    from trainers.ensemble import Ensemble
 
 FULL = "ensemble"
 WITHOUT_SPECIALIST = "without specialist"

@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 
 from engine.recipes import get_recipe
-from trainers.checkpoint import CheckpointError, best_path, export_member
-from trainers.ensemble import ALL_MEMBERS
+from trainers.postprocess import ALL_MEMBERS
+from trainers.run_folder import CheckpointError, best_path
 from common.help_format import HelpFormatter
 from trainers.predict import DEFAULT_MODELS, member_names
 
@@ -72,6 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from trainers.checkpoint import export_member   # torch: after the command line is parsed
+
     try:
         for name in chosen_members(args.models, args.members):
             checkpoint = best_path(args.models, name)

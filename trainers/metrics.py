@@ -7,8 +7,12 @@ uses to pick `<member>_best.pth`.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 THRESHOLD = 0.5
 RECALL_DICE_WEIGHTS = {"recall": 0.6, "dice": 0.4}   # high_recall's selection metric
@@ -17,6 +21,8 @@ SELECTION_METRICS = ("mean_image_mcc", "pooled_mcc", "recall_dice", "mean_image_
 
 def pixel_counts(logits: torch.Tensor, mask: torch.Tensor, threshold: float = THRESHOLD) -> np.ndarray:
     """(B, 4) int64: tp, fp, fn, tn per image of sigmoid(logits) > threshold against mask."""
+    import torch   # here: the rest of this module (trainers/evaluate.py's) runs without it
+
     pred = (torch.sigmoid(logits.float()) > threshold).flatten(1)
     truth = (mask > 0.5).flatten(1)
     tp = (pred & truth).sum(1)

@@ -23,13 +23,12 @@ import engine
 from engine import store as layout
 from engine.storage import NO_SETTINGS, StorageSettings
 from engine.store import SPLITS
-from engine.recipes import Recipe
+from engine.recipes import MINING_MEMBER, Recipe
 from trainers.checkpoint import file_sha256, load_member
 from trainers.distributed import Distributed
 from trainers.metrics import THRESHOLD, pixel_counts, recall
 from trainers.precision import autocast
 
-MINING_MEMBER = "highres_no_ela"
 HARD_NEGATIVE_PIXEL_SHARE = 0.001
 HARD_NEGATIVE_KEEP = 300
 HARD_FN_RECALL = 0.5

@@ -46,10 +46,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from engine import storage as storages   # no zarr until a store is opened
@@ -59,10 +59,16 @@ from preprocess.source import (DEFAULT_MAX_PIXELS, BadInput, load_image, not_reg
                               png_byte_limit, to_rgb8)
 from common.atomic import atomic_open
 from common.help_format import HelpFormatter
-from trainers.run_folder import DEFAULT_RUN, models_dir
-from trainers.checkpoint import CheckpointError
-from trainers.ensemble import ALL_MEMBERS, MODES, Ensemble, PostProcess, instances, to_original_size
+from trainers.run_folder import DEFAULT_RUN, CheckpointError, models_dir
+# trainers/ensemble.py (torch) only where an ensemble is loaded or used, so
+# that --help and a mistyped flag answer without torch
+from trainers.postprocess import ALL_MEMBERS, MODES, PostProcess
 from trainers.rle import AUTHENTIC, SUBMISSION_COLUMNS, encode_annotation
+
+if TYPE_CHECKING:
+    import torch
+
+    from trainers.ensemble import Ensemble
 
 DEFAULT_MODELS = models_dir(DEFAULT_RUN)   # where train.py puts checkpoints by default
 
@@ -198,6 +204,8 @@ def predict_batches(ensemble: Ensemble, cases: Iterable[Case], tta: bool = False
 
 def batch_instances(batch: list[Case], final: torch.Tensor, post: PostProcess) -> list[list[np.ndarray]]:
     """Instance masks at each case's original size from combined probabilities."""
+    from trainers.ensemble import instances, to_original_size
+
     return [instances(to_original_size(prob, case.image.shape[:2]), post)
             for case, prob in zip(batch, final[:, 0].cpu().numpy())]
 
@@ -273,6 +281,8 @@ def add_ensemble_options(parser: argparse.ArgumentParser) -> None:
 
 def ensemble_from_args(args: argparse.Namespace) -> tuple[PostProcess, Ensemble]:
     """The post-processing and the loaded members that add_ensemble_options asked for."""
+    from trainers.ensemble import Ensemble
+
     post = MODES[args.mode]
     if args.threshold is not None:
         post = replace(post, threshold=args.threshold)

@@ -45,12 +45,12 @@ from common.atomic import atomic_open
 from common.help_format import HelpFormatter
 from engine import storage as storages
 from engine import store as layout
-from engine.recipes import RECIPES, SIZE_CLASS_NAMES
+from engine.recipes import MINING_MEMBER, RECIPES, SIZE_CLASS_NAMES
 from trainers import config as run_config
 from trainers import run_folder
-from trainers.checkpoint import last_path
+from trainers.run_folder import last_path
 from trainers.config import ConfigError, RunConfig
-from trainers.mining import MINING_MEMBER
+from trainers.postprocess import MODES
 
 ROOT = Path(__file__).resolve().parents[1]
 # settings that change what a member's run makes (the recipe aside, compared
@@ -261,7 +261,7 @@ def results_markdown(found: dict) -> str:
 
 def evaluate_run(args: argparse.Namespace, config: RunConfig) -> dict:
     from engine.device import resolve_device
-    from trainers.ensemble import MODES, Ensemble
+    from trainers.ensemble import Ensemble
     from trainers.evaluate import draw, draw_predictions, evaluate
     from trainers.score import write_solution
 
@@ -301,7 +301,6 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, RunConfig]:
     p.add_argument("--nproc-per-node", type=int, default=1,
                    help="processes (GPUs) per member; more than 1 trains under torchrun")
     p.add_argument("--tta", action="store_true", help="evaluate with flip test-time augmentation")
-    from trainers.ensemble import MODES
     p.add_argument("--mode", choices=list(MODES), default="default",
                    help="the ensemble's threshold/minimum-area operating point")
     p.add_argument("--images", type=Path,

@@ -60,6 +60,20 @@ def models_dir(run: Path) -> Path:
     return Path(run) / "models"
 
 
+# A member's checkpoints in models_dir (trainers/checkpoint.py writes and reads
+# them); named here, without torch, for the command lines that only look for them.
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable or does not fit this run."""
+
+
+def best_path(models_dir: Path, member: str) -> Path:
+    return Path(models_dir) / f"{member}_best.pth"
+
+
+def last_path(models_dir: Path, member: str) -> Path:
+    return Path(models_dir) / f"{member}_last.pth"
+
+
 def logs_dir(run: Path) -> Path:
     return Path(run) / "logs"
 
