@@ -249,7 +249,7 @@ def stage_train_step(work: Path, device: str, cpu: bool, quick: bool) -> str:
     from trainers.model import build_model, freeze_unused
     from trainers.precision import grad_scaler, precision_name
     from trainers.schedules import build_optimizer
-    from trainers.training import optimiser_step
+    from trainers.training import backward, optimiser_step
 
     s = sizes(cpu, quick)
     dev = torch.device(device)
@@ -280,6 +280,9 @@ def stage_train_step(work: Path, device: str, cpu: bool, quick: bool) -> str:
             torch.cuda.synchronize(dev)
         ms = 1000 * (time.perf_counter() - started)
         check(torch.isfinite(loss).item(), f"{name}: loss {loss.item()}")
+        backward(model, batch, criterion, scaler, dev)   # the gradients again: the step clears them
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         grads = [p.grad for p in model.parameters() if p.requires_grad]
         check(all(g is not None and torch.isfinite(g).all().item() for g in grads),
               f"{name}: missing or non-finite gradients")

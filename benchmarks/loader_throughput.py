@@ -559,7 +559,7 @@ def report(results: dict, rounds: int) -> None:
                   f"{', epochs 2+' if len(t['epochs']) > 1 else ''})")
         if "compare_format" in r:
             c, workers = r["compare_format"], results["workers"]
-            print(f"{member}: format 3 against version 2's layout: engine {r['engine_samples_per_s']:.1f} "
+            print(f"{member}: format {layout.VERSION} against version 2's layout: engine {r['engine_samples_per_s']:.1f} "
                   f"against {c['engine_samples_per_s']:.1f} samples/s ({c['engine_x']:.2f}x); read limit "
                   f"{r['read_limit_samples_per_s']:.1f} against {c['read_limit_samples_per_s']:.1f} "
                   f"samples/s ({c['read_limit_x']:.2f}x), that is "
