@@ -17,7 +17,8 @@ from engine import store as layout
 from trainers import run_folder
 from trainers.checkpoint import last_path, load_checkpoint
 from trainers.model import WeightsUnavailable, build_model
-from trainers.train import StopOnInterrupt, main, parse_args, resume_command
+from trainers.train import main, parse_args
+from trainers.training import StopOnInterrupt, resume_command
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_ENCODER = "timm-mobilenetv3_small_minimal_100"

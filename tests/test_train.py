@@ -24,7 +24,8 @@ from trainers.metrics import pixel_counts, summarize
 from trainers.model import build_model
 from trainers.schedules import build_optimizer, build_scheduler
 from trainers import run_folder
-from trainers.train import initial_model, main, optimiser_step, parse_args
+from trainers.train import main, parse_args
+from trainers.training import initial_model, optimiser_step
 
 SIZE = 64
 SMALL_ENCODER = "timm-mobilenetv3_small_minimal_100"   # 5x faster than the recipes' b2

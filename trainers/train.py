@@ -8,9 +8,10 @@ order, top to bottom:
   main -> parse_args: defaults, --config, typed flags (a resumed run: its
           recorded configuration first); refused here, before any worker
           starts or file is written, when they cannot work
-       -> train_member: run folder -> starting_point (recipe, seed, the
-          checkpoint when resuming) -> (mining) -> new_training (model,
-          optimiser, per-step schedule, RunState) -> record_start ->
+       -> train_member (trainers/training.py): run folder ->
+          starting_point (recipe, seed, the checkpoint when resuming) ->
+          (mining) -> new_training (model, optimiser, per-step schedule,
+          RunState) -> record_start ->
           run_epochs, per epoch:
             train_one_epoch  the loader's batches (resumable at any
                              optimiser step), one row per step in
@@ -120,18 +121,6 @@ def main(argv=None) -> int:
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-
-def __getattr__(name):
-    """The training's names as before they moved to trainers/training.py
-    (`from trainers.train import optimiser_step`), imported on first use.
-    To replace one in a test, patch trainers.training: the code looks there."""
-    import trainers.training
-
-    try:
-        return getattr(trainers.training, name)
-    except AttributeError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
 
 
 if __name__ == "__main__":
