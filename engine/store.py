@@ -461,9 +461,10 @@ def _nonzero_chunks(plane: np.ndarray, chunk: int) -> tuple[slice, slice] | None
                                    (cols[0], cols[-1], plane.shape[1])))
 
 
-BUILD_ID = "build_id"   # the root attribute naming one build of a store: the read cache's key
-# root attributes a finished build writes last; BUILD_ID names the build
-# (a new one at every build)
+# the root attribute naming one build of a store, new at every build: the
+# generation the read cache keeps the store's bytes under (build_id)
+BUILD_ID = "build_id"
+# root attributes a finished build writes last
 COMPLETION = ("format", "version", "fingerprint", BUILD_ID)
 
 
