@@ -313,8 +313,8 @@ class WindowReader:
         engine.store.open_store returned; `storage`: how a URL is reached."""
         self._group = store if isinstance(store, zarr.Group) else None
         self.settings = storage or NO_SETTINGS
-        self.storage = (storage_of(store) if self._group is not None
-                        else open_storage(store, storage=self.settings))
+        self.storage = (storage_of(store) if self._group is not None else
+                        open_storage(store, storage=self.settings, generation=layout.build_id))
         # what a worker process reopens (__getstate__): a URL stays a URL
         self.store = store if is_url(store) else str(self.storage.where())
         self.with_ela, self.pyramid = with_ela, pyramid

@@ -1,8 +1,15 @@
 """Where a store's bytes live: the one seam between the engine and storage.
 
-The reader and the builder name a store's objects by key ("images/3/0/c/0/0/0",
-zarr v3's keys) and go through a Storage for the bytes: whole objects, byte
-ranges of one (a shard's inner chunks) and its last n bytes (a shard's index).
+The bottom layer of a store: bytes by key, nothing of what they mean. The
+store's layout (engine/store.py: its arrays, meta/, root attributes, version
+and completion, and StoreDamaged) sits on top of this module, which imports
+nothing of it and names no array: the reader, the builder and verify_store
+open a store's bytes here and read its layout there (docs/architecture.md,
+"Layers").
+
+Objects are named by key (zarr v3's keys, "path/to/array/c.0.0" or
+"zarr.json") and read through a Storage: whole objects, byte ranges of one
+(a shard's inner chunks) and its last n bytes (a shard's index).
 
 LocalStorage reads a folder with positioned reads (os.pread): zarr-python's
 asyncio path costs about 0.3 ms per read before any decoding
@@ -14,15 +21,17 @@ bounded local folder, so a second epoch (or another rank on the node) reads
 them from local disk.
 
 A store is named by a local path or a URL (s3://, gs://, anything fsspec
-reads; file:// is a local path). open_storage and zarr_store are the one way
-from that name to its bytes, for the reader, the builder, mining, prediction
-and evaluation alike. Credentials and endpoint come from the environment as
-each fsspec back end reads them (for s3://: AWS_ENDPOINT_URL,
-AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE);
-further fsspec options, the cache and the mining folder travel as one
-StorageSettings (the CLIs' --storage-option, --cache, --cache-limit-gb and
---mining-dir), passed to whatever opens a store and pickled with the
-readers into worker processes (docs/object_storage.md).
+reads; file:// is a local path). open_storage is the one way from that name
+to its bytes, for the reader, the builder, mining, prediction and evaluation
+alike. Credentials and endpoint come from the environment as each fsspec
+back end reads them (for s3://: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE); further fsspec
+options, the cache and the mining folder travel as one StorageSettings (the
+CLIs' --storage-option, --cache, --cache-limit-gb and --mining-dir), passed
+to whatever opens a store and pickled with the readers into worker processes
+(docs/object_storage.md). Storage that refuses the credentials or cannot be
+reached raises StorageUnavailable (explained); the layout layer turns it into
+the store errors its callers expect.
 """
 from __future__ import annotations
 
@@ -36,7 +45,7 @@ import shutil
 import sys
 import uuid
 from pathlib import Path
-
+from typing import Callable
 
 
 class LocalStorage:
@@ -276,7 +285,6 @@ class ZarrStorage:
         return self._sync(self._s3_call(key, "delete_object", IfMatch=tag)) is not None
 
 
-BUILD_ID = "build_id"   # the root attribute naming one build of a store: the read cache's key
 _UNWRITABLE_CACHES: set[Path] = set()   # cache folders this process has reported
 
 
@@ -284,17 +292,15 @@ class CachedStorage:
     """Another storage's reads kept in a local folder, bounded in size.
 
     Each read (a whole object, a byte range, a suffix) is one file, named by
-    a hash of its object key and range, in a folder per build of the store:
-    the build id (BUILD_ID) the store's own root zarr.json records, read from
-    the store once per process. Every build writes a new one, so a store
-    rebuilt at the same URL, even with only some pixels changed, is never
-    served the old build's bytes; a store without one (an unfinished upload)
-    is read uncached. Each file ends with a CRC-32C of its name and bytes,
+    a hash of its object key and range, in a folder per generation of the
+    inner storage's bytes: `generation(inner)`, asked once per process at
+    the first read, names it (a folder name; "" for none, and then reads go
+    uncached). Each file ends with a CRC-32C of its name and bytes,
     checked on every read: a corrupt or truncated file, one renamed from
     another entry, or a folder in its place is dropped and read again from
-    the store, so damage of the cache is never reported as damage of the
-    store (the reader still checks every chunk's and index's CRC-32C, and
-    array metadata is a cached entry like any other).
+    the inner storage, so damage of the cache is never reported as damage
+    of the bytes it keeps (whoever reads them still checks their own
+    checksums: every object is a cached entry like any other).
 
     A file is written to a temporary name and renamed, so several worker
     processes and ranks can share the folder: a reader sees a whole file or
@@ -308,10 +314,12 @@ class CachedStorage:
     TRIM_SHARE = 8          # look at the folder's size after writing limit / TRIM_SHARE bytes
     KEEP_AFTER_TRIM = 0.8   # of the limit: room for a while before the next trim
 
-    def __init__(self, inner, folder: str | os.PathLike, limit_bytes: int):
+    def __init__(self, inner, folder: str | os.PathLike, limit_bytes: int,
+                 generation: Callable[[object], str]):
         self.inner, self.folder, self.limit = inner, Path(folder), int(limit_bytes)
+        self.generation = generation
         self._root: Path | None = None
-        self._build: str | None = None
+        self._named: str | None = None
         self._written = 0
 
     def where(self, key: str = ""):
@@ -319,11 +327,13 @@ class CachedStorage:
 
     @property
     def root(self) -> Path | None:
-        """This build's folder, None for a store without a build id (the
-        root zarr.json read once, from the store)."""
-        if self._build is None:
-            self._build = build_id(self.inner.read("zarr.json"))
-            self._root = self.folder / self._build if self._build else None
+        """This generation's folder, None for bytes of no generation (named
+        once: `generation` may read the inner storage)."""
+        if self._named is None:
+            named = self.generation(self.inner)
+            # a folder name: only letters and digits (a uuid's hex)
+            self._named = named if isinstance(named, str) and named.isalnum() else ""
+            self._root = self.folder / self._named if self._named else None
         return self._root
 
     @property
@@ -476,17 +486,6 @@ class CachedStorage:
         return self.inner.keys(prefix)
 
 
-def build_id(root: bytes | None) -> str:
-    """The BUILD_ID attribute of a store's root zarr.json ("" when there is
-    none, or no readable root)."""
-    try:
-        found = json.loads(root or b"{}").get("attributes", {}).get(BUILD_ID, "")
-    except (ValueError, AttributeError):
-        return ""
-    # a folder name: only what a uuid's hex can hold
-    return found if isinstance(found, str) and found.isalnum() else ""
-
-
 def storage_of(group) -> LocalStorage | ZarrStorage:
     """The Storage holding an open zarr group's store (keys are relative to
     the store's root, so they include the group's own path)."""
@@ -626,16 +625,19 @@ def zarr_store(url: str, read_only: bool = True, storage: StorageSettings | None
 
 
 def open_storage(store: str | os.PathLike, read_only: bool = True,
-                 storage: StorageSettings | None = None):
+                 storage: StorageSettings | None = None,
+                 generation: Callable[[object], str] | None = None):
     """The storage of the store named `store`: LocalStorage for a path; for
-    a URL, ZarrStorage over zarr_store, behind the settings' cache."""
+    a URL, ZarrStorage over zarr_store, behind the settings' cache when
+    `generation` names the generation of its bytes (CachedStorage), else
+    uncached."""
     if not is_url(store):
         return LocalStorage(location(str(store)))
     storage = storage or NO_SETTINGS
     found = ZarrStorage(zarr_store(store, read_only, storage), store)
-    if storage.cache is not None and read_only:
+    if storage.cache is not None and read_only and generation is not None:
         return CachedStorage(found, Path(storage.cache).absolute(),
-                             int(storage.cache_limit_gb * 1e9))
+                             int(storage.cache_limit_gb * 1e9), generation)
     return found
 
 

@@ -2,6 +2,11 @@
 
 This module is the single place that names the store's arrays; the builder
 (preprocess/build_zarr.py) writes through it and the engine reads through it.
+It is the layout layer, on top of engine/storage.py's bytes: it opens a
+store's bytes there (open_storage, storage_of) and never the other way
+round; storage errors that users meet as store errors (StorageUnavailable)
+become them here (StoreUnreachable). The read cache keeps a store's bytes
+per build: build_id is the generation that open_storage's cache is given.
 
 Layout (docs/store.md describes it for readers of the store; every image
 keeps its original resolution; `<row>` is the image's row in `meta/`, written
@@ -456,20 +461,40 @@ def _nonzero_chunks(plane: np.ndarray, chunk: int) -> tuple[slice, slice] | None
                                    (cols[0], cols[-1], plane.shape[1])))
 
 
-# root attributes a finished build writes last; BUILD_ID names the build
-# (a new one at every build: the read cache's key, engine/storage.py)
-COMPLETION = ("format", "version", "fingerprint", storages.BUILD_ID)
+# the root attribute naming one build of a store, new at every build: the
+# generation the read cache keeps the store's bytes under (build_id)
+BUILD_ID = "build_id"
+# root attributes a finished build writes last
+COMPLETION = ("format", "version", "fingerprint", BUILD_ID)
+
+
+def build_id(storage) -> str:
+    """The BUILD_ID attribute of the root zarr.json in `storage` ("" when
+    there is none, or no readable root): the generation of a store's bytes
+    that engine/storage.py's read cache keeps them under (open_storage's
+    `generation`), so a store rebuilt at the same URL is never served the
+    old build's bytes."""
+    try:
+        found = json.loads(storage.read("zarr.json") or b"{}").get("attributes", {}).get(BUILD_ID, "")
+    except (ValueError, AttributeError):
+        return ""
+    return found if isinstance(found, str) else ""
 
 
 def open_store(path: str | os.PathLike, mode: str = "r",
                storage: storages.StorageSettings | None = None) -> zarr.Group:
     """Open a complete forgery store, a local path or a URL reached with
-    `storage`'s settings (engine/storage.py), or raise StoreError saying
-    what is wrong."""
-    if storages.is_url(path):
-        group = _open_url(path, mode, storage)
+    `storage`'s settings, or raise StoreError saying what is wrong. Its
+    bytes come from engine/storage.py's open_storage, once; all the rest
+    (is it there, finished, of this format and version) is the layout's."""
+    try:
+        place = storages.open_storage(path, read_only=mode == "r", storage=storage)
+    except Exception as exc:   # a URL whose file system cannot be made (its options, its protocol)
+        raise _open_error(path, exc) from None
+    if isinstance(place, storages.LocalStorage):
+        group = _open_local(place.root, mode)
     else:
-        group = _open_local(storages.location(str(path)), mode)
+        group = _open_url(place, mode)
     attrs = group.attrs.asdict()
     if attrs.get("format") != FORMAT:
         raise StoreError(
@@ -498,27 +523,35 @@ def _open_local(path: Path, mode: str) -> zarr.Group:
         raise StoreError(f"{path}: not a Zarr v3 group ({exc})") from None
 
 
-def _open_url(url: str, mode: str, storage: storages.StorageSettings | None) -> zarr.Group:
+def _open_url(place: storages.ZarrStorage, mode: str) -> zarr.Group:
     """A store on object storage has no rename: its build uploads the root
     zarr.json with the COMPLETION attributes last (preprocess/build_zarr.py),
     so a root without them is a build still running or killed."""
+    url = place.where()
     try:
-        store = storages.zarr_store(url, read_only=mode == "r", storage=storage)
-        root = storages.ZarrStorage(store, url).read("zarr.json")
+        root = place.read("zarr.json")
         if root is None:
             raise StoreError(f"{url}: no store here; build one with "
                              f"`python preprocess/build_zarr.py --out {url}`")
         if unfinished(json.loads(root).get("attributes", {})):
             raise StoreError(f"{url}: its build did not finish (its root zarr.json has no "
                              "fingerprint yet); rerun build_zarr to resume it")
-        return zarr.open_group(store, mode=mode)
+        return zarr.open_group(place.store, mode=mode)
     except StoreError:
         raise
     except Exception as exc:
-        problem = storages.explained(url, exc)
-        if problem:
-            raise StoreUnreachable(str(problem)) from None
-        raise StoreError(f"{url}: not a Zarr v3 group ({exc})") from None
+        raise _open_error(url, exc) from None
+
+
+def _open_error(url: str | os.PathLike, exc: Exception) -> StoreError:
+    """`exc`, raised by the storage of store `url` while opening it, as the
+    store error users see: StoreUnreachable when the storage refuses the
+    credentials or cannot be reached (engine/storage.py explained), else
+    not a Zarr v3 group."""
+    problem = storages.explained(str(url), exc)
+    if problem:
+        return StoreUnreachable(str(problem))
+    return StoreError(f"{url}: not a Zarr v3 group ({exc})")
 
 
 def unfinished(attributes: dict) -> bool:

@@ -373,8 +373,8 @@ def finalize(partial: Path, settings: Settings, cases: list[Case], records: list
         "format": layout.FORMAT, "version": layout.VERSION,
         "fingerprint": fingerprint(meta, instances), "layout": settings.layout,
         # new at every build, even of the same inputs: what the read cache
-        # keys a store's bytes by (engine/storage.py CachedStorage)
-        storages.BUILD_ID: uuid.uuid4().hex,
+        # keys a store's bytes by (engine/store.py build_id)
+        layout.BUILD_ID: uuid.uuid4().hex,
         "levels": {"min_side": layout.MIN_LEVEL_SIDE, "max": layout.MAX_LEVELS},
     })
 

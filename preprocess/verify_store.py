@@ -96,7 +96,7 @@ def verify(store: Path | str, progress: bool = True,
     store this engine reads."""
     group = layout.open_store(store, storage=storage)
     meta, problems = check_meta(group, str(store))
-    opened = storages.open_storage(store, storage=storage)
+    opened = storages.open_storage(store, storage=storage, generation=layout.build_id)
     keys = opened.keys("")
     stored = stored_arrays(keys)
     if meta is None:   # without meta/, check the chunks of what is there

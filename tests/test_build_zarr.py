@@ -368,7 +368,7 @@ def _assert_same_store(a: Path, b: Path) -> None:
     ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
     attrs_a, attrs_b = ga.attrs.asdict(), gb.attrs.asdict()
     # every build has its own id (the read cache's key), whatever it holds
-    assert attrs_a.pop(storages.BUILD_ID) != attrs_b.pop(storages.BUILD_ID)
+    assert attrs_a.pop(layout.BUILD_ID) != attrs_b.pop(layout.BUILD_ID)
     assert attrs_a == attrs_b
     arrays_a = {path: arr[...] for path, arr in _walk(ga)}
     arrays_b = {path: arr[...] for path, arr in _walk(gb)}

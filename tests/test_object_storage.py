@@ -71,8 +71,8 @@ def test_the_store_on_s3_is_the_local_build_object_for_object(s3_store, demo_sto
     # the same root but for the build id: each build has its own
     remote_root, local_root = (json.loads(root) for root in (target.read("zarr.json"),
                                                              local["zarr.json"]))
-    assert remote_root["attributes"].pop(storages.BUILD_ID) != \
-        local_root["attributes"].pop(storages.BUILD_ID)
+    assert remote_root["attributes"].pop(layout.BUILD_ID) != \
+        local_root["attributes"].pop(layout.BUILD_ID)
     assert remote_root == local_root
     assert layout.open_store(s3_store).attrs["fingerprint"] == \
         layout.open_store(demo_store).attrs["fingerprint"]
@@ -117,7 +117,8 @@ def test_loader_from_s3_gives_the_local_builds_batches_bit_for_bit(s3_store, dem
 
 
 def test_the_cache_serves_a_second_read_from_local_disk(s3_store, tmp_path):
-    cached = storages.CachedStorage(storages.open_storage(s3_store), tmp_path / "cache", 10**9)
+    cached = storages.CachedStorage(storages.open_storage(s3_store), tmp_path / "cache", 10**9,
+                                    layout.build_id)
     reader = WindowReader(s3_store)
     reader.storage = cached
     first = reader.read_array(layout.image_path(1))
@@ -134,7 +135,7 @@ def test_the_cache_serves_a_second_read_from_local_disk(s3_store, tmp_path):
         read_ranges = read_suffix = read
 
     again = WindowReader(s3_store)
-    again.storage = storages.CachedStorage(Offline(), tmp_path / "cache", 10**9)
+    again.storage = storages.CachedStorage(Offline(), tmp_path / "cache", 10**9, layout.build_id)
     assert np.array_equal(again.read_array(layout.image_path(1)), first)
 
 
@@ -156,7 +157,8 @@ def small_source(demo_source, folder, invert=False):
 
 def cached_reader(url, folder):
     reader = WindowReader(url)
-    reader.storage = storages.CachedStorage(storages.open_storage(url), folder, 10**9)
+    reader.storage = storages.CachedStorage(storages.open_storage(url), folder, 10**9,
+                                            layout.build_id)
     return reader
 
 
@@ -286,11 +288,12 @@ def read_rows(s3_store, cached, rows=range(6)):
 
 def test_the_cache_stays_under_its_limit(s3_store, tmp_path):
     read_rows(s3_store, storages.CachedStorage(storages.open_storage(s3_store),
-                                               tmp_path / "all", 10**9))
+                                               tmp_path / "all", 10**9, layout.build_id))
     count, everything = cache_bytes(tmp_path / "all")
     limit = everything // 2
     # read again with half the room: the writes trim as they go
-    cached = storages.CachedStorage(storages.open_storage(s3_store), tmp_path / "half", limit)
+    cached = storages.CachedStorage(storages.open_storage(s3_store), tmp_path / "half", limit,
+                                    layout.build_id)
     read_rows(s3_store, cached)
     assert 0 < cache_bytes(tmp_path / "half")[1] < everything
     cached.trim()
