@@ -74,6 +74,11 @@ def s3_server():
     os.environ.update(env)
     try:
         import boto3
+        import s3fs
+        # fsspec keeps one S3FileSystem per set of arguments: one made by an
+        # earlier test without credentials (a store's error message names its
+        # rebuild command, which opens the store) would be handed to these
+        s3fs.S3FileSystem.clear_instance_cache()
         # the server checks signatures once its first requests (these) are
         # done: a user with every permission, whose key the tests use
         iam = boto3.session.Session().client("iam")
