@@ -48,9 +48,10 @@ take about 3 minutes on 2 shared cores (docs/performance.md, "Scale").
     python benchmarks/scale.py                                  # format 4, 1k-1M images
     python benchmarks/scale.py --rows 1000 10000 --remote-rows 10000
 
-Another store format is measured by adding its two functions beside
-build_format_4 and add_pixels_format_4: everything measured goes through the
-engine's open_store, make_loader and WindowReader.
+Another store format is measured by adding its own functions beside
+build_format_4, add_pixels_format_4 and objects_per_image_format_4, called
+where measure_store calls those: everything else goes through the engine's
+open_store, make_loader and WindowReader.
 """
 from __future__ import annotations
 
@@ -170,17 +171,20 @@ def add_pixels_format_4(out: Path, table: dict, rows, seed: int, written: set) -
     written.update(todo)
 
 
-def objects_per_image(out: Path, n: int, sample: list[int], written: set) -> dict:
+def objects_per_image_format_4(out: Path, n: int, sample: list[int], written: set) -> dict:
     """Files of the store per image: the pixel objects of `sample`'s rows
-    (engine.store.row_nodes) per row, plus every other file / n."""
+    (engine.store.row_nodes) per row, plus every other file / n; and the
+    sample's stored bytes per image."""
     storage = storages.LocalStorage(out)
-    per_row = [sum(len(storage.keys(node)) for node in layout.row_nodes(row)) for row in sample]
-    total = len(storage.keys(""))
-    pixel_files = sum(len(storage.keys(node)) for row in written for node in layout.row_nodes(row))
-    other = total - pixel_files
-    return {"objects_per_image": statistics.fmean(per_row) + other / n,
-            "pixel_objects_per_image": statistics.fmean(per_row), "store_objects": other,
-            "files": total, "pixel_rows_written": len(written), "pixel_sample": len(sample)}
+    files = {row: [key for node in layout.row_nodes(row) for key in storage.keys(node)]
+             for row in written}
+    other = len(storage.keys("")) - sum(map(len, files.values()))
+    per_row = statistics.fmean(len(files[row]) for row in sample)
+    return {"objects_per_image": per_row + other / n, "pixel_objects_per_image": per_row,
+            "store_objects": other, "files": other + sum(map(len, files.values())),
+            "pixel_rows_written": len(written), "pixel_sample": len(sample),
+            "bytes_per_pixel_image": statistics.fmean(
+                sum((out / key).stat().st_size for key in files[row]) for row in sample)}
 
 
 # ---------------------------------------------------------------- what the engine pays
@@ -191,9 +195,9 @@ def timed(fn, *args, **kwargs):
     return time.perf_counter() - start, result
 
 
-def open_seconds(store, repeats: int, settings=None) -> float:
+def open_seconds(store: Path, repeats: int) -> float:
     """Median seconds of open_store + read_meta."""
-    return statistics.median(timed(lambda: layout.read_meta(layout.open_store(store, storage=settings)))[0]
+    return statistics.median(timed(lambda: layout.read_meta(layout.open_store(store)))[0]
                              for _ in range(repeats))
 
 
@@ -217,12 +221,16 @@ def status_mb(pid: int) -> dict:
     return found
 
 
-def rows_read(loader, args) -> np.ndarray:
-    """Rows of the batches the loader's workers read while measured: the
-    batches taken, those DALI prefetches, and a margin."""
+def planned_reads(loader, args, remote_samples: int) -> tuple[np.ndarray, list]:
+    """Rows of the batches the loader's workers read while measured (the
+    batches taken, those DALI prefetches, and a margin, and at least the
+    remote reads'), and the plan's first `remote_samples` (row, window)."""
     from engine.pipeline import PREFETCH_PER_WORKER
-    ahead = args.batches + PREFETCH_PER_WORKER * max(1, args.workers) + 3
-    return np.concatenate(loader.batches.rows[:ahead])
+    ahead = max(args.batches + PREFETCH_PER_WORKER * args.workers + 3,
+                -(-remote_samples // args.batch_size))
+    rows = np.concatenate(loader.batches.rows[:ahead])
+    windows = np.concatenate(loader.batches.windows[:ahead])
+    return rows, list(zip(rows.tolist()[:remote_samples], windows[:remote_samples]))
 
 
 def measure_loader(out: Path, member: str, args, add_pixels, remote_samples: int) -> tuple[dict, list]:
@@ -235,14 +243,15 @@ def measure_loader(out: Path, member: str, args, add_pixels, remote_samples: int
                             workers=args.workers)
     with loader:
         plans = [timed(loader.set_epoch, epoch)[0] for epoch in (1, 0) * args.repeats]
-        add_pixels(rows_read(loader, args))
-        samples = list(zip(np.concatenate(loader.batches.rows).tolist()[:remote_samples],
-                           np.concatenate(loader.batches.windows)[:remote_samples]))
+        rows, samples = planned_reads(loader, args, remote_samples)
+        add_pixels(rows)
         before = child_pids()
-        for _, _ in zip(range(args.batches), loader):
+        for _ in zip(range(args.batches), loader):
             pass
         workers = [pid for pid in child_pids() - before
                    if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        if not workers:
+            raise RuntimeError(f"{out}: no reader worker process of {member}'s loader found")
         memory = [status_mb(pid) for pid in workers]
     return {"loader_s": seconds, "plan_s": statistics.median(plans),
             "epoch_batches": len(loader.batches), "workers": len(memory),
@@ -371,10 +380,7 @@ def measure_store(n: int, args, server: CountingS3 | None, remote: bool) -> dict
     for member in args.members:
         found["members"][member], samples[member] = measure_loader(
             out, member, args, add_pixels, args.remote_samples if remote else 0)
-    found.update(objects_per_image(out, n, sample, written))
-    found["bytes_per_pixel_image"] = sum(
-        (out / p).stat().st_size for row in sample for node in layout.row_nodes(row)
-        for p in storages.LocalStorage(out).keys(node)) / len(sample)
+    found.update(objects_per_image_format_4(out, n, sample, written))
     if remote:
         found["remote"] = measure_remote(server, out, samples, args)
     if not args.keep:
@@ -510,7 +516,7 @@ def main(argv=None) -> int:
                         help="the S3 server holds each request this long")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None,
-                        help="folder for the stores (default: a temporary folder under data/, removed)")
+                        help="folder for the stores (default: a temporary folder, removed)")
     parser.add_argument("--keep", action="store_true", help="keep the stores in --work")
     parser.add_argument("--json", type=Path, default=Path("logs/scale.json"),
                         help="figures (and a PNG chart beside it)")
@@ -526,8 +532,7 @@ def main(argv=None) -> int:
     import engine.loader  # noqa: F401 (torch and DALI imported before any clock starts)
     temporary = args.work is None
     if temporary:
-        Path("data").mkdir(exist_ok=True)
-        args.work = Path(tempfile.mkdtemp(prefix="scale_", dir="data"))
+        args.work = Path(tempfile.mkdtemp(prefix="scale_"))
     args.work.mkdir(parents=True, exist_ok=True)
     server = CountingS3(args.latency_ms / 1e3) if remote_rows else None
     try:
