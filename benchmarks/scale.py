@@ -508,7 +508,8 @@ def main(argv=None) -> int:
                         help="images whose pixels are written at random, for objects per image")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--img-size", type=int, default=128, help="loader output side")
-    parser.add_argument("--workers", type=int, default=2, help="reader workers of each loader")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="reader workers of each loader (make_loader's own default on 2 cores)")
     parser.add_argument("--batches", type=int, default=2, help="batches taken before measuring the workers")
     parser.add_argument("--repeats", type=int, default=3, help="timed opens and plans, the median counts")
     parser.add_argument("--remote-samples", type=int, default=16, help="windows read per member and setting")
