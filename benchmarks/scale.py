@@ -20,7 +20,7 @@ Per store and member:
                 (each rank, each reader worker on its first read)
   loader s      make_loader: the store opened and an epoch planned, per rank
                 (world size 1: each rank plans the whole epoch anyway)
-  plan s        loader.set_epoch: one epoch planned again (the reader workers
+  plan ms       loader.set_epoch: one epoch planned again (the reader workers
                 plan each later epoch themselves)
   worker MB     VmRSS (/proc/PID/status) of the loader's reader workers (DALI's
                 processes, --workers, the opencv backend) after --batches
@@ -74,11 +74,15 @@ from common.atomic import atomic_open
 from common.help_format import HelpFormatter
 from engine import storage as storages
 from engine import store as layout
+from engine.recipes import RECIPES
 from preprocess import build_zarr
 from preprocess.source import DEFAULT_MAX_PIXELS, Case
 
 FORMAT = layout.VERSION
 MEMBERS = ("highres_no_ela", "small_specialist")
+# members a synthetic store can serve: no mining results to read, and no
+# copy-paste patch bank, which reads every forged training image's pixels
+MEASURABLE = tuple(name for name, r in RECIPES.items() if r.mining is None and not r.copy_paste)
 FORGED_AREA_MEDIAN = 0.03   # forged area ratios log-normal around 3 %, as in the competition
 BUCKET = "scale"
 
@@ -275,7 +279,10 @@ class CountingS3:
         def counted(environ, start_response):
             arrived = time.perf_counter()
             time.sleep(latency)
-            body = b"".join(app(environ, start_response))
+            answer = app(environ, start_response)
+            body = b"".join(answer)
+            if hasattr(answer, "close"):   # WSGI: an iterable with close() is closed by its caller
+                answer.close()
             with self._lock:   # before the answer leaves: a request it causes arrives later
                 self.log.append((arrived, time.perf_counter(), environ["REQUEST_METHOD"], len(body)))
             return [body]
@@ -418,8 +425,9 @@ def print_report(results: dict) -> None:
     print(f"idle worker: the same loaders' workers over {idle['rows']} images: " + ", ".join(
         f"{member} {m['worker_rss_mean_MB']:.0f} MB" for member, m in idle["members"].items())
         + " (VmRSS counts the shared libraries' pages in every process)")
-    written = [s["pixel_rows_written"] for s in stores]
-    print(f"pixel arrays written for {min(written):,}-{max(written):,} images of each store (the rows "
+    written = sorted({s["pixel_rows_written"] for s in stores})
+    span = f"{written[0]:,}" if len(written) == 1 else f"{written[0]:,}-{written[-1]:,}"
+    print(f"pixel arrays written for {span} images of each store (the rows "
           f"read and a uniform sample of {settings['pixel_sample']}); objects per image from that "
           "sample, exact in a store of no more images than the sample")
     for store in stores:
@@ -437,7 +445,7 @@ def print_remote(store: dict, latency_ms: float) -> None:
     opening = remote["open"]
     print(f"\n{remote['url']} ({store['rows']:,} images), local moto server, {latency_ms:g} ms held per "
           f"request: open_store + read_meta {opening['requests']} requests ({opening['heads']} HEAD) in "
-          f"{opening['round_trips']} round trips, {opening['bytes'] / 1e6:.1f} MB, {opening['seconds']:.2f} s")
+          f"{opening['round_trips']} round trips, {opening['bytes'] / 1e3:,.0f} kB, {opening['seconds']:.2f} s")
     header = (f"{'member':<18}{'setting':<12}{'requests':>9}{'HEAD':>6}{'round trips':>12}{'kB':>8}"
               f"{'ms':>8}{'requests x cold':>16}")
     print(header + "\n" + "-" * len(header))
@@ -500,7 +508,7 @@ def main(argv=None) -> int:
     parser.add_argument("--remote-rows", type=int, nargs="*", default=None,
                         help="the stores (of --rows) measured from the S3 server (default: the largest)")
     parser.add_argument("--idle-rows", type=int, default=100, help="images of the idle workers' store")
-    parser.add_argument("--members", nargs="+", default=list(MEMBERS))
+    parser.add_argument("--members", nargs="+", default=list(MEMBERS), choices=MEASURABLE)
     parser.add_argument("--sides", type=int, nargs=2, default=[128, 512], metavar=("MIN", "MAX"),
                         help="image sides, pixels")
     parser.add_argument("--forged", type=float, default=0.5, help="share of forged images")
