@@ -506,9 +506,12 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=int, nargs="+", default=[1000, 10_000, 100_000, 1_000_000],
                         help="images of each synthetic store")
     parser.add_argument("--remote-rows", type=int, nargs="*", default=None,
-                        help="the stores (of --rows) measured from the S3 server (default: the largest)")
+                        help="the stores (of --rows) measured from the S3 server (default: the "
+                             "largest; none given: no S3)")
     parser.add_argument("--idle-rows", type=int, default=100, help="images of the idle workers' store")
-    parser.add_argument("--members", nargs="+", default=list(MEMBERS), choices=MEASURABLE)
+    parser.add_argument("--members", nargs="+", default=list(MEMBERS), choices=MEASURABLE,
+                        metavar="MEMBER", help=f"members whose loaders are measured: {', '.join(MEASURABLE)} "
+                        "(those that need neither mining results nor copy-paste's patch bank)")
     parser.add_argument("--sides", type=int, nargs=2, default=[128, 512], metavar=("MIN", "MAX"),
                         help="image sides, pixels")
     parser.add_argument("--forged", type=float, default=0.5, help="share of forged images")
@@ -532,6 +535,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if min(args.rows) < 1 or args.idle_rows < 1 or args.pixel_sample < 1:
         parser.error("--rows, --idle-rows and --pixel-sample: at least 1")
+    if not 1 <= args.sides[0] <= args.sides[1]:
+        parser.error(f"--sides {args.sides[0]} {args.sides[1]}: MIN at least 1 and at most MAX")
+    if not 0 < args.forged <= 1:
+        parser.error(f"--forged {args.forged}: above 0 (members sample forged images), at most 1")
     remote_rows = [max(args.rows)] if args.remote_rows is None else args.remote_rows
     if set(remote_rows) - set(args.rows):
         parser.error(f"--remote-rows {remote_rows}: each one of --rows {args.rows}")
