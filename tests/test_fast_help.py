@@ -16,7 +16,8 @@ HEAVY = ("torch", "nvidia.dali")
 CLIS = [
     "trainers/train.py", "trainers/run_ensemble.py", "trainers/predict.py",
     "trainers/evaluate.py", "trainers/export.py", "trainers/score.py",
-    "benchmarks/gpu_check.py", "preprocess/build_zarr.py", "preprocess/verify_store.py",
+    "benchmarks/gpu_check.py", "benchmarks/scale.py", "preprocess/build_zarr.py",
+    "preprocess/verify_store.py",
 ]
 
 # Runs the script as `python CLI --help` does, then lists the heavy modules imported.
