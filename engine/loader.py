@@ -33,7 +33,8 @@ one DALI pipeline and reader workers go on into epoch e, each worker
 following DALI's BatchInfo.epoch_idx to the epoch's plan; the workers start
 on an epoch's first batches as soon as the previous epoch's last batch is
 taken. Per-row arrays and plans are held once per node, not per process:
-node-local files every process maps (engine/node_arrays.py). `loader.close()` (or a `with` block) ends the pipeline and workers.
+node-local files every process maps (engine/node_arrays.py).
+`loader.close()` (or a `with` block) ends the pipeline and workers.
 """
 from __future__ import annotations
 
@@ -194,8 +195,10 @@ class Planner:
     def plan(self, epoch: int, start_batch: int = 0) -> tuple[PlannedBatches, SampleAugment]:
         if self.fixed is not None:
             return self.fixed.from_batch(start_batch), self.augment
-        return (self.epoch_plan(epoch).from_batch(start_batch),
-                dataclasses.replace(self.augment, epoch=epoch))
+        whole = self.epoch_plan(epoch)
+        if not 0 <= start_batch <= len(whole):
+            raise ValueError(f"start_batch: must be in [0, {len(whole)}], got {start_batch}")
+        return whole.from_batch(start_batch), dataclasses.replace(self.augment, epoch=epoch)
 
     def epoch_plan(self, epoch: int) -> PlannedBatches:
         """Epoch `epoch`'s training plan from batch 0: its node-local file,
@@ -279,8 +282,8 @@ class Loader:
     batch 0), or for a fixed plan (validation, explicit rows) any epoch; its
     workers then map that epoch's plan, written for the node as the previous
     epoch ended, from DALI's BatchInfo.epoch_idx (WindowSource.plan) and have
-    its first batches ready, as they start on
-    them the moment the previous epoch's last batch is taken. Otherwise (an
+    its first batches ready, as they start on them the moment the previous
+    epoch's last batch is taken. Otherwise (an
     epoch left unfinished, an epoch skipped or repeated) the pipeline is
     built again. `close()` (or leaving a `with` block) ends the pipeline and
     its workers; a closed loader builds a new one if iterated again.

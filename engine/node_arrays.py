@@ -6,10 +6,12 @@ image. Held by every process, each rank and each of its reader workers,
 they cost gigabytes per node at ten million images. Here they are written
 once per node as uncompressed .npy files in a folder of a node-local
 directory (StorageSettings.node_dir) and opened by every process with
-numpy's memory mapping (mmap_mode="r"): the pages are the page cache's,
-shared by all, and a process touches only the pages it reads. A worker
-unpickles a NodeArrays as its folder's path and maps an array when first
-asked for it.
+a read-only memory mapping: the pages are the page cache's, shared by all,
+and a process touches only the pages it reads. A worker unpickles a
+NodeArrays as its folder's path, maps an array when first asked for it,
+and after each batch releases the pages it touched (`release`), so over an
+epoch its resident memory stays that of one batch's rows, not of every row
+it has read.
 
 A folder is named by what its arrays are a pure function of (the store's
 build id, a digest of the weights, the plan's settings), so a rebuilt store
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import sys
@@ -39,6 +42,7 @@ from typing import Callable
 
 import google_crc32c
 import numpy as np
+from numpy.lib import format as npy_format
 
 MANIFEST = "manifest.json"
 _READ_BLOCK = 1 << 24   # CRC-32C computed 16 MB at a time: no whole-file copy in memory
@@ -107,24 +111,32 @@ def _intact(folder: Path, manifest: dict, verify: bool) -> bool:
                for name, entry in manifest.items())
 
 
-def _map(folder: Path, name: str, entry: dict) -> np.ndarray:
-    """Array `name` of the folder, memory-mapped read-only, checked against its manifest entry."""
-    problem = _problem(folder, name, entry, verify=False)
+def _map(folder: Path, name: str, entry: dict) -> tuple[np.ndarray, mmap.mmap | None]:
+    """Array `name` of the folder, memory-mapped read-only and checked
+    against its manifest entry, and its mapping (None for an empty array)."""
     path = folder / f"{name}.npy"
+    problem = _problem(folder, name, entry, verify=False)
     shape, dtype = tuple(entry["shape"]), np.dtype(entry["dtype"])
-    if problem is None and 0 in shape:   # nothing to map: an empty file cannot be
-        return np.empty(shape, dtype)
     if problem is None:
         try:
-            mapped = np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as exc:
-            problem = f"{path}: unreadable ({exc})"
-        else:
-            if mapped.shape != shape or mapped.dtype != dtype:
-                problem = f"{path}: {mapped.dtype} {mapped.shape}, its manifest says {dtype} {shape}"
+            with open(path, "rb") as f:
+                version = npy_format.read_magic(f)
+                read_header = {(1, 0): npy_format.read_array_header_1_0,
+                               (2, 0): npy_format.read_array_header_2_0}[version]
+                header = read_header(f)   # (shape, fortran order, dtype)
+                offset = f.tell()
+                if header[0] != shape or header[2] != dtype or header[1]:
+                    problem = f"{path}: {header[2]} {header[0]}, its manifest says {dtype} {shape}"
+                elif 0 in shape:   # nothing to map
+                    return np.empty(shape, dtype), None
+                else:
+                    mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError, KeyError) as exc:
+            problem = f"{path}: unreadable ({exc!r})"
     if problem is not None:
         raise NodeFileDamaged(f"{problem}; remove {folder} and start again: the loader writes it anew")
-    return np.asarray(mapped)   # a plain ndarray over the mapping: cheaper views than np.memmap's
+    count = int(np.prod(shape))
+    return np.frombuffer(mapping, dtype, count, offset).reshape(shape), mapping
 
 
 class NodeArrays(Mapping):
@@ -136,6 +148,7 @@ class NodeArrays(Mapping):
                  manifest: dict | None = None):
         self.folder = None if folder is None else Path(folder)
         self._arrays = dict(arrays or {})
+        self._mappings: list[mmap.mmap] = []
         self._manifest = manifest
 
     @property
@@ -153,8 +166,20 @@ class NodeArrays(Mapping):
         if found is None:
             if self.folder is None or name not in self.manifest:
                 raise KeyError(name)
-            found = self._arrays[name] = _map(self.folder, name, self.manifest[name])
+            found, mapping = _map(self.folder, name, self.manifest[name])
+            self._arrays[name] = found
+            if mapping is not None:
+                self._mappings.append(mapping)
         return found
+
+    def release(self) -> None:
+        """Drop this process's pages of the mapped arrays (MADV_DONTNEED):
+        they stay in the page cache, shared, and a later read maps them
+        again at a minor fault's cost. A reader worker releases them after
+        each batch, so its RSS holds the pages of one batch's rows, not of
+        every row it has read."""
+        for mapping in self._mappings:
+            mapping.madvise(mmap.MADV_DONTNEED)
 
     def __iter__(self):
         return iter(self._arrays if self.folder is None else self.manifest)

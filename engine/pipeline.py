@@ -220,7 +220,8 @@ class WindowSource:
     """DALI external source (batch mode, batch_info): batch k of a plan.
 
     Stateless apart from caches, and picklable, as DALI's parallel external
-    source requires: the plan travels to each worker process once.
+    source requires: the plan travels to each worker process once, as the
+    folder of its node-local files (engine/node_arrays.py) when it has one.
 
     `batches` and `augment` are the plan of DALI's epoch 0 (BatchInfo.epoch_idx
     0). With a `planner` (engine/loader.py's) the source also serves the
@@ -298,6 +299,11 @@ class WindowSource:
             values = {**self.backend.sample(self, block, *self.draw(seed)), "index": np.array(row, np.int64)}
             for column, name in zip(columns, names):
                 column.append(values[name])
+        # the pages of meta/ and of the plan this batch touched leave this
+        # process (engine/node_arrays.py): a worker's memory stays a batch's
+        self.reader.release()
+        if batches.arrays is not None:
+            batches.arrays.release()
         return tuple(columns)
 
 

@@ -347,6 +347,12 @@ class WindowReader:
             self._meta = layout.shared_meta(self.group, self.settings, verify=self._verify)
         return self._meta
 
+    def release(self) -> None:
+        """Drop this process's pages of the meta/ columns read so far
+        (engine/node_arrays.py, NodeArrays.release)."""
+        if self._meta is not None:
+            self._meta.release()
+
     def _array(self, path: str) -> _PixelArray:
         arr = self._arrays.get(path)
         if arr is None:

@@ -146,3 +146,38 @@ def test_an_unwritable_node_dir_keeps_arrays_in_memory(demo_store, tmp_path, cap
     _same_plan(loader, _old_plan(demo_store, 0, 1, 0))
     _same_plan(loader.set_epoch(2), _old_plan(demo_store, 0, 1, 2))
     assert loader.planner.meta.folder is None and len(pickle.dumps(loader.planner.meta)) > 1000
+
+
+def test_training_writes_its_node_arrays_in_node_dir(demo_store, tmp_path):
+    from trainers.train import main as train_main
+
+    node = tmp_path / "node"
+    assert train_main(["--member", MEMBER, "--store", str(demo_store), "--out", str(tmp_path / "run"),
+                       "--epochs", "1", "--max-steps", "1", "--encoder-weights", "none",
+                       "--encoder", "timm-mobilenetv3_small_minimal_100", "--img-size", "64",
+                       "--batch-size", "2", "--device", "cpu", "--workers", "0",
+                       "--node-dir", str(node)]) == 0
+    assert {p.name.split("-")[0] for p in node.iterdir()} >= {"meta", "weights", "plan", "rows"}
+
+
+def _resident_kb(path: Path) -> int:
+    """kB of `path`'s pages resident in this process (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and "-" in fields[0] and ":" not in fields[0]:   # a mapping's first line
+            inside = fields[-1] == str(path)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+def test_release_drops_the_pages_a_process_read(tmp_path):
+    arrays = node_arrays.node_arrays(tmp_path / "a", lambda: {"x": np.arange(1 << 20)})
+    x = arrays["x"]
+    assert int(x.sum()) == (1 << 20) * ((1 << 20) - 1) // 2   # every page read: 8 MB
+    path = tmp_path / "a" / "x.npy"
+    assert _resident_kb(path) >= 8000
+    arrays.release()
+    assert _resident_kb(path) == 0
+    assert int(x[12345]) == 12345   # still readable: mapped again from the page cache
