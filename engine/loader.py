@@ -30,9 +30,11 @@ loader started at batch k yields exactly batches k, k+1, ... of a full run.
 One loader serves a whole run: `loader.set_epoch(e, start_batch=k)` re-plans
 it in place (Planner.plan, the same pure function of seed and epoch) and its
 one DALI pipeline and reader workers go on into epoch e, each worker
-planning the epoch itself from DALI's BatchInfo.epoch_idx; the workers start
+following DALI's BatchInfo.epoch_idx to the epoch's plan; the workers start
 on an epoch's first batches as soon as the previous epoch's last batch is
-taken. `loader.close()` (or a `with` block) ends the pipeline and workers.
+taken. Per-row arrays and plans are held once per node, not per process:
+node-local files every process maps (engine/node_arrays.py).
+`loader.close()` (or a `with` block) ends the pipeline and workers.
 """
 from __future__ import annotations
 
@@ -43,19 +45,21 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from numba import njit
 
-from engine import augment, dali_compat, ops, photometric, sampling
+from engine import augment, dali_compat, node_arrays, ops, photometric, sampling
 from engine import store as layout
 from engine.device import resolve_device
 from engine.patch_bank import PatchBank
 from engine.pipeline import (BACKENDS, PREFETCH_PER_WORKER, PlannedBatches, SampleAugment, WindowSource,
-                             build_pipeline, get_backend, iterate)
+                             build_pipeline, get_backend, iterate, plan_arrays)
 from engine.reader import WindowReader, carried_error
-from engine.storage import StorageSettings
+from engine.node_arrays import NodeArrays
+from engine.storage import NO_SETTINGS, StorageSettings
 from engine.recipes import WHOLE_IMAGE, Recipe, get_recipe
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -122,16 +126,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _rows_plan(rows: np.ndarray, meta, batch_size: int, rank: int, world_size: int) -> PlannedBatches:
-    """Each of `rows` once, in order, whole image; rank r takes every world_size-th."""
+def _rows_plan(rows: np.ndarray, meta, batch_size: int, rank: int, world_size: int) -> dict:
+    """Each of `rows` once, in order, whole image; rank r takes every
+    world_size-th (as plan_arrays)."""
     positions = np.arange(len(rows), dtype=np.int64)[rank::world_size]
     mine = rows[rank::world_size]
     windows = sampling.crop_windows(WHOLE_IMAGE, mine, positions, meta["height"], meta["width"],
                                     meta["bbox"], meta["centroid"], 0, 0)
-    cuts = range(0, len(mine), batch_size)
-    return PlannedBatches([mine[c:c + batch_size] for c in cuts],
-                          [windows[c:c + batch_size] for c in cuts],
-                          [positions[c:c + batch_size] for c in cuts])
+    return plan_arrays(mine, windows, positions, batch_size)
 
 
 def _val_rows(recipe: Recipe, meta) -> np.ndarray:
@@ -161,13 +163,19 @@ def _train_weights(recipe: Recipe, group, meta, storage: StorageSettings | None)
 @dataclass(frozen=True, eq=False)
 class Planner:
     """Any epoch's plan of one loader, a pure function of (seed, epoch):
-    `plan(epoch, start_batch)` -> (PlannedBatches, SampleAugment). Picklable:
-    it travels to the reader workers once, which plan each later epoch of a
-    persistent loader themselves (engine/pipeline.py, WindowSource.plan).
+    `plan(epoch, start_batch)` -> (PlannedBatches, SampleAugment). Picklable
+    and small: its per-row arrays (`weights`, `meta`) and its plans are
+    node-local files (engine/node_arrays.py) that it pickles as paths; it
+    travels to the reader workers once, which map each later epoch's plan
+    of a persistent loader (engine/pipeline.py, WindowSource.plan), planned
+    and written by the loader's process before the workers start on it, or
+    by the first process that needs it.
 
     fixed (validation, explicit rows): the same batches every epoch.
     Otherwise the training plan: `weights` drawn by sampling.EpochPlan, this
-    rank's slice, the view's windows, and `augment` with the epoch set."""
+    rank's slice, the view's windows, and `augment` with the epoch set; each
+    epoch's in folder `plans`-epoch<e>, named by everything the plan is a
+    function of."""
 
     batch_size: int
     rank: int
@@ -175,34 +183,56 @@ class Planner:
     seed: int
     augment: SampleAugment                 # epoch set per plan (training); as is when fixed
     fixed: PlannedBatches | None = None    # the whole fixed plan, from batch 0
-    weights: np.ndarray | None = None
+    weights: NodeArrays | None = None      # {"weights": float64 per row}
     num_samples: int = 0
     view: object = None                    # recipe.view
-    meta: dict | None = None               # height, width, bbox, centroid
+    meta: NodeArrays | None = None         # height, width, bbox, centroid (engine.store.shared_meta)
+    plans: Path | None = None
+    # the process that made it checks the CRC-32C of the plans it maps;
+    # a reader worker their sizes (engine/node_arrays.py says why)
+    owner: int = dataclasses.field(default_factory=os.getpid)
 
     def plan(self, epoch: int, start_batch: int = 0) -> tuple[PlannedBatches, SampleAugment]:
         if self.fixed is not None:
-            f = self.fixed
-            return PlannedBatches(f.rows[start_batch:], f.windows[start_batch:],
-                                  f.positions[start_batch:]), self.augment
-        return (self._train_batches(epoch, start_batch),
-                dataclasses.replace(self.augment, epoch=epoch))
+            return self.fixed.from_batch(start_batch), self.augment
+        whole = self.epoch_plan(epoch)
+        if not 0 <= start_batch <= len(whole):
+            raise ValueError(f"start_batch: must be in [0, {len(whole)}], got {start_batch}")
+        return whole.from_batch(start_batch), dataclasses.replace(self.augment, epoch=epoch)
 
-    def _train_batches(self, epoch: int, start_batch: int) -> PlannedBatches:
+    def epoch_plan(self, epoch: int) -> PlannedBatches:
+        """Epoch `epoch`'s training plan from batch 0: its node-local file,
+        written by whichever process of the node asked first (a run keeps
+        its two newest epochs there)."""
+        folder = self.plans.with_name(f"{self.plans.name}-epoch{epoch}")
+        made = []
+
+        def make():
+            made.append(epoch)
+            return self._train_arrays(epoch)
+
+        arrays = node_arrays.node_arrays(folder, make, verify=os.getpid() == self.owner)
+        if made and arrays.folder is not None:
+            self._forget_before(epoch - 1)
+        return PlannedBatches.mapped(arrays)
+
+    def _forget_before(self, epoch: int) -> None:
+        """Remove this plan's files of the epochs before `epoch` (done by the
+        process that wrote a newer epoch: a run moves on an epoch at a time;
+        a process mapping them keeps their pages, one asking again plans anew)."""
+        for old in self.plans.parent.glob(f"{self.plans.name}-epoch*"):
+            number = old.name.rpartition("-epoch")[2]
+            if number.isdigit() and int(number) < epoch:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _train_arrays(self, epoch: int) -> dict:
         meta, seed = self.meta, self.seed
-        plan = sampling.EpochPlan.build(self.weights, self.num_samples, seed, epoch)
-        batches = plan.for_rank(self.rank, self.world_size, self.batch_size, drop_last=True,
-                                start_batch=start_batch)
-        if not batches:
-            return PlannedBatches([], [], [])
-        # one kernel call for the whole epoch, split per batch
-        windows = sampling.crop_windows(
-            self.view, np.concatenate([b.indices for b in batches]),
-            np.concatenate([b.positions for b in batches]), meta["height"], meta["width"],
-            meta["bbox"], meta["centroid"], seed, epoch)
-        cuts = np.cumsum([len(b.indices) for b in batches])[:-1]
-        return PlannedBatches([b.indices for b in batches], np.split(windows, cuts),
-                              [b.positions for b in batches])
+        plan = sampling.EpochPlan.build(self.weights["weights"], self.num_samples, seed, epoch)
+        positions, rows = plan.rank_samples(self.rank, self.world_size, self.batch_size, drop_last=True)
+        # one kernel call for the whole epoch
+        windows = sampling.crop_windows(self.view, rows, positions, meta["height"], meta["width"],
+                                        meta["bbox"], meta["centroid"], seed, epoch)
+        return plan_arrays(rows, windows, positions, self.batch_size)
 
 
 SHARED_MEMORY = "/dev/shm"
@@ -250,9 +280,10 @@ class Loader:
     and the next iteration yields batches k, k+1, ... of epoch e. The
     pipeline is reused when e is the epoch after the one just finished (from
     batch 0), or for a fixed plan (validation, explicit rows) any epoch; its
-    workers then plan that epoch themselves from DALI's BatchInfo.epoch_idx
-    (WindowSource.plan) and have its first batches ready, as they start on
-    them the moment the previous epoch's last batch is taken. Otherwise (an
+    workers then map that epoch's plan, written for the node as the previous
+    epoch ended, from DALI's BatchInfo.epoch_idx (WindowSource.plan) and have
+    its first batches ready, as they start on them the moment the previous
+    epoch's last batch is taken. Otherwise (an
     epoch left unfinished, an epoch skipped or repeated) the pipeline is
     built again. `close()` (or leaving a `with` block) ends the pipeline and
     its workers; a closed loader builds a new one if iterated again.
@@ -384,6 +415,10 @@ class Loader:
         # built again)
         if not dali_compat.epoch_ended(pipe):
             return
+        if self.planner.fixed is None and self.settings.workers > 0:
+            # the next epoch's plan written for the node before the workers
+            # ask for it: they map it rather than each planning it
+            self.planner.epoch_plan(self._pipe_source.epoch + self._pipe_epoch + 1)
         pipe.reset()
         self._pipe_epoch += 1
         self._ready = True
@@ -507,9 +542,10 @@ def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img
     opencv on the CPU); engine/worker_ops.py says why.
     memory_format: "contiguous" (NCHW) or "channels_last" (NHWC strides), the
     same from both backends.
-    storage: how a store URL is reached (fsspec options, read cache) and
-    where mining results are kept (engine/storage.py StorageSettings); the
-    reader workers get it with their reader.
+    storage: how a store URL is reached (fsspec options, read cache),
+    where mining results are kept and where the node-local arrays are
+    written (engine/storage.py StorageSettings); the reader workers get it
+    with their reader.
     workers and threads default to this process's share of the cores
     (cores_per_process: torchrun's ranks on a node split them; one core is
     left to the consumer, and the workers idle once DALI's prefetch queues are full).
@@ -540,25 +576,32 @@ def make_loader(store, member, *, split: str = "train", batch_size: int = 4, img
     workers = max(1, min(8, cores - 1)) if workers is None else workers
     check_spawn_guard(workers)
     group = layout.open_store(store, storage=storage)
-    meta = layout.read_meta(group)
+    meta = layout.shared_meta(group, storage)
+    node = (storage or NO_SETTINGS).node_dir or node_arrays.default_dir()
     per_sample = SampleAugment(seed, epoch)
     common = dict(batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
+    # what every plan of this loader is a function of, besides the rule or rows
+    plan_key = (meta.folder and meta.folder.name, batch_size, rank, world_size)
     if rows is not None or split == "val":
         if rows is None:
             rows = _val_rows(recipe, meta)
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= len(meta["label"])):
             raise ValueError(f"rows outside the store's 0..{len(meta['label']) - 1}")
-        planner = Planner(augment=per_sample, fixed=_rows_plan(rows, meta, batch_size, rank,
-                                                               world_size), **common)
+        fixed = node_arrays.node_arrays(
+            node / f"rows-{node_arrays.digest(rows, *plan_key)}",
+            lambda: _rows_plan(rows, meta, batch_size, rank, world_size))
+        planner = Planner(augment=per_sample, fixed=PlannedBatches.mapped(fixed), **common)
     else:
         weights = _train_weights(recipe, group, meta, storage)
         if augment and split == "train":
             per_sample = _augmentation(recipe, group, meta, seed, epoch)
-        planner = Planner(augment=per_sample, weights=weights,
-                          num_samples=sampling.epoch_size(recipe.sampling, weights),
-                          view=recipe.view, meta={k: meta[k] for k in ("height", "width", "bbox",
-                                                                       "centroid")}, **common)
+        num_samples = sampling.epoch_size(recipe.sampling, weights)
+        weights_key = node_arrays.digest(weights)
+        shared = node_arrays.node_arrays(node / f"weights-{weights_key}", lambda: {"weights": weights})
+        plans = node / f"plan-{node_arrays.digest(weights_key, recipe.view, num_samples, seed, *plan_key)}"
+        planner = Planner(augment=per_sample, weights=shared, num_samples=num_samples,
+                          view=recipe.view, meta=meta, plans=plans, **common)
     batches, per_sample = planner.plan(epoch, start_batch)
     settings = _Settings(dev, batch_size, img_size, seed, epoch, workers=workers,
                          threads=threads or min(4, cores),

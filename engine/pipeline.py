@@ -33,7 +33,8 @@ import ctypes
 import os
 import signal
 import sys
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -41,6 +42,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from engine import ops, photometric, sampling, worker_ops
+from engine.node_arrays import NodeArrays
 from engine.reader import WindowReader
 
 # Random streams of a sample's generator: what the worker draws for it.
@@ -50,16 +52,71 @@ _STREAM_PHOTOMETRIC, _STREAM_COPY_PASTE, _STREAM_GEOMETRIC = 1, 2, 3
 PREFETCH_PER_WORKER = 2
 
 
+class Cut(Sequence):
+    """One array of a plan cut into batches: batch k is array[bounds[k]:bounds[k + 1]],
+    a view (of a node-local file's mapping, engine/node_arrays.py)."""
+
+    def __init__(self, array: np.ndarray, bounds: np.ndarray):
+        self.array, self.bounds = array, bounds
+
+    def __len__(self) -> int:
+        return max(0, len(self.bounds) - 1)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        if k < 0:
+            k += len(self)
+        if not 0 <= k < len(self):
+            raise IndexError(f"batch {k} of {len(self)}")
+        return self.array[self.bounds[k]:self.bounds[k + 1]]
+
+
 @dataclass
 class PlannedBatches:
-    """What each batch of one rank's epoch reads: rows, windows, plan positions."""
+    """What each batch of one rank's epoch reads: rows, windows, plan positions.
 
-    rows: list[np.ndarray]        # int64 (b,) per batch
-    windows: list[np.ndarray]     # int32 (b, 4) y0, x0, y1, x1 per batch
-    positions: list[np.ndarray]   # int64 (b,) global plan positions per batch
+    Made by engine/loader.py's Planner from a node-local plan (`mapped`: its
+    batches are views of the files every process of the node maps, and it
+    pickles as their folder and first batch), or from lists (tests, tools)."""
+
+    rows: Sequence[np.ndarray]        # int64 (b,) per batch
+    windows: Sequence[np.ndarray]     # int32 (b, 4) y0, x0, y1, x1 per batch
+    positions: Sequence[np.ndarray]   # int64 (b,) global plan positions per batch
+    arrays: NodeArrays | None = field(default=None, repr=False)   # the plan these are views of
+    start: int = 0                    # its first batch here
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @classmethod
+    def mapped(cls, arrays: NodeArrays, start: int = 0) -> "PlannedBatches":
+        """Batches `start`, start + 1, ... of a plan's arrays (plan_arrays)."""
+        bounds = arrays["bounds"][start:]
+        return cls(*(Cut(arrays[name], bounds) for name in ("rows", "windows", "positions")),
+                   arrays=arrays, start=start)
+
+    def from_batch(self, k: int) -> "PlannedBatches":
+        """Batches k, k + 1, ... of these."""
+        if self.arrays is not None:
+            return PlannedBatches.mapped(self.arrays, self.start + k)
+        return PlannedBatches(self.rows[k:], self.windows[k:], self.positions[k:])
+
+    def __reduce__(self):
+        if self.arrays is not None:
+            return PlannedBatches.mapped, (self.arrays, self.start)
+        return PlannedBatches, (list(self.rows), list(self.windows), list(self.positions))
+
+
+def plan_arrays(rows: np.ndarray, windows: np.ndarray, positions: np.ndarray,
+                batch_size: int) -> dict[str, np.ndarray]:
+    """A plan as the arrays PlannedBatches.mapped reads: every sample's row,
+    window and position in order, and the bounds of its batches of
+    `batch_size` (the last one may be short)."""
+    count = len(rows)
+    bounds = np.r_[np.arange(0, count, batch_size, dtype=np.int64), count] if count else np.zeros(1, np.int64)
+    return {"rows": np.asarray(rows, np.int64), "windows": np.asarray(windows, np.int32).reshape(-1, 4),
+            "positions": np.asarray(positions, np.int64), "bounds": bounds}
 
 
 @dataclass(frozen=True)
@@ -163,7 +220,8 @@ class WindowSource:
     """DALI external source (batch mode, batch_info): batch k of a plan.
 
     Stateless apart from caches, and picklable, as DALI's parallel external
-    source requires: the plan travels to each worker process once.
+    source requires: the plan travels to each worker process once, as the
+    folder of its node-local files (engine/node_arrays.py) when it has one.
 
     `batches` and `augment` are the plan of DALI's epoch 0 (BatchInfo.epoch_idx
     0). With a `planner` (engine/loader.py's) the source also serves the
@@ -241,6 +299,11 @@ class WindowSource:
             values = {**self.backend.sample(self, block, *self.draw(seed)), "index": np.array(row, np.int64)}
             for column, name in zip(columns, names):
                 column.append(values[name])
+        # the pages of meta/ and of the plan this batch touched leave this
+        # process (engine/node_arrays.py): a worker's memory stays a batch's
+        self.reader.release()
+        if batches.arrays is not None:
+            batches.arrays.release()
         return tuple(columns)
 
 

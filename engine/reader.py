@@ -320,6 +320,7 @@ class WindowReader:
         self.with_ela, self.pyramid = with_ela, pyramid
         self._arrays: dict[str, _PixelArray] = {}
         self._meta = None
+        self._verify = True
         # what this reader fetched and decoded, for benchmarks and for tests
         # of what a read costs: requests, stored bytes read, pixel bytes decoded
         self.stats = dict.fromkeys(("requests", "bytes_read", "bytes_decoded"), 0)
@@ -330,6 +331,7 @@ class WindowReader:
 
     def __setstate__(self, state):
         self.__init__(**state)
+        self._verify = False   # a worker checks the node-local meta/ columns' sizes, not their bytes
 
     @property
     def group(self) -> zarr.Group:
@@ -338,10 +340,18 @@ class WindowReader:
         return self._group
 
     @property
-    def meta(self) -> dict[str, np.ndarray]:
+    def meta(self):
+        """The store's meta/ columns but case_id (engine.store.shared_meta):
+        node-local files, memory-mapped."""
         if self._meta is None:
-            self._meta = layout.read_meta(self.group)
+            self._meta = layout.shared_meta(self.group, self.settings, verify=self._verify)
         return self._meta
+
+    def release(self) -> None:
+        """Drop this process's pages of the meta/ columns read so far
+        (engine/node_arrays.py, NodeArrays.release)."""
+        if self._meta is not None:
+            self._meta.release()
 
     def _array(self, path: str) -> _PixelArray:
         arr = self._arrays.get(path)

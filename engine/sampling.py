@@ -463,6 +463,14 @@ class EpochPlan:
         full, rest = divmod(per_rank, batch_size)
         return full + int(rest > 0 and (not drop_last or full == 0))
 
+    def rank_samples(self, rank: int, world_size: int, batch_size: int,
+                     drop_last: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The plan positions and rows of this rank's batches, all of them in
+        order (batch b is [b * batch_size, (b + 1) * batch_size) of each)."""
+        count = self.num_batches(world_size, batch_size, drop_last)
+        positions = self.rank_positions(rank, world_size)[:count * batch_size]
+        return positions, self.indices[positions % len(self)] if len(self) else positions
+
     def for_rank(self, rank: int, world_size: int, batch_size: int, drop_last: bool,
                  start_batch: int = 0) -> list[Batch]:
         """This rank's batches from `start_batch` on."""
@@ -470,8 +478,7 @@ class EpochPlan:
         start_batch = operator.index(start_batch)
         if not 0 <= start_batch <= count:
             raise ValueError(f"start_batch: must be in [0, {count}], got {start_batch}")
-        positions = self.rank_positions(rank, world_size)
-        rows = self.indices[positions % len(self)] if len(self) else positions
+        positions, rows = self.rank_samples(rank, world_size, batch_size, drop_last)
         return [
             Batch(positions[b * batch_size:(b + 1) * batch_size],
                   rows[b * batch_size:(b + 1) * batch_size])

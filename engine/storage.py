@@ -564,31 +564,39 @@ def redact(options):
 @dataclasses.dataclass(frozen=True)
 class StorageSettings:
     """How a run reaches its store's bytes: fsspec options for a store URL,
-    the local read cache and its size limit, and the folder that keeps
-    mining results when the store cannot be written. One object, passed to
-    whatever opens a store; `public()` is what may be written or printed."""
+    the local read cache and its size limit, the folder that keeps
+    mining results when the store cannot be written, and the node-local
+    directory where a loader's per-row arrays and epoch plans are written
+    once and memory-mapped by every process of the node
+    (engine/node_arrays.py; None: node_arrays.default_dir()). One object,
+    passed to whatever opens a store; `public()` is what may be written or
+    printed."""
 
     options: dict = dataclasses.field(default_factory=dict)
     cache: Path | None = None
     cache_limit_gb: float = DEFAULT_CACHE_LIMIT_GB
     mining_dir: Path | None = None
+    node_dir: Path | None = None
 
     @classmethod
     def from_args(cls, args) -> "StorageSettings":
         """From add_arguments' flags (and --mining-dir where a CLI has it)."""
         cache, mining_dir = getattr(args, "cache", None), getattr(args, "mining_dir", None)
+        node_dir = getattr(args, "node_dir", None)
         # absolute: member processes and reader workers may run elsewhere
         return cls(options=dict(args.storage_option),
                    cache=None if cache is None else Path(cache).absolute(),
                    cache_limit_gb=getattr(args, "cache_limit_gb", DEFAULT_CACHE_LIMIT_GB),
-                   mining_dir=None if mining_dir is None else Path(mining_dir).absolute())
+                   mining_dir=None if mining_dir is None else Path(mining_dir).absolute(),
+                   node_dir=None if node_dir is None else Path(node_dir).absolute())
 
     def public(self) -> dict:
         """The settings as JSON values, credentials redacted."""
         return {"options": redact(self.options),
                 "cache": None if self.cache is None else str(self.cache),
                 "cache_limit_gb": self.cache_limit_gb,
-                "mining_dir": None if self.mining_dir is None else str(self.mining_dir)}
+                "mining_dir": None if self.mining_dir is None else str(self.mining_dir),
+                "node_dir": None if self.node_dir is None else str(self.node_dir)}
 
 
 NO_SETTINGS = StorageSettings()   # a local store, or a URL with its protocol's defaults only
@@ -609,6 +617,10 @@ def add_arguments(parser, cache: bool = True) -> None:
                              "shared by workers and ranks (default: no cache)")
     parser.add_argument("--cache-limit-gb", type=float, default=DEFAULT_CACHE_LIMIT_GB,
                         help="size limit of --cache")
+    parser.add_argument("--node-dir", type=Path, default=None,
+                        help="node-local folder where the loader writes meta/ columns and epoch "
+                             "plans once, memory-mapped by every rank and reader worker "
+                             "(default: forgery-node-UID in the system's temporary folder)")
 
 
 def storage_options(url: str, storage: StorageSettings | None = None) -> dict:

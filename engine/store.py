@@ -67,7 +67,7 @@ import numpy as np
 import zarr
 
 from engine.recipes import SIZE_CLASS_EDGES
-from engine import storage as storages
+from engine import node_arrays, storage as storages
 
 FORMAT = "forgery-store"
 # 4: meta/ and instances/ checksummed, a build id; 3: sharded small chunks
@@ -602,6 +602,29 @@ def read_meta(group: zarr.Group) -> dict[str, np.ndarray]:
     """All meta/ arrays as numpy arrays (small: a few bytes per image), each
     checked (read_table)."""
     return {name: read_table(group, f"meta/{name}") for name in META_SCHEMA}
+
+
+# the meta/ columns a node shares (shared_meta): every one but the case
+# names, variable-length strings that no loader or reader worker reads
+SHARED_META = tuple(name for name, (dtype, _) in META_SCHEMA.items() if dtype is not str)
+
+
+def shared_meta(group: zarr.Group, storage: storages.StorageSettings | None = None,
+                verify: bool = True) -> node_arrays.NodeArrays:
+    """The SHARED_META columns of store `group`, read from the store once per
+    node (read_meta: every column checked) into the settings' node-local
+    directory and memory-mapped (engine/node_arrays.py), in a folder named
+    by the store's place and build id: a rebuilt store, or a copy, gets
+    its own columns."""
+    root = (storage or storages.NO_SETTINGS).node_dir or node_arrays.default_dir()
+    build = (group.attrs.get(BUILD_ID), str(storages.storage_of(group).where()))
+    folder = root / f"meta-{node_arrays.digest(*build)}"
+
+    def columns():
+        meta = read_meta(group)
+        return {name: meta[name] for name in SHARED_META}
+
+    return node_arrays.node_arrays(folder, columns, verify)
 
 
 def read_instance_tables(group: zarr.Group) -> dict[str, np.ndarray]:

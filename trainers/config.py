@@ -129,7 +129,7 @@ class RunConfig:
             options = {**settings.options, **{k: v for k, v in storage.get("options", {}).items()
                                               if v != storages.REDACTED}}
             paths = {k: None if storage[k] is None else Path(storage[k]).absolute()
-                     for k in ("cache", "mining_dir") if k in storage}
+                     for k in ("cache", "mining_dir", "node_dir") if k in storage}
             settings = dataclasses.replace(settings, options=options, **paths,
                                            **{k: storage[k] for k in ("cache_limit_gb",)
                                               if k in storage})
@@ -305,7 +305,7 @@ def parse(parser: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespac
 
 
 STORAGE_FLAGS = {"storage_option": "options", "cache": "cache",
-                 "cache_limit_gb": "cache_limit_gb", "mining_dir": "mining_dir"}
+                 "cache_limit_gb": "cache_limit_gb", "mining_dir": "mining_dir", "node_dir": "node_dir"}
 
 
 def typed_values(typed: argparse.Namespace) -> tuple[dict, dict]:

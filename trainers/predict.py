@@ -178,11 +178,11 @@ def store_cases(store, rows: np.ndarray, with_ela: bool,
                 storage: storages.StorageSettings | None = None) -> Iterator[Case]:
     """Cases of store rows, named as the solution writer names them."""
     from engine.reader import WindowReader   # here: --images runs without Zarr
-    from engine.store import ela_path, image_path
+    from engine.store import ela_path, image_path, read_table
     from trainers.score import store_case_ids
 
     reader = WindowReader(store, storage=storage)   # refuses missing or corrupt chunks (StoreDamaged)
-    names = store_case_ids(reader.meta["case_id"], rows)
+    names = store_case_ids(read_table(reader.group, "meta/case_id"), rows)
     for name, row in zip(names, rows):
         image = reader.read_array(image_path(int(row)))
         ela = reader.read_array(ela_path(int(row))) if with_ela else None
