@@ -15,7 +15,7 @@ forged images share a case id, as in the competition; some images are written
 as 16-bit or RGBA PNGs so the builder's conversion path is exercised.
 
 --forgery fine_trace writes the study set of benchmarks/quality_study.py
-instead (docs/training.md, "A study set where the answer is knowable"): the
+instead (docs/performance.md, "Model quality"): the
 same figures and masks, but a forged region keeps its own content and only
 gains a zero-sum checkerboard of +-FINE_TRACE_LEVEL grey levels, so that its
 one trace is finer than the step of any whole-image downscale by 2 or more,
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--forgery", choices=FORGERY_KINDS, default="copy_move",
                         help="copy_move: the demo's copy-move forgeries; fine_trace: the "
                              "study set, forgeries whose only trace is finer than a "
-                             "whole-image downscale by 2 (docs/training.md)")
+                             "whole-image downscale by 2 (docs/performance.md, \"Model quality\")")
     args = parser.parse_args(argv)
     paths = write_demo(args.out, args.count, args.seed, args.min_side, args.max_side,
                        args.supplemental, forgery=args.forgery)
