@@ -33,11 +33,15 @@
 
 --quick: this machine's CPU in about 30 minutes (docs/performance.md, "Model
 quality"): the two general members highres_no_ela and high_recall, a small
-encoder (mobilenet_v2) from random weights at 256 px, a few hundred
-optimiser steps per member; the report states it. Without --quick every
-general member trains with its recipe as it is (ImageNet weights), for a GPU.
-On the study set (preprocess/demo_data.py --forgery fine_trace) the answer is
-known: the forgeries' one trace is finer than a whole-image downscale.
+encoder (mobilenet_v2) from random weights at 128 px, a few hundred
+optimiser steps per member, each scored with its last checkpoint (so few
+validations leave little to select from, and the specialist's validation
+reads whole images, where the study set's trace is gone); the report states
+it all. Without --quick every general member trains with its recipe as it is
+(ImageNet weights), for a GPU, and is scored with its best checkpoint, as
+trainers/predict.py loads it. On the study set (preprocess/demo_data.py
+--forgery fine_trace) the answer is known: the forgeries' one trace is finer
+than a whole-image downscale.
 """
 from __future__ import annotations
 
@@ -50,6 +54,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -62,6 +67,9 @@ from engine.recipes import ENSEMBLE_AVERAGE, ENSEMBLE_UNION, RECIPES, SIZE_CLASS
 from trainers import run_folder
 from trainers.config import ConfigError, RunConfig
 from trainers.postprocess import MODES
+
+if TYPE_CHECKING:
+    from trainers.ensemble import Ensemble
 
 SPECIALIST = ENSEMBLE_UNION[0]
 SUCCESSOR = "high_recall"          # highres_no_ela's successor: fine-tunes it, mines hard FN
@@ -101,6 +109,7 @@ class StudySettings:
     recipe: dict
     max_steps: dict[str, int] | None
     encoder_weights: str
+    checkpoint: str      # which checkpoint of each member is scored: "best" or "last"
 
     def steps(self, member: str) -> int | None:
         return None if self.max_steps is None else self.max_steps[member]
@@ -108,11 +117,11 @@ class StudySettings:
 
 QUICK = StudySettings(
     mode="quick", general=(PARENT, SUCCESSOR),
-    recipe={"encoder": "mobilenet_v2", "img_size": 256},
-    max_steps={PARENT: 250, SUCCESSOR: 150, SPECIALIST: 400},
-    encoder_weights="none")
+    recipe={"encoder": "mobilenet_v2", "img_size": 128},
+    max_steps={PARENT: 300, SUCCESSOR: 150, SPECIALIST: 400},
+    encoder_weights="none", checkpoint="last")
 FULL = StudySettings(mode="full", general=ENSEMBLE_AVERAGE, recipe={}, max_steps=None,
-                     encoder_weights="imagenet")
+                     encoder_weights="imagenet", checkpoint="best")
 
 
 class StudyError(RuntimeError):
@@ -131,7 +140,8 @@ def tuned(settings: StudySettings, args: argparse.Namespace) -> StudySettings:
     if args.steps is not None:
         steps = {m: args.steps for m in (*settings.general, SPECIALIST, SUCCESSOR)}
     return dataclasses.replace(settings, recipe=recipe, max_steps=steps,
-                               encoder_weights=args.encoder_weights or settings.encoder_weights)
+                               encoder_weights=args.encoder_weights or settings.encoder_weights,
+                               checkpoint=args.checkpoint or settings.checkpoint)
 
 
 def member_config(settings: StudySettings, member: str, args: argparse.Namespace,
@@ -155,22 +165,23 @@ def unmined_config(mined: RunConfig, unmined: Path) -> RunConfig:
     return config
 
 
-def train_into(config: RunConfig, taken: bool, retrained: set[str]) -> str:
+def train_into(config: RunConfig, taken: bool, overwrite: bool, retrained: set[str]) -> str:
     """Train config.member into config.out unless it is there finished
     (`taken`: whatever it was trained with; else only when trained with
-    this configuration); returns what happened."""
+    this configuration, or trained again with `overwrite`); returns what happened."""
     from trainers.run_ensemble import plan_member, run_member, train_command
 
     run, member = config.out, config.member
     if taken and run_folder.member_result(run, member):
         return "taken from the run folder as it was trained"
     fingerprint = layout.open_store(config.store).attrs.get("fingerprint")
-    what, how = plan_member(member, config, fingerprint, False, retrained)
+    what, how = plan_member(member, config, fingerprint, overwrite, retrained)
     if what == "skip":
         return "finished earlier"
     if what == "refuse":
-        raise StudyError(f"{member} in {run} was trained otherwise ({how}); choose another "
-                         "--out (or --runs), or delete that run folder")
+        raise StudyError(f"{member} in {run} was trained otherwise ({how}); rerun with "
+                         "--overwrite to train it (and the members that read it) again, or "
+                         "choose another --out")
     retrained.add(member)
     with tempfile.TemporaryDirectory(prefix="quality_study_") as folder:
         config_file = Path(folder) / f"{member}.json"
@@ -215,7 +226,7 @@ def train_all(settings: StudySettings, args: argparse.Namespace, runs: Path) -> 
             config, name = unmined_config(config, unmined), f"{member} without mining"
         print(f"[{k}/{len(plan)}] {name}: into {run}", flush=True)
         print(f"[{k}/{len(plan)}] {name}: "
-              f"{train_into(config, taken=args.runs is not None, retrained=retrained)}", flush=True)
+              f"{train_into(config, args.runs is not None, args.overwrite, retrained)}", flush=True)
 
 
 # ------------------------------------------------------------ evaluation
@@ -234,17 +245,29 @@ def passes(settings: StudySettings, runs: Path) -> list[tuple[Path, tuple[str, .
             (runs / NO_MINING, (SUCCESSOR,), "whole", {ALL: UNMINED})]
 
 
+def members_of(run: Path, members: tuple[str, ...], checkpoint: str, device) -> Ensemble:
+    """The members of a run folder as one predictor: from their best
+    checkpoints, as trainers/predict.py loads them, or from their last."""
+    from trainers.checkpoint import load_member
+    from trainers.ensemble import Ensemble, Member
+
+    models = run_folder.models_dir(run)
+    if checkpoint == "best":
+        return Ensemble.load(models, members, device)
+    return Ensemble([Member(name, *load_member(run_folder.last_path(models, name), device,
+                                              member=name)[:2]) for name in members], device)
+
+
 def evaluate_rows(settings: StudySettings, args: argparse.Namespace, runs: Path) -> dict:
     """{row: (trainers.evaluate.Report, how it was made)} on the validation split."""
     from engine.device import resolve_device
-    from trainers.ensemble import Ensemble
     from trainers.evaluate import evaluate
 
     post, device = MODES[args.mode], resolve_device(args.device)
     rows = {}
     for k, (run, members, view, named) in enumerate(passes(settings, runs), 1):
         print(f"[{k}/6] evaluating {', '.join(named.values())}", flush=True)
-        ensemble = Ensemble.load(run_folder.models_dir(run), members, device)
+        ensemble = members_of(run, members, settings.checkpoint, device)
         reports = evaluate(ensemble, args.store, "val", post, False, args.batch_size,
                            specialist_view=view)
         for variant, row in named.items():
@@ -401,9 +424,10 @@ def study(args: argparse.Namespace) -> dict:
         "store_fingerprint": layout.open_store(args.store).attrs.get("fingerprint"),
         "setting": (f"val split, {len(first.scores)} images; threshold {post.threshold}, min "
                     f"area {post.min_area} px at 512; general members "
-                    f"{', '.join(settings.general)}"),
+                    f"{', '.join(settings.general)}; {settings.checkpoint} checkpoints"),
         "settings": {"general": list(settings.general), "recipe_overrides": settings.recipe,
                      "max_steps": settings.max_steps, "encoder_weights": settings.encoder_weights,
+                     "checkpoint": settings.checkpoint,
                      "seed": args.seed, "device": args.device, "mode": args.mode,
                      "runs": str(runs)},
         "validation": {"images": len(first.scores), "by_size_class": {
@@ -434,9 +458,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="folder of quality.json, quality.md and quality.png")
     p.add_argument("--runs", type=Path, help="run folder of the members: those it holds "
                    "finished are taken as they are, the rest trained into it (default OUT/runs)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train again a member the run folder holds trained with other settings "
+                        "(and the members that read it); default: refuse, naming the difference")
     p.add_argument("--quick", action="store_true",
                    help="about 30 minutes on a CPU: two general members, mobilenet_v2 from "
-                        "random weights at 256 px, a few hundred steps each")
+                        "random weights at 128 px, a few hundred steps each")
     p.add_argument("--steps", type=int, help="optimiser steps of every member (default: the "
                    "mode's; quick: " + ", ".join(f"{m} {n}" for m, n in QUICK.max_steps.items())
                    + "; full: the recipes' epochs)")
@@ -446,6 +473,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="every member's batch (default: the recipes')")
     p.add_argument("--encoder-weights", help="imagenet, none or a file (default: quick none, "
                    "full imagenet)")
+    p.add_argument("--checkpoint", choices=("best", "last"),
+                   help="which checkpoint of each member is scored (default: quick last, full "
+                        "best): a few hundred steps give few validations to choose from, and "
+                        "the specialist's validation reads whole images")
     p.add_argument("--mode", choices=list(MODES), default="default",
                    help="post-processing operating point of every row")
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the intervals")
