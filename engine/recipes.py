@@ -52,7 +52,11 @@ class View:
       "random_resized_crop": area fraction U(scale), aspect ratio
           log-U(ratio), anywhere (torchvision's definition);
       "around_forgery": centre = forgery centroid, side = max(bbox h, bbox w)
-          x U(side_mult), at least min_side, at most the short side;
+          x U(side_mult), at least min_side, at most the short side; a
+          share `negative_share` of them, drawn per sample, is placed
+          instead where the window holds no forged pixel (a window of the
+          same side anywhere outside the forgery's box), so that a member
+          predicting on tiles at that scale has seen windows without one;
       "whole": the whole image (validation and prediction).
     """
 
@@ -62,6 +66,16 @@ class View:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     side_mult: tuple[float, float] = (2.0, 4.0)
     min_side: int = 128
+    negative_share: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.negative_share < 1.0:
+            raise ValueError(f"view.negative_share {self.negative_share}: a share of the "
+                             "windows, at least 0 and below 1 (1 would never show a forgery)")
+        if self.negative_share and self.kind != "around_forgery":
+            raise ValueError(f"view.negative_share {self.negative_share}: only an "
+                             f"'around_forgery' view places windows by the forgery; this view "
+                             f"is {self.kind!r}")
 
 
 WHOLE_IMAGE = View("whole")
@@ -185,7 +199,11 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
         focal_weight=0.8, dice_weight=0.2, select_on="mean_image_recall",
         sampling=SamplingRule(area_edges=(0.005, 0.02), area_weights=(5.0, 2.0, 0.0),
                               epoch_multiplier=2.0),
-        view=View("around_forgery", side_mult=(2.0, 4.0), min_side=128),
+        # negative_share 0.5 with epoch_multiplier 2: each forged image gives on
+        # average one window around its forgery an epoch, as a multiplier of 1
+        # without negatives would, and one window of the same scale without it
+        # (docs/recipes.md, "The specialist's view").
+        view=View("around_forgery", side_mult=(2.0, 4.0), min_side=128, negative_share=0.5),
         augment=FLIPS_ROT90 + (
             ("contrast_brightness", {"p": 0.5, "contrast": (0.7, 1.3), "brightness": (-20, 20)}),
             ("hue_saturation_value", {"p": 0.3, "hue": 10, "saturation": (0.8, 1.2),

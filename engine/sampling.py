@@ -532,8 +532,37 @@ def _random_resized_crop(height, width, key, position, scale_lo, scale_hi,
 
 
 @njit(cache=True, inline="always")
+def _away_from_box(height, width, box, side, u):
+    """The top-left corner of a side x side window that misses the box, drawn
+    uniformly (by the uniform u) among all such corners: those of the bands
+    above and below the box, and left and right of it in the rows between;
+    (-1, -1) when no window of that side misses it."""
+    columns = width - side + 1
+    above = max(0, box[0] - side + 1)
+    below = max(0, height - side - box[2] + 1)
+    first_row = max(0, box[0] - side + 1)
+    rows = max(0, min(height - side, box[2] - 1) - first_row + 1)
+    left = max(0, box[1] - side + 1)
+    right = max(0, width - side - box[3] + 1)
+    total = (above + below) * columns + rows * (left + right)
+    if total == 0:
+        return -1, -1
+    k = _below(u, total)
+    if k < above * columns:
+        return k // columns, k % columns
+    k -= above * columns
+    if k < below * columns:
+        return box[2] + k // columns, k % columns
+    k -= below * columns
+    if k < rows * left:
+        return first_row + k // left, k % left
+    k -= rows * left
+    return first_row + k // right, box[3] + k % right
+
+
+@njit(cache=True, inline="always")
 def _around_forgery(height, width, box, centre_y, centre_x, key, position,
-                    mult_lo, mult_hi, min_side):
+                    mult_lo, mult_hi, min_side, negative_share):
     short = min(height, width)
     if box[0] < 0:
         # An image without a forgery (authentic, e.g. a hard negative): a
@@ -547,6 +576,14 @@ def _around_forgery(height, width, box, centre_y, centre_x, key, position,
     extent = max(box_h, box_w)
     mult = _between(mult_lo, mult_hi, _uniform(key, position, 0))
     side = min(max(_nearest(extent * mult), min_side), short)
+    # A negative window: the same side, so the same scale, where it holds no
+    # forged pixel (the box bounds them all). Its own streams (3, 4): the
+    # windows around the forgery stay those of a view without negatives.
+    if negative_share > 0.0 and _uniform(key, position, 3) < negative_share:
+        y0, x0 = _away_from_box(height, width, box, side, _uniform(key, position, 4))
+        if y0 >= 0:
+            return y0, x0, y0 + side, x0 + side
+        # no window of that side misses the forgery: this sample stays around it
     # Centre on the centroid, then shift: first so that the window holds the
     # whole box where its side allows, then to stay inside the image. The two
     # ranges always intersect (the box lies inside the image).
@@ -567,7 +604,7 @@ def _around_forgery(height, width, box, centre_y, centre_x, key, position,
 def _window(kind, params, min_side, row, position, heights, widths, bbox, centroid, key):
     """The window of one planned sample; params as _view_params gives them."""
     side_lo, side_hi, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, ratio_lo, ratio_hi, \
-        mult_lo, mult_hi = params
+        mult_lo, mult_hi, negative_share = params
     height = np.int64(heights[row])
     width = np.int64(widths[row])
     if kind == 0 or min(height, width) < min_side:
@@ -578,7 +615,7 @@ def _window(kind, params, min_side, row, position, heights, widths, bbox, centro
         return _random_resized_crop(height, width, key, position, scale_lo, scale_hi,
                                     log_ratio_lo, log_ratio_hi, ratio_lo, ratio_hi)
     return _around_forgery(height, width, bbox[row], centroid[row, 0], centroid[row, 1],
-                           key, position, mult_lo, mult_hi, min_side)
+                           key, position, mult_lo, mult_hi, min_side, negative_share)
 
 
 @njit(cache=True, inline="always")
@@ -611,7 +648,7 @@ def _windows_parallel(kind, params, min_side, indices, positions, heights, width
 def _view_params(view: View) -> tuple[float, ...]:
     return tuple(float(v) for v in (
         *view.side_range, *view.scale, math.log(view.ratio[0]), math.log(view.ratio[1]),
-        *view.ratio, *view.side_mult))
+        *view.ratio, *view.side_mult, view.negative_share))
 
 
 def _check_view(view: View) -> int:
@@ -638,7 +675,10 @@ def crop_windows(view: View, indices, positions, height, width, bbox, centroid,
     is below view.min_side is taken whole whatever the view (a crop of it
     would be smaller than the smallest window the recipe reads). For
     "around_forgery", an image without a forgery box (bbox -1: authentic)
-    gets a min_side square at a random place. height, width, bbox and
+    gets a min_side square at a random place, and with view.negative_share a
+    sample's coin (its own stream) may place its window, same side, where it
+    misses the box, uniformly among such places (none: around the forgery
+    after all). height, width, bbox and
     centroid are the meta/ arrays of engine.store.read_meta.
     """
     kind = _check_view(view)

@@ -116,7 +116,8 @@ def test_sampling_table_matches_recipes():
         for key, expected in params.items():
             assert same(getattr(view, key), expected), (name, key)
         default = View(kind)
-        changed = {f for f in ("side_range", "scale", "ratio", "side_mult", "min_side")
+        changed = {f for f in ("side_range", "scale", "ratio", "side_mult", "min_side",
+                               "negative_share")
                    if getattr(view, f) != getattr(default, f)}
         assert changed <= set(params), f"{name}: the view's {changed - set(params)} not in the doc"
 

@@ -92,8 +92,9 @@ def test_members_of_different_sizes_meet_at_the_largest():
     images = [rng.integers(0, 256, (40, 30, 3), dtype=np.uint8) for _ in range(3)]
     elas = [rng.integers(0, 256, (40, 30), dtype=np.uint8) for _ in range(3)]
     probs = ensemble.probabilities(images, elas)
-    assert {k: tuple(v.shape) for k, v in probs.items()} == {
+    assert {k: tuple(v.shape) for k, v in probs.whole.items()} == {
         "highres_no_ela": (3, 1, 24, 24), "comprehensive": (3, 1, 24, 24)}
+    assert not probs.tiled and [f.shape for f in ensemble.combine(probs)] == [(40, 30)] * 3
     with pytest.raises(ValueError, match="ELA"):
         ensemble.probabilities(images, None)
 

@@ -99,7 +99,8 @@ def test_evaluate_writes_the_chart_with_its_setting(demo_store, tmp_path, monkey
     grid = cv2.imread(str(tmp_path / "predictions.png"))
     assert grid.shape[1] == evaluate_cli.GRID_COLUMNS * evaluate_cli.TILE
     fig = drawn["fig"]
-    assert fig.get_suptitle() == f"val split of {demo_store}; threshold 0.5, min area 0 px at 512"
+    assert fig.get_suptitle() == (f"val split of {demo_store}; specialist view tiled; "
+                                  "threshold 0.5, min area 0 px at 512")
     assert capsys.readouterr().out.startswith(fig.get_suptitle() + "; members: ")
     # every pixel forged: each authentic image is a false positive
     assert [t.get_text() for t in fig.axes[1].texts] == ["1.00"]

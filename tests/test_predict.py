@@ -259,3 +259,47 @@ def test_a_full_disk_while_writing_the_submission_names_the_file(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert str(out) in str(refused.value) and "cannot write the submission" in str(refused.value)
     assert out.read_text() == "old\n"
+
+
+class ViewRecorder(Ensemble):
+    """An ensemble that records the specialist view of every batch it predicts."""
+
+    def __init__(self, members):
+        super().__init__(members)
+        self.views = []
+
+    def probabilities(self, images, elas, tta=False, specialist_view="tiled"):
+        self.views.append(specialist_view)
+        return super().probabilities(images, elas, tta, specialist_view)
+
+
+def recording_ensemble():
+    specialist = nn.Conv2d(3, 1, 1)
+    return ViewRecorder([*sure_member().members, Member(
+        "small_specialist", specialist, replace(get_recipe("small_specialist"), img_size=16))])
+
+
+@pytest.mark.parametrize("flag, view", [([], "tiled"), (["--specialist-view", "whole"], "whole"),
+                                        (["--specialist-view", "tiled"], "tiled")])
+def test_the_specialist_view_reaches_predict_and_evaluate(images_with_a_bad_one, demo_store,
+                                                          tmp_path, monkeypatch, capsys, flag, view):
+    ensemble = recording_ensemble()
+    monkeypatch.setattr(predict_cli, "ensemble_from_args", lambda args: (PostProcess(0.5, 0), ensemble))
+    monkeypatch.setattr(evaluate_cli, "ensemble_from_args", lambda args: (PostProcess(0.5, 0), ensemble))
+    assert predict_cli.main(["--images", str(images_with_a_bad_one), "--out",
+                             str(tmp_path / "s.csv"), *flag]) == 0
+    summary = capsys.readouterr().out
+    assert f"specialist view {view}" in summary and re.search(r"[\d.]+ s per image", summary)
+    assert evaluate_cli.main(["--store", str(demo_store), "--out", str(tmp_path / "eval"),
+                              *flag]) == 0
+    table = capsys.readouterr().out
+    assert f"specialist view {view}" in table
+    assert re.search(r"^seconds per image +[\d.]+ +[\d.]+$", table, re.M)   # both variants
+    assert ensemble.views and set(ensemble.views) == {view}
+
+
+def test_a_bad_specialist_view_is_one_error_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_status:
+        predict_cli.main(["--images", str(tmp_path), "--specialist-view", "halves"])
+    assert exit_status.value.code == 2
+    assert "argument --specialist-view: invalid choice: 'halves'" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 from engine.recipes import RECIPES, SIZE_CLASS_NAMES
 from trainers import run_ensemble, run_folder
@@ -50,6 +51,8 @@ def test_the_whole_ensemble_in_one_command_then_a_rerun_resumes(store, tmp_path)
         assert 0 <= variant["score"] <= 1
         assert list(variant["recall_by_size_class"]) == list(SIZE_CLASS_NAMES[1:])
         assert variant["authentic_images"] > 0 and 0 <= variant["false_positive_rate"] <= 1
+        assert variant["seconds_per_image"] > 0
+    assert "specialist view tiled" in found["setting"]      # the default
     assert found["score"] == found["variants"]["ensemble"]["score"]
     markdown = (out / "results.md").read_text()
     assert "competition score" in markdown and "detection recall, tiny" in markdown
@@ -119,3 +122,23 @@ def test_reruns_reuse_only_members_recorded_as_this_run_would_train_them(tmp_pat
     (tmp_path / "models").mkdir()
     last_path(tmp_path / "models", "small_specialist").write_bytes(b"")
     assert plan("small_specialist") == ("resume", "--resume")
+
+
+def test_the_specialist_view_reaches_run_ensembles_evaluation(tmp_path, monkeypatch):
+    from tests.test_predict import sure_member
+    from trainers import evaluate
+    from trainers.ensemble import Ensemble
+
+    class Evaluated(Exception):
+        pass
+
+    def evaluate_records(*args, **kwargs):
+        raise Evaluated(kwargs["specialist_view"])
+
+    monkeypatch.setattr(Ensemble, "load", classmethod(lambda cls, *args, **kwargs: sure_member()))
+    monkeypatch.setattr(evaluate, "evaluate", evaluate_records)
+    for flag, view in (([], "tiled"), (["--specialist-view", "whole"], "whole")):
+        args, config = run_ensemble.parse_args(["--store", str(tmp_path / "store"), "--out",
+                                                str(tmp_path / "run"), *flag])
+        with pytest.raises(Evaluated, match=view):
+            run_ensemble.evaluate_run(args, config)

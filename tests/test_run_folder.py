@@ -216,7 +216,7 @@ def test_flags_that_cannot_work_are_refused_before_the_run_folder_is_made(store,
         assert not run.exists()
 
 
-def test_a_config_file_with_recipe_fields_and_flags_over_it(store, tmp_path):
+def test_a_config_file_with_recipe_fields_and_flags_over_it(store, tmp_path, capsys):
     """--config (YAML here) sets recipe fields and settings; only the flags
     typed override it (--max-steps), the rest keep the file's values."""
     settings = tmp_path / "run.yaml"
@@ -236,6 +236,14 @@ def test_a_config_file_with_recipe_fields_and_flags_over_it(store, tmp_path):
     with pytest.raises(SystemExit) as exit_:
         main(["--config", str(settings), "--store", str(store), "--out", str(tmp_path / "other")])
     assert exit_.value.code == 2 and not (tmp_path / "other").exists()
+    # and a share of negative windows that is no share
+    settings.write_text("member: small_specialist\nrecipe:\n  view: {negative_share: 1.5}\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(settings), "--store", str(store), "--out", str(tmp_path / "other")])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and not (tmp_path / "other").exists()
+    assert "view.negative_share 1.5" in err and len(err.splitlines()) == 1, err
 
 
 SENTINEL = "SENTINEL-4b1d"

@@ -433,6 +433,94 @@ def test_around_forgery_without_a_box_is_a_min_side_square(height, width, positi
         assert y1 - y0 == x1 - x0 == view.min_side
 
 
+def misses(windows, boxes):
+    """Whether each window holds no pixel of its (half-open) forgery box."""
+    y0, x0, y1, x1 = windows.T
+    return (y1 <= boxes[:, 0]) | (y0 >= boxes[:, 2]) | (x1 <= boxes[:, 1]) | (x0 >= boxes[:, 3])
+
+
+@PROPERTY
+@given(forged_images(), positions, st.sampled_from([0.3, 0.9]))
+def test_a_negative_window_misses_the_forgery_at_the_same_side(image, position, share):
+    height, width, box, centroid = image
+    view = View("around_forgery", min_side=64, negative_share=share)
+    window = one_window(view, height, width, box, centroid, position)
+    assert_inside(window[None], height, width)
+    plain = one_window(replace(view, negative_share=0.0), height, width, box, centroid, position)
+    if min(height, width) < view.min_side:      # taken whole, as without negatives
+        assert window.tolist() == plain.tolist() == [0, 0, height, width]
+        return
+    # the same side either way; around the forgery, the very window of a view without negatives
+    assert window[2] - window[0] == window[3] - window[1] == plain[2] - plain[0]
+    assert misses(window[None], np.array([box]))[0] or window.tolist() == plain.tolist()
+
+
+def room_for_a_negative(sides, boxes, heights, widths):
+    """Whether a window of each side fits beside its box: above, below, left or right."""
+    return ((boxes[:, 0] >= sides) | (heights - boxes[:, 2] >= sides)
+            | (boxes[:, 1] >= sides) | (widths - boxes[:, 3] >= sides))
+
+
+def test_the_negative_share_is_honoured_over_an_epoch_plan(demo_meta):
+    recipe = RECIPES["small_specialist"]
+    weights = member_weights(recipe.sampling, demo_meta["label"], demo_meta["area_ratio"],
+                             demo_meta["split"], 0)
+    plan = EpochPlan.build(weights, 20_000, seed=3, epoch=1)
+    args = (plan.indices, np.arange(len(plan)), demo_meta["height"], demo_meta["width"],
+            demo_meta["bbox"], demo_meta["centroid"], 3, 1)
+    boxes = demo_meta["bbox"][plan.indices]
+    plain = crop_windows(replace(recipe.view, negative_share=0.0), *args)
+    room = room_for_a_negative(plain[:, 2] - plain[:, 0], boxes, demo_meta["height"][plan.indices],
+                               demo_meta["width"][plan.indices])
+    assert 1000 < room.sum() < len(plan)       # the demo's small figures often have none
+    for share in (0.0, 0.25, recipe.view.negative_share):
+        windows = crop_windows(replace(recipe.view, negative_share=share), *args)
+        negative = misses(windows, boxes)
+        assert not negative[~room].any()                          # no room: around the forgery
+        expected = share * room.sum()
+        assert abs(negative.sum() - expected) <= 4 * np.sqrt(expected * (1 - share)) + 0.5, share
+        # the others keep the window of a view without negatives; every side is kept
+        assert np.array_equal(windows[~negative], plain[~negative])
+        assert np.array_equal(windows[:, 2] - windows[:, 0], plain[:, 2] - plain[:, 0])
+
+
+def test_negative_windows_spread_over_every_side_of_the_forgery():
+    view = View("around_forgery", side_mult=(2.0, 2.0), min_side=100, negative_share=0.5)
+    box = (450, 300, 500, 350)
+    windows = windows_of_one_image(view, n=8000, side=1000, bbox=box, centroid=(475.0, 325.0))
+    away = windows[misses(windows, np.array([box] * len(windows)))]
+    assert abs(len(away) - 4000) < 4 * np.sqrt(2000)
+    above, below = away[:, 2] <= box[0], away[:, 0] >= box[2]
+    left, right = away[:, 3] <= box[1], away[:, 1] >= box[3]
+    assert all(part.sum() > 50 for part in (above, below, left & ~above & ~below,
+                                              right & ~above & ~below))
+    # uniform over the places that miss it: the share above is its share of those places
+    columns = 1000 - 100 + 1
+    places_above = (450 - 100 + 1) * columns
+    places = places_above + (1000 - 100 - 500 + 1) * columns + (499 - 351 + 1) * (
+        (300 - 100 + 1) + (1000 - 100 - 350 + 1))
+    assert abs(above.mean() - places_above / places) < 0.03
+
+
+def test_a_forgery_no_window_can_miss_keeps_its_window():
+    view = View("around_forgery", min_side=64, negative_share=0.9)
+    box = (10, 10, 90, 90)                       # side 160..320 on a 100 px image: the image
+    windows = windows_of_one_image(view, n=50, side=100, bbox=box, centroid=(50.0, 50.0))
+    assert np.all(windows == [0, 0, 100, 100])
+
+
+@pytest.mark.parametrize("share, problem", [(-0.1, "at least 0"), (1.0, "below 1"),
+                                            (float("nan"), "at least 0")])
+def test_a_bad_negative_share_is_refused(share, problem):
+    with pytest.raises(ValueError, match=f"view.negative_share .*{problem}"):
+        View("around_forgery", negative_share=share)
+
+
+def test_a_negative_share_needs_the_around_forgery_view():
+    with pytest.raises(ValueError, match="only an 'around_forgery' view"):
+        View("random_crop", negative_share=0.2)
+
+
 @PROPERTY
 @given(sides, sides, positions, st.sampled_from([(0.7, 1.0), (0.2, 0.5), (1.0, 1.0)]))
 def test_random_crop_sides_in_range(height, width, position, side_range):

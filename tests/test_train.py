@@ -298,6 +298,10 @@ def test_recipes_survive_the_checkpoint_round_trip():
         assert recipe_from_dict(recipe_to_dict(recipe)) == recipe
         # checkpoints written before Recipe.extra was retired still load
         assert recipe_from_dict({**recipe_to_dict(recipe), "extra": {}}) == recipe
+    # checkpoints written before View.negative_share: no negatives, as they trained
+    saved = recipe_to_dict(RECIPES["small_specialist"])
+    del saved["view"]["negative_share"]
+    assert recipe_from_dict(saved).view.negative_share == 0.0
 
 
 @pytest.mark.parametrize("member", ["hard_negative", "high_recall"])

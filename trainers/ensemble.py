@@ -8,16 +8,22 @@ of those present are renormalised, and without average members the result is
 the weighted specialist alone.
 
 Each member sees the whole image resized to its own input size (with ELA as a
-fourth channel when its recipe has 4 input channels). Member outputs are
-brought to one common size, combined, resized to the original image, then
-thresholded; each connected component that is large enough is one instance.
+fourth channel when its recipe has 4 input channels), except the union member
+in the tiled view (specialist_view="tiled", the default of the command
+lines): it sees overlapping tiles of the full-resolution image at the scale
+it trained at, blended into one map at the image's size (trainers/tiling.py).
+Whole-view outputs are brought to one common size, combined, resized to the
+original image; a tiled member's map is then united with that at the
+image's size. The result is thresholded; each connected component that is
+large enough is one instance.
 Forward passes run under trainers/precision.py's autocast (bf16 on CUDA,
 float32 on the CPU), as in training; outputs become float32 before the
 sigmoid, so thresholds always compare float32 probabilities.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -34,6 +40,7 @@ from trainers.checkpoint import CheckpointError, best_path, export_path, load_me
 # the operating points, in a module of their own so that --help lists them without torch
 from trainers.postprocess import ALL_MEMBERS, MIN_AREA_REFERENCE_PIXELS, MODES, PostProcess  # noqa: F401
 from trainers.precision import autocast
+from trainers.tiling import DEFAULT_SPECIALIST_VIEW, SPECIALIST_VIEWS, TileGrid, tiled_probabilities
 
 def combine(probs: dict[str, torch.Tensor], recipes: dict[str, Recipe]) -> torch.Tensor:
     """Final probability from member probabilities of one shape (average, then union)."""
@@ -46,9 +53,14 @@ def combine(probs: dict[str, torch.Tensor], recipes: dict[str, Recipe]) -> torch
         total = sum(recipes[name].ensemble_weight for name in averaged)
         result = sum(probs[name] * (recipes[name].ensemble_weight / total) for name in averaged)
     for name in united:
-        scaled = probs[name] * recipes[name].ensemble_weight
-        result = scaled if result is None else torch.maximum(result, scaled)
+        result = unite(result, probs[name], recipes[name].ensemble_weight)
     return result
+
+
+def unite(result: torch.Tensor | None, prob: torch.Tensor, weight: float) -> torch.Tensor:
+    """max(result, weight x prob): a union member merged into a map (None: nothing yet)."""
+    scaled = prob * weight
+    return scaled if result is None else torch.maximum(result, scaled)
 
 
 def _resize(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -111,6 +123,17 @@ class Member:
     recipe: Recipe
 
 
+@dataclass
+class Probabilities:
+    """A batch's member probabilities (Ensemble.probabilities), and the
+    seconds each member took on it (its forward passes, and its tiling)."""
+
+    shapes: list[tuple[int, int]]                                     # (H, W) of each image
+    whole: dict[str, torch.Tensor] = field(default_factory=dict)      # (B, 1, S, S) each
+    tiled: dict[str, list[np.ndarray]] = field(default_factory=dict)  # (H, W) per image
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
 class Ensemble:
     """Members (any subset of the six) predicting together on one device."""
 
@@ -152,26 +175,64 @@ class Ensemble:
         return cls(members, device)
 
     def probabilities(self, images: list[np.ndarray], elas: list[np.ndarray] | None,
-                      tta: bool = False) -> dict[str, torch.Tensor]:
-        """Each member's probabilities (B, 1, size, size) for a batch of whole images."""
+                      tta: bool = False,
+                      specialist_view: str = DEFAULT_SPECIALIST_VIEW) -> Probabilities:
+        """Each member's probabilities for a batch of whole images: at
+        (B, 1, size, size), or, for the union members in the tiled view, at
+        each image's own size (trainers/tiling.py)."""
         if self.needs_ela and elas is None:
             raise ValueError("a member takes ELA as a 4th channel; pass the images' ELA")
+        if specialist_view not in SPECIALIST_VIEWS:
+            raise ValueError(f"specialist view {specialist_view!r}: choose one of "
+                             f"{', '.join(SPECIALIST_VIEWS)}")
+        out = Probabilities([image.shape[:2] for image in images])
         inputs: dict[tuple[int, int], torch.Tensor] = {}
-        out = {}
         for member in self.members:
-            key = (member.recipe.img_size, member.recipe.in_channels)
-            if key not in inputs:
-                inputs[key] = _on_device(model_input(images, elas if key[1] == 4 else None, key[0]),
-                                         self.device)
-            prob = member_probabilities(member.model, inputs[key], tta)
-            if prob.shape[-1] != self.size:
-                prob = nn.functional.interpolate(prob, size=(self.size, self.size),
-                                                 mode="bilinear", align_corners=False)
-            out[member.name] = prob
+            started = time.perf_counter()
+            recipe = member.recipe
+            member_elas = elas if recipe.in_channels == 4 else None
+            if specialist_view == "tiled" and recipe.ensemble_role == "union":
+                grids = [TileGrid.for_image(recipe, *shape) for shape in out.shapes]
+                out.tiled[member.name] = tiled_probabilities(
+                    images, member_elas, grids,
+                    lambda tiles, tile_elas, m=member: self._tile_forward(m, tiles, tile_elas, tta))
+            else:
+                key = (recipe.img_size, recipe.in_channels)
+                if key not in inputs:
+                    inputs[key] = _on_device(model_input(images, member_elas, key[0]), self.device)
+                prob = member_probabilities(member.model, inputs[key], tta)
+                if prob.shape[-1] != self.size:
+                    prob = nn.functional.interpolate(prob, size=(self.size, self.size),
+                                                     mode="bilinear", align_corners=False)
+                if self.device.type == "cuda":   # the time is the member's, not the next one's
+                    torch.cuda.synchronize(self.device)
+                out.whole[member.name] = prob
+            out.seconds[member.name] = time.perf_counter() - started
         return out
 
-    def combine(self, probs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return combine(probs, self.recipes)
+    def _tile_forward(self, member: Member, tiles: list[np.ndarray],
+                      elas: list[np.ndarray] | None, tta: bool) -> list[np.ndarray]:
+        """A member's probabilities on tiles, each back at its tile's size."""
+        x = _on_device(model_input(tiles, elas, member.recipe.img_size), self.device)
+        probs = member_probabilities(member.model, x, tta)[:, 0].cpu().numpy()
+        return [to_original_size(prob, tile.shape[:2]) for prob, tile in zip(probs, tiles)]
+
+    def combine(self, probs: Probabilities, names: tuple[str, ...] | None = None) -> list[np.ndarray]:
+        """The final probability map of each image, at its own size, from the
+        members `names` (default: all of `probs`): the whole-view members
+        combined (average, then union) and resized to the image, then each
+        tiled union member united with that."""
+        names = tuple(probs.whole) + tuple(probs.tiled) if names is None else names
+        whole = {name: probs.whole[name] for name in names if name in probs.whole}
+        tiled = {name: probs.tiled[name] for name in names if name in probs.tiled}
+        combined = combine(whole, self.recipes)[:, 0].cpu().numpy() if whole else None
+        finals = []
+        for k, shape in enumerate(probs.shapes):
+            final = None if combined is None else torch.from_numpy(to_original_size(combined[k], shape))
+            for name, maps in tiled.items():
+                final = unite(final, torch.from_numpy(maps[k]), self.recipes[name].ensemble_weight)
+            finals.append(final.numpy())
+        return finals
 
 
 def to_original_size(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -2,17 +2,19 @@
 
     python trainers/evaluate.py --store data/store.zarr --models models/
         [--members a,b,...] [--mode default] [--threshold T] [--min-area A] [--tta]
-        [--split val] [--out runs/evaluate]
+        [--specialist-view tiled|whole] [--split val] [--out runs/evaluate]
 
-Member probabilities are computed once per image; from them the full
-ensemble and, when the specialist is among the members, the ensemble without
-it, which shows what the specialist adds. For each:
+Member probabilities are computed once per image (the specialist on tiles of
+the full-resolution image by default, --specialist-view; trainers/tiling.py);
+from them the full ensemble and, when the specialist is among the members,
+the ensemble without it, which shows what the specialist adds. For each:
 - the competition score (trainers/score.py's metric);
 - image-level detection recall per size class: a forged image counts as
   detected when a predicted instance overlaps its forged pixels;
 - the false-positive rate on authentic images (any instance predicted);
 - Dice and MCC of the predicted union mask against the true union mask,
-  pooled over all pixels and averaged per image (trainers/metrics.py).
+  pooled over all pixels and averaged per image (trainers/metrics.py);
+- the seconds per image its members' forward passes took (tiling included).
 Tables go to stdout; OUT/evaluation.png draws them, every bar labelled with its
 value, the higher-is-better figures in one panel and the false-positive rate
 (lower is better) in another; OUT/predictions.png shows the validation
@@ -52,6 +54,7 @@ from trainers.predict import (
     write_submission,
 )
 from trainers.score import ScoreError, image_score, open_split, true_instances, write_solution
+from trainers.tiling import DEFAULT_SPECIALIST_VIEW
 
 if TYPE_CHECKING:
     from trainers.ensemble import Ensemble
@@ -70,6 +73,7 @@ class Report:
     size_class: list[int] = field(default_factory=list)
     flagged: list[bool] = field(default_factory=list)        # any instance predicted
     detected: list[bool] = field(default_factory=list)       # an instance overlaps the forgery
+    seconds: float = 0.0     # in its members' forward passes (and tiling), all images
 
     def add(self, true: list[np.ndarray], pred: list[np.ndarray], size_class: int,
             shape: tuple[int, int]) -> None:
@@ -99,6 +103,9 @@ class Report:
 
     def pixel_metrics(self) -> dict[str, float]:
         return summarize(np.stack(self.counts))
+
+    def seconds_per_image(self) -> float:
+        return self.seconds / len(self.scores) if self.scores else float("nan")
 
 
 def variants(ensemble: Ensemble) -> dict[str, tuple[str, ...]]:
@@ -183,11 +190,13 @@ def specialists(ensemble: Ensemble) -> tuple[str, ...]:
 def evaluate(ensemble: Ensemble, store: str | Path, split: str = "val",
              post: PostProcess = MODES["default"], tta: bool = False, batch_size: int = 4,
              submission: Path | None = None, shown: list[Shown] | None = None,
-             storage: storages.StorageSettings | None = None) -> dict[str, Report]:
+             storage: storages.StorageSettings | None = None,
+             specialist_view: str = DEFAULT_SPECIALIST_VIEW) -> dict[str, Report]:
     """Reports of every variant over a store split (a store URL reached with
-    `storage`); optionally writes the full ensemble's submission CSV, and
-    appends each image's thumbnail and masks (true, ensemble, specialist) to
-    `shown` for draw_predictions."""
+    `storage`), the specialist seeing `specialist_view` ("tiled" or
+    "whole", trainers/tiling.py); optionally writes the full ensemble's
+    submission CSV, and appends each image's thumbnail and masks (true,
+    ensemble, specialist) to `shown` for draw_predictions."""
     group, meta, rows = open_split(store, split, storage)
     chosen = variants(ensemble)
     reports = {name: Report() for name in chosen}
@@ -198,11 +207,12 @@ def evaluate(ensemble: Ensemble, store: str | Path, split: str = "val",
         combined[SPECIALIST] = specialists(ensemble)
     cases = tqdm(store_cases(store, rows, ensemble.needs_ela, storage), total=len(rows),
                  desc="evaluate", unit="img")
-    for batch, probs in predict_batches(ensemble, cases, tta, batch_size):
+    for batch, probs in predict_batches(ensemble, cases, tta, batch_size, specialist_view):
         truths = [true_instances(group, case.row) for case in batch]
-        found = {name: batch_instances(batch, ensemble.combine({m: probs[m] for m in members}), post)
+        found = {name: batch_instances(ensemble.combine(probs, members), post)
                  for name, members in combined.items()}
-        for name in chosen:
+        for name, members in chosen.items():
+            reports[name].seconds += sum(probs.seconds[m] for m in members)
             for case, true, pred in zip(batch, truths, found[name]):
                 reports[name].add(true, pred, int(meta["size_class"][case.row]),
                                   case.image.shape[:2])
@@ -239,6 +249,7 @@ def format_tables(reports: dict[str, Report]) -> str:
                        ("mean_image_dice", "Dice (mean per image)"),
                        ("mean_image_mcc", "MCC (mean per image)")):
         rows.append((label, {n: f"{metrics[n][key]:.4f}" for n in names}))
+    rows.append(("seconds per image", {n: f"{r.seconds_per_image():.3f}" for n, r in reports.items()}))
     lines += [f"{label:<24}" + "".join(f"{vals[n]:>{width}}" for n in names) for label, vals in rows]
     return "\n".join(lines)
 
@@ -335,10 +346,12 @@ def main(argv: list[str] | None = None) -> int:
         storage = storages.StorageSettings.from_args(args)
         shown = []
         reports = evaluate(ensemble, args.store, args.split, post, args.tta, args.batch_size,
-                           submission=args.out / "submission.csv", shown=shown, storage=storage)
+                           submission=args.out / "submission.csv", shown=shown, storage=storage,
+                           specialist_view=args.specialist_view)
         draw_predictions(shown, args.out / "predictions.png")
         write_solution(args.store, args.out / "solution.csv", args.split, storage)
-        setting = (f"{args.split} split of {args.store}; threshold {post.threshold}, min area "
+        setting = (f"{args.split} split of {args.store}; specialist view "
+                   f"{args.specialist_view}; threshold {post.threshold}, min area "
                    f"{post.min_area} px at 512" + ("; flip TTA" if args.tta else ""))
         draw(reports, args.out / "evaluation.png", setting)
     except (CheckpointError, StoreError, storages.StorageUnavailable, ScoreError, OSError,

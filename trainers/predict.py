@@ -3,7 +3,8 @@
     python trainers/predict.py --images DIR --out submission.csv [--max-pixels P] [--strict]
     python trainers/predict.py --store data/store.zarr [--split val] --out submission.csv
         [--models models/] [--members a,b,...] [--mode default] [--threshold T]
-        [--min-area A] [--tta] [--batch-size B] [--device auto|cpu|cuda]
+        [--min-area A] [--specialist-view tiled|whole] [--tta] [--batch-size B]
+        [--device auto|cpu|cuda]
 
 --images reads every image of DIR (case id = file stem): PNG with the build
 step's decoding and checks, and the other formats OpenCV reads (IMAGE_SUFFIXES:
@@ -32,6 +33,12 @@ The CSV is written beside --out and renamed over it when complete
 was. User errors (a missing checkpoint or store, --out naming a folder,
 --device cuda without CUDA...) print one `error:` line and exit 2.
 
+--specialist-view tiled (the default) lets the small-forgery specialist see
+overlapping tiles of each full-resolution image at the scale it trained at,
+blended into one map (trainers/tiling.py); whole gives it the whole image
+resized to its input size, as the other members always see it. The summary
+line gives the time per image.
+
 --mode picks one of the documented operating points (threshold, minimum
 component area in pixels at 512 x 512, scaled to each image's area; listed
 under --help); --threshold and --min-area override the mode's values.
@@ -42,6 +49,7 @@ import argparse
 import csv
 import stat
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from itertools import islice
@@ -64,11 +72,10 @@ from trainers.run_folder import DEFAULT_RUN, CheckpointError, models_dir
 # that --help and a mistyped flag answer without torch
 from trainers.postprocess import ALL_MEMBERS, MODES, PostProcess
 from trainers.rle import AUTHENTIC, SUBMISSION_COLUMNS, encode_annotation
+from trainers.tiling import DEFAULT_SPECIALIST_VIEW, add_specialist_view_argument
 
 if TYPE_CHECKING:
-    import torch
-
-    from trainers.ensemble import Ensemble
+    from trainers.ensemble import Ensemble, Probabilities
 
 DEFAULT_MODELS = models_dir(DEFAULT_RUN)   # where train.py puts checkpoints by default
 
@@ -188,37 +195,39 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-def batch_probabilities(ensemble: Ensemble, batch: list[Case],
-                        tta: bool = False) -> dict[str, torch.Tensor]:
-    """Each member's probabilities (B, 1, S, S) for a batch of readable cases."""
+def batch_probabilities(ensemble: Ensemble, batch: list[Case], tta: bool = False,
+                        specialist_view: str = DEFAULT_SPECIALIST_VIEW) -> Probabilities:
+    """Each member's probabilities for a batch of readable cases (Ensemble.probabilities)."""
     elas = [c.ela for c in batch] if ensemble.needs_ela else None
-    return ensemble.probabilities([c.image for c in batch], elas, tta)
+    return ensemble.probabilities([c.image for c in batch], elas, tta, specialist_view)
 
 
 def predict_batches(ensemble: Ensemble, cases: Iterable[Case], tta: bool = False,
-                    batch_size: int = 4) -> Iterator[tuple[list[Case], dict[str, torch.Tensor]]]:
-    """Batches of readable cases with each member's probabilities (B, 1, S, S)."""
+                    batch_size: int = 4, specialist_view: str = DEFAULT_SPECIALIST_VIEW,
+                    ) -> Iterator[tuple[list[Case], Probabilities]]:
+    """Batches of readable cases with each member's probabilities."""
     for batch in batched(cases, batch_size):
-        yield batch, batch_probabilities(ensemble, batch, tta)
+        yield batch, batch_probabilities(ensemble, batch, tta, specialist_view)
 
 
-def batch_instances(batch: list[Case], final: torch.Tensor, post: PostProcess) -> list[list[np.ndarray]]:
-    """Instance masks at each case's original size from combined probabilities."""
-    from trainers.ensemble import instances, to_original_size
+def batch_instances(finals: list[np.ndarray], post: PostProcess) -> list[list[np.ndarray]]:
+    """Instance masks of each image from its final probability map (Ensemble.combine)."""
+    from trainers.ensemble import instances
 
-    return [instances(to_original_size(prob, case.image.shape[:2]), post)
-            for case, prob in zip(batch, final[:, 0].cpu().numpy())]
+    return [instances(final, post) for final in finals]
 
 
 def predict_instances(ensemble: Ensemble, cases: Iterable[Case], post: PostProcess,
-                      tta: bool = False, batch_size: int = 4) -> Iterator[tuple[str, list[np.ndarray]]]:
+                      tta: bool = False, batch_size: int = 4,
+                      specialist_view: str = DEFAULT_SPECIALIST_VIEW,
+                      ) -> Iterator[tuple[str, list[np.ndarray]]]:
     """(case id, instance masks at the original size) for every case, in order;
     a case that could not be read has none, as an authentic image has none
     (the competition wants a row for every id)."""
     for batch in batched(cases, batch_size):
         readable = [case for case in batch if case.problem is None]
-        found = iter(batch_instances(readable, ensemble.combine(
-            batch_probabilities(ensemble, readable, tta)), post) if readable else [])
+        found = iter(batch_instances(ensemble.combine(batch_probabilities(
+            ensemble, readable, tta, specialist_view)), post) if readable else [])
         for case in batch:
             yield case.case_id, [] if case.problem else next(found)
 
@@ -273,6 +282,7 @@ def add_ensemble_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, help="overrides the mode's threshold")
     parser.add_argument("--min-area", type=int, help="overrides the mode's minimum area "
                         "(pixels at 512 x 512, scaled to each image's area)")
+    add_specialist_view_argument(parser)
     parser.add_argument("--tta", action="store_true", help="average with flipped inputs")
     parser.add_argument("--batch-size", type=positive_int, default=4)
     parser.add_argument("--device", choices=DEVICES, default="auto",
@@ -361,13 +371,17 @@ def main(argv: list[str] | None = None) -> int:
                                        storages.StorageSettings.from_args(args))
         cases = reported(tqdm(cases, total=total, desc="predict", unit="img"), unreadable,
                          args.strict)
+        started = time.perf_counter()
         count = write_submission(predict_instances(ensemble, cases, post, args.tta,
-                                                   args.batch_size), args.out)
+                                                   args.batch_size, args.specialist_view),
+                                 args.out)
+        seconds = time.perf_counter() - started
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {count} rows to {args.out} (members: {', '.join(args.members)}; "
-          f"threshold {post.threshold}, min area {post.min_area} px at 512)")
+    print(f"wrote {count} rows to {args.out} (members: {', '.join(args.members)}; specialist "
+          f"view {args.specialist_view}; threshold {post.threshold}, min area {post.min_area} "
+          f"px at 512; {seconds / max(count, 1):.2f} s per image, reading included)")
     if unreadable:
         print(f"warning: {len(unreadable)} of {count} images could not be read (named above); "
               f"their rows say {AUTHENTIC!r}", file=sys.stderr)

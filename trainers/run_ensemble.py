@@ -2,7 +2,8 @@
 
     python trainers/run_ensemble.py --store data/store.zarr --out runs/ens1 \\
         [train.py's flags: --config FILE --epochs E --img-size P --max-steps K ...] \\
-        [--nproc-per-node G] [--tta] [--mode M] [--images TEST_DIR]
+        [--nproc-per-node G] [--tta] [--mode M] [--specialist-view tiled|whole]
+        [--images TEST_DIR]
 
 1. Trains every member into the one run folder OUT (trainers/run_folder.py)
    with `trainers/train.py`, each in its own process, in dependency order:
@@ -12,13 +13,14 @@
    member trains with. With --nproc-per-node G > 1 each member trains under
    torchrun.
 2. Evaluates the ensemble on the store's validation split
-   (trainers/evaluate.py): OUT/evaluation/ holds the figure, the solution and
-   the ensemble's submission for trainers/score.py; with --images, also
+   (trainers/evaluate.py; the specialist on tiles of the full-resolution
+   image unless --specialist-view whole): OUT/evaluation/ holds the figure,
+   the solution and the ensemble's submission for trainers/score.py; with --images, also
    OUT/submission.csv for a folder of test images.
 3. Writes OUT/results.json and OUT/results.md: the competition score with and
    without the specialist, detection recall per size class for both, the
-   false-positive rate on authentic images, pixel Dice and MCC, and per
-   member its training time, steps and selection score.
+   false-positive rate on authentic images, pixel Dice and MCC, seconds per
+   image, and per member its training time, steps and selection score.
 
 Rerunning the same command skips members whose run ended (train.py records
 that in OUT/config.json), resumes a member that was killed or interrupted
@@ -51,6 +53,7 @@ from trainers import run_folder
 from trainers.run_folder import last_path
 from trainers.config import ConfigError, RunConfig
 from trainers.postprocess import MODES
+from trainers.tiling import add_specialist_view_argument
 
 ROOT = Path(__file__).resolve().parents[1]
 # settings that change what a member's run makes (the recipe aside, compared
@@ -217,7 +220,8 @@ def results(reports: dict, config: RunConfig, setting: str) -> dict:
                                            "recall": hit / total if total else None}
                                      for cls, (hit, total) in report.recall_by_class().items()},
             "false_positive_rate": flagged / authentic if authentic else None,
-            "authentic_images": authentic, **report.pixel_metrics()}
+            "authentic_images": authentic, "seconds_per_image": report.seconds_per_image(),
+            **report.pixel_metrics()}
     full = variants[FULL]
     group = layout.open_store(config.store, storage=config.storage)
     return {"store": str(config.store), "store_fingerprint": group.attrs.get("fingerprint"),
@@ -251,6 +255,8 @@ def results_markdown(found: dict) -> str:
     for key in ("pooled_dice", "mean_image_dice", "pooled_mcc", "mean_image_mcc"):
         lines.append(f"| {run_folder.METRIC_NAMES[key]} | "
                      + " | ".join(_cell(variants[n][key]) for n in names) + " |")
+    lines.append("| seconds per image (members' forward passes) | "
+                 + " | ".join(f"{variants[n]['seconds_per_image']:.3f}" for n in names) + " |")
     lines += ["", "| member | steps | time in training steps | selected on | best |", "|---|---|---|---|---|"]
     for member, m in found["members"].items():
         lines.append(f"| {member} | {m['steps']} | {m['train_seconds']:.0f} s | "
@@ -271,10 +277,11 @@ def evaluate_run(args: argparse.Namespace, config: RunConfig) -> dict:
     folder = out / "evaluation"
     shown = []
     reports = evaluate(ensemble, config.store, "val", post, args.tta, submission=folder / "submission.csv",
-                       shown=shown, storage=config.storage)
+                       shown=shown, storage=config.storage, specialist_view=args.specialist_view)
     draw_predictions(shown, folder / "predictions.png")
     write_solution(config.store, folder / "solution.csv", "val", config.storage)
-    setting = (f"val split; threshold {post.threshold}, min area {post.min_area} px at 512"
+    setting = (f"val split; specialist view {args.specialist_view}; threshold "
+               f"{post.threshold}, min area {post.min_area} px at 512"
                + ("; flip TTA" if args.tta else ""))
     draw(reports, folder / "evaluation.png", setting)
     found = results(reports, config, setting)
@@ -287,6 +294,7 @@ def evaluate_run(args: argparse.Namespace, config: RunConfig) -> dict:
         status = predict.main(["--images", str(args.images), "--models",
                                str(run_folder.models_dir(out)), "--out",
                                str(out / "submission.csv"), "--mode", args.mode,
+                               "--specialist-view", args.specialist_view,
                                *(["--tta"] if args.tta else [])])
         if status:
             raise RuntimeError(f"predicting {args.images} failed (status {status})")
@@ -301,6 +309,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, RunConfig]:
     p.add_argument("--nproc-per-node", type=int, default=1,
                    help="processes (GPUs) per member; more than 1 trains under torchrun")
     p.add_argument("--tta", action="store_true", help="evaluate with flip test-time augmentation")
+    add_specialist_view_argument(p)
     p.add_argument("--mode", choices=list(MODES), default="default",
                    help="the ensemble's threshold/minimum-area operating point")
     p.add_argument("--images", type=Path,
