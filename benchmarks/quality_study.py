@@ -291,10 +291,11 @@ def figures(report) -> dict[str, float]:
 
 
 def resampled(report, rows: np.ndarray):
-    """The report of the images `rows` (with repeats), for the bootstrap."""
-    fields = {f.name: [getattr(report, f.name)[i] for i in rows]
-              for f in dataclasses.fields(report)}
-    return type(report)(**fields)
+    """The report of the images `rows` (with repeats), for the bootstrap:
+    its per-image lists resampled (its total seconds left out)."""
+    lists = {f.name: getattr(report, f.name) for f in dataclasses.fields(report)
+             if isinstance(getattr(report, f.name), list)}
+    return type(report)(**{name: [values[i] for i in rows] for name, values in lists.items()})
 
 
 def resamples(images: int, count: int, seed: int) -> list[np.ndarray]:
@@ -322,9 +323,11 @@ def with_intervals(report, draws: list[np.ndarray]) -> dict[str, dict]:
 
 
 def report_counts(report) -> dict:
+    """The counts behind the shares, and the time its members took per image."""
     hits, authentic = report.false_positives()
     return {"detected_by_size_class": {c: list(v) for c, v in report.recall_by_class().items()},
-            "flagged_authentic": [hits, authentic]}
+            "flagged_authentic": [hits, authentic],
+            "seconds_per_image": report.seconds_per_image()}
 
 
 # ------------------------------------------------------------ results
@@ -358,12 +361,12 @@ def _cell(figure: dict, name: str) -> str:
 def markdown(found: dict) -> str:
     """The rows as a table, each figure with its 95 % interval in brackets."""
     lines = [f"# Model quality ({found['mode']}): {found['setting']}", "",
-             "| row | " + " | ".join(FIGURE_NAMES[n] for n in FIGURES) + " |",
-             "|---|" + "---|" * len(FIGURES)]
+             "| row | " + " | ".join(FIGURE_NAMES[n] for n in FIGURES) + " | seconds per image |",
+             "|---|" + "---|" * (len(FIGURES) + 1)]
     for row, entry in found["rows"].items():
         cells = [_cell(entry["figures"][n], n) if n != "discrimination" or row in DISCRIMINATING
                  else "" for n in FIGURES]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {entry['seconds_per_image']:.3f} |")
     counts = found["validation"]["by_size_class"]
     lines += ["", "Validation images: " + ", ".join(f"{c} {n}" for c, n in counts.items())
               + f"; intervals: {found['bootstrap']['resamples']} bootstrap resamples of the "
