@@ -282,10 +282,11 @@ def recording_ensemble():
 @pytest.mark.parametrize("flag, view", [([], "tiled"), (["--specialist-view", "whole"], "whole"),
                                         (["--specialist-view", "tiled"], "tiled")])
 def test_the_specialist_view_reaches_predict_and_evaluate(images_with_a_bad_one, demo_store,
-                                                          tmp_path, monkeypatch, capsys, flag, view):
+                                                          tmp_path, monkeypatch, capsys, flag,
+                                                          view):
     ensemble = recording_ensemble()
-    monkeypatch.setattr(predict_cli, "ensemble_from_args", lambda args: (PostProcess(0.5, 0), ensemble))
-    monkeypatch.setattr(evaluate_cli, "ensemble_from_args", lambda args: (PostProcess(0.5, 0), ensemble))
+    for cli in (predict_cli, evaluate_cli):
+        monkeypatch.setattr(cli, "ensemble_from_args", lambda args: (PostProcess(0.5, 0), ensemble))
     assert predict_cli.main(["--images", str(images_with_a_bad_one), "--out",
                              str(tmp_path / "s.csv"), *flag]) == 0
     summary = capsys.readouterr().out

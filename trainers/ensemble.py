@@ -217,7 +217,8 @@ class Ensemble:
         probs = member_probabilities(member.model, x, tta)[:, 0].cpu().numpy()
         return [to_original_size(prob, tile.shape[:2]) for prob, tile in zip(probs, tiles)]
 
-    def combine(self, probs: Probabilities, names: tuple[str, ...] | None = None) -> list[np.ndarray]:
+    def combine(self, probs: Probabilities,
+                names: tuple[str, ...] | None = None) -> list[np.ndarray]:
         """The final probability map of each image, at its own size, from the
         members `names` (default: all of `probs`): the whole-view members
         combined (average, then union) and resized to the image, then each
@@ -228,7 +229,8 @@ class Ensemble:
         combined = combine(whole, self.recipes)[:, 0].cpu().numpy() if whole else None
         finals = []
         for k, shape in enumerate(probs.shapes):
-            final = None if combined is None else torch.from_numpy(to_original_size(combined[k], shape))
+            final = (None if combined is None
+                     else torch.from_numpy(to_original_size(combined[k], shape)))
             for name, maps in tiled.items():
                 final = unite(final, torch.from_numpy(maps[k]), self.recipes[name].ensemble_weight)
             finals.append(final.numpy())

@@ -249,7 +249,8 @@ def format_tables(reports: dict[str, Report]) -> str:
                        ("mean_image_dice", "Dice (mean per image)"),
                        ("mean_image_mcc", "MCC (mean per image)")):
         rows.append((label, {n: f"{metrics[n][key]:.4f}" for n in names}))
-    rows.append(("seconds per image", {n: f"{r.seconds_per_image():.3f}" for n, r in reports.items()}))
+    rows.append(("seconds per image",
+                 {n: f"{r.seconds_per_image():.3f}" for n, r in reports.items()}))
     lines += [f"{label:<24}" + "".join(f"{vals[n]:>{width}}" for n in names) for label, vals in rows]
     return "\n".join(lines)
 
