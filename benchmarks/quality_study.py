@@ -31,7 +31,8 @@
 4. Writes OUT/quality.json, OUT/quality.md and the chart OUT/quality.png
    (each whole or not at all), and prints the table.
 
---quick: this machine's CPU in about 30 minutes (docs/performance.md, "Model
+--quick: for a 2-core CPU (measured: 43 minutes of training and 5 of
+evaluation under load from other work; docs/performance.md, "Model
 quality"): the two general members highres_no_ela and high_recall, a small
 encoder (mobilenet_v2) from random weights at 128 px, a few hundred
 optimiser steps per member, each scored with its last checkpoint (so few
@@ -465,8 +466,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="train again a member the run folder holds trained with other settings "
                         "(and the members that read it); default: refuse, naming the difference")
     p.add_argument("--quick", action="store_true",
-                   help="about 30 minutes on a CPU: two general members, mobilenet_v2 from "
-                        "random weights at 128 px, a few hundred steps each")
+                   help="for a CPU (under an hour on 2 cores): two general members, "
+                        "mobilenet_v2 from random weights at 128 px, a few hundred steps each")
     p.add_argument("--steps", type=int, help="optimiser steps of every member (default: the "
                    "mode's; quick: " + ", ".join(f"{m} {n}" for m, n in QUICK.max_steps.items())
                    + "; full: the recipes' epochs)")

@@ -224,8 +224,9 @@ def fine_trace(rng: np.random.Generator, figure: np.ndarray, masks: np.ndarray) 
     added inside the masks: every 2x2 block at even coordinates gets
     +-FINE_TRACE_LEVEL as [[+1, -1], [-1, +1]], its sign drawn per block
     (re-noising, with the noise's block means zero). An area-averaging
-    downscale by f >= 2 keeps at most FINE_TRACE_LEVEL / f**2 of it inside a
-    region (less where blocks are whole), plus what the region's border cuts."""
+    downscale by 2 or more cancels it where blocks fall whole into an output
+    pixel; partial blocks (a factor that is not even, the region's border)
+    leave a little (tests/test_demo_data.py measures how little)."""
     height, width = figure.shape[:2]
     signs = rng.choice(np.array([-1, 1], np.int16), size=((height + 1) // 2, (width + 1) // 2))
     checker = np.array([[1, -1], [-1, 1]], np.int16) * FINE_TRACE_LEVEL
