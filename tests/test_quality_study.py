@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from benchmarks import quality_study as study
-from engine.recipes import SIZE_CLASS_NAMES
+from engine.recipes import ENSEMBLE_AVERAGE, RECIPES, SIZE_CLASS_NAMES
 from trainers.evaluate import Report
 
 TINY = ["--quick", "--steps", "2", "--img-size", "64", "--epochs", "1", "--batch-size", "2",
@@ -82,3 +82,18 @@ def test_the_report_holds_every_row(store, tmp_path, capsys):
     table = (out / "quality.md").read_text()
     assert all(f"| {row} |" in table for row in study.ROWS)
     assert "| general + specialist, tiles |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_full_mode_runs_every_general_member_with_its_own_recipe(store, tmp_path):
+    """The full mode at a tiny size: the five general members with their own
+    encoder, scored with their best checkpoints, as trainers/predict.py loads them."""
+    out = tmp_path / "quality"
+    tiny = ["--steps", "1", "--img-size", "64", "--epochs", "1", "--batch-size", "2",
+            "--encoder-weights", "none", "--bootstrap", "10", "--workers", "0", "--device", "cpu"]
+    assert study.main(["--store", str(store), "--out", str(out), *tiny]) == 0
+    found = json.loads((out / "quality.json").read_text())
+    assert found["mode"] == "full" and found["settings"]["checkpoint"] == "best"
+    assert found["rows"][study.GENERAL]["members"] == list(ENSEMBLE_AVERAGE)
+    assert {m["encoder"] for m in found["members"].values()} == {RECIPES["highres_no_ela"].encoder}
+    assert list(found["rows"]) == list(study.ROWS)
