@@ -2,6 +2,7 @@
 
     python preprocess/demo_data.py --out data/demo [--count 160] [--seed 0]
         [--min-side 64] [--max-side 4000] [--supplemental N]
+        [--forgery copy_move|fine_trace]
 
 Figures are composed from 1 to 6 panels cut from the real scientific images
 that scikit-image ships (cells, IHC, retina, Hubble deep field, moon, ...),
@@ -12,6 +13,15 @@ layer per pasted region (1 to 3), written as (N, H, W) uint8 0/1. The forged
 area ratios follow FORGED_AREA_SHARES (the user's table). Some authentic and
 forged images share a case id, as in the competition; some images are written
 as 16-bit or RGBA PNGs so the builder's conversion path is exercised.
+
+--forgery fine_trace writes the study set of benchmarks/quality_study.py
+instead (docs/performance.md, "Model quality"): the
+same figures and masks, but a forged region keeps its own content and only
+gains a zero-sum checkerboard of +-FINE_TRACE_LEVEL grey levels, so that its
+one trace is finer than the step of any whole-image downscale by 2 or more,
+which averages it away; every figure's levels are first brought into
+[FINE_TRACE_LEVEL, 255 - FINE_TRACE_LEVEL] (authentic ones too), so the
+trace is never clipped.
 
 Every image is drawn from its own generator seeded by (seed, image index), so
 the output depends on the seed and the arguments only.
@@ -54,6 +64,12 @@ TYPICAL_SHARE = 0.8
 GREY_SHARE = 0.35
 PNG_FORMAT_SHARES = {"8bit": 0.8, "16bit": 0.1, "rgba": 0.1}
 DEFAULT_COUNT = 160
+# What a forged region holds: content copied from elsewhere in the figure
+# (the demo), or its own content with a trace finer than the resize step (the study set).
+FORGERY_KINDS = ("copy_move", "fine_trace")
+# fine_trace: the trace's amplitude in grey levels (strong at full resolution, where a
+# 3x3 filter sees it; gone after a whole-image downscale by 2 or more)
+FINE_TRACE_LEVEL = 12
 
 
 @functools.cache
@@ -195,6 +211,32 @@ def paste_copies(rng: np.random.Generator, figure: np.ndarray, masks: np.ndarray
     return forged
 
 
+def trace_headroom(figure: np.ndarray) -> np.ndarray:
+    """The figure's levels mapped linearly from [0, 255] into [FINE_TRACE_LEVEL,
+    255 - FINE_TRACE_LEVEL], so that adding the fine trace never clips (a clipped
+    trace would no longer average to zero, and would show at any scale)."""
+    span = (255 - 2 * FINE_TRACE_LEVEL) / 255
+    return np.round(FINE_TRACE_LEVEL + figure.astype(np.float32) * span).astype(np.uint8)
+
+
+def fine_trace(rng: np.random.Generator, figure: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """The figure (levels within trace_headroom's range) with a zero-sum pattern
+    added inside the masks: every 2x2 block at even coordinates gets
+    +-FINE_TRACE_LEVEL as [[+1, -1], [-1, +1]], its sign drawn per block
+    (re-noising, with the noise's block means zero). An area-averaging
+    downscale by 2 or more cancels it where blocks fall whole into an output
+    pixel; partial blocks (a factor that is not even, the region's border)
+    leave a little (tests/test_demo_data.py measures how little)."""
+    height, width = figure.shape[:2]
+    signs = rng.choice(np.array([-1, 1], np.int16), size=((height + 1) // 2, (width + 1) // 2))
+    checker = np.array([[1, -1], [-1, 1]], np.int16) * FINE_TRACE_LEVEL
+    pattern = np.kron(signs, checker)[:height, :width]
+    region = masks.max(axis=0).astype(bool)
+    forged = figure.astype(np.int16)
+    forged[region] += pattern[region][:, None]
+    return forged.astype(np.uint8)
+
+
 def write_png(path: Path, rgb: np.ndarray, png_format: str) -> None:
     """Write an RGB figure as 8-bit grey/RGB, 16-bit or RGBA PNG. Grey figures
     (equal channels) are written with one channel; 16-bit values are v * 257,
@@ -242,12 +284,15 @@ def mask_folder(image_folder: str) -> str:
 
 def write_demo(out: Path, count: int = DEFAULT_COUNT, seed: int = 0, min_side: int = 64,
                max_side: int = 4000, supplemental: int | None = None,
-               progress: bool = True) -> list[Path]:
+               progress: bool = True, forgery: str = "copy_move") -> list[Path]:
     """Write the demo folder under `out`; returns the image paths written.
     A pair (same case id) shares one figure: the forged one is the authentic
-    one with copies pasted in."""
+    one with copies pasted in (forgery "copy_move") or with the fine trace
+    added ("fine_trace")."""
     if not 16 <= min_side <= max_side:
         raise ValueError(f"need 16 <= min_side <= max_side, got {min_side}, {max_side}")
+    if forgery not in FORGERY_KINDS:
+        raise ValueError(f"forgery {forgery!r}: choose one of {', '.join(FORGERY_KINDS)}")
     supplemental = count // 10 if supplemental is None else supplemental
     plan = plan_images(count, supplemental, seed)
     formats, format_shares = zip(*PNG_FORMAT_SHARES.items())
@@ -258,13 +303,16 @@ def write_demo(out: Path, count: int = DEFAULT_COUNT, seed: int = 0, min_side: i
         figure = figures.pop(item.case_id, None)
         if figure is None:
             figure = compose_figure(rng, *figure_size(rng, min_side, max_side))
+            if forgery == "fine_trace":
+                figure = trace_headroom(figure)
             if not item.forged:  # its forged twin, if any, comes next
                 figures[item.case_id] = figure
         folder = out / item.folder
         folder.mkdir(parents=True, exist_ok=True)
         if item.forged:
             masks = forgery_masks(rng, *figure.shape[:2])
-            figure = paste_copies(rng, figure, masks)
+            forge = paste_copies if forgery == "copy_move" else fine_trace
+            figure = forge(rng, figure, masks)
             mask_dir = out / mask_folder(item.folder)
             mask_dir.mkdir(parents=True, exist_ok=True)
             np.save(mask_dir / f"{item.case_id}.npy", masks)
@@ -283,9 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-side", type=int, default=64)
     parser.add_argument("--max-side", type=int, default=4000)
+    parser.add_argument("--forgery", choices=FORGERY_KINDS, default="copy_move",
+                        help="copy_move: the demo's copy-move forgeries; fine_trace: the "
+                             "study set, forgeries whose only trace is finer than a "
+                             "whole-image downscale by 2 (docs/performance.md, \"Model quality\")")
     args = parser.parse_args(argv)
     paths = write_demo(args.out, args.count, args.seed, args.min_side, args.max_side,
-                       args.supplemental)
+                       args.supplemental, forgery=args.forgery)
     print(f"wrote {len(paths)} images under {args.out}")
     return 0
 

@@ -8,8 +8,9 @@ import cv2
 import numpy as np
 
 from engine.recipes import SIZE_CLASS_EDGES
-from preprocess.demo_data import (FORGED_AREA_SHARES, compose_figure, figure_size,
-                                  forgery_masks, paste_copies, plan_images, write_demo)
+from preprocess.demo_data import (FINE_TRACE_LEVEL, FORGED_AREA_SHARES, compose_figure,
+                                  figure_size, fine_trace, forgery_masks, paste_copies,
+                                  plan_images, trace_headroom, write_demo)
 
 
 def _class_by_edges(ratio: float) -> int:
@@ -105,3 +106,61 @@ def test_demo_folder_layout_and_png_formats(demo_source):
     authentic = {p.stem for p in demo_source.glob("train_images/authentic/*.png")}
     forged = {p.stem for p in demo_source.glob("train_images/forged/*.png")}
     assert authentic & forged, "some case ids exist as authentic and forged"
+
+
+# ------------------------------------------------------------ the study set (--forgery fine_trace)
+
+def test_study_set_forgeries_in_every_size_class(tmp_path):
+    write_demo(tmp_path, count=60, seed=2, min_side=64, max_side=200, supplemental=0,
+               progress=False, forgery="fine_trace")
+    classes = {_class_by_edges(np.load(path).max(axis=0).mean())
+               for path in (tmp_path / "train_masks").glob("*.npy")}
+    assert classes == {1, 2, 3, 4, 5}
+
+
+def test_study_set_same_seed_same_files_and_default_demo_untouched(tmp_path):
+    kwargs = dict(count=6, min_side=64, max_side=160, supplemental=1, progress=False)
+    write_demo(tmp_path / "a", seed=11, forgery="fine_trace", **kwargs)
+    write_demo(tmp_path / "b", seed=11, forgery="fine_trace", **kwargs)
+    write_demo(tmp_path / "copy_move", seed=11, **kwargs)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert _digest(tmp_path / "a") != _digest(tmp_path / "copy_move")
+    masks = {p.name for p in (tmp_path / "a").rglob("*.npy")}
+    assert masks == {p.name for p in (tmp_path / "copy_move").rglob("*.npy")}, \
+        "the same figures and masks; only what a forged region holds differs"
+
+
+def _region_difference(forged, authentic, region, size=None):
+    """Mean absolute difference inside the region, at full resolution or after
+    the whole-image resize prediction makes (trainers/ensemble.py)."""
+    from trainers.ensemble import _resize
+
+    if size is not None:
+        forged, authentic = _resize(forged, (size, size)), _resize(authentic, (size, size))
+        region = cv2.resize(region.astype(np.uint8), (size, size),
+                            interpolation=cv2.INTER_NEAREST).astype(bool)
+    return np.abs(forged.astype(float) - authentic.astype(float))[region].mean()
+
+
+def test_study_set_trace_is_finer_than_the_whole_image_resize():
+    """The forged twin differs from its authentic figure by FINE_TRACE_LEVEL
+    grey levels everywhere inside the forgery at full resolution, on average
+    not at all (its mean is the authentic one's), and almost nothing is left
+    after the whole-image downscale to a model's input: a figure of 1024 px
+    read at 256 px (4x) or at 512 px (2x), or of 1100 x 900 px at 256."""
+    rng = np.random.default_rng(4)
+    for height, width, size, left in ((1024, 1024, 256, 0.02), (1024, 1024, 512, 0.1),
+                                      (1100, 900, 256, 0.05)):
+        authentic = trace_headroom(compose_figure(rng, height, width))
+        assert authentic.min() >= FINE_TRACE_LEVEL and authentic.max() <= 255 - FINE_TRACE_LEVEL
+        for _ in range(5):
+            masks = forgery_masks(rng, height, width)
+            forged = fine_trace(rng, authentic, masks)
+            region = masks.max(axis=0).astype(bool)
+            np.testing.assert_array_equal(forged[~region], authentic[~region])
+            full = _region_difference(forged, authentic, region)
+            assert full == FINE_TRACE_LEVEL, "the trace is never clipped"
+            bias = forged[region].astype(float).mean() - authentic[region].astype(float).mean()
+            assert abs(bias) < 0.05 * FINE_TRACE_LEVEL, "zero-mean: no change of brightness"
+            coarse = _region_difference(forged, authentic, region, size)
+            assert coarse < left * FINE_TRACE_LEVEL, (height, width, size, coarse)
