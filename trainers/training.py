@@ -624,10 +624,17 @@ def run_epochs(t: Training) -> int:
             t.save_last()
         interrupted = isinstance(exc, KeyboardInterrupt)
         status = INTERRUPTED if interrupted else 2
+        # Ctrl-C reaches every rank, so rank 0 speaks for all; a storage error
+        # may reach one rank only, and torchrun's agent stops the others as
+        # soon as it exits: that rank says it (rank 0 writes the checkpoints,
+        # so only rank 0 can say which step the last one holds)
         if ddp.main:
             print("\ninterrupted" if interrupted else f"\nerror: {exc}\nstopped",
                   f"at step {state.global_step}; the last checkpoint holds it. "
                   f"Resume with: {resume_command(config)}", file=sys.stderr)
+        elif not interrupted:
+            print(f"\nrank {ddp.rank}: error: {exc}\nstopped; the last checkpoint holds the "
+                  f"steps rank 0 saved. Resume with: {resume_command(config)}", file=sys.stderr)
     finally:
         close_run(t)
     return status
