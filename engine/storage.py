@@ -640,14 +640,17 @@ def open_storage(store: str | os.PathLike, read_only: bool = True,
                  storage: StorageSettings | None = None,
                  generation: Callable[[object], str] | None = None):
     """The storage of the store named `store`: LocalStorage for a path; for
-    a URL, ZarrStorage over zarr_store, behind the settings' cache when
-    `generation` names the generation of its bytes (CachedStorage), else
-    uncached."""
+    a URL, ZarrStorage over zarr_store, behind the settings' cache for
+    reads (CachedStorage, whose folders `generation` names: settings with a
+    cache need it; settings without one read uncached)."""
     if not is_url(store):
         return LocalStorage(location(str(store)))
     storage = storage or NO_SETTINGS
     found = ZarrStorage(zarr_store(store, read_only, storage), store)
-    if storage.cache is not None and read_only and generation is not None:
+    if storage.cache is not None and read_only:
+        if generation is None:
+            # a cache without generations could serve a rebuilt store old bytes
+            raise ValueError(f"{store}: a cached read needs the generation of its bytes")
         return CachedStorage(found, Path(storage.cache).absolute(),
                              int(storage.cache_limit_gb * 1e9), generation)
     return found

@@ -57,7 +57,7 @@ import itertools
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -488,7 +488,10 @@ def open_store(path: str | os.PathLike, mode: str = "r",
     bytes come from engine/storage.py's open_storage, once; all the rest
     (is it there, finished, of this format and version) is the layout's."""
     try:
-        place = storages.open_storage(path, read_only=mode == "r", storage=storage)
+        # uncached: the root and meta/ are read once, and the root names the
+        # build whose bytes the reader's cache keeps (build_id)
+        place = storages.open_storage(path, read_only=mode == "r",
+                                      storage=replace(storage or storages.NO_SETTINGS, cache=None))
     except Exception as exc:   # a URL whose file system cannot be made (its options, its protocol)
         raise _open_error(path, exc) from None
     if isinstance(place, storages.LocalStorage):

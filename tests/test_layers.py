@@ -8,6 +8,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
+from engine import storage as storages
 from engine import store as layout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,3 +79,18 @@ def test_the_checks_see_a_layer_crossed():
     assert "engine.store" in imported_modules(crossing)
     assert code_strings(crossing) == {"zarr.json", "attributes", "build_id"}
     assert {"zarr.json", "build_id"} <= layout_names()
+
+
+def test_a_cached_read_is_never_made_without_the_generation_of_its_bytes(tmp_path):
+    """The layout hands the cache the build id that names its folders; a
+    caller that forgets it is refused instead of silently reading uncached."""
+    settings = storages.StorageSettings(cache=tmp_path / "cache")
+    with pytest.raises(ValueError, match="a cached read needs the generation"):
+        storages.open_storage("memory://bucket/store.zarr", storage=settings)
+    cached = storages.open_storage("memory://bucket/store.zarr", storage=settings,
+                                   generation=lambda inner: "abc")
+    assert isinstance(cached, storages.CachedStorage)
+    # writing (a build) and settings without a cache need no generation
+    assert isinstance(storages.open_storage("memory://bucket/store.zarr", read_only=False,
+                                            storage=settings), storages.ZarrStorage)
+    assert isinstance(storages.open_storage("memory://bucket/store.zarr"), storages.ZarrStorage)
