@@ -53,6 +53,7 @@ the command that rebuilds it.
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import json
 import os
@@ -67,12 +68,13 @@ import numpy as np
 import zarr
 
 from engine.recipes import SIZE_CLASS_EDGES
-from engine import node_arrays, storage as storages
+from engine import node_arrays, packing, storage as storages
 
 FORMAT = "forgery-store"
-# 4: meta/ and instances/ checksummed, a build id; 3: sharded small chunks
-# (PixelLayout); 2: crc32c checksums on pixel chunks; 1 had neither
-VERSION = 4
+# 5: packed tiles (engine/packing.py), content digests; 4: meta/ and
+# instances/ checksummed, a build id; 3: sharded small chunks (PixelLayout);
+# 2: crc32c checksums on pixel chunks; 1 had neither
+VERSION = 5
 DEFAULT_STORE = Path("data/store.zarr")
 
 SPLITS = {"train": 0, "val": 1}   # meta/split values
@@ -93,8 +95,13 @@ META_SCHEMA = {
     "size_class": (np.int8, ()),
     "split": (np.uint8, ()),
     "instance_start": (np.int64, ()),
+    # first tile of each pyramid level in tiles/<kind>/<level> (engine/packing.py), -1 absent
+    "tile_start": (np.int64, (MAX_LEVELS,)),
+    "digest": (np.uint8, (32,)),   # content_digest of the row's level-0 pixels
 }
-INSTANCE_ARRAYS = ("image_row", "bbox", "area")   # instances/<name>, one entry per forged region
+# instances/<name>, one entry per forged region; tile_start: its layer's
+# first tile in tiles/instance/0
+INSTANCE_ARRAYS = ("image_row", "bbox", "area", "tile_start")
 
 
 def size_class(area_ratio):
@@ -227,8 +234,16 @@ class PixelLayout:
     codec: str = "zstd"
     level: int = 1
     sharded: bool = True
+    # version 5's layout: every image's chunks (tiles) packed into shared
+    # shards of shard_tiles tiles (engine/packing.py); else an array per image
+    packed: bool = True
+    shard_tiles: int = 2048
 
     def __post_init__(self):
+        if self.packed and not self.sharded:
+            raise ValueError("packed tiles are always sharded")
+        if self.shard_tiles < 1:
+            raise ValueError(f"shard_tiles {self.shard_tiles}: at least 1")
         if self.codec not in CODECS:
             raise ValueError(f"codec {self.codec!r}: one of {', '.join(CODECS)}")
         if self.chunk < 16:
@@ -239,7 +254,9 @@ class PixelLayout:
 
     def describe(self) -> str:
         codec = "raw" if self.codec == "none" else f"{self.codec} {self.level}"
-        return f"{self.chunk} px chunks, {codec}, {'sharded' if self.sharded else 'unsharded'}"
+        packing = (f"packed, {self.shard_tiles} tiles a shard" if self.packed else
+                   "a shard per array" if self.sharded else "unsharded")
+        return f"{self.chunk} px chunks, {codec}, {packing}"
 
     def compressors(self) -> tuple:
         """zarr's bytes-to-bytes codecs of one chunk, in zarr.json's order."""
@@ -305,8 +322,11 @@ def checksum_bytes(data: bytes) -> bytes:
 # write 2.5x slower or take 3-5x the disk; sharding keeps one object per
 # array, so small chunks cost no more files.
 DEFAULT_LAYOUT = PixelLayout(chunk=256, codec="lz4", level=9)
+# Version 4's layout, an array (one shard object) per image and level: what
+# benchmarks/scale.py measures the packed layout against
+PER_IMAGE_LAYOUT = PixelLayout(chunk=256, codec="lz4", level=9, packed=False)
 # Version 2's layout: what --compare-format measures the default against.
-LEGACY_LAYOUT = PixelLayout(chunk=512, codec="zstd", level=1, sharded=False)
+LEGACY_LAYOUT = PixelLayout(chunk=512, codec="zstd", level=1, sharded=False, packed=False)
 
 
 def keeps_every_chunk(path: str) -> bool:
@@ -389,6 +409,52 @@ def encode_shard(data: np.ndarray, chunks: tuple[int, ...], pixel_layout: PixelL
         offset += len(encoded)
     table = index.tobytes()
     return b"".join(parts + [table, checksum_bytes(table)])
+
+
+def tiles_path(kind: str, level: int = 0) -> str:
+    """The packed array of one kind's tiles at one pyramid level
+    (engine/packing.py): kind image, ela or mask at every level, instance at 0."""
+    if kind not in packing.KINDS or (kind == "instance" and level):
+        raise ValueError(f"no tiles array of kind {kind!r} at level {level}")
+    return f"tiles/{kind}/{level}"
+
+
+def tiles_shard_tiles(kind: str, pixel_layout: PixelLayout) -> int:
+    """Tiles per shard (one block's) of a kind's tiles arrays."""
+    return (packing.instance_shard_tiles(pixel_layout.shard_tiles) if kind == "instance"
+            else pixel_layout.shard_tiles)
+
+
+def tiles_shard_key(kind: str, level: int, block: int, pixel_layout: PixelLayout) -> str:
+    """The object of block `block`'s shard of tiles array (kind, level)."""
+    return chunk_key(tiles_path(kind, level), (block, 0, 0) + (0,) * len(packing.KINDS[kind]),
+                     pixel_layout.separator)
+
+
+def tiles_array_json(kind: str, pixel_layout: PixelLayout, n_blocks: int) -> bytes:
+    """zarr.json of tiles array `kind` of a store of `n_blocks` blocks: what
+    zarr-python writes for a uint8 array of (n_blocks x S, T, T[, 3]) in
+    chunks of one tile and shards of S tiles, with the layout's codecs."""
+    tile = (pixel_layout.chunk, pixel_layout.chunk) + packing.KINDS[kind]
+    per_shard = tiles_shard_tiles(kind, pixel_layout)
+    doc = json.loads(_array_json(pixel_layout, "uint8", 1 + len(tile)))
+    doc["shape"] = [n_blocks * per_shard, *tile]
+    doc["chunk_grid"]["configuration"]["chunk_shape"] = [per_shard, *tile]
+    doc["codecs"][0]["configuration"]["chunk_shape"] = [1, *tile]
+    return json.dumps(doc).encode()
+
+
+def content_digest(image: np.ndarray, instances: np.ndarray | None) -> bytes:
+    """meta/digest of a row: sha256 over its level-0 pixels and instance
+    layers (C order, with their shapes), which verify_store.py recomputes
+    from the tiles, so a shard swapped for another valid one, or index
+    entries swapped with their checksums, is caught."""
+    digest = hashlib.sha256()
+    for part in (image, instances):
+        if part is not None:
+            digest.update(repr(part.shape).encode())
+            digest.update(np.ascontiguousarray(part).tobytes())
+    return digest.digest()
 
 
 def _padded(piece: np.ndarray, chunks: tuple[int, ...]) -> np.ndarray:
@@ -608,8 +674,9 @@ def read_meta(group: zarr.Group) -> dict[str, np.ndarray]:
 
 
 # the meta/ columns a node shares (shared_meta): every one but the case
-# names, variable-length strings that no loader or reader worker reads
-SHARED_META = tuple(name for name, (dtype, _) in META_SCHEMA.items() if dtype is not str)
+# names and digests, which no loader or reader worker reads
+SHARED_META = tuple(name for name, (dtype, _) in META_SCHEMA.items()
+                    if dtype is not str and name != "digest")
 
 
 def shared_meta(group: zarr.Group, storage: storages.StorageSettings | None = None,
