@@ -698,7 +698,7 @@ def shared_meta(group: zarr.Group, storage: storages.StorageSettings | None = No
                 verify: bool = True) -> node_arrays.NodeArrays:
     """The SHARED_META columns of store `group`, with instances/tile_start
     as `instance_tile_start` (where the reader finds instance layers), read
-    from the store once per node (read_meta: every column checked) into the
+    from the store once per node (read_table: every column checked) into the
     settings' node-local directory and memory-mapped
     (engine/node_arrays.py), in a folder named by the store's place, build
     id and fingerprint: a rebuilt store, a copy, or a store after an append
@@ -708,9 +708,8 @@ def shared_meta(group: zarr.Group, storage: storages.StorageSettings | None = No
              str(storages.storage_of(group).where()))
     folder = root / f"meta-{node_arrays.digest(*build)}"
 
-    def columns():
-        meta = read_meta(group)
-        return {**{name: meta[name] for name in SHARED_META},
+    def columns():   # not read_meta: the case names and digests are most of meta/'s bytes
+        return {**{name: read_table(group, f"meta/{name}") for name in SHARED_META},
                 "instance_tile_start": read_table(group, "instances/tile_start")}
 
     return node_arrays.node_arrays(folder, columns, verify)
