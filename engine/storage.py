@@ -310,9 +310,9 @@ class CachedStorage:
     object's size, one more request) are kept as exact entries.
 
     Entries are files named by a hash of their generation, object key and
-    what they hold (all of it, a suffix's length, a block's size and number), in one
-    of BUCKETS folders by the hash's first byte, in a folder per generation
-    of the inner storage's bytes: `generation(inner)`, asked once per
+    what they hold (all of it, a suffix's length, a block's size and
+    number), in one of BUCKETS folders by the hash's first byte, in a
+    folder per generation of the inner storage's bytes: `generation(inner)`, asked once per
     process at the first read, names it (a folder name; "" for none, and
     then reads go uncached). Each file ends with a CRC-32C of its name and
     bytes, checked on every read: a corrupt or truncated file, one renamed
@@ -330,20 +330,21 @@ class CachedStorage:
     smaller limit, so that a group's share holds TRIM_GROUP_BLOCKS blocks).
     When this process has written an eighth of a group's share into it
     since it last looked, it sums that group's files and removes the least
-    recently used (by mtime, set at every read) until the group is under
-    80 % of its share. No ledger is shared, so there is nothing for
-    concurrent processes to contend on or for a crash to leave wrong: the
-    files are the only record, a temporary file a crash left behind is
-    trimmed like an entry, and a removal another process made first is no
-    loss. Each trim lists a 1/BUCKETS share of the folder at most, not the
-    whole of it. A folder that cannot be written (read-only, full, not a
-    folder) is reported once per process on stderr; reads go on from the
-    store, and from the entries there that can still be read."""
+    recently used (by mtime, set at every read: atime is often not kept)
+    until the group is under 80 % of its share. Each trim lists the cache
+    folder's generations and one group's buckets, never the whole folder.
+    No ledger is shared, so there is nothing for concurrent processes to
+    contend on or for a crash to leave wrong: the files are the only
+    record, a temporary file a crash left behind is trimmed like an entry,
+    and a removal another process made first is no loss. A folder that
+    cannot be written (read-only, full, not a folder) is reported once per
+    process on stderr; reads go on from the store, and from the entries
+    there that can still be read."""
 
     BLOCK_BYTES = 1 << 20   # default block size (see above)
     BUCKETS = 256           # entry folders per generation, by the first byte of the name's hash
     TRIM_GROUP_BLOCKS = 64  # blocks a trimmed group's share of the limit holds at least
-    TRIM_SHARE = 8          # look at a group's size after writing its share / TRIM_SHARE bytes into it
+    TRIM_SHARE = 8          # trim a group after writing its share / TRIM_SHARE bytes into it
     KEEP_AFTER_TRIM = 0.8   # of a group's share: room for a while before its next trim
 
     def __init__(self, inner, folder: str | os.PathLike, limit_bytes: int,

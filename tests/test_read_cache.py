@@ -2,7 +2,8 @@
 inner storage that counts what it is asked: a second pass over other windows
 of the same objects makes no request, any range (across block edges, past
 the object's end) gives the object's bytes, a trim lists one group of
-buckets and keeps the folder near its limit, a damaged block is read again,
+buckets, keeps the folder near its limit and removes the least recently
+read, a damaged block is read again,
 and generations (and block sizes) never share entries. Against the real S3
 API: tests/test_object_storage.py."""
 from __future__ import annotations
@@ -100,13 +101,14 @@ def test_a_second_pass_over_other_windows_of_the_same_objects_makes_no_request(i
     assert inner.calls == []
 
 
-def test_exact_ranges_cached_today_would_have_missed(inner, tmp_path):
-    """The case the blocks are for: windows of one epoch leave the blocks
-    they touched, and a window of the next inside those blocks hits."""
+def test_a_window_inside_the_blocks_of_earlier_windows_hits(inner, tmp_path):
+    """The case the blocks are for (exact ranges would miss it): windows of
+    one epoch leave the blocks they touched, and a window of the next
+    inside those blocks, overlapping neither, hits."""
     cached = cache(inner, tmp_path / "cache")
     cached.read_ranges(key("long"), [(2100, 2400), (2600, 2900)])   # block 2
     inner.calls.clear()
-    assert cached.read_ranges(key("long"), [(2350, 2650)]) == truth(inner, "long", [(2350, 2650)])
+    assert cached.read_ranges(key("long"), [(2420, 2580)]) == truth(inner, "long", [(2420, 2580)])
     assert inner.calls == []
 
 
@@ -116,15 +118,16 @@ def test_any_ranges_give_the_objects_bytes(inner, tmp_path):
     rng = random.Random(2)
     cached = cache(inner, tmp_path / "cache")
     for _ in range(400):
-        name = rng.choice([n for n, size in SIZES.items() if size])
+        name = rng.choice(list(SIZES))
         size = SIZES[name]
         ranges = []
         for _ in range(rng.randrange(1, 5)):
             start = rng.choice([rng.randrange(size), size - 1, (size - 1) // BLOCK * BLOCK,
                                 rng.randrange(size // BLOCK + 1) * BLOCK - 1])
             start = max(0, start)
-            stop = rng.choice([start + rng.randrange(1, 3 * BLOCK), size, size + rng.randrange(1, 2 * BLOCK),
-                               (start // BLOCK + 1) * BLOCK, (start // BLOCK + 1) * BLOCK + 1])
+            edge = (start // BLOCK + 1) * BLOCK
+            stop = rng.choice([start + rng.randrange(1, 3 * BLOCK), size,
+                               size + rng.randrange(1, 2 * BLOCK), edge, edge + 1])
             ranges.append((start, max(stop, start + 1)))
         assert cached.read_ranges(key(name), ranges) == truth(inner, name, ranges), (name, ranges)
     # past the end of an object that ends at a block's edge: an empty last
@@ -210,7 +213,7 @@ class FewBuckets(storages.CachedStorage):
     TRIM_GROUP_BLOCKS = 8
 
 
-def test_a_trim_lists_one_group_of_buckets_and_keeps_the_folder_near_its_limit(tmp_path, monkeypatch):
+def test_a_trim_lists_one_bucket_and_keeps_the_folder_near_its_limit(tmp_path, monkeypatch):
     block = 64
     limit = FewBuckets.BUCKETS * FewBuckets.TRIM_GROUP_BLOCKS * block   # a group of one bucket
     objects = tmp_path / "objects"
@@ -222,7 +225,8 @@ def test_a_trim_lists_one_group_of_buckets_and_keeps_the_folder_near_its_limit(t
                         block_bytes=block)
     assert cached.group_buckets == 1
     # a previous build's entries
-    old = cache(Counting(objects), tmp_path / "cache", generation="old", block=block, kind=FewBuckets)
+    old = cache(Counting(objects), tmp_path / "cache", generation="old", block=block,
+                kind=FewBuckets)
     old.read_ranges("shards/0", [(0, 16 * block)])
 
     listed, trims = [], []
@@ -246,10 +250,36 @@ def test_a_trim_lists_one_group_of_buckets_and_keeps_the_folder_near_its_limit(t
     folder = str(tmp_path / "cache")
     for group, paths in zip(trims, listed):
         # the cache folder (its generations), then the group's bucket in each generation
-        assert paths == [folder, *(os.path.join(folder, g, f"{group:02x}") for g in ("aaa", "old"))] or \
-            paths == [folder, *(os.path.join(folder, g, f"{group:02x}") for g in ("old", "aaa"))]
+        assert paths[0] == folder and sorted(paths[1:]) == \
+            [os.path.join(folder, g, f"{group:02x}") for g in ("aaa", "old")]
     size = sum(p.stat().st_size for p in entry_files(tmp_path / "cache"))
-    # each group under its share after a trim, plus what was written since (an eighth) and trailers
-    assert limit / 2 < size <= limit * (1 + 1 / FewBuckets.TRIM_SHARE) * 68 / 64
+    # each group under its share after a trim, plus what was written since
+    # (an eighth), with the entries' 4-byte trailers
+    assert limit / 2 < size <= limit * (1 + 1 / FewBuckets.TRIM_SHARE) * (block + 4) / block
     # the old build's blocks, least recently used, went first
     assert not entry_files(tmp_path / "cache" / "old")
+
+
+def test_a_trim_keeps_what_was_read_recently(tmp_path):
+    """Blocks read again and again between writes that fill the folder
+    many times over stay: a trim removes the least recently read."""
+    block = 64
+    limit = FewBuckets.BUCKETS * FewBuckets.TRIM_GROUP_BLOCKS * block
+    objects = tmp_path / "objects"
+    (objects / "shards").mkdir(parents=True)
+    rng = random.Random(4)
+    for k in range(5):
+        (objects / "shards" / str(k)).write_bytes(rng.randbytes(limit))
+    inner = Counting(objects)
+    cached = cache(inner, tmp_path / "cache", block=block, limit=limit, kind=FewBuckets)
+    often = [(0, 16 * block)]
+    cached.read_ranges("shards/0", often)
+    for k in range(1, 5):
+        for start in range(0, limit, 4 * block):
+            cached.read_ranges(f"shards/{k}", [(start, start + 4 * block)])
+            assert cached.read_ranges("shards/0", often) == inner.local.read_ranges("shards/0", often)
+    assert [call for call in inner.calls if call[1] == "shards/0"] == \
+        [("read_ranges", "shards/0", [(0, 16 * block)])]
+    # and the folder was trimmed meanwhile (five times the limit read)
+    assert sum(p.stat().st_size for p in entry_files(tmp_path / "cache")) <= \
+        limit * (1 + 1 / FewBuckets.TRIM_SHARE) * (block + 4) / block
