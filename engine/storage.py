@@ -312,14 +312,15 @@ class CachedStorage:
     Entries are files named by a hash of their generation, object key and
     what they hold (all of it, a suffix's length, a block's size and
     number), in one of BUCKETS folders by the hash's first byte, in a
-    folder per generation of the inner storage's bytes: `generation(inner)`, asked once per
-    process at the first read, names it (a folder name; "" for none, and
-    then reads go uncached). Each file ends with a CRC-32C of its name and
-    bytes, checked on every read: a corrupt or truncated file, one renamed
-    from another entry, or a folder in its place is dropped and read again
-    from the inner storage, so damage of the cache is never reported as
-    damage of the bytes it keeps (whoever reads them still checks their
-    own checksums: every object is a cached entry like any other).
+    folder per generation of the inner storage's bytes: `generation(inner)`,
+    asked once per process at the first read, names it (a folder name; ""
+    for none, and then reads go uncached). Each file ends with a CRC-32C of
+    its name and bytes, checked on every read: a corrupt or truncated file,
+    one renamed from another entry, or a folder in its place is dropped and
+    read again from the inner storage, so damage of the cache is never
+    reported as damage of the bytes it keeps (whoever reads them still
+    checks their own checksums: every object is a cached entry like any
+    other).
 
     A file is written to a temporary name and renamed, so several worker
     processes and ranks can share the folder: a reader sees a whole file or
