@@ -367,7 +367,7 @@ def _layout_problem(meta: dict) -> str | None:
     if (len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed"
             or config.get("index_location", "end") != "end"
             or tuple(config.get("index_codecs", ())) != _INDEX_CODECS):
-        return "codecs other than sharding_indexed with the index (bytes, crc32c) at the end"
+        return "shards other than sharding_indexed with the index (bytes, crc32c) at the end"
     return _codec_problem(config.get("codecs", []))
 
 
