@@ -18,16 +18,16 @@ cost. The store's layouts (engine.store.PixelLayout: regular chunks, codecs
 bytes, then zstd, Blosc or nothing, then crc32c; in shards with their index
 at the end) are read directly: a shard's index once (checked against its
 CRC-32C, then cached), then one byte range per run of adjacent chunks the
-box needs, through engine/storage.py. Each
-chunk's CRC-32C is compared with its 4-byte trailer (google-crc32c, which
-zarr's own crc32c codec uses) before numcodecs decompresses it in place;
-the pixels equal zarr's (tests/test_reader.py). Checking the trailers costs
-about 1-2 % of a read (docs/performance.md, "Store"). Zarr itself fills a
-missing shard or chunk with the fill value; this reader instead raises
-StoreDamaged naming the object: a missing shard, an index or chunk failing
-its checksum, an index pointing past the object's end. An array of any
-other layout is refused, not read some other way. A store is a path on a local or
-shared file system, or a URL (object storage, through fsspec and the local
+box needs, through engine/storage.py. Each chunk's CRC-32C is compared with
+its 4-byte trailer (google-crc32c, which zarr's own crc32c codec uses)
+before numcodecs decompresses it in place; the pixels equal zarr's
+(tests/test_reader.py). Checking the trailers costs about 1-2 % of a read
+(docs/performance.md, "Store"). Zarr itself fills a missing shard or chunk
+with the fill value; this reader instead raises StoreDamaged naming the
+object: a missing shard, an index or chunk failing its checksum, an index
+pointing past the object's end. An array of any other layout is refused,
+not read some other way. A store is a path on a local or shared file
+system, or a URL (object storage, through fsspec and the local
 cache of engine/storage.py).
 """
 from __future__ import annotations
