@@ -3,16 +3,15 @@ skip (decoding the PNGs and ELA's JPEG round trip), same worker processes,
 in one run.
 
     python benchmarks/build_throughput.py [--source DIR] [--count 48]
-        [--workers 1 2] [--compare-format] [--json FILE]
+        [--workers 1 2] [--json FILE]
 
 Without --source a demo folder (sides 300-2000 px, the typical range) is
 written to a temporary folder first. "decode", "decode+ELA" and "build" are
 the per-image work (decode alone; decode and ELA; decode, validate, ELA,
 pyramid, compress, write, record) in started pools of the same size;
 "end-to-end" is build_store itself, with process start-up, discovery and
-the final phase. --compare-format also builds in version 2's layout
-(engine.store.LEGACY_LAYOUT) beside the default one.
-A per-stage table (one process) shows where a build's time goes.
+the final phase; every build is in the default layout
+(engine.store.DEFAULT_LAYOUT). A per-stage table (one process) shows where a build's time goes.
 benchmarks/layout_sweep.py measures the layouts' reads.
 """
 from __future__ import annotations
@@ -64,14 +63,15 @@ def pool_rate(function, tasks: list, workers: int) -> float:
         return len(tasks) / (time.perf_counter() - start)
 
 
-def per_image_build_tasks(cases: list, scratch: Path, workers: int,
-                          pixel_layout: layout.PixelLayout) -> list:
-    """process_case's tasks writing into a fresh scratch partial store."""
+def per_image_build_tasks(cases: list, scratch: Path, workers: int) -> list:
+    """process_case's tasks writing into a fresh scratch partial store, in
+    the default layout."""
     partial = scratch / f"partial_w{workers}"
     shutil.rmtree(partial, ignore_errors=True)
     (partial / STAGING).mkdir(parents=True)
     (partial / RECORDS).mkdir()
-    return [(k, case, str(partial), DEFAULT_MAX_PIXELS, pixel_layout) for k, case in enumerate(cases)]
+    return [(k, case, str(partial), DEFAULT_MAX_PIXELS, layout.DEFAULT_LAYOUT)
+            for k, case in enumerate(cases)]
 
 
 def end_to_end_rate(source: Path, scratch: Path, workers: int) -> float:
@@ -123,17 +123,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="demo images' longest side in pixels")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
                         help="pool sizes to measure, one row each")
-    parser.add_argument("--compare-format", action="store_true",
-                        help="also build in version 2's layout, beside the default one")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     if min(args.count, args.min_side, *args.workers) < 1 or args.min_side > args.max_side:
         parser.error("--count, --min-side and --workers must be >= 1, --min-side <= --max-side")
     if args.json and args.json.is_dir():
         parser.error(f"--json {args.json} is a folder; name the file to write")
-    layouts = {"build": layout.DEFAULT_LAYOUT}
-    if args.compare_format:
-        layouts["build v2"] = layout.LEGACY_LAYOUT
     with tempfile.TemporaryDirectory(prefix="build_bench_") as tmp:
         scratch = Path(tmp)
         source = args.source
@@ -143,29 +138,23 @@ def main(argv: list[str] | None = None) -> int:
                        max_side=args.max_side, supplemental=0, progress=False)
         cases, _ = discover(source)
         paths = [str(c.image) for c in cases]
-        results = {"images": len(paths), "layouts": {k: v.describe() for k, v in layouts.items()},
+        results = {"images": len(paths), "layout": layout.DEFAULT_LAYOUT.describe(),
                    "rates": [], "stages_ms": stage_times(source, scratch)}
-        print(f"{len(paths)} images from {source}; "
-              + "; ".join(f"{k}: {v.describe()}" for k, v in layouts.items()))
-        header = (f"{'workers':>8}{'decode/s':>10}{'decode+ELA/s':>14}"
-                  + "".join(f"{name + '/s':>12}" for name in layouts)
-                  + "".join(f"{name + ' / (decode+ELA)':>26}" for name in layouts)
-                  + f"{'end-to-end/s':>14}")
+        print(f"{len(paths)} images from {source}; layout: {layout.DEFAULT_LAYOUT.describe()}")
+        header = (f"{'workers':>8}{'decode/s':>10}{'decode+ELA/s':>14}{'build/s':>12}"
+                  f"{'build / (decode+ELA)':>26}{'end-to-end/s':>14}")
         print("\n" + header + "\n" + "-" * len(header))
         for workers in args.workers:
             decode = pool_rate(decode_one, paths, workers)
             floor = pool_rate(decode_and_ela, paths, workers)
-            builds = {name: pool_rate(process_case, per_image_build_tasks(cases, scratch, workers, pl),
-                                      workers) for name, pl in layouts.items()}
+            build = pool_rate(process_case, per_image_build_tasks(cases, scratch, workers), workers)
             whole = end_to_end_rate(source, scratch, workers)
             results["rates"].append({"workers": workers, "decode_img_s": decode,
-                                     "decode_ela_img_s": floor, "build_img_s": builds,
-                                     "build_over_decode_ela": {k: v / floor for k, v in builds.items()},
+                                     "decode_ela_img_s": floor, "build_img_s": build,
+                                     "build_over_decode_ela": build / floor,
                                      "end_to_end_img_s": whole})
-            print(f"{workers:>8}{decode:>10.2f}{floor:>14.2f}"
-                  + "".join(f"{rate:>12.2f}" for rate in builds.values())
-                  + "".join(f"{rate / floor:>26.2f}" for rate in builds.values())
-                  + f"{whole:>14.2f}")
+            print(f"{workers:>8}{decode:>10.2f}{floor:>14.2f}{build:>12.2f}{build / floor:>26.2f}"
+                  f"{whole:>14.2f}")
         print("images/s; the build's goal is at least 0.70 of decode+ELA, the work it cannot skip")
         print("\nper image, one process (ms): " +
               ", ".join(f"{k} {v:.1f}" for k, v in results["stages_ms"].items()))

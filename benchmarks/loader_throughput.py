@@ -15,10 +15,6 @@ For each member, samples per second at img_size x img_size of
               per sample, DataLoader + WeightedRandomSampler, same workers
               (benchmarks/baseline_loader.py);
   read limit  only reading the windows' bytes from the store, same workers;
-  v2 format   with --compare-format: the engine and the read limit again on
-              the same source built in version 2's pixel layout
-              (engine.store.LEGACY_LAYOUT: 512 px zstd chunks, one file
-              each), built once beside the store, in the same rounds;
 plus each opencv-backend stage's share of the serial per-sample time, the
 ratios, and a short training run (--train-epochs epochs at --train-img-size,
 one loader re-planned per epoch) with the share of each epoch's step spent
@@ -68,8 +64,6 @@ REALISTIC = {"count": 300, "min_side": 500, "max_side": 3000, "seed": 7}
 DEFAULT_JSON = Path("logs/loader_throughput.json")
 # the rounds' key of the opencv backend with floats from the workers (WorkerFloatBackend)
 WORKER_FLOAT = "opencv_worker_float"
-# the rounds' keys of the default backend and the read limit on version 2's layout
-LEGACY, LEGACY_READ = "engine_v2_format", "read_limit_v2_format"
 # the member of the default training run (issue 11's reference run: 128 px,
 # batch 8); one member keeps the no-argument run within 3 minutes on 2 cores
 TRAIN_MEMBER = "highres_no_ela"
@@ -307,23 +301,6 @@ def realistic_store(root: Path) -> Path:
     return store
 
 
-def legacy_format_store(store: Path) -> Path:
-    """The same source as `store` built in version 2's pixel layout, beside
-    it (built once; the source folder is the one its build recorded)."""
-    from preprocess.build_zarr import build_store
-
-    out = store.with_name(store.stem + ".v2layout.zarr")
-    try:
-        if layout.open_store(out).attrs["fingerprint"] == layout.open_store(store).attrs["fingerprint"]:
-            return out
-    except layout.StoreError:
-        pass
-    print(f"building {out} in version 2's layout ({layout.LEGACY_LAYOUT.describe()}) ...", flush=True)
-    build_store(Path(layout.open_store(store).attrs["build"]["source"]), out, overwrite=out.exists(),
-                progress=False, figure=False, pixel_layout=layout.LEGACY_LAYOUT)
-    return out
-
-
 def draw_chart(results: dict, path: Path):
     """Samples/s per member of both engine backends, the replaced loader and
     the read limit, every bar labelled, the engine's ratio to the replaced
@@ -400,9 +377,6 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="rounds of measurements; medians are reported")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="reader processes of every loader")
-    p.add_argument("--compare-format", action="store_true",
-                   help="also measure the engine and the read limit on the same source built in "
-                        "version 2's pixel layout (built once beside the store)")
     p.add_argument("--normalise-placement", action="store_true",
                    help="also time the opencv backend normalising in the reader workers (floats "
                         "handed over) beside the consumer (uint8 handed over, the default)")
@@ -459,31 +433,21 @@ def summarise(row: dict) -> None:
     row["engine_over_read_limit"] = engine / limit if engine and limit else None
     if "opencv" in median and WORKER_FLOAT in median:
         row["normalise_in"] = {"consumer": median["opencv"], "workers": median[WORKER_FLOAT]}
-    if LEGACY in median and engine:
-        row["compare_format"] = {"engine_samples_per_s": median[LEGACY],
-                                 "read_limit_samples_per_s": median[LEGACY_READ],
-                                 "engine_x": engine / median[LEGACY],
-                                 "read_limit_x": limit / median[LEGACY_READ] if limit else None}
 
 
-def measure_member(store, member, args, device, row: dict, legacy: Path | None = None) -> None:
-    """Every figure of one member, into `row` as each is measured (and on
-    `legacy`, the store in version 2's layout, when given)."""
+def measure_member(store, member, args, device, row: dict) -> None:
+    """Every figure of one member, into `row` as each is measured."""
     backends = [row["backend"]] + [b for b in BACKENDS if b != row["backend"]]
     engines = backends + ([WORKER_FLOAT] if args.normalise_placement else [])
-    rounds = row["rounds"] = {name: [] for name in engines + ["replaced", "read_limit"]
-                              + ([LEGACY, LEGACY_READ] if legacy else [])}
-    streams, pools = {}, {}
+    rounds = row["rounds"] = {name: [] for name in engines + ["replaced", "read_limit"]}
+    streams, pool = {}, None
     with_ela = get_recipe(member).in_channels == 4
     common = dict(batch_size=args.batch_size, img_size=args.img_size, seed=args.seed,
                   workers=args.workers, device=str(device))
     try:
-        pools[store] = reading_pool(store, with_ela, args.workers)
+        pool = reading_pool(store, with_ela, args.workers)
         for name in engines:
             streams[name] = engine_stream(store, member, name, **common)
-        if legacy:
-            pools[legacy] = reading_pool(legacy, with_ela, args.workers)
-            streams[LEGACY] = engine_stream(legacy, member, row["backend"], **common)
         opencv = streams["opencv"][0]
         # Rounds of every measurement in turn, then medians: this machine's
         # speed drifts (shared host), and a drift would otherwise land on
@@ -491,12 +455,10 @@ def measure_member(store, member, args, device, row: dict, legacy: Path | None =
         for r in range(args.rounds):
             print(f"[{member}] round {r + 1}/{args.rounds}: engine ({', '.join(engines)}), read limit, "
                   "replaced loader ...", flush=True)
-            for name in engines + ([LEGACY] if legacy else []):
+            for name in engines:
                 rounds[name].append(measure_engine(streams[name][1], args.batches))
                 settle(rounds[name][-1], args.batch_size, args.workers)
-            for name, where in (("read_limit", store), (LEGACY_READ, legacy)):
-                if where:
-                    rounds[name].append(measure_read_limit(pools[where], opencv, args.img_size,
+            rounds["read_limit"].append(measure_read_limit(pool, opencv, args.img_size,
                                                            args.workers, args.batches))
             rounds["replaced"].append(measure_replaced(store, member, args.img_size, args.batch_size,
                                                        args.workers, args.batches, args.seed))
@@ -505,7 +467,7 @@ def measure_member(store, member, args, device, row: dict, legacy: Path | None =
     finally:
         for loader, _ in streams.values():
             loader.close()
-        for pool in pools.values():
+        if pool is not None:
             pool.terminate()
     if member in args.train_members and args.train_epochs and args.train_steps != 0:
         print(f"[{member}] training, {args.train_epochs} epochs at {args.train_img_size} px ...", flush=True)
@@ -557,14 +519,6 @@ def report(results: dict, rounds: int) -> None:
             print(f"{member}: {results['device']} training step {t['seconds_per_step']:.2f} s, waiting for "
                   f"data {100 * t['data_wait_share']:.2f}% of the step ({t['steps']} steps"
                   f"{', epochs 2+' if len(t['epochs']) > 1 else ''})")
-        if "compare_format" in r:
-            c, workers = r["compare_format"], results["workers"]
-            print(f"{member}: format {layout.VERSION} against version 2's layout: engine {r['engine_samples_per_s']:.1f} "
-                  f"against {c['engine_samples_per_s']:.1f} samples/s ({c['engine_x']:.2f}x); read limit "
-                  f"{r['read_limit_samples_per_s']:.1f} against {c['read_limit_samples_per_s']:.1f} "
-                  f"samples/s ({c['read_limit_x']:.2f}x), that is "
-                  f"{1000 * workers / r['read_limit_samples_per_s']:.2f} against "
-                  f"{1000 * workers / c['read_limit_samples_per_s']:.2f} ms of a worker per sample")
         if r.get("replaced_skips"):
             print(f"{member}: the replaced loader skips {', '.join(r['replaced_skips'])}")
 
@@ -636,7 +590,6 @@ def measure_store(args, started: float) -> int:
         return main_remote(args, started, storage.StorageSettings.from_args(args))
     store = realistic_store(Path("data/bench")) if args.realistic else args.store
     source_files(store)  # fail early when the replaced loader cannot read the sources
-    legacy = legacy_format_store(Path(store)) if args.compare_format else None
     device = resolve_device(args.device)
     results = {"store": str(store), "img_size": args.img_size, "batch_size": args.batch_size,
                "workers": args.workers, "cpu_count": os.cpu_count(), "device": str(device),
@@ -646,7 +599,7 @@ def measure_store(args, started: float) -> int:
         for member in args.members:
             row = results["members"][member] = {"backend": resolve_backend("auto", device),
                                                 "replaced_skips": unsupported_ops(get_recipe(member))}
-            measure_member(store, member, args, device, row, legacy)
+            measure_member(store, member, args, device, row)
 
     run_stoppable(results, measure)
     for row in results["members"].values():

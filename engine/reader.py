@@ -15,21 +15,19 @@ Why a hand-written read path: zarr-python spends some 0.3 ms of Python and
 asyncio per `__getitem__` before decoding (benchmarks/layout_sweep.py times
 both paths; docs/performance.md, "Store"), several times a sample's decode
 cost. The store's layouts (engine.store.PixelLayout: regular chunks, codecs
-bytes, then zstd, Blosc or nothing, then crc32c; in a shard with its index
-at the end, or one object per chunk) are read directly: a shard's index
-once (checked against its CRC-32C, then cached), then one byte range per
-run of adjacent chunks the box needs, through engine/storage.py. Each
-chunk's CRC-32C is compared with its 4-byte trailer (google-crc32c, which
-zarr's own crc32c codec uses) before numcodecs decompresses it in place;
-the pixels equal zarr's (tests/test_reader.py). Checking the trailers costs
-about 1-2 % of a read (docs/performance.md, "Store"). Zarr itself fills a
-missing shard or chunk with the fill value; this reader instead raises
-StoreDamaged naming the object: a missing shard, an index or chunk failing
-its checksum, an index pointing past the object's end (and, in version 2's
-unsharded layout, a missing image or ELA chunk or a mask chunk its array
-lists as written, engine.store.required_chunks). An array of any other
-layout is refused, not read some other way. A store is a path on a local or
-shared file system, or a URL (object storage, through fsspec and the local
+bytes, then zstd, Blosc or nothing, then crc32c; in shards with their index
+at the end) are read directly: a shard's index once (checked against its
+CRC-32C, then cached), then one byte range per run of adjacent chunks the
+box needs, through engine/storage.py. Each chunk's CRC-32C is compared with
+its 4-byte trailer (google-crc32c, which zarr's own crc32c codec uses)
+before numcodecs decompresses it in place; the pixels equal zarr's
+(tests/test_reader.py). Checking the trailers costs about 1-2 % of a read
+(docs/performance.md, "Store"). Zarr itself fills a missing shard or chunk
+with the fill value; this reader instead raises StoreDamaged naming the
+object: a missing shard, an index or chunk failing its checksum, an index
+pointing past the object's end. An array of any other layout is refused,
+not read some other way. A store is a path on a local or shared file
+system, or a URL (object storage, through fsspec and the local
 cache of engine/storage.py).
 """
 from __future__ import annotations
@@ -163,29 +161,22 @@ class _PixelArray(_ChunkReads):
     """Direct reads of one per-image pixel array (version 4's layout, which
     benchmarks synthesise to compare with; engine.store.PixelLayout with
     packed False): regular chunks, codecs bytes, then zstd, Blosc or
-    nothing, then crc32c; sharded (sharding_indexed, index at the end with
-    its crc32c) or not. `stats` counts the requests made, bytes read and
+    nothing, then crc32c, in shards (sharding_indexed, index at the end
+    with its crc32c). `stats` counts the requests made, bytes read and
     bytes decoded."""
 
     def __init__(self, storage, path: str, meta: dict, stats: dict):
         self.storage, self.path, self.stats = storage, path, stats
         self.shape = tuple(meta["shape"])
-        self.separator = meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
         grid = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
-        codecs = meta["codecs"]
-        self.sharded = codecs[0]["name"] == "sharding_indexed"
-        if self.sharded:
-            config = codecs[0]["configuration"]
-            self.chunks, codecs = tuple(config["chunk_shape"]), config["codecs"]
-            self.per_shard = tuple(s // c for s, c in zip(grid, self.chunks))
-            self.one_shard = all(s <= g for s, g in zip(self.shape, grid))
-            self._indexes: dict[tuple, np.ndarray] = {}
-        else:
-            self.chunks = grid
+        config = meta["codecs"][0]["configuration"]
+        self.chunks, codecs = tuple(config["chunk_shape"]), config["codecs"]
+        self.per_shard = tuple(s // c for s, c in zip(grid, self.chunks))
+        self.one_shard = all(s <= g for s, g in zip(self.shape, grid))
+        self._indexes: dict[tuple, np.ndarray] = {}
         self.dtype = np.dtype(meta["data_type"])
         self.fill = meta.get("fill_value", 0)
         self._decoder = next((_DECODERS[c["name"]] for c in codecs if c["name"] in _DECODERS), None)
-        self.required = None if self.sharded else layout.required_chunks(path, meta.get("attributes", {}))
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Rows y0:y1 and columns x0:x1, every trailing axis whole."""
@@ -210,9 +201,6 @@ class _PixelArray(_ChunkReads):
     def _fetch(self, indices: np.ndarray, chunks: np.ndarray) -> np.ndarray:
         """Decode chunks `indices` (k x ndim) into chunks[k]; returns which
         were stored (the others are all fill)."""
-        if not self.sharded:
-            return np.array([self._unsharded_chunk(tuple(index), out)
-                             for index, out in zip(indices.tolist(), chunks)], bool)
         if self.one_shard:   # the store's own layout: a shard holds the whole array
             return self._shard_chunks((0,) * len(self.shape), indices, chunks)
         shards = indices // self.per_shard
@@ -227,76 +215,17 @@ class _PixelArray(_ChunkReads):
     def _shard_chunks(self, shard: tuple, indices: np.ndarray, chunks: np.ndarray) -> np.ndarray:
         """Decode chunks `indices` of one shard into `chunks`: the stored
         ones, fetched by byte range. Returns which were stored."""
-        key = layout.chunk_key(self.path, shard, self.separator)
+        key = layout.chunk_key(self.path, shard)
         return self._read_spans(key, self._index(shard)[tuple((indices % self.per_shard).T)], chunks)
 
     def _index(self, shard: tuple) -> np.ndarray:
         """Shard `shard`'s index, (offset, size) per chunk, checked and cached."""
         table = self._indexes.get(shard)
         if table is None:
-            key = layout.chunk_key(self.path, shard, self.separator)
+            key = layout.chunk_key(self.path, shard)
             table = self._read_index(key, math.prod(self.per_shard)).reshape(self.per_shard + (2,))
             self._indexes[shard] = table
         return table
-
-    def _unsharded_chunk(self, index: tuple[int, ...], out: np.ndarray) -> bool:
-        """Decode unsharded chunk `index` into `out`; False for a mask chunk
-        left out as all-zero."""
-        key = layout.chunk_key(self.path, index, self.separator)
-        raw = self.storage.read(key)
-        if raw is None:
-            if self.required is None or index in self.required:
-                raise self._damage(key, "chunk missing")
-            return False
-        self.stats["requests"] += 1
-        self.stats["bytes_read"] += len(raw)
-        self._decode(np.frombuffer(raw, np.uint8), key, out)
-        return True
-
-    def _objects(self) -> list[tuple[int, ...]]:
-        """Indices of the array's objects: its chunks, or its shards."""
-        sides = tuple(c * p for c, p in zip(self.chunks, self.per_shard)) if self.sharded else self.chunks
-        return list(itertools.product(*(range(-(-s // c)) for s, c in zip(self.shape, sides))))
-
-    def problems(self) -> list[layout.StoreDamaged]:
-        """Every damaged piece: each object the array should have (missing,
-        a shard whose index fails its checksum, a chunk failing its checksum
-        or size), a file that is no object of its grid, and an unsharded
-        mask chunk on disk that its written_chunks does not list."""
-        on_disk = set(self.storage.keys(f"{self.path}/")) - {f"{self.path}/zarr.json"}
-        objects = {layout.chunk_key(self.path, index, self.separator): index
-                   for index in self._objects()}
-        found = []
-        for key, index in objects.items():
-            if self.sharded:
-                found += self._shard_problems(index)
-                continue
-            listed = self.required is None or index in self.required
-            if key in on_disk and not listed:
-                found.append(self._damage(key, f"chunk not listed in {layout.WRITTEN_CHUNKS}"))
-            if key in on_disk or listed:
-                try:
-                    self._unsharded_chunk(index, np.empty(self.chunks, self.dtype))
-                except layout.StoreDamaged as exc:
-                    found.append(exc)
-        found += [self._damage(key, "unexpected file: not a chunk of the array's grid")
-                  for key in sorted(on_disk - objects.keys())]
-        return found
-
-    def _shard_problems(self, shard: tuple) -> list[layout.StoreDamaged]:
-        """The shard's index, then each chunk it stores, read back."""
-        try:
-            self._index(shard)
-        except layout.StoreDamaged as exc:
-            return [exc]
-        found, chunk = [], np.empty((1,) + self.chunks, self.dtype)
-        for inner in itertools.product(*map(range, self.per_shard)):
-            index = np.array([shard], np.int64) * self.per_shard + inner
-            try:
-                self._shard_chunks(shard, index, chunk)
-            except layout.StoreDamaged as exc:
-                found.append(exc)
-        return found
 
 
 # shard indexes a reader keeps per tiles array, oldest out first: at the
@@ -466,25 +395,23 @@ def _codec_problem(codecs: list) -> str | None:
     return None
 
 
-def _layout_problem(path: str, meta: dict) -> str | None:
-    """Why array `path`'s zarr.json is not of the store's pixel layouts, or None."""
+def _layout_problem(meta: dict) -> str | None:
+    """Why a per-image array's zarr.json is not of the store's pixel layouts, or None."""
     if meta.get("node_type") != "array" or meta.get("data_type") != "uint8":
         return f"not a uint8 array (node_type {meta.get('node_type')!r}, " \
                f"data_type {meta.get('data_type')!r})"
     if (meta.get("chunk_grid", {}).get("name") != "regular"
             or meta.get("chunk_key_encoding", {}).get("name") != "default"
-            or meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/") not in "/."):
-        return "chunk grid or key encoding other than regular with '/' or '.' keys"
+            or meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
+            != layout.SEPARATOR):
+        return f"chunk grid or key encoding other than regular with {layout.SEPARATOR!r} keys"
     codecs = meta.get("codecs", [])
-    if codecs and codecs[0].get("name") == "sharding_indexed":
-        config = codecs[0].get("configuration", {})
-        if (len(codecs) != 1 or config.get("index_location", "end") != "end"
-                or tuple(config.get("index_codecs", ())) != _INDEX_CODECS):
-            return "shards other than sharding_indexed with the index (bytes, crc32c) at the end"
-        return _codec_problem(config.get("codecs", []))
-    if not layout.keeps_every_chunk(path) and layout.WRITTEN_CHUNKS not in meta.get("attributes", {}):
-        return f"mask array without its {layout.WRITTEN_CHUNKS} attribute"
-    return _codec_problem(codecs)
+    config = codecs[0].get("configuration", {}) if codecs else {}
+    if (len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed"
+            or config.get("index_location", "end") != "end"
+            or tuple(config.get("index_codecs", ())) != _INDEX_CODECS):
+        return "shards other than sharding_indexed with the index (bytes, crc32c) at the end"
+    return _codec_problem(config.get("codecs", []))
 
 
 class WindowReader:
@@ -597,7 +524,7 @@ class WindowReader:
             except (OSError, ValueError) as exc:
                 raise layout.StoreDamaged(self.store, where,
                                           f"unreadable array metadata ({exc})") from None
-            problem = _layout_problem(path, meta)
+            problem = _layout_problem(meta)
             if problem:
                 raise layout.StoreDamaged(self.store, where, problem)
             try:
@@ -609,18 +536,6 @@ class WindowReader:
                 self._arrays.pop(next(iter(self._arrays)))
             self._arrays[path] = arr
         return arr
-
-    def check_array(self, path: str, shape: tuple[int, ...] | None = None) -> list[layout.StoreDamaged]:
-        """Every damaged piece of one pixel array (that should have `shape`,
-        when given): its metadata, then each chunk (_PixelArray.problems)."""
-        try:
-            arr = self._array(path)
-        except layout.StoreDamaged as exc:
-            return [exc]
-        if shape is not None and arr.shape != tuple(shape):
-            return [layout.StoreDamaged(self.store, self.storage.where(f"{path}/zarr.json"),
-                                        f"shape {arr.shape}, expected {tuple(shape)} from meta/")]
-        return arr.problems()
 
     def read_array(self, path: str) -> np.ndarray:
         """A whole pixel array of the store (e.g. engine.store.image_path(row))."""

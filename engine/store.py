@@ -227,8 +227,12 @@ CODECS = ("zstd", "lz4", "lz4hc", "none")   # PixelLayout.codec: zstd, Blosc's L
 # Blosc's own threads would compete with the reader and build processes, one
 # per core already, and measured up to 5x slower per chunk (docs/performance.md)
 numcodecs.blosc.use_threads = False
-WRITTEN_CHUNKS = "written_chunks"  # unsharded mask arrays' attribute: indices of the chunks written
-INDEX_EMPTY = 2**64 - 1            # a shard index's offset and size of a chunk not stored
+INDEX_EMPTY = 2**64 - 1   # a shard index's offset and size of a chunk not stored
+# of chunk (shard) keys: "." puts a shard's one object beside its array's
+# zarr.json ("c.0.0.0"), sparing the three folders "/" would make per array,
+# a measurable part of a build's time on a slow file system
+# (docs/performance.md, "Store")
+SEPARATOR = "."
 
 
 @dataclass(frozen=True)
@@ -236,14 +240,14 @@ class PixelLayout:
     """How pixel arrays are chunked and encoded (docs/store.md, "Chunks").
 
     Square `chunk`-pixel chunks (all channels of a pixel in one chunk),
-    compressed with `codec` at `level`, each followed by its CRC-32C.
-    `sharded`: each array is one object, its chunks followed by
-    an index of their offsets and sizes (zarr's sharding_indexed codec, the
-    index with its own CRC-32C), so small chunks cost no more files and a
-    reader fetches exactly the chunks a window needs by byte range; chunks
-    whose pixels are all 0 are not stored (the index says so). Unsharded,
-    each chunk is one file; masks then leave their all-zero chunks out and
-    list the ones written (WRITTEN_CHUNKS)."""
+    compressed with `codec` at `level`, each followed by its CRC-32C, in
+    shard objects: the chunks followed by an index of their offsets and
+    sizes (zarr's sharding_indexed codec, the index with its own CRC-32C),
+    so small chunks cost no more objects and a reader fetches exactly the
+    chunks a window needs by byte range; chunks whose pixels are all 0 are
+    not stored (the index says so). `sharded` is always True (recorded in
+    the root attribute `layout`, docs/store.md): version 2's unsharded
+    layout, a file per chunk, is neither written nor read any more."""
 
     chunk: int
     codec: str = "zstd"
@@ -255,8 +259,9 @@ class PixelLayout:
     shard_tiles: int = 2048
 
     def __post_init__(self):
-        if self.packed and not self.sharded:
-            raise ValueError("packed tiles are always sharded")
+        if not self.sharded:
+            raise ValueError("sharded False: version 2's unsharded layout, which this engine "
+                             "neither writes nor reads")
         if self.shard_tiles < 1:
             raise ValueError(f"shard_tiles {self.shard_tiles}: at least 1")
         if self.codec not in CODECS:
@@ -269,8 +274,7 @@ class PixelLayout:
 
     def describe(self) -> str:
         codec = "raw" if self.codec == "none" else f"{self.codec} {self.level}"
-        packing = (f"packed, {self.shard_tiles} tiles a shard" if self.packed else
-                   "a shard per array" if self.sharded else "unsharded")
+        packing = f"packed, {self.shard_tiles} tiles a shard" if self.packed else "a shard per array"
         return f"{self.chunk} px chunks, {codec}, {packing}"
 
     def compressors(self) -> tuple:
@@ -303,24 +307,14 @@ class PixelLayout:
             return (1, self.chunk, self.chunk)
         return (self.chunk, self.chunk) + tuple(shape[2:])
 
-    @property
-    def separator(self) -> str:
-        """Of chunk keys: "." puts a shard's one object beside its array's
-        zarr.json ("c.0.0.0"), sparing the three folders "/" would make per
-        array, a measurable part of a build's time on a slow file system
-        (docs/performance.md, "Store"); version 2's unsharded layout kept "/"."""
-        return "." if self.sharded else "/"
-
     def key(self, path: str, index) -> str:
-        """Key of chunk (or shard) `index` of pixel array `path` in this layout."""
-        return chunk_key(path, index, self.separator)
+        """Key of shard `index` of pixel array `path` in this layout."""
+        return chunk_key(path, index)
 
     def grid_shape(self, path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The shape of the array's objects (zarr's chunk grid): a chunk, or
-        sharded, one shard covering the whole array in whole chunks."""
+        """The shape of a per-image array's objects (zarr's chunk grid): one
+        shard covering the whole array in whole chunks."""
         chunks = self.chunk_shape(path, shape)
-        if not self.sharded:
-            return chunks
         return tuple(-(-s // c) * c for s, c in zip(shape, chunks))
 
 
@@ -334,74 +328,44 @@ def checksum_bytes(data: bytes) -> bytes:
 # bytes per sample than 512 px ones, where 128 px ones pay more per chunk
 # than they save; LZ4 decodes about twice as fast as zstd for 1.5x the
 # bytes and writes as fast; LZ4HC and raw chunks read faster still but
-# write 2.5x slower or take 3-5x the disk; sharding keeps one object per
-# array, so small chunks cost no more files.
+# write 2.5x slower or take 3-5x the disk; sharding keeps small chunks from
+# costing more objects.
 DEFAULT_LAYOUT = PixelLayout(chunk=256, codec="lz4", level=9)
 # Version 4's layout, an array (one shard object) per image and level: what
 # benchmarks/scale.py measures the packed layout against
 PER_IMAGE_LAYOUT = PixelLayout(chunk=256, codec="lz4", level=9, packed=False)
-# Version 2's layout: what --compare-format measures the default against.
-LEGACY_LAYOUT = PixelLayout(chunk=512, codec="zstd", level=1, sharded=False, packed=False)
 
 
-def keeps_every_chunk(path: str) -> bool:
-    """Unsharded images and ELA store every chunk; masks leave all-zero
-    chunks out (they read as 0) and list the ones written (required_chunks)."""
-    return path.startswith(("images/", "ela/"))
-
-
-def required_chunks(path: str, attributes: dict) -> set[tuple[int, ...]] | None:
-    """The chunk indices unsharded array `path` must have: None for every
-    chunk of its grid (images and ELA), else those its zarr.json attributes
-    list as WRITTEN_CHUNKS (none without the list: any chunk may then be
-    absent, as zarr leaves out all-fill chunks by default)."""
-    if keeps_every_chunk(path):
-        return None
-    return {tuple(index) for index in attributes.get(WRITTEN_CHUNKS, ())}
-
-
-def chunk_key(path: str, index, separator: str = "/") -> str:
-    """Key of chunk (or shard) `index` of array `path`: zarr v3's default
-    encoding with `separator`."""
-    return f"{path}/c{separator}{separator.join(map(str, index))}"
+def chunk_key(path: str, index) -> str:
+    """Key of shard `index` of pixel or tiles array `path`: zarr v3's
+    default encoding with SEPARATOR."""
+    return f"{path}/c{SEPARATOR}{SEPARATOR.join(map(str, index))}"
 
 
 def create_pixels(group: zarr.Group, path: str, data: np.ndarray,
                   pixel_layout: PixelLayout = DEFAULT_LAYOUT) -> None:
-    """Write one pixel array (image, mask or ELA level) in `pixel_layout`,
-    replacing any array there.
+    """Write one pixel array (image, mask or ELA level) in `pixel_layout`
+    as version 4's per-image layout (PER_IMAGE_LAYOUT) has it, one shard
+    object per array, replacing any array there.
 
-    The array's zarr.json and its objects are encoded here and written
+    The array's zarr.json and its shard are encoded here and written
     through the group's storage (engine/storage.py): the metadata and the
     chunk bytes zarr-python writes for the same pixels, a shard's chunks in
     C order where zarr puts them in Morton order (tests/test_build_zarr.py);
     zarr-python's per-array and per-chunk asyncio overhead cost the builder
-    more than compressing the pixels. Unsharded masks are written only over the chunks that meet
-    their non-zero bounding box (per layer for instances_mask), all-zero
-    chunks left out and the written ones listed (WRITTEN_CHUNKS): recording
-    them cost nothing, where writing the all-zero chunks too would have
-    added 28 % more files to the demo store (docs/performance.md, "Store").
+    more than compressing the pixels.
     """
     storage = storages.storage_of(group)
     prefix = f"{group.path}/{path}" if group.path else path
     chunks = pixel_layout.chunk_shape(path, data.shape)
     storage.remove(prefix)
     _write_group_parents(storage, prefix)
-    if pixel_layout.sharded:
-        attributes = {}
-        storage.write(pixel_layout.key(prefix, (0,) * data.ndim), encode_shard(data, chunks, pixel_layout))
-    else:
-        pieces = _unsharded_pieces(path, data, chunks)
-        attributes = {} if keeps_every_chunk(path) else {
-            WRITTEN_CHUNKS: [list(index) for index, _ in pieces]}
-        for index, piece in pieces:
-            storage.write(pixel_layout.key(prefix, index), pixel_layout.encode(_padded(piece, chunks)))
+    storage.write(pixel_layout.key(prefix, (0,) * data.ndim), encode_shard(data, chunks, pixel_layout))
     doc = json.loads(_array_json(pixel_layout, data.dtype.name, data.ndim))
     doc["shape"] = list(data.shape)
     doc["chunk_grid"]["configuration"]["chunk_shape"] = list(pixel_layout.grid_shape(path, data.shape))
-    if pixel_layout.sharded:
-        doc["codecs"][0]["configuration"]["chunk_shape"] = list(chunks)
-    doc["attributes"] = attributes
+    doc["codecs"][0]["configuration"]["chunk_shape"] = list(chunks)
+    doc["attributes"] = {}
     storage.write(f"{prefix}/zarr.json", json.dumps(doc).encode())
 
 
@@ -442,8 +406,7 @@ def tiles_shard_tiles(kind: str, pixel_layout: PixelLayout) -> int:
 
 def tiles_shard_key(kind: str, level: int, block: int, pixel_layout: PixelLayout) -> str:
     """The object of block `block`'s shard of tiles array (kind, level)."""
-    return chunk_key(tiles_path(kind, level), (block, 0, 0) + (0,) * len(packing.KINDS[kind]),
-                     pixel_layout.separator)
+    return chunk_key(tiles_path(kind, level), (block, 0, 0) + (0,) * len(packing.KINDS[kind]))
 
 
 def tiles_array_json(kind: str, pixel_layout: PixelLayout, n_blocks: int) -> bytes:
@@ -487,10 +450,8 @@ def _array_json(pixel_layout: PixelLayout, dtype: str, ndim: int) -> str:
     dtype and rank, as JSON; shapes are filled in per array."""
     ones = (1,) * ndim
     arr = zarr.create_array(zarr.storage.MemoryStore(), shape=ones, dtype=dtype, chunks=ones,
-                            shards=ones if pixel_layout.sharded else None,
-                            compressors=pixel_layout.compressors(), fill_value=0,
-                            chunk_key_encoding={"name": "default",
-                                                "separator": pixel_layout.separator})
+                            shards=ones, compressors=pixel_layout.compressors(), fill_value=0,
+                            chunk_key_encoding={"name": "default", "separator": SEPARATOR})
     return json.dumps(arr.metadata.to_dict())
 
 
@@ -506,40 +467,6 @@ def _write_group_parents(storage, prefix: str) -> None:
         if storage.exists(key):
             break
         storage.write(key, _GROUP_JSON)
-
-
-def _unsharded_pieces(path: str, data: np.ndarray, chunks: tuple[int, ...]) -> list:
-    """(index, pixels) of every chunk an unsharded array stores: all of them
-    for images and ELA, a mask's non-zero ones."""
-    if keeps_every_chunk(path):
-        return list(_chunk_pieces(chunks, tuple(slice(0, n) for n in data.shape), data))
-    if path.startswith("instances_mask/"):
-        regions = [((slice(i, i + 1),) + r, layer[r][None])
-                   for i, layer in enumerate(data) if (r := _nonzero_chunks(layer, chunks[-1])) is not None]
-    else:
-        regions = [(r, data[r]) for r in [_nonzero_chunks(data, chunks[-1])] if r is not None]
-    return [(index, piece) for region, block in regions
-            for index, piece in _chunk_pieces(chunks, region, block) if piece.any()]
-
-
-def _chunk_pieces(chunks: tuple[int, ...], region: tuple[slice, ...], block: np.ndarray):
-    """(index, pixels) of each chunk of `region`, which starts on chunk
-    boundaries and ends on them or at the array's edge (edge pieces are
-    smaller than a chunk)."""
-    for index in itertools.product(*(range(r.start // c, -(-r.stop // c))
-                                     for r, c in zip(region, chunks))):
-        yield index, block[tuple(slice(i * c - r.start, (i + 1) * c - r.start)
-                                 for i, c, r in zip(index, chunks, region))]
-
-
-def _nonzero_chunks(plane: np.ndarray, chunk: int) -> tuple[slice, slice] | None:
-    """The smallest chunk-aligned window holding every non-zero pixel."""
-    rows, cols = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
-    if len(rows) == 0:
-        return None
-    return tuple(slice(lo // chunk * chunk, min(n, -(-(hi + 1) // chunk) * chunk))
-                 for lo, hi, n in ((rows[0], rows[-1], plane.shape[0]),
-                                   (cols[0], cols[-1], plane.shape[1])))
 
 
 # the root attribute naming one build of a store, new at every build: the

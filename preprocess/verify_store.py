@@ -1,19 +1,18 @@
-"""Check a whole forgery store: every chunk of every pixel array, and meta/.
+"""Check a whole forgery store: every tile of every packed tiles array, and meta/.
 
     python preprocess/verify_store.py STORE
 
-Every shard of every image, ELA and mask array is read: its index checked
-against its CRC-32C, then every chunk it stores compared with its CRC-32C
-and decoded, as the engine's reader does (engine/reader.py); a shard an
-array should have and has not is missing, and so is, in version 2's
-unsharded layout, a chunk file an array should have (see engine/store.py).
-Every meta/ and instances/ array is read with its checksum checked, then
-meta/ is checked against the arrays present: every row has its image and
-ELA levels of the right shapes, forged rows have their masks and instance
-masks, authentic rows none, and nothing else is there; meta/ and
-instances/ must still match the store's fingerprint. Any other file (one
-that is no part of the layout engine/store.py describes) is reported as
-unknown.
+Every shard the store should have (each block's shard of every tiles array
+it has tiles in, engine.packing.shard_blocks) is read: its index checked
+against its CRC-32C, then every tile it stores compared with its CRC-32C
+and decoded, as the engine's reader does (engine/reader.py); a shard that
+is not there is missing, and so is an image or ELA tile its shard does not
+store. Every meta/ and instances/ array is read with its checksum checked;
+meta/ and instances/ must still match the store's fingerprint, and each
+row's level-0 pixels and instance layers its meta/digest (a shard swapped
+for another valid one, or index entries swapped with their checksums, is
+caught). Any other file (one that is no part of the layout engine/store.py
+describes) is reported as unknown.
 
 Each problem is printed on its own line, starting with the path of the chunk,
 array or meta/ at fault. Exit status: 0 clean, 1 damaged (then rebuild the
