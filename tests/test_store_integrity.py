@@ -103,7 +103,9 @@ def _flip(position: int):
 
 INDEX = "corrupt shard index (crc32c checksum mismatch or a truncated file)"
 CHUNK = "corrupt chunk (crc32c checksum mismatch"
-DAMAGE = {  # name: (what to do to a shard, given a tile's offset and size and the index's length; what the reader says)
+# name: (what to do to a shard, given a tile's offset and size and the
+# index's length in bytes; what the reader says)
+DAMAGE = {
     "deleted": (lambda f, o, n, i: f.unlink(), "shard missing"),
     "a tile's first byte flipped": (lambda f, o, n, i: _flip_at(f, o), CHUNK),
     "a tile's middle byte flipped": (lambda f, o, n, i: _flip_at(f, o + n // 2), CHUNK),
@@ -142,7 +144,8 @@ def test_every_read_path_refuses_a_damaged_shard(blocks_copy, blocks_meta, kind)
     size = {row: (int(meta["height"][row]), int(meta["width"][row])) for row in (authentic, forged)}
     instance_start = int(layout.read_table(layout.open_store(copy), "instances/tile_start")[
         meta["instance_start"][forged]])
-    firsts = {"image": _first_stored(copy, "image", 0, int(meta["tile_start"][authentic, 0]), *size[authentic]),
+    firsts = {"image": _first_stored(copy, "image", 0, int(meta["tile_start"][authentic, 0]),
+                                     *size[authentic]),
               "mask": _first_stored(copy, "mask", 0, int(meta["tile_start"][forged, 0]), *size[forged]),
               "instance": _first_stored(copy, "instance", 0, instance_start, *size[forged])}
     assert len({file for file, *_ in firsts.values()}) == 3
@@ -255,6 +258,57 @@ def test_verify_reports_meta_out_of_step_with_the_tiles(blocks_copy, blocks_meta
     ])
 
 
+def test_verify_lists_instance_layers_placed_past_the_store(blocks_copy, blocks_meta):
+    """instances/tile_start rewritten to place a layer in a block the store
+    has not: listed with the row it belongs to, verify goes on."""
+    group = zarr.open_group(str(blocks_copy), mode="r+")
+    tile_start = layout.read_table(group, "instances/tile_start").copy()
+    per_shard = _tiles_per_shard(blocks_copy, "instance", 0)
+    tile_start[0] = (int(tile_start.max()) // per_shard + 1) * per_shard
+    layout.create_table(group, "instances/tile_start", tile_start)
+    row = int(layout.read_table(group, "instances/image_row")[0])
+    assert sorted(verify_store.verify(blocks_copy, progress=False)) == sorted([
+        f"{blocks_copy / 'meta'}: meta/ and instances/ no longer match the store's fingerprint "
+        "(damaged or changed after the build)",
+        f"{_shard(blocks_copy, 'instance', 0, int(tile_start[0]))[0]}: shard missing (row {row}'s "
+        "tiles, where meta/ and instances/ place them)",
+    ])
+
+
+def test_verify_lists_tiles_metadata_other_than_the_layout(blocks_copy, blocks_meta):
+    """zarr-python reads the tiles by each tiles array's zarr.json (the
+    engine by the root's layout): one missing, without the tiles'
+    checksum, with the index elsewhere, or too short for meta/'s blocks."""
+    def edit(kind, level, change):
+        file = blocks_copy / f"tiles/{kind}/{level}/zarr.json"
+        doc = json.loads(file.read_text())
+        change(doc)
+        file.write_text(json.dumps(doc))
+        return file
+
+    def drop_checksum(doc):
+        inner = doc["codecs"][0]["configuration"]
+        inner["codecs"] = inner["codecs"][:-1]
+
+    per_shard = _tiles_per_shard(blocks_copy, "image", 0)
+    ela = edit("ela", 0, drop_checksum)
+    instance = edit("instance", 0,
+                    lambda doc: doc["codecs"][0]["configuration"].update(index_location="start"))
+    image = edit("image", 0, lambda doc: doc["shape"].__setitem__(0, doc["shape"][0] - per_shard))
+    shape = json.loads(image.read_text())["shape"]
+    mask = blocks_copy / "tiles/mask/1/zarr.json"
+    mask.unlink()
+    blocks = int(blocks_meta["tile_start"][:, 0].max()) // per_shard + 1
+    describe = layout.PixelLayout(**layout.open_store(blocks_copy).attrs["layout"]).describe()
+    assert sorted(verify_store.verify(blocks_copy, progress=False)) == sorted([
+        *(f"{file}: codecs other than the store's layout's ({describe}): zarr-python would not "
+          "read the tiles as stored" for file in (ela, instance)),
+        f"{image}: shape {shape}, expected blocks of {per_shard} tiles, at least {blocks} of them "
+        "(meta/'s)",
+        f"{mask}: array metadata missing",
+    ])
+
+
 def test_instance_layers_must_match_meta(copy, meta, rows):
     _, forged = rows
     count = int(meta["n_instances"][forged])
@@ -339,8 +393,8 @@ def test_an_old_store_version_names_the_rebuild(copy, demo_source):
     root.write_text(json.dumps(doc))
     with pytest.raises(layout.StoreError) as refused:
         WindowReader(copy).read_array(layout.image_path(0))
-    assert str(refused.value).startswith(f"{copy}: store version 4, this engine reads version "
-                                         f"{layout.VERSION} (")
-    assert str(refused.value).endswith(f"; rebuild it with `python preprocess/build_zarr.py --source "
-                                       f"{demo_source.resolve()} --out {copy} --overwrite`")
+    assert str(refused.value) == (
+        f"{copy}: store version 4, this engine reads version {layout.VERSION} (every image's "
+        f"tiles packed in shared shards, content digests in meta/); rebuild it with `python "
+        f"preprocess/build_zarr.py --source {demo_source.resolve()} --out {copy} --overwrite`")
     assert verify_store.main([str(copy)]) == 2
