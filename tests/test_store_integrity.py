@@ -328,27 +328,29 @@ TABLE_DAMAGE = {   # name: (what to do to a meta/ or instances/ chunk file, what
 
 @pytest.mark.parametrize("kind", TABLE_DAMAGE)
 def test_a_damaged_meta_array_is_refused_naming_it(copy, rows, kind):
-    """meta/label as training, score --write-solution and prediction read it
-    (read_meta), meta/n_instances as a scorer reads one row of it, and
-    instances/ as the patch bank and verify read them: each refused with
-    StoreDamaged naming the chunk, never read as other values."""
+    """meta/n_instances as a scorer's reader reads it (with all of meta/,
+    once per node), instances/ as the patch bank and verify read them, then
+    meta/label as training, score --write-solution and prediction read it
+    (read_meta): each refused with StoreDamaged naming the chunk, never
+    read as other values."""
     damage, says = TABLE_DAMAGE[kind]
     chunks = {name: copy / name / "c" / "0" for name in ("meta/label", "meta/n_instances")}
     chunks["instances/bbox"] = copy / "instances/bbox/c/0/0"
-    for file in chunks.values():
-        damage(file)
 
     def refused(name):
         return pytest.raises(layout.StoreDamaged, match=f"^{re.escape(f'{chunks[name]}: {says}')}")
 
-    with refused("meta/label"):
-        layout.read_meta(layout.open_store(copy))
-    with refused("meta/label"):
-        WindowReader(copy).read(rows[1], (0, 0, 8, 8), 8)
+    damage(chunks["meta/n_instances"])
+    damage(chunks["instances/bbox"])
     with refused("meta/n_instances"):
         true_instances(WindowReader(copy), rows[1])
     with refused("instances/bbox"):
         layout.read_instance_tables(layout.open_store(copy))
+    damage(chunks["meta/label"])
+    with refused("meta/label"):
+        layout.read_meta(layout.open_store(copy))
+    with refused("meta/label"):
+        WindowReader(copy).read(rows[1], (0, 0, 8, 8), 8)
     problems = verify_store.verify(copy, progress=False)
     assert problems[0].startswith(f"{chunks['meta/label']}: {says}"), problems
 
