@@ -380,7 +380,12 @@ class _PackedView:
         return self.read_box((y0, x0) + (0,) * (len(self.shape) - 2), (y1, x1) + self.shape[2:])
 
     def read_box(self, start: tuple[int, ...], stop: tuple[int, ...]) -> np.ndarray:
-        """The pixels of [start, stop) along every axis."""
+        """The pixels of [start, stop) along every axis, which must lie in
+        the array: past its edge the tile ids would name other tiles (the
+        next tile row's, the next image's) in the packed arrays."""
+        if len(start) != len(self.shape) or len(stop) != len(self.shape) or any(
+                a < 0 or b > n for a, b, n in zip(start, stop, self.shape)):
+            raise ValueError(f"box {tuple(start)} to {tuple(stop)}: outside the array's shape {self.shape}")
         layered = self.layered
         if layered:   # instances_mask: (layers, H, W)
             (l0, y0, x0), (l1, y1, x1) = start, stop

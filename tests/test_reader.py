@@ -144,6 +144,23 @@ def test_an_array_the_store_has_not_is_missing(demo_store, meta):
             reader.read_array(path)
 
 
+def test_a_box_past_an_arrays_edge_is_refused(blocks_store):
+    """Past an image's edge the packed tile ids run on into the next tile
+    row or the next image: refused, never read as those pixels."""
+    meta = layout.read_meta(layout.open_store(blocks_store))
+    reader = WindowReader(blocks_store)
+    height, width = int(meta["height"][0]), int(meta["width"][0])
+    for start, stop in (((0, 0, 0), (height + 1, width, 3)), ((0, 0, 0), (height, width + 1, 3)),
+                        ((-1, 0, 0), (8, 8, 3))):
+        with pytest.raises(ValueError, match="outside the array's shape"):
+            reader.read_box(layout.image_path(0), start, stop)
+    forged = int(np.argmax(meta["label"]))
+    with pytest.raises(ValueError, match="outside the array's shape"):
+        reader.read_box(layout.instances_mask_path(forged), (0, 0, 0),
+                        (int(meta["n_instances"][forged]) + 1, 8, 8))
+    assert reader.read_box(layout.image_path(0), (0, 0, 0), (height, width, 3)).shape == (height, width, 3)
+
+
 def test_window_reads_equal_the_arrays_at_their_level(packed):
     store, meta, arrays = packed
     reader = WindowReader(store, with_ela=True)
