@@ -544,6 +544,8 @@ def run_blocks(target, tasks: list[BlockTask], run: Run, check) -> dict[int, dic
                 if run.strict and skipped:
                     raise BuildError(f"{skipped[0]['file']}: {skipped[0]['skipped']}")
                 records[record["block"]] = record
+                # lost, the tasks still queued are cancelled (those running finish)
+                check(f"writing the blocks after block {record['block']}")
         finally:
             done.close()   # stops the cluster, on an error too
     return records
@@ -847,7 +849,9 @@ def _start(target, destination: str, settings: Settings, check) -> str:
             return "finalized"
         print(f"resuming the interrupted build in {destination}")
         return "resume"
-    if found is not None or root_attributes(target) is not None:
+    # a local partial folder without them: killed while it was being started
+    if found is not None or root_attributes(target) is not None or (
+            isinstance(target, storages.LocalStorage) and target.root.exists()):
         print(f"{destination}: left by a build with other inputs or settings; starting over")
         check("removing it")
         _wipe(target)
