@@ -536,7 +536,10 @@ def run_blocks(target, tasks: list[BlockTask], run: Run, check) -> dict[int, dic
         print(f"resuming: {len(records)} of {len(tasks)} blocks done already")
     if todo:
         check("writing the blocks")
-        done = run_tasks(build_block, todo, workers=run.workers, cluster=run.cluster,
+        # no more processes than blocks: a store of one block (a few
+        # thousand tiles) is built in this process, without a cluster's start-up
+        workers = None if run.cluster is not None else min(run.workers, len(todo))
+        done = run_tasks(build_block, todo, workers=workers, cluster=run.cluster,
                          progress=run.progress, desc="blocks")
         try:
             for record in done:
