@@ -1145,8 +1145,9 @@ def print_summary(meta: dict, report: dict) -> None:
         print(f"height {meta['height'].min()}-{meta['height'].max()} px, "
               f"width {meta['width'].min()}-{meta['width'].max()} px")
     print(f"bytes: source {report['bytes_source'] / 1e6:.1f} MB -> store "
-          f"{report['bytes_store'] / 1e6:.1f} MB; {report['seconds']:.1f} s with "
-          f"{report['workers']} workers")
+          f"{report['bytes_store'] / 1e6:.1f} MB; {report['seconds']:.1f} s "
+          + (f"with {report['workers']} workers" if isinstance(report["workers"], int)
+             else f"on the cluster at {report['workers']}"))
     if report["test_images_not_stored"]:
         print(f"test_images/: {report['test_images_not_stored']} images not stored "
               "(label unknown; predict.py reads them)")

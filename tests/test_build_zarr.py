@@ -519,6 +519,18 @@ def test_two_workers_build_what_one_builds(demo_source, small_store, tmp_path):
     _assert_same_store(out, small_store)
 
 
+def test_a_running_cluster_builds_what_one_worker_builds(demo_source, small_store, tmp_path,
+                                                         capsys):
+    from distributed import LocalCluster
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      scheduler_port=0, dashboard_address=None) as cluster:
+        out = tmp_path / "store.zarr"
+        assert main(["--source", str(demo_source), "--out", str(out), "--cluster",
+                     cluster.scheduler_address, "--no-figure", *SMALL_ARGS]) == 0
+    assert f"on the cluster at {cluster.scheduler_address}" in capsys.readouterr().out
+    _assert_same_store(out, small_store)
+
+
 class _Killed(Exception):
     """Stands in for a kill: raised by a block task after some have finished."""
 
