@@ -536,7 +536,10 @@ def run_blocks(target, tasks: list[BlockTask], run: Run, check) -> dict[int, dic
         print(f"resuming: {len(records)} of {len(tasks)} blocks done already")
     if todo:
         check("writing the blocks")
-        done = run_tasks(build_block, todo, workers=run.workers, cluster=run.cluster,
+        # no more processes than blocks: a store of one block (a few
+        # thousand tiles) is built in this process, without a cluster's start-up
+        workers = None if run.cluster is not None else min(run.workers, len(todo))
+        done = run_tasks(build_block, todo, workers=workers, cluster=run.cluster,
                          progress=run.progress, desc="blocks")
         try:
             for record in done:
@@ -544,6 +547,8 @@ def run_blocks(target, tasks: list[BlockTask], run: Run, check) -> dict[int, dic
                 if run.strict and skipped:
                     raise BuildError(f"{skipped[0]['file']}: {skipped[0]['skipped']}")
                 records[record["block"]] = record
+                # lost, the tasks still queued are cancelled (those running finish)
+                check(f"writing the blocks after block {record['block']}")
         finally:
             done.close()   # stops the cluster, on an error too
     return records
@@ -847,7 +852,9 @@ def _start(target, destination: str, settings: Settings, check) -> str:
             return "finalized"
         print(f"resuming the interrupted build in {destination}")
         return "resume"
-    if found is not None or root_attributes(target) is not None:
+    # a local partial folder without them: killed while it was being started
+    if found is not None or root_attributes(target) is not None or (
+            isinstance(target, storages.LocalStorage) and target.root.exists()):
         print(f"{destination}: left by a build with other inputs or settings; starting over")
         check("removing it")
         _wipe(target)
@@ -1138,8 +1145,9 @@ def print_summary(meta: dict, report: dict) -> None:
         print(f"height {meta['height'].min()}-{meta['height'].max()} px, "
               f"width {meta['width'].min()}-{meta['width'].max()} px")
     print(f"bytes: source {report['bytes_source'] / 1e6:.1f} MB -> store "
-          f"{report['bytes_store'] / 1e6:.1f} MB; {report['seconds']:.1f} s with "
-          f"{report['workers']} workers")
+          f"{report['bytes_store'] / 1e6:.1f} MB; {report['seconds']:.1f} s "
+          + (f"with {report['workers']} workers" if isinstance(report["workers"], int)
+             else f"on the cluster at {report['workers']}"))
     if report["test_images_not_stored"]:
         print(f"test_images/: {report['test_images_not_stored']} images not stored "
               "(label unknown; predict.py reads them)")
