@@ -78,12 +78,14 @@ class _ChunkReads:
     tiles arrays (_TilesArray) share. Needs `storage`, `stats`, `dtype`
     and `_decoder` (None for raw chunks)."""
 
-    def _read_spans(self, key: str, spans: np.ndarray, chunks: np.ndarray) -> np.ndarray:
+    def _read_spans(self, key: str, spans: np.ndarray, chunks: np.ndarray,
+                    damaged: list | None = None) -> np.ndarray:
         """Decode the chunks at `spans` ((offset, size) rows of a shard's
         index, offset -1 for a chunk not stored) of shard object `key`
         into `chunks`, fetched by byte range, one request per run of chunks
         adjacent in the object, all of them in one call. Returns which were
-        stored."""
+        stored. A damaged chunk raises StoreDamaged, or with `damaged` is
+        added to it and the others are decoded still (verify_store)."""
         offsets, sizes = spans[:, 0], spans[:, 1]
         stored = offsets >= 0   # INDEX_EMPTY reads as -1 in int64
         order = np.flatnonzero(stored)[np.argsort(offsets[stored], kind="stable")]
@@ -102,10 +104,15 @@ class _ChunkReads:
         for k, run, offset, size in zip(order.tolist(), run_of.tolist(), starts.tolist(),
                                         sizes[order].tolist()):
             lo = runs[run][0]
-            if len(data[run]) < offset + size - lo:
-                raise self._damage(key, f"corrupt shard (its index points past its end, "
-                                        f"at byte {offset + size})")
-            self._decode(np.frombuffer(data[run], np.uint8, size, offset - lo), key, chunks[k])
+            try:
+                if len(data[run]) < offset + size - lo:
+                    raise self._damage(key, f"corrupt shard (its index points past its end, "
+                                            f"at byte {offset + size})")
+                self._decode(np.frombuffer(data[run], np.uint8, size, offset - lo), key, chunks[k])
+            except layout.StoreDamaged as exc:
+                if damaged is None:
+                    raise
+                damaged.append(exc)
         return stored
 
     def _read_index(self, key: str, entries: int) -> np.ndarray:
@@ -288,6 +295,11 @@ class _PixelArray(_ChunkReads):
         return found
 
 
+# tiles problems() fetches and decodes at a time: a shard's stored tiles are
+# adjacent, so one request each 64 tiles (not each tile: a URL store's
+# verify would cost a request per tile) and 64 decoded tiles in memory
+CHECK_TILES = 64
+
 # shard indexes a reader keeps per tiles array, oldest out first: at the
 # default 2048 tiles a shard 32 kB each, so at most about 32 MB per array
 # (the node's read cache keeps them too, engine/storage.py)
@@ -357,12 +369,15 @@ class _TilesArray(_ChunkReads):
             if len(missing):
                 found.append(self._damage(key, f"{len(missing)} tiles missing (tile "
                                                f"{base + int(missing[0])} first)"))
-            tile = np.empty((1,) + self.tile_shape, self.dtype)
-            for position in np.flatnonzero(table[:, 0] >= 0).tolist():
+            stored = np.flatnonzero(table[:, 0] >= 0)
+            tiles = np.empty((min(len(stored), CHECK_TILES),) + self.tile_shape, self.dtype)
+            for group in range(0, len(stored), CHECK_TILES):
+                spans = table[stored[group:group + CHECK_TILES]]
                 try:
-                    self._read_spans(key, table[position:position + 1], tile)
-                except layout.StoreDamaged as exc:
+                    self._read_spans(key, spans, tiles[:len(spans)], damaged=found)
+                except layout.StoreDamaged as exc:   # the shard gone since its index was read
                     found.append(exc)
+                    break
         return found
 
 

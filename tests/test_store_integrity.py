@@ -252,6 +252,33 @@ def test_swapped_ela_or_mask_shards_are_found(blocks_copy, blocks_meta, kind):
     assert verify_store.verify(blocks_copy, progress=False)
 
 
+def test_verify_reads_a_shards_tiles_by_the_run_not_by_the_tile(blocks_store, blocks_meta):
+    """Each shard checked costs its index and one request per run of up
+    to CHECK_TILES stored tiles (adjacent in the shard), each tile decoded
+    once: on object storage a request per tile would be the cost of verify."""
+    from engine.reader import CHECK_TILES
+    per_shard = _tiles_per_shard(blocks_store, "image", 0)
+    assert per_shard <= CHECK_TILES
+    blocks = np.unique(blocks_meta["tile_start"][:, 0] // per_shard)
+    reader = WindowReader(blocks_store)
+    assert reader.check_tiles("image", 0, blocks, np.zeros(0, np.int64)) == []
+    stored = sum(int((_index(_shard(blocks_store, "image", 0, b * per_shard)[0], per_shard)[:, 0]
+                      != layout.INDEX_EMPTY).sum()) for b in blocks.tolist())
+    side = layout.open_store(blocks_store).attrs["layout"]["chunk"]
+    assert reader.stats["requests"] == 2 * len(blocks)
+    assert reader.stats["bytes_decoded"] == stored * side * side * 3
+
+
+def test_verify_lists_every_damaged_tile_of_a_shard(blocks_copy):
+    file, per_shard, _ = _shard(blocks_copy, "image", 0, 0)
+    table = _index(file, per_shard)
+    stored = np.flatnonzero(table[:, 0] != layout.INDEX_EMPTY)
+    for k in (stored[0], stored[-1]):
+        _flip_at(file, int(table[k, 0]) + int(table[k, 1]) // 2)
+    problems = verify_store.verify(blocks_copy, progress=False)
+    assert len(problems) == 2 and all(p.startswith(f"{file}: {CHUNK}") for p in problems), problems
+
+
 def test_a_clean_store_verifies_clean(demo_store, blocks_store, capsys):
     assert verify_store.main([str(demo_store)]) == 0
     out, err = capsys.readouterr()
