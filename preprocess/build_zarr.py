@@ -515,8 +515,11 @@ def put(target, key: str, data: bytes) -> None:
         target.write(key, data)
 
 
-def reusable_record(target, task: BlockTask) -> dict | None:
-    """The block's record when it is there and of the same plan."""
+def reusable_record(target, task: BlockTask, present: set[str]) -> dict | None:
+    """The block's record when it is there (among the keys `present`) and
+    of the same plan."""
+    if block_record_key(task.block) not in present:
+        return None
     found = target.read(block_record_key(task.block))
     if found is None:
         return None
@@ -530,7 +533,8 @@ def reusable_record(target, task: BlockTask) -> dict | None:
 def run_blocks(target, tasks: list[BlockTask], run: Run, check) -> dict[int, dict]:
     """Every block's record: reused where its record matches its plan, else
     made by the tasks on the cluster. --strict stops at the first row skipped."""
-    records = {t.block: r for t in tasks if (r := reusable_record(target, t)) is not None}
+    present = set(target.keys(BLOCK_RECORDS))   # one listing: no request per block not done
+    records = {t.block: r for t in tasks if (r := reusable_record(target, t, present)) is not None}
     todo = [t for t in tasks if t.block not in records]
     if records:
         print(f"resuming: {len(records)} of {len(tasks)} blocks done already")
