@@ -363,8 +363,8 @@ def parse_args(argv=None):
                         "the replaced loader reads its PNGs); a URL measures reads from it "
                         "against --compare-local (benchmarks/remote_reads.py)")
     p.add_argument("--compare-local", type=Path,
-                   help="with a URL --store: the same store on local disk (default: the "
-                        "staging folder its build kept, data/staging/<URL as a name>)")
+                   help="with a URL --store: the same store on local disk (required there: "
+                        "a URL is built in place, with no local copy)")
     p.add_argument("--realistic", action="store_true",
                    help=f"generate and build a store of {REALISTIC['count']} images, "
                         f"{REALISTIC['min_side']}-{REALISTIC['max_side']} px, under data/bench")
@@ -551,9 +551,10 @@ def main_remote(args, started: float, settings: storage.StorageSettings) -> int:
     """--store URL: reads from the URL (no cache, a cold and a warm cache)
     against the local copy of the store (benchmarks/remote_reads.py)."""
     from benchmarks import remote_reads
-    from preprocess.build_zarr import default_staging
-
-    url, local = args.store, args.compare_local or default_staging(args.store)
+    if args.compare_local is None:
+        raise layout.StoreError(f"{args.store}: a URL is measured against the same store on "
+                                "local disk: give its path as --compare-local")
+    url, local = args.store, args.compare_local
     layout.open_store(local)   # a missing local copy: its one-line StoreError now
     results = {"store": url, "local": str(local), "img_size": args.img_size,
                "batch_size": args.batch_size, "workers": args.workers, "cpu_count": os.cpu_count(),

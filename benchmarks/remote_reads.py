@@ -6,8 +6,7 @@ measures the loader benchmark's read limit.
 For each member, the windows of its first --batches planned batches are read
 by --workers fresh processes that only read (the loader's read limit), in
 four settings:
-  local disk    the local copy (--compare-local; default: the staging folder
-                the URL's build kept, preprocess/build_zarr.py)
+  local disk    the same store on local disk (--compare-local)
   no cache      the URL, nothing kept locally
   cache, cold   the URL through an empty --cache folder (engine/storage.py's
                 CachedStorage), which this pass fills

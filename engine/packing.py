@@ -114,8 +114,8 @@ def plan_blocks(heights: np.ndarray, widths: np.ndarray, n_instances: np.ndarray
         for level, count in enumerate(counts):
             tile_start[row, level] = base + used[level]
             used[level] += count
-        for _ in range(layers):
-            instance_start[k] = base + used_instance
+        for _ in range(layers):   # tiles/instance/0's blocks are instance_tiles long
+            instance_start[k] = current * instance_tiles + used_instance
             used_instance += counts[0]
             k += 1
     n_blocks = int(block.max()) + 1 if n else first_block

@@ -514,7 +514,8 @@ def open_store(path: str | os.PathLike, mode: str = "r",
     if attrs.get("version") != VERSION:
         raise StoreError(
             f"{path}: store version {attrs.get('version')!r}, this engine reads version "
-            f"{VERSION} (checksums on every chunk, meta/ included); rebuild it with "
+            f"{VERSION} (every image's tiles packed in shared shards, content digests in "
+            f"meta/); rebuild it with "
             f"`{rebuild_command(path)}`"
         )
     return group

@@ -12,17 +12,19 @@ import numpy as np  # noqa: E402
 import zarr  # noqa: E402
 
 from engine import store as layout  # noqa: E402
+from engine.reader import WindowReader  # noqa: E402
 from engine.recipes import SIZE_CLASS_NAMES  # noqa: E402
 
 SAMPLES = 8
 THUMB_SIDE = 256
 
 
-def thumbnail_level(group: zarr.Group, row: int) -> int:
-    """The coarsest stored level whose long side is still >= THUMB_SIDE."""
+def thumbnail_level(height: int, width: int) -> int:
+    """The coarsest pyramid level of an image of this size whose long side
+    is still >= THUMB_SIDE."""
     level = 0
-    while (layout.image_path(row, level + 1) in group
-           and max(group[layout.image_path(row, level + 1)].shape[:2]) >= THUMB_SIDE):
+    while (level + 1 < layout.level_count(height, width)
+           and max(height >> (level + 1), width >> (level + 1)) >= THUMB_SIDE):
         level += 1
     return level
 
@@ -40,6 +42,7 @@ def sample_rows(meta: dict, count: int) -> np.ndarray:
 
 def write_summary_figure(group: zarr.Group, png: Path) -> None:
     meta = layout.read_meta(group)
+    reader = WindowReader(group)
     rows = sample_rows(meta, SAMPLES)
     cols = 4
     grid_rows = 1 + int(np.ceil(len(rows) / cols))
@@ -51,11 +54,11 @@ def write_summary_figure(group: zarr.Group, png: Path) -> None:
     hist.set_title(f"{len(meta['label'])} images by size class (forged area / image area)")
     for i, row in enumerate(rows):
         ax = fig.add_subplot(grid_rows, cols, cols + i + 1)
-        level = thumbnail_level(group, row)
-        ax.imshow(group[layout.image_path(row, level)][...])
+        level = thumbnail_level(int(meta["height"][row]), int(meta["width"][row]))
+        ax.imshow(reader.read_array(layout.image_path(row, level)))
         if meta["label"][row]:
-            ax.contour(group[layout.mask_path(row, level)][...], levels=[0.5], colors="yellow",
-                       linewidths=1)
+            ax.contour(reader.read_array(layout.mask_path(row, level)), levels=[0.5],
+                       colors="yellow", linewidths=1)
         name = SIZE_CLASS_NAMES[meta["size_class"][row]]
         ax.set_title(f"{meta['case_id'][row]} {name} {meta['width'][row]}x{meta['height'][row]}",
                      fontsize=8)

@@ -8,8 +8,10 @@ not stored; predict.py reads those itself).
 
 `discover` pairs files into cases and reports what cannot become a case
 (non-PNG files, duplicate ids, forged images without a mask, masks without
-an image). `load_image` and `load_masks` decode one case and raise BadInput
-naming the file and the problem for everything else. Nothing here loads a
+an image). `image_size` and `mask_layers` read only a case's headers (what
+a build plans with, checked as a decode would); `load_image` and
+`load_masks` decode one case. All raise BadInput naming the file and the
+problem for everything else. Nothing here loads a
 pickle: masks go through np.load(allow_pickle=False).
 
 Hostile folders: only regular files are read. Symlinks are followed to
@@ -245,17 +247,35 @@ def png_size(path: Path, data: bytes) -> tuple[int, int]:
     return height, width
 
 
-def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode one PNG into (H, W, 3) uint8 RGB (the module's conversion rule)."""
+def image_size(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(height, width) of a PNG from its header alone (the first bytes of
+    the file), with load_image's checks of its file and pixel count: what
+    the build plans with before any image is decoded."""
     with open_regular(path) as (file, size):
-        if size > png_byte_limit(max_pixels):
-            raise BadInput(path, f"{size} bytes, more than a PNG of at most {max_pixels} pixels "
-                           f"takes ({png_byte_limit(max_pixels)}; --max-pixels)")
-        data = file.read(size)
+        _check_png_bytes(path, size, max_pixels)
+        return _checked_png_size(path, file.read(len(PNG_SIGNATURE) + 16), max_pixels)
+
+
+def _check_png_bytes(path: Path, size: int, max_pixels: int) -> None:
+    if size > png_byte_limit(max_pixels):
+        raise BadInput(path, f"{size} bytes, more than a PNG of at most {max_pixels} pixels "
+                       f"takes ({png_byte_limit(max_pixels)}; --max-pixels)")
+
+
+def _checked_png_size(path: Path, data: bytes, max_pixels: int) -> tuple[int, int]:
     height, width = png_size(path, data)
     if height * width > max_pixels:
         raise BadInput(path, f"{width} x {height} = {height * width} pixels exceeds the "
                        f"limit of {max_pixels} (--max-pixels)")
+    return height, width
+
+
+def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode one PNG into (H, W, 3) uint8 RGB (the module's conversion rule)."""
+    with open_regular(path) as (file, size):
+        _check_png_bytes(path, size, max_pixels)
+        data = file.read(size)
+    height, width = _checked_png_size(path, data, max_pixels)
     pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if pixels is None:
         raise BadInput(path, "unreadable or truncated PNG (the decoder failed)")
@@ -286,27 +306,41 @@ def to_rgb8(pixels: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
 
 
+def mask_layers(path: Path, height: int, width: int) -> int:
+    """The layer count of a mask file from its .npy header alone, with
+    load_masks' checks of the header against its image (height x width)."""
+    with open_regular(path) as (file, size):
+        return _checked_mask_header(path, file, size, height, width)
+
+
+def _checked_mask_header(path: Path, file, size: int, height: int, width: int) -> int:
+    """Layers of the mask whose .npy header is at `file`'s start (left just
+    after the header), its shape, layer count and size checked."""
+    shape, data_bytes = _npy_header(path, file)
+    if len(shape) not in (2, 3):
+        raise BadInput(path, f"mask has {len(shape)} dimensions {shape}; "
+                       "expected (N, H, W) or (H, W)")
+    if shape[-2:] != (height, width):
+        raise BadInput(path, f"mask is {shape[-2]} x {shape[-1]} (H x W) but its "
+                       f"image is {height} x {width}")
+    layers = shape[0] if len(shape) == 3 else 1
+    if layers == 0:
+        raise BadInput(path, "mask has no layers (shape (0, H, W))")
+    if layers > MAX_MASK_LAYERS:
+        raise BadInput(path, f"mask has {layers} layers; the store holds at most "
+                       f"{MAX_MASK_LAYERS} a case")
+    if size - file.tell() < data_bytes:
+        raise BadInput(path, f"truncated .npy: its header announces {data_bytes} bytes "
+                       f"of data, the file holds {size - file.tell()}")
+    return layers
+
+
 def load_masks(path: Path, height: int, width: int) -> np.ndarray:
     """Read one mask file as (N, H, W) uint8 0/1, checked against the image's
     size; (H, W) masks become one layer. The .npy header's shape and dtype
     are checked before any data is read."""
     with open_regular(path) as (file, size):
-        shape, data_bytes = _npy_header(path, file)
-        if len(shape) not in (2, 3):
-            raise BadInput(path, f"mask has {len(shape)} dimensions {shape}; "
-                           "expected (N, H, W) or (H, W)")
-        if shape[-2:] != (height, width):
-            raise BadInput(path, f"mask is {shape[-2]} x {shape[-1]} (H x W) but its "
-                           f"image is {height} x {width}")
-        layers = shape[0] if len(shape) == 3 else 1
-        if layers == 0:
-            raise BadInput(path, "mask has no layers (shape (0, H, W))")
-        if layers > MAX_MASK_LAYERS:
-            raise BadInput(path, f"mask has {layers} layers; the store holds at most "
-                           f"{MAX_MASK_LAYERS} a case")
-        if size - file.tell() < data_bytes:
-            raise BadInput(path, f"truncated .npy: its header announces {data_bytes} bytes "
-                           f"of data, the file holds {size - file.tell()}")
+        _checked_mask_header(path, file, size, height, width)
         file.seek(0)
         try:
             masks = np.load(file, allow_pickle=False)

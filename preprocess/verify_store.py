@@ -2,26 +2,31 @@
 
     python preprocess/verify_store.py STORE
 
-Every shard the store should have (each block's shard of every tiles array
-it has tiles in, engine.packing.shard_blocks) is read: its index checked
-against its CRC-32C, then every tile it stores compared with its CRC-32C
-and decoded, as the engine's reader does (engine/reader.py); a shard that
-is not there is missing, and so is an image or ELA tile its shard does not
-store. Every meta/ and instances/ array is read with its checksum checked;
-meta/ and instances/ must still match the store's fingerprint, and each
-row's level-0 pixels and instance layers its meta/digest (a shard swapped
-for another valid one, or index entries swapped with their checksums, is
-caught). Any other file (one that is no part of the layout engine/store.py
-describes) is reported as unknown.
+Every meta/ and instances/ array is read with its checksum checked and
+must still match the store's fingerprint. Then the packed tiles
+(engine/packing.py): every shard object meta/ says the store has (one per
+block of each tiles array the block's rows have tiles in) is read, its
+index checked against its CRC-32C, then every tile it stores compared with
+its CRC-32C and decoded, as the engine's reader does (engine/reader.py);
+a shard missing, and an image or ELA tile meta/ places in it that it does
+not store, are damage. With the tiles intact, each row's level-0 pixels
+and instance layers are read as meta/ and instances/ place them and
+compared with the row's content digest (meta/digest), which catches a
+shard swapped for another valid one and index entries swapped with their
+checksum recomputed. Each tiles array's zarr.json must be the layout's
+(what zarr-python reads the tiles by). Any other file (one that is no part
+of the layout engine/store.py describes, a shard of a block past the
+store's) is reported as unknown.
 
-Each problem is printed on its own line, starting with the path of the chunk,
-array or meta/ at fault. Exit status: 0 clean, 1 damaged (then rebuild the
+Each problem is printed on its own line, starting with the path of the
+shard, array or meta/ at fault. Exit status: 0 clean, 1 damaged (then rebuild the
 store, as the last line says), 2 when STORE is not a store this engine reads
 (nothing there, an unfinished build, another format or version).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -64,16 +69,58 @@ def check_meta(group: zarr.Group, root: str) -> tuple[dict | None, list[str]]:
     return meta, problems
 
 
+def check_tiles_metadata(storage, pixel_layout: layout.PixelLayout, meta: dict,
+                         blocks: int) -> list[str]:
+    """Each tiles array's zarr.json against the layout's
+    (engine.store.tiles_array_json): the engine reads tiles by the root's
+    layout alone, zarr-python by these. One for image, ELA and mask at
+    every pyramid level a row has and one for instance layers, each shaped
+    for at least the `blocks` blocks meta/ places tiles in."""
+    levels = int((meta["tile_start"] >= 0).sum(axis=1).max(initial=0))
+    problems = []
+    for kind, level in [(kind, level) for kind in packing.LEVELED_KINDS for level in range(levels)] + \
+            [("instance", 0)]:
+        key = f"{layout.tiles_path(kind, level)}/zarr.json"
+        where = storage.where(key)
+        raw = storage.read(key)
+        if raw is None:
+            problems.append(f"{where}: array metadata missing")
+            continue
+        try:
+            found = json.loads(raw)
+            shape = found["shape"]
+        except (ValueError, TypeError, KeyError) as exc:
+            problems.append(f"{where}: unreadable array metadata ({exc!r})")
+            continue
+        per_shard = layout.tiles_shard_tiles(kind, pixel_layout)
+        if not (shape and isinstance(shape[0], int) and shape[0] % per_shard == 0
+                and shape[0] >= blocks * per_shard):
+            problems.append(f"{where}: shape {shape}, expected blocks of {per_shard} tiles, "
+                            f"at least {blocks} of them (meta/'s)")
+            continue
+        expected = json.loads(layout.tiles_array_json(kind, pixel_layout, shape[0] // per_shard))
+        differ = sorted(name for name in expected.keys() | found.keys()
+                        if expected.get(name) != found.get(name))
+        if differ:
+            problems.append(f"{where}: {', '.join(differ)} other than the store's layout's "
+                            f"({pixel_layout.describe()}): zarr-python would not read the tiles "
+                            "as stored")
+    return problems
+
+
 def check_pixels(reader: WindowReader, meta: dict, progress: bool) -> tuple[set[str], list[str]]:
     """The shard objects the store should have (packing.shard_blocks), and
     every problem of its pixels: each shard's index and every tile it
     stores, read back; image and ELA tiles that are not stored; then each
-    row's level-0 pixels and instance layers against its meta/digest."""
+    row's level-0 pixels and instance layers against its meta/digest; and
+    the tiles arrays' metadata (check_tiles_metadata)."""
     pixel_layout = reader.pixel_layout
     shards = packing.shard_blocks(meta["tile_start"], meta["label"], meta["n_instances"],
                                   pixel_layout.shard_tiles)
     expected = {layout.tiles_shard_key(kind, level, int(block), pixel_layout)
                 for (kind, level), blocks in shards.items() for block in blocks}
+    blocks = 1 + max((int(b.max()) for b in shards.values()), default=-1)
+    metadata = check_tiles_metadata(reader.storage, pixel_layout, meta, blocks)
     problems = []
     for (kind, level), blocks in tqdm(sorted(shards.items()), desc="verify tiles", unit="array",
                                       disable=None if progress else True):   # None: only on a terminal
@@ -83,16 +130,21 @@ def check_pixels(reader: WindowReader, meta: dict, progress: bool) -> tuple[set[
         problems += [f"{exc.where}: {exc.problem}"
                      for exc in reader.check_tiles(kind, level, blocks, required)]
     if problems:   # the digests would only repeat what is damaged
-        return expected, problems
+        return expected, problems + metadata
     for row in tqdm(range(len(meta["label"])), desc="verify digests", unit="img",
                     disable=None if progress else True):
-        image = reader.read_array(layout.image_path(row))
-        layers = reader.read_instances(row)
+        try:
+            image = reader.read_array(layout.image_path(row))
+            layers = reader.read_instances(row)
+        except layout.StoreDamaged as exc:   # tiles meta/ or instances/ places outside the shards checked
+            problems.append(f"{exc.where}: {exc.problem} (row {row}'s tiles, where meta/ and "
+                            "instances/ place them)")
+            continue
         digest = layout.content_digest(image, np.stack(layers) if layers else None)
         if digest != meta["digest"][row].tobytes():
             problems.append(f"{reader.storage.where(layout.image_path(row))}: row {row}'s pixels "
                             "do not match its meta/digest (tiles or shards swapped or replaced)")
-    return expected, problems
+    return expected, problems + metadata
 
 
 def verify(store: Path | str, progress: bool = True,

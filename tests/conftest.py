@@ -11,6 +11,7 @@ import socket
 import pytest
 import torch
 
+from engine.store import PixelLayout
 from preprocess.build_zarr import build_store
 from preprocess.demo_data import write_demo
 
@@ -34,6 +35,23 @@ def demo_store(demo_source, tmp_path_factory):
     """Path of the complete store built from demo_source (read it, don't modify it)."""
     out = tmp_path_factory.mktemp("store") / "store.zarr"
     build_store(demo_source, out, workers=2, progress=False, figure=False)
+    return out
+
+
+# small tiles in shards of 16: a few images a block, so blocks_store has
+# several blocks of every tiles array (engine/packing.py)
+BLOCKS_LAYOUT = PixelLayout(chunk=64, codec="lz4", level=9, shard_tiles=16)
+
+
+@pytest.fixture(scope="session")
+def blocks_store(tmp_path_factory):
+    """Path of a store of 16 small images (64-250 px: at most 16 tiles of
+    BLOCKS_LAYOUT a level) packed in several blocks (read it, don't modify it)."""
+    source = tmp_path_factory.mktemp("blocks") / "source"
+    write_demo(source, count=16, seed=DEMO_SEED, min_side=64, max_side=250, supplemental=0,
+               progress=False)
+    out = tmp_path_factory.mktemp("blocks") / "store.zarr"
+    build_store(source, out, workers=1, progress=False, figure=False, pixel_layout=BLOCKS_LAYOUT)
     return out
 
 

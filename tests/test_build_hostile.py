@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine import storage as storages
 from engine import store as layout
 from preprocess import build_zarr
 from preprocess.build_zarr import BuildError, build_store, main, output_lock
 from preprocess.source import MAX_MASK_LAYERS, BadInput, load_image, load_masks, png_byte_limit
-from tests.test_build_zarr import _assert_same_store, _mask, _png, _square
+from tests.test_build_zarr import Tiles, _assert_same_store, _mask, _png, _square
 
 BUILD = dict(workers=1, progress=False, figure=False)
 
@@ -157,9 +158,9 @@ def test_entries_that_are_not_regular_files_or_case_ids_are_skipped_and_reported
         assert words in reasons[name], (name, reasons[name])
     assert json.loads((out / build_zarr.REPORT).read_text())["skipped"] == report["skipped"]
     assert "latin1-\\xe9.png: file name is not valid UTF-8" in capsys.readouterr().out
-    group = layout.open_store(out)
-    assert layout.read_meta(group)["case_id"].tolist() == ["good", "linked"]
-    np.testing.assert_array_equal(group[layout.image_path(1)][...], good[..., ::-1])
+    tiles = Tiles(out)
+    assert tiles.meta["case_id"].tolist() == ["good", "linked"]
+    np.testing.assert_array_equal(tiles.pixels("image", 1), good[..., ::-1])
 
 
 def test_reads_take_regular_files_of_bounded_size_only(tmp_path):
@@ -207,17 +208,17 @@ def test_mask_headers_are_checked_before_the_data_is_read(tmp_path):
 # ---------------------------------------------------------------- file errors
 
 def _full_disk_in_a_worker(monkeypatch):
-    create = layout.create_pixels
+    write = storages.LocalStorage.write
     calls = []
 
-    def create_until_full(group, path, data, pixel_layout):
-        calls.append(path)
+    def write_until_full(self, key, data):
+        calls.append(key)
         if len(calls) == 3:  # a failed write() names no file
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        create(group, path, data, pixel_layout)
+        write(self, key, data)
 
-    monkeypatch.setattr(layout, "create_pixels", create_until_full)
-    return "store.zarr.partial/staging/"
+    monkeypatch.setattr(storages.LocalStorage, "write", write_until_full)
+    return "store.zarr.partial"
 
 
 def _full_disk_while_finalizing(monkeypatch):

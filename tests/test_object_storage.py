@@ -2,8 +2,8 @@
 server (tests/conftest.py, s3_server). A store built to s3:// from the demo
 source is verified, loaded (the same batches as the local build, bit for
 bit), trained from, mined (into the bucket, or a local --mining-dir) and
-predicted from; a killed upload is refused, then
-resumed; a second build is refused (until --break-lock); wrong credentials and an unreachable
+predicted from; a killed build is refused by readers, then
+resumed; a 2-worker build there equals a 1-worker local one; a second build is refused (until --break-lock); wrong credentials and an unreachable
 endpoint end in one clear line, and so does a training run whose storage
 stops answering mid-run (its steps kept, and resumed)."""
 from __future__ import annotations
@@ -54,9 +54,8 @@ def bucket(s3_server):
 def s3_store(bucket, demo_source, tmp_path_factory):
     """The demo source built to s3:// by the CLI."""
     url = f"{bucket}/demo.zarr"
-    staging = tmp_path_factory.mktemp("staging") / "demo.zarr"
-    assert build_zarr.main(["--source", str(demo_source), "--out", url, "--staging", str(staging),
-                            "--workers", "2", "--no-figure"]) == 0
+    assert build_zarr.main(["--source", str(demo_source), "--out", url, "--workers", "2",
+                            "--no-figure"]) == 0
     return url
 
 
@@ -66,8 +65,9 @@ def test_the_store_on_s3_is_the_local_build_object_for_object(s3_store, demo_sto
              for p in demo_store.rglob("*") if p.is_file() and p.name != build_zarr.REPORT}
     remote = target.sizes("")
     assert set(remote) - {build_zarr.REPORT} == set(local)   # no lock object left behind
-    for key in ("meta/label/c/0", "images/0/0/c.0.0.0"):
-        assert target.read(key) == local[key], key
+    for key in local:
+        if key != "zarr.json":
+            assert target.read(key) == local[key], key
     # the same root but for the build id: each build has its own
     remote_root, local_root = (json.loads(root) for root in (target.read("zarr.json"),
                                                              local["zarr.json"]))
@@ -187,7 +187,7 @@ def test_a_store_rebuilt_at_the_same_url_is_never_read_from_the_old_builds_cache
     meta/, fingerprint and build settings); reads through the cache the old
     build filled give the new pixels."""
     url, cache = f"{bucket}/rebuilt.zarr", tmp_path / "cache"
-    build = ["--out", url, "--staging", str(tmp_path / "staging"), "--workers", "1", "--no-figure"]
+    build = ["--out", url, "--workers", "1", "--no-figure"]
     source = small_source(demo_source, tmp_path / "source")
     assert build_zarr.main(["--source", str(source), *build]) == 0
     old = cached_reader(url, cache).read_array(layout.image_path(0))
@@ -350,50 +350,66 @@ def test_train_mine_and_predict_from_s3(s3_store, tmp_path):
     assert len(out.read_text().splitlines()) == 1 + int((meta["split"] == 1).sum())
 
 
-# a build that kills itself (SIGKILL) after its second batch of uploaded objects
+# a build that kills itself (SIGKILL) once three blocks are written
 KILLED_BUILD = """
 import os, signal, sys
 from engine import storage
 from preprocess import build_zarr
-build_zarr.UPLOAD_BATCH = 4
-write_many, sent = storage.ZarrStorage.write_many, []
-def dying(self, items):
-    write_many(self, items)
-    sent.append(len(items))
-    if len(sent) == 2:
-        os.kill(os.getpid(), signal.SIGKILL)
-storage.ZarrStorage.write_many = dying
+write, records = storage.ZarrStorage.write, []
+def dying(self, key, data):
+    write(self, key, data)
+    if key.startswith(build_zarr.BLOCK_RECORDS):
+        records.append(key)
+        if len(records) == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+storage.ZarrStorage.write = dying
 sys.exit(build_zarr.main(sys.argv[1:]))
 """
+SMALL_LAYOUT = ["--chunk", "128", "--shard-tiles", "40"]   # several blocks of the demo source
 
 
-def test_a_killed_upload_is_refused_then_resumed(bucket, demo_source, demo_store, tmp_path):
+def test_a_killed_build_is_refused_then_resumed(bucket, demo_source, demo_store, tmp_path,
+                                               monkeypatch):
     url = f"{bucket}/killed.zarr"
-    args = ["--source", str(demo_source), "--out", url, "--staging", str(tmp_path / "staging"),
-            "--workers", "1", "--no-figure"]
+    args = ["--source", str(demo_source), "--out", url, "--workers", "1", "--no-figure",
+            *SMALL_LAYOUT]
     done = subprocess.run([sys.executable, "-c", KILLED_BUILD, *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == -9, done.stderr
     with pytest.raises(layout.StoreError, match="its build did not finish.*rerun build_zarr"):
         layout.open_store(url)
     target = s3_target(url)
-    total = sum(1 for p in (tmp_path / "staging").rglob("*") if p.is_file())
-    # the unfinished root, the lock and the two batches: 8 objects, not the store's `total`
-    assert 8 <= len(target.keys("")) < total
+    assert len(target.keys(build_zarr.BLOCK_RECORDS)) == 3
     assert target.exists(build_zarr.REMOTE_LOCK)
-    # the rerun takes over the dead build's lock (same host) and sends only what is missing
-    sent = build_zarr.upload_store
-    counts = []
-    build_zarr.upload_store = lambda *args: counts.append(sent(*args)) or counts[-1]
-    try:
-        assert build_zarr.main(args) == 0
-    finally:
-        build_zarr.upload_store = sent
-    assert counts and counts[0] <= total - 8 + 1
-    assert layout.open_store(url).attrs["fingerprint"] == \
-        layout.open_store(demo_store).attrs["fingerprint"]
+    # the rerun takes over the dead build's lock (same host) and redoes only the other blocks
+    write, shards = storages.ZarrStorage.write, []
+    monkeypatch.setattr(storages.ZarrStorage, "write", lambda self, key, data: (
+        shards.append(key) if key.startswith("tiles/image/0/c.") else None, write(self, key, data)))
+    assert build_zarr.main(args) == 0
+    blocks = len(target.keys("tiles/image/0")) - 1   # but its zarr.json
+    assert blocks >= 6 and sorted(shards) == sorted(f"tiles/image/0/c.{b}.0.0.0"
+                                                    for b in range(3, blocks))
+    np.testing.assert_array_equal(layout.read_meta(layout.open_store(url))["digest"],
+                                  layout.read_meta(layout.open_store(demo_store))["digest"])
     assert not target.exists(build_zarr.REMOTE_LOCK)
-    assert verify_store.main([url]) == 0
+    assert not target.keys(build_zarr.BUILD_PREFIX), "the build records are gone"
+
+
+def test_a_two_worker_build_to_s3_is_the_one_worker_local_build(bucket, demo_source, tmp_path):
+    url, local = f"{bucket}/two-workers.zarr", tmp_path / "one-worker.zarr"
+    args = ["--source", str(demo_source), "--no-figure", *SMALL_LAYOUT]
+    assert build_zarr.main([*args, "--out", str(local), "--workers", "1"]) == 0
+    assert build_zarr.main([*args, "--out", url, "--workers", "2"]) == 0
+    target = s3_target(url)
+    files = {p.relative_to(local).as_posix(): p.read_bytes() for p in local.rglob("*") if p.is_file()}
+    assert set(target.keys("")) == set(files)
+    for key, data in files.items():
+        if key not in ("zarr.json", build_zarr.REPORT):
+            assert target.read(key) == data, key
+    remote_root, local_root = (json.loads(root)["attributes"]
+                               for root in (target.read("zarr.json"), files["zarr.json"]))
+    assert remote_root.pop(layout.BUILD_ID) != local_root.pop(layout.BUILD_ID)
+    assert remote_root == local_root
 
 
 def test_a_build_is_refused_while_another_host_holds_the_lock_until_broken(
@@ -403,15 +419,14 @@ def test_a_build_is_refused_while_another_host_holds_the_lock_until_broken(
     holder = {"pid": 4242, "host": "another-node", "started": "2026-01-01T00:00:00+00:00"}
     assert target.create(build_zarr.REMOTE_LOCK, json.dumps(holder).encode())
     assert not target.create(build_zarr.REMOTE_LOCK, b"{}")   # S3's If-None-Match: one winner
-    assert build_zarr.main(["--source", str(demo_source), "--out", url, "--staging",
-                            str(tmp_path / "staging"), "--no-figure"]) == 2
+    assert build_zarr.main(["--source", str(demo_source), "--out", url, "--no-figure"]) == 2
     err = capsys.readouterr().err
     assert "another build is writing it (PID 4242 on host another-node" in err
     assert "rerun with --break-lock" in err and len(err.strip().splitlines()) == 1
     assert target.keys("") == [build_zarr.REMOTE_LOCK]   # nothing built, the lock untouched
     # that build known to be dead: --break-lock takes its lock, builds, and lets it go
-    assert build_zarr.main(["--source", str(demo_source), "--out", url, "--staging",
-                            str(tmp_path / "staging"), "--no-figure", "--break-lock"]) == 0
+    assert build_zarr.main(["--source", str(demo_source), "--out", url, "--no-figure",
+                            "--break-lock"]) == 0
     assert "taking over the lock of a build on host another-node (PID 4242" in \
         capsys.readouterr().out
     assert not target.exists(build_zarr.REMOTE_LOCK)
@@ -425,33 +440,32 @@ def test_a_build_is_refused_while_another_host_holds_the_lock_until_broken(
 def test_a_build_whose_lock_is_taken_over_stops_and_leaves_the_new_holders_lock(
         bucket, demo_source, tmp_path, monkeypatch, capsys):
     """Another build takes the lock over (--break-lock, on another host)
-    while this one uploads: this one stops before its next batch with one
-    line (exit 2), never writes the complete root, and does not delete the
-    other build's lock."""
+    while this one writes its blocks: this one stops after the block it
+    was writing with one line (exit 2), never writes the complete root,
+    and does not delete the other build's lock."""
     url = f"{bucket}/taken.zarr"
     target = s3_target(url)
     other = json.dumps({"pid": 4242, "host": "another-node", "started": "2026-01-01T00:00:00+00:00",
                         "token": "theirs"}).encode()
-    write_many, batches = storages.ZarrStorage.write_many, []
+    write, records = storages.ZarrStorage.write, []
 
-    def taken_after_two_batches(self, items):
-        write_many(self, items)
-        batches.append(len(items))
-        if len(batches) == 2:
-            target.write(build_zarr.REMOTE_LOCK, other)
-    monkeypatch.setattr(storages.ZarrStorage, "write_many", taken_after_two_batches)
-    monkeypatch.setattr(build_zarr, "UPLOAD_BATCH", 4)
-    source = small_source(demo_source, tmp_path / "source")
-    assert build_zarr.main(["--source", str(source), "--out", url, "--staging",
-                            str(tmp_path / "staging"), "--workers", "1", "--no-figure"]) == 2
-    assert len(batches) == 2
+    def taken_after_two_blocks(self, key, data):
+        write(self, key, data)
+        if key.startswith(build_zarr.BLOCK_RECORDS):
+            records.append(key)
+            if len(records) == 2:
+                target.write(build_zarr.REMOTE_LOCK, other)
+    monkeypatch.setattr(storages.ZarrStorage, "write", taken_after_two_blocks)
+    assert build_zarr.main(["--source", str(demo_source), "--out", url, "--workers", "1",
+                            "--no-figure", *SMALL_LAYOUT]) == 2
+    assert len(records) == 2
     err = capsys.readouterr().err   # the progress bar's lines, then the one error line
     assert "Traceback" not in err
     problem = [line for line in err.splitlines() if line.startswith("build_zarr:")]
     assert len(problem) == 1
     assert problem[0].startswith(f"build_zarr: error: {url}: this build lost its lock")
     assert "PID 4242 on host another-node" in problem[0]
-    assert "before uploading objects 9-12" in problem[0]
+    assert "before writing the blocks after block 1" in problem[0]
     assert target.read(build_zarr.REMOTE_LOCK) == other
     with pytest.raises(layout.StoreError, match="its build did not finish"):
         layout.open_store(url)
@@ -476,12 +490,10 @@ def test_a_lock_taken_over_at_the_end_is_not_deleted(bucket, s3_server):
 
 def test_a_bucket_that_does_not_exist_is_one_line(s3_server, demo_source, tmp_path, capsys):
     url = "s3://no-such-bucket-here/store.zarr"
-    assert build_zarr.main(["--source", str(demo_source), "--out", url, "--staging",
-                            str(tmp_path / "staging"), "--no-figure"]) == 2
+    assert build_zarr.main(["--source", str(demo_source), "--out", url, "--no-figure"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"build_zarr: error: {url}: the bucket no-such-bucket-here does not exist; "
                    "create it, or check the URL and the endpoint")
-    assert not (tmp_path / "staging").exists()   # refused before building anything
 
 
 def test_a_damaged_store_on_s3_is_named_by_its_url(bucket, demo_store):
@@ -489,7 +501,8 @@ def test_a_damaged_store_on_s3_is_named_by_its_url(bucket, demo_store):
     rebuild commands the message gives."""
     url = f"{bucket}/damaged.zarr"
     target = s3_target(url)
-    build_zarr.upload_store(Path(demo_store), target)
+    target.write_many([(p.relative_to(demo_store).as_posix(), p.read_bytes())
+                       for p in Path(demo_store).rglob("*") if p.is_file()])
     target.remove("meta/label")
     with pytest.raises(layout.StoreDamaged) as caught:
         layout.read_meta(layout.open_store(url))
