@@ -169,3 +169,36 @@ def window_tiles(start: int, grid_cols: int, tile: int, y0: int, y1: int, x0: in
     tx = np.arange(x0 // tile, (x1 - 1) // tile + 1)
     grid = np.stack(np.meshgrid(ty, tx, indexing="ij"), -1).reshape(-1, 2)
     return start + grid[:, 0] * grid_cols + grid[:, 1], grid
+
+
+def shard_blocks(tile_start: np.ndarray, label: np.ndarray, n_instances: np.ndarray,
+                 shard_tiles: int) -> dict[tuple[str, int], np.ndarray]:
+    """The blocks whose shard every tiles array (kind, level) has: each
+    block with a row at that level (forged rows for masks, rows with
+    instance layers for instances), whether or not its tiles there are all
+    0, so a shard missing is always damage. A block is one shard object
+    of each array it has tiles in (the build writes exactly these)."""
+    found = {}
+    block = tile_start // shard_tiles
+    for level in range(tile_start.shape[1]):
+        present = tile_start[:, level] >= 0
+        if not present.any():
+            continue
+        found["image", level] = found["ela", level] = np.unique(block[present, level])
+        forged = present & (label > 0)
+        if forged.any():
+            found["mask", level] = np.unique(block[forged, level])
+    layered = n_instances > 0
+    if layered.any():
+        found["instance", 0] = np.unique(block[layered, 0])
+    return found
+
+
+def stored_tiles(tile_start: np.ndarray, heights: np.ndarray, widths: np.ndarray, tile: int,
+                 level: int) -> np.ndarray:
+    """Every tile id of level `level` of the rows that have it: image and
+    ELA tiles, which are always stored."""
+    rows = np.flatnonzero(tile_start[:, level] >= 0)
+    ids = [np.arange(tile_start[r, level], tile_start[r, level] + np.prod(
+        tile_grid(*level_shape(int(heights[r]), int(widths[r]), level), tile))) for r in rows]
+    return np.concatenate(ids) if ids else np.zeros(0, np.int64)

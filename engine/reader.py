@@ -34,6 +34,7 @@ cache of engine/storage.py).
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import math
@@ -44,7 +45,7 @@ import numcodecs
 import numpy as np
 import zarr
 
-from engine import store as layout
+from engine import packing, store as layout
 from engine.storage import NO_SETTINGS, StorageSettings, StorageUnavailable, is_url, open_storage, storage_of
 
 # arrays whose metadata and shard index a reader keeps, oldest out first:
@@ -71,12 +72,89 @@ _DECODERS = {"zstd": numcodecs.Zstd(), "blosc": numcodecs.Blosc()}   # settings 
 _INDEX_CODECS = ({"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"})
 
 
-class _PixelArray:
-    """Direct reads of one pixel array of the store's family of layouts
-    (engine.store.PixelLayout): regular chunks, codecs bytes, then zstd,
-    Blosc or nothing, then crc32c; sharded (sharding_indexed,
-    index at the end with its crc32c) or not. `stats` counts the requests
-    made, bytes read and bytes decoded."""
+class _ChunkReads:
+    """Reading checksummed chunks out of shard objects by byte range, and
+    decoding them: what the per-image arrays (_PixelArray) and the packed
+    tiles arrays (_TilesArray) share. Needs `storage`, `stats`, `dtype`
+    and `_decoder` (None for raw chunks)."""
+
+    def _read_spans(self, key: str, spans: np.ndarray, chunks: np.ndarray) -> np.ndarray:
+        """Decode the chunks at `spans` ((offset, size) rows of a shard's
+        index, offset -1 for a chunk not stored) of shard object `key`
+        into `chunks`, fetched by byte range, one request per run of chunks
+        adjacent in the object, all of them in one call. Returns which were
+        stored."""
+        offsets, sizes = spans[:, 0], spans[:, 1]
+        stored = offsets >= 0   # INDEX_EMPTY reads as -1 in int64
+        order = np.flatnonzero(stored)[np.argsort(offsets[stored], kind="stable")]
+        if not len(order):
+            return stored
+        starts, ends = offsets[order], offsets[order] + sizes[order]
+        # a run starts where a chunk does not begin where the previous one ends
+        first = np.flatnonzero(np.r_[True, starts[1:] != ends[:-1]])
+        runs = list(zip(starts[first].tolist(), np.r_[ends[first[1:] - 1], ends[-1:]].tolist()))
+        data = self.storage.read_ranges(key, runs)
+        if data is None:
+            raise self._damage(key, "shard missing")
+        self.stats["requests"] += len(runs)
+        self.stats["bytes_read"] += sum(map(len, data))
+        run_of = np.searchsorted(first, np.arange(len(order)), side="right") - 1
+        for k, run, offset, size in zip(order.tolist(), run_of.tolist(), starts.tolist(),
+                                        sizes[order].tolist()):
+            lo = runs[run][0]
+            if len(data[run]) < offset + size - lo:
+                raise self._damage(key, f"corrupt shard (its index points past its end, "
+                                        f"at byte {offset + size})")
+            self._decode(np.frombuffer(data[run], np.uint8, size, offset - lo), key, chunks[k])
+        return stored
+
+    def _read_index(self, key: str, entries: int) -> np.ndarray:
+        """Shard object `key`'s index of `entries` (offset, size) pairs, read
+        from its end and checked against its CRC-32C."""
+        length = packing.shard_index_bytes(entries)
+        raw = self.storage.read_suffix(key, length)
+        if raw is None:
+            raise self._damage(key, "shard missing")
+        self.stats["requests"] += 1
+        self.stats["bytes_read"] += len(raw)
+        if len(raw) != length or layout.checksum_bytes(raw[:-4]) != raw[-4:]:
+            raise self._damage(key, "corrupt shard index (crc32c checksum mismatch or a "
+                                    "truncated file)")
+        return np.frombuffer(raw[:-4], "<u8").astype(np.int64).reshape(entries, 2)
+
+    def _damage(self, key: str, problem: str) -> layout.StoreDamaged:
+        return layout.StoreDamaged(self.storage.where(), self.storage.where(key), problem)
+
+    def _decode(self, raw: np.ndarray, key: str, out: np.ndarray) -> None:
+        """Decode one stored chunk into `out`, its checksum verified first
+        (the checksum covers the frame, so a frame that passes it is the
+        one written)."""
+        if len(raw) < 4:
+            raise self._damage(key, f"corrupt chunk ({len(raw)} bytes, shorter than its "
+                                    "4-byte checksum)")
+        raw, trailer = raw[:-4], raw[-4:].tobytes()
+        if layout.checksum_bytes(raw) != trailer:
+            raise self._damage(key, "corrupt chunk (crc32c checksum mismatch: flipped bytes "
+                                    "or a truncated file)")
+        if self._decoder is None:
+            if len(raw) != out.nbytes:
+                raise self._damage(key, f"corrupt chunk ({len(raw)} bytes, expected {out.nbytes})")
+            out.reshape(-1)[:] = np.frombuffer(raw, self.dtype)
+        else:
+            try:
+                self._decoder.decode(raw, out=out)
+            except Exception as exc:  # numcodecs raises RuntimeError and others on a bad frame
+                raise self._damage(key, f"corrupt chunk ({exc})") from None
+        self.stats["bytes_decoded"] += out.nbytes
+
+
+class _PixelArray(_ChunkReads):
+    """Direct reads of one per-image pixel array (version 4's layout, which
+    benchmarks synthesise to compare with; engine.store.PixelLayout with
+    packed False): regular chunks, codecs bytes, then zstd, Blosc or
+    nothing, then crc32c; sharded (sharding_indexed, index at the end with
+    its crc32c) or not. `stats` counts the requests made, bytes read and
+    bytes decoded."""
 
     def __init__(self, storage, path: str, meta: dict, stats: dict):
         self.storage, self.path, self.stats = storage, path, stats
@@ -89,7 +167,6 @@ class _PixelArray:
             config = codecs[0]["configuration"]
             self.chunks, codecs = tuple(config["chunk_shape"]), config["codecs"]
             self.per_shard = tuple(s // c for s, c in zip(grid, self.chunks))
-            self.index_bytes = 16 * math.prod(self.per_shard) + 4
             self.one_shard = all(s <= g for s, g in zip(self.shape, grid))
             self._indexes: dict[tuple, np.ndarray] = {}
         else:
@@ -138,48 +215,16 @@ class _PixelArray:
 
     def _shard_chunks(self, shard: tuple, indices: np.ndarray, chunks: np.ndarray) -> np.ndarray:
         """Decode chunks `indices` of one shard into `chunks`: the stored
-        ones, fetched by byte range, one request per run of chunks adjacent
-        in the shard. Returns which were stored."""
+        ones, fetched by byte range. Returns which were stored."""
         key = layout.chunk_key(self.path, shard, self.separator)
-        spans = self._index(shard)[tuple((indices % self.per_shard).T)]
-        offsets, sizes = spans[:, 0], spans[:, 1]
-        stored = offsets >= 0   # INDEX_EMPTY reads as -1 in int64
-        order = np.flatnonzero(stored)[np.argsort(offsets[stored], kind="stable")]
-        if not len(order):
-            return stored
-        starts, ends = offsets[order], offsets[order] + sizes[order]
-        # a run starts where a chunk does not begin where the previous one ends
-        first = np.flatnonzero(np.r_[True, starts[1:] != ends[:-1]])
-        runs = list(zip(starts[first].tolist(), np.r_[ends[first[1:] - 1], ends[-1:]].tolist()))
-        data = self.storage.read_ranges(key, runs)
-        if data is None:
-            raise self._damage(key, "shard missing")
-        self.stats["requests"] += len(runs)
-        self.stats["bytes_read"] += sum(map(len, data))
-        run_of = np.searchsorted(first, np.arange(len(order)), side="right") - 1
-        for k, run, offset, size in zip(order.tolist(), run_of.tolist(), starts.tolist(),
-                                        sizes[order].tolist()):
-            lo = runs[run][0]
-            if len(data[run]) < offset + size - lo:
-                raise self._damage(key, f"corrupt shard (its index points past its end, "
-                                        f"at byte {offset + size})")
-            self._decode(np.frombuffer(data[run], np.uint8, size, offset - lo), key, chunks[k])
-        return stored
+        return self._read_spans(key, self._index(shard)[tuple((indices % self.per_shard).T)], chunks)
 
     def _index(self, shard: tuple) -> np.ndarray:
         """Shard `shard`'s index, (offset, size) per chunk, checked and cached."""
         table = self._indexes.get(shard)
         if table is None:
             key = layout.chunk_key(self.path, shard, self.separator)
-            raw = self.storage.read_suffix(key, self.index_bytes)
-            if raw is None:
-                raise self._damage(key, "shard missing")
-            self.stats["requests"] += 1
-            self.stats["bytes_read"] += len(raw)
-            if len(raw) != self.index_bytes or layout.checksum_bytes(raw[:-4]) != raw[-4:]:
-                raise self._damage(key, "corrupt shard index (crc32c checksum mismatch or a "
-                                        "truncated file)")
-            table = np.frombuffer(raw[:-4], "<u8").astype(np.int64).reshape(self.per_shard + (2,))
+            table = self._read_index(key, math.prod(self.per_shard)).reshape(self.per_shard + (2,))
             self._indexes[shard] = table
         return table
 
@@ -196,31 +241,6 @@ class _PixelArray:
         self.stats["bytes_read"] += len(raw)
         self._decode(np.frombuffer(raw, np.uint8), key, out)
         return True
-
-    def _damage(self, key: str, problem: str) -> layout.StoreDamaged:
-        return layout.StoreDamaged(self.storage.where(), self.storage.where(key), problem)
-
-    def _decode(self, raw: np.ndarray, key: str, out: np.ndarray) -> None:
-        """Decode one stored chunk into `out`, its checksum verified first
-        (the checksum covers the frame, so a frame that passes it is the
-        one written)."""
-        if len(raw) < 4:
-            raise self._damage(key, f"corrupt chunk ({len(raw)} bytes, shorter than its "
-                                    "4-byte checksum)")
-        raw, trailer = raw[:-4], raw[-4:].tobytes()
-        if layout.checksum_bytes(raw) != trailer:
-            raise self._damage(key, "corrupt chunk (crc32c checksum mismatch: flipped bytes "
-                                    "or a truncated file)")
-        if self._decoder is None:
-            if len(raw) != out.nbytes:
-                raise self._damage(key, f"corrupt chunk ({len(raw)} bytes, expected {out.nbytes})")
-            out.reshape(-1)[:] = np.frombuffer(raw, self.dtype)
-        else:
-            try:
-                self._decoder.decode(raw, out=out)
-            except Exception as exc:  # numcodecs raises RuntimeError and others on a bad frame
-                raise self._damage(key, f"corrupt chunk ({exc})") from None
-        self.stats["bytes_decoded"] += out.nbytes
 
     def _objects(self) -> list[tuple[int, ...]]:
         """Indices of the array's objects: its chunks, or its shards."""
@@ -266,6 +286,131 @@ class _PixelArray:
             except layout.StoreDamaged as exc:
                 found.append(exc)
         return found
+
+
+# shard indexes a reader keeps per tiles array, oldest out first: at the
+# default 2048 tiles a shard 32 kB each, so at most about 32 MB per array
+# (the node's read cache keeps them too, engine/storage.py)
+MAX_SHARD_INDEXES = 1024
+
+
+class _TilesArray(_ChunkReads):
+    """Direct reads of tiles out of one packed tiles array (engine/packing.py):
+    a shard per block of S tiles, each tile one chunk; the shard indexes
+    read once and kept (MAX_SHARD_INDEXES)."""
+
+    def __init__(self, storage, kind: str, level: int, pixel_layout: layout.PixelLayout,
+                 stats: dict):
+        self.storage, self.kind, self.level, self.stats = storage, kind, level, stats
+        self.pixel_layout = pixel_layout
+        self.per_shard = layout.tiles_shard_tiles(kind, pixel_layout)
+        self.tile_shape = (pixel_layout.chunk, pixel_layout.chunk) + packing.KINDS[kind]
+        self.dtype = np.dtype(np.uint8)
+        self._decoder = _LAYOUT_DECODERS[pixel_layout.codec]
+        self._indexes: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+
+    def key(self, block: int) -> str:
+        return layout.tiles_shard_key(self.kind, self.level, block, self.pixel_layout)
+
+    def read_tiles(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Tiles `ids` (k,): their pixels (k, T, T[, 3]) and which are stored
+        (the others are all 0). All of the tiles' ranges of one shard are
+        fetched together."""
+        tiles = np.empty((len(ids),) + self.tile_shape, self.dtype)
+        stored = np.empty(len(ids), bool)
+        blocks = ids // self.per_shard
+        for block in np.unique(blocks).tolist():
+            members = np.flatnonzero(blocks == block)
+            part = tiles[members]
+            stored[members] = self._read_spans(self.key(block), self._index(block)[
+                ids[members] % self.per_shard], part)
+            tiles[members] = part
+        return tiles, stored
+
+    def _index(self, block: int) -> np.ndarray:
+        table = self._indexes.get(block)
+        if table is None:
+            table = self._read_index(self.key(block), self.per_shard)
+            if len(self._indexes) >= MAX_SHARD_INDEXES:
+                self._indexes.popitem(last=False)
+            self._indexes[block] = table
+        else:
+            self._indexes.move_to_end(block)
+        return table
+
+    def problems(self, blocks: np.ndarray, required: np.ndarray) -> list[layout.StoreDamaged]:
+        """Every damaged piece of the array's shards of `blocks`: a shard
+        missing or whose index fails its checksum, a tile failing its
+        checksum or size, and a tile of `required` (tile ids that must be
+        stored: every image and ELA tile) not stored."""
+        found = []
+        for block in np.asarray(blocks).tolist():
+            key = self.key(block)
+            try:
+                table = self._index(block)
+            except layout.StoreDamaged as exc:
+                found.append(exc)
+                continue
+            base = block * self.per_shard
+            need = required[(required >= base) & (required < base + self.per_shard)] - base
+            missing = need[table[need, 0] < 0]
+            if len(missing):
+                found.append(self._damage(key, f"{len(missing)} tiles missing (tile "
+                                               f"{base + int(missing[0])} first)"))
+            tile = np.empty((1,) + self.tile_shape, self.dtype)
+            for position in np.flatnonzero(table[:, 0] >= 0).tolist():
+                try:
+                    self._read_spans(key, table[position:position + 1], tile)
+                except layout.StoreDamaged as exc:
+                    found.append(exc)
+        return found
+
+
+class _PackedView:
+    """One image's array (images/<row>/<level>, masks/..., ela/...,
+    instances_mask/<row>) read out of the packed tiles: the interface of
+    _PixelArray (shape, read, read_box) for the reader's callers."""
+
+    def __init__(self, tiles: _TilesArray, shape: tuple[int, ...], starts: np.ndarray, layered: bool):
+        self.tiles, self.shape, self.layered = tiles, shape, layered
+        self.starts = starts   # first tile of each layer (instances_mask), or of the one layer
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Rows y0:y1 and columns x0:x1, every trailing axis whole."""
+        return self.read_box((y0, x0) + (0,) * (len(self.shape) - 2), (y1, x1) + self.shape[2:])
+
+    def read_box(self, start: tuple[int, ...], stop: tuple[int, ...]) -> np.ndarray:
+        """The pixels of [start, stop) along every axis."""
+        layered = self.layered
+        if layered:   # instances_mask: (layers, H, W)
+            (l0, y0, x0), (l1, y1, x1) = start, stop
+            height, width = self.shape[1:]
+            layers = range(l0, l1)
+        else:
+            (y0, x0), (y1, x1) = start[:2], stop[:2]
+            height, width = self.shape[:2]
+            layers = range(1)
+        side = self.tiles.pixel_layout.chunk
+        grid_cols = packing.tile_grid(height, width, side)[1]
+        out = np.zeros((len(layers), y1 - y0, x1 - x0) + self.tiles.tile_shape[2:], np.uint8)
+        if y1 <= y0 or x1 <= x0 or not len(layers):
+            return out if layered else out[0]
+        ids, cells = zip(*(packing.window_tiles(int(self.starts[layer]), grid_cols, side, y0, y1, x0, x1)
+                           for layer in layers))
+        tiles, stored = self.tiles.read_tiles(np.concatenate(ids))
+        per_layer = len(cells[0])
+        for k, ((ty, tx), was_stored) in enumerate(zip(np.concatenate(cells).tolist(), stored.tolist())):
+            if not was_stored:
+                continue
+            ty0, tx0 = ty * side, tx * side
+            a, b = max(y0, ty0), min(y1, ty0 + side)
+            c, d = max(x0, tx0), min(x1, tx0 + side)
+            out[k // per_layer, a - y0:b - y0, c - x0:d - x0] = tiles[k, a - ty0:b - ty0, c - tx0:d - tx0]
+        return out if layered else out[0]
+
+
+_LAYOUT_DECODERS = {"zstd": _DECODERS["zstd"], "lz4": _DECODERS["blosc"], "lz4hc": _DECODERS["blosc"],
+                    "none": None}
 
 
 def _codec_problem(codecs: list) -> str | None:
@@ -319,6 +464,8 @@ class WindowReader:
         self.store = store if is_url(store) else str(self.storage.where())
         self.with_ela, self.pyramid = with_ela, pyramid
         self._arrays: dict[str, _PixelArray] = {}
+        self._tiles_arrays: dict[tuple[str, int], _TilesArray] = {}
+        self._pixel_layout: layout.PixelLayout | None = None
         self._meta = None
         self._verify = True
         # what this reader fetched and decoded, for benchmarks and for tests
@@ -353,10 +500,51 @@ class WindowReader:
         if self._meta is not None:
             self._meta.release()
 
-    def _array(self, path: str) -> _PixelArray:
+    @property
+    def pixel_layout(self) -> layout.PixelLayout:
+        """How the store's pixels are laid out (its root attribute `layout`)."""
+        if self._pixel_layout is None:
+            self._pixel_layout = layout.PixelLayout(**self.group.attrs["layout"])
+        return self._pixel_layout
+
+    def _tiles(self, kind: str, level: int) -> _TilesArray:
+        tiles = self._tiles_arrays.get((kind, level))
+        if tiles is None:
+            tiles = _TilesArray(self.storage, kind, level, self.pixel_layout, self.stats)
+            self._tiles_arrays[kind, level] = tiles
+        return tiles
+
+    def _packed(self, path: str) -> _PackedView:
+        """Array `path` of one image (engine.store.image_path and its
+        siblings) as a view of the packed tiles; StoreDamaged "array
+        missing" for one the store has not (a row or level past meta/'s, an
+        authentic row's masks), as the per-image layout has no such array."""
+        kind, row, level = layout.packed_address(path)
+        meta = self.meta
+        if not 0 <= row < len(meta["label"]) or (kind == "mask" and not meta["label"][row]):
+            raise layout.StoreDamaged(self.store, self.storage.where(path), "array missing")
+        height, width = packing.level_shape(int(meta["height"][row]), int(meta["width"][row]), level)
+        if kind == "instance":
+            first, last = (int(v) for v in meta["instance_start"][row:row + 2])
+            return _PackedView(self._tiles(kind, 0), (last - first, height, width),
+                               meta["instance_tile_start"][first:last], layered=True)
+        start = int(meta["tile_start"][row, level]) if level < meta["tile_start"].shape[1] else -1
+        if start < 0:
+            raise layout.StoreDamaged(self.store, self.storage.where(path), "array missing")
+        tiles = self._tiles(kind, level)
+        return _PackedView(tiles, (height, width) + packing.KINDS[kind], np.array([start]), layered=False)
+
+    def check_tiles(self, kind: str, level: int, blocks: np.ndarray,
+                    required: np.ndarray) -> list[layout.StoreDamaged]:
+        """Every damaged piece of the shards of `blocks` of packed tiles
+        array (kind, level) (_TilesArray.problems)."""
+        return self._tiles(kind, level).problems(blocks, required)
+
+    def _array(self, path: str) -> _PixelArray | _PackedView:
+        if self.pixel_layout.packed:
+            return self._packed(path)
         arr = self._arrays.get(path)
         if arr is None:
-            self.group  # opening the store first refuses another format or version
             where = self.storage.where(f"{path}/zarr.json")
             try:
                 raw = self.storage.read(f"{path}/zarr.json")

@@ -16,9 +16,9 @@ asyncio path costs about 0.3 ms per read before any decoding
 (docs/performance.md, "Store"), more than decoding a small chunk. ZarrStorage
 serves any other zarr Store (a MemoryStore in tests, an FsspecStore for a
 URL) through zarr's own store API, all of one call's ranges requested
-concurrently. CachedStorage keeps the byte ranges read from a URL in a
-bounded local folder, so a second epoch (or another rank on the node) reads
-them from local disk.
+concurrently. CachedStorage keeps what is read from a URL (byte ranges as
+fixed-size blocks of their object) in a bounded local folder, so a second
+epoch (or another rank on the node) reads them from local disk.
 
 A store is named by a local path or a URL (s3://, gs://, anything fsspec
 reads; file:// is a local path). open_storage is the one way from that name
@@ -291,36 +291,77 @@ _UNWRITABLE_CACHES: set[Path] = set()   # cache folders this process has reporte
 class CachedStorage:
     """Another storage's reads kept in a local folder, bounded in size.
 
-    Each read (a whole object, a byte range, a suffix) is one file, named by
-    a hash of its object key and range, in a folder per generation of the
-    inner storage's bytes: `generation(inner)`, asked once per process at
-    the first read, names it (a folder name; "" for none, and then reads go
-    uncached). Each file ends with a CRC-32C of its name and bytes,
-    checked on every read: a corrupt or truncated file, one renamed from
-    another entry, or a folder in its place is dropped and read again from
-    the inner storage, so damage of the cache is never reported as damage
-    of the bytes it keeps (whoever reads them still checks their own
-    checksums: every object is a cached entry like any other).
+    Byte ranges are kept as fixed-size blocks of their object, aligned to
+    multiples of `block_bytes` (BLOCK_BYTES, 1 MiB, by default): a read
+    fetches only the blocks of its ranges the folder lacks, all in one
+    inner read_ranges call (adjacent blocks as one range), keeps each as an
+    entry and cuts the asked bytes from them. A window of another epoch
+    then hits the blocks an earlier window of the same shard brought, where
+    exact ranges would miss. 1 MiB because the objects read by range are
+    shards of tens to hundreds of MB and a window reads a few tiles of
+    50-200 kB: a block holds several tiles and fetching one takes about
+    10 ms at 100 MB/s, less than an object store's round trip (20-100 ms),
+    so a cold read costs about what the exact ranges did; smaller blocks
+    would mean more files and entries per window, larger ones more bytes
+    fetched and kept that no window asks for. An object's last block is
+    short, and a short block is where the object ends: no size request is
+    made. Whole objects (small metadata) and suffixes (a shard's index: the
+    same length every epoch; placing it among the blocks would need the
+    object's size, one more request) are kept as exact entries.
+
+    Entries are files named by a hash of their generation, object key and
+    what they hold (all of it, a suffix's length, a block's size and
+    number), in one of BUCKETS folders by the hash's first byte, in a
+    folder per generation of the inner storage's bytes: `generation(inner)`,
+    asked once per process at the first read, names it (a folder name; ""
+    for none, and then reads go uncached). Each file ends with a CRC-32C of
+    its name and bytes, checked on every read: a corrupt or truncated file,
+    one renamed from another entry, or a folder in its place is dropped and
+    read again from the inner storage, so damage of the cache is never
+    reported as damage of the bytes it keeps (whoever reads them still
+    checks their own checksums: every object is a cached entry like any
+    other).
 
     A file is written to a temporary name and renamed, so several worker
     processes and ranks can share the folder: a reader sees a whole file or
-    none. When this process has written an eighth of the limit since it last
-    looked, it sums the folder and removes the least recently used files
-    until it is under 80 % of the limit (a removal another process made
-    first is no loss). A folder that cannot be written (read-only, full,
-    not a folder) is reported once per process on stderr; reads go on from
-    the store, and from the entries there that can still be read."""
+    none. The limit is kept bucket by bucket: names are hashes, so each
+    bucket holds about its share of the bytes, and a trim looks at one
+    group of buckets (one bucket of every generation folder at the default
+    block size and a limit of 16 GiB or more; more buckets per group for a
+    smaller limit, so that a group's share holds TRIM_GROUP_BLOCKS blocks).
+    When this process has written an eighth of a group's share into it
+    since it last looked, it sums that group's files and removes the least
+    recently used (by mtime, set at every read: atime is often not kept)
+    until the group is under 80 % of its share. Each trim lists the cache
+    folder's generations and one group's buckets, never the whole folder.
+    No ledger is shared, so there is nothing for concurrent processes to
+    contend on or for a crash to leave wrong: the files are the only
+    record, a temporary file a crash left behind is trimmed like an entry,
+    and a removal another process made first is no loss. A folder that
+    cannot be written (read-only, full, not a folder) is reported once per
+    process on stderr; reads go on from the store, and from the entries
+    there that can still be read."""
 
-    TRIM_SHARE = 8          # look at the folder's size after writing limit / TRIM_SHARE bytes
-    KEEP_AFTER_TRIM = 0.8   # of the limit: room for a while before the next trim
+    BLOCK_BYTES = 1 << 20   # default block size (see above)
+    BUCKETS = 256           # entry folders per generation, by the first byte of the name's hash
+    TRIM_GROUP_BLOCKS = 64  # blocks a trimmed group's share of the limit holds at least
+    TRIM_SHARE = 8          # trim a group after writing its share / TRIM_SHARE bytes into it
+    KEEP_AFTER_TRIM = 0.8   # of a group's share: room for a while before its next trim
 
     def __init__(self, inner, folder: str | os.PathLike, limit_bytes: int,
-                 generation: Callable[[object], str]):
+                 generation: Callable[[object], str], block_bytes: int = BLOCK_BYTES):
         self.inner, self.folder, self.limit = inner, Path(folder), int(limit_bytes)
         self.generation = generation
+        self.block_bytes = int(block_bytes)
+        # buckets per trim: the fewest (a power of two) whose share holds TRIM_GROUP_BLOCKS blocks
+        self.group_buckets = 1
+        while (self.group_buckets < self.BUCKETS and self.limit * self.group_buckets
+               < self.BUCKETS * self.TRIM_GROUP_BLOCKS * self.block_bytes):
+            self.group_buckets *= 2
+        self.group_limit = self.limit * self.group_buckets / self.BUCKETS
         self._root: Path | None = None
         self._named: str | None = None
-        self._written = 0
+        self._written: dict[int, int] = {}   # bytes written into each group since its last trim
 
     def where(self, key: str = ""):
         return self.inner.where(key)
@@ -343,8 +384,13 @@ class CachedStorage:
     def _path(self, key: str, what: str) -> Path | None:
         if self.root is None:
             return None
-        digest = hashlib.sha256(f"{key}\0{what}".encode()).hexdigest()
-        return self.root / digest[:2] / digest
+        # the generation in the name too: an entry copied from another generation fails its check
+        digest = hashlib.sha256(f"{self._named}\0{key}\0{what}".encode()).hexdigest()
+        return self.root / f"{int(digest[:2], 16) % self.BUCKETS:02x}" / digest
+
+    def _block_path(self, key: str, block: int) -> Path | None:
+        # the block size in the name: a process with another never reads these as its own
+        return self._path(key, f"block {self.block_bytes} {block}")
 
     @staticmethod
     def _checksum(path: Path, data: bytes) -> bytes:
@@ -356,10 +402,9 @@ class CachedStorage:
 
         return google_crc32c.extend(google_crc32c.value(path.name.encode()), data).to_bytes(4, "little")
 
-    def _cached(self, key: str, what: str) -> bytes | None:
-        """The entry's bytes, or None when there is no good one (a bad one
-        is dropped)."""
-        path = self._path(key, what)
+    def _cached(self, path: Path | None) -> bytes | None:
+        """The bytes of the entry at `path`, or None when there is no good
+        one (a bad one is dropped)."""
         if path is None:
             return None
         try:
@@ -407,8 +452,7 @@ class CachedStorage:
             print(f"warning: {self.folder}: the read cache cannot be written "
                   f"({exc.strerror or exc}); reading on from the store without it", file=sys.stderr)
 
-    def _keep(self, key: str, what: str, data: bytes) -> None:
-        path = self._path(key, what)
+    def _keep(self, path: Path | None, data: bytes) -> None:
         if path is None or not self.writable:
             return
         tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
@@ -422,28 +466,50 @@ class CachedStorage:
             if not isinstance(exc, FileNotFoundError):   # that: another process's trim took tmp
                 self._report_unwritable(exc)
             return
-        self._written += len(data)
-        if self._written * self.TRIM_SHARE > self.limit:
-            self._written = 0
-            self.trim()
+        group = int(path.parent.name, 16) // self.group_buckets
+        self._written[group] = self._written.get(group, 0) + len(data)
+        if self._written[group] * self.TRIM_SHARE > self.group_limit:
+            self._written[group] = 0
+            self.trim(group)
 
-    def trim(self) -> None:
-        """Remove the least recently used files until the folder is under
-        KEEP_AFTER_TRIM of the limit."""
+    def trim(self, group: int) -> None:
+        """Remove the least recently used files of bucket group `group`, in
+        every generation's folder, until they are under KEEP_AFTER_TRIM of
+        the group's share of the limit. Lists the cache folder (its
+        generations) and the group's buckets, nothing else."""
+        buckets = [f"{b:02x}" for b in range(group * self.group_buckets,
+                                              (group + 1) * self.group_buckets)]
+        try:
+            with os.scandir(self.folder) as found:
+                generations = [entry.path for entry in found if entry.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            self._report_unwritable(exc)
+            return
         files = []
-        for path in self.folder.rglob("*"):
-            try:
-                st = path.stat()
-            except FileNotFoundError:   # another process removed or renamed it
-                continue
-            if path.is_file():
-                files.append((st.st_mtime, st.st_size, path))
+        for generation in generations:
+            for bucket in buckets:
+                try:
+                    with os.scandir(os.path.join(generation, bucket)) as found:
+                        for entry in found:
+                            try:
+                                if entry.is_file(follow_symlinks=False):
+                                    st = entry.stat(follow_symlinks=False)
+                                    files.append((st.st_mtime, st.st_size, entry.path))
+                            except FileNotFoundError:   # another process removed or renamed it
+                                continue
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                except OSError as exc:
+                    self._report_unwritable(exc)
+                    return
         total = sum(size for _, size, _ in files)
         for _, size, path in sorted(files, key=lambda f: f[0]):
-            if total <= self.limit * self.KEEP_AFTER_TRIM:
+            if total <= self.group_limit * self.KEEP_AFTER_TRIM:
                 break
             try:
-                path.unlink()
+                os.unlink(path)
             except FileNotFoundError:
                 pass
             except OSError as exc:
@@ -452,31 +518,70 @@ class CachedStorage:
             total -= size
 
     def read(self, key: str) -> bytes | None:
-        data = self._cached(key, "all")
+        path = self._path(key, "all")
+        data = self._cached(path)
         if data is None:
             data = self.inner.read(key)
             if data is not None:
-                self._keep(key, "all", data)
+                self._keep(path, data)
         return data
 
     def read_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes] | None:
-        found = [self._cached(key, f"{start}-{stop}") for start, stop in ranges]
-        missing = [k for k, data in enumerate(found) if data is None]
+        """Bytes [start, stop) of each range (shorter where the object ends
+        first), or None when there is no such object, from the blocks they
+        cover: those not in the folder fetched in one inner call."""
+        if self.root is None:
+            return self.inner.read_ranges(key, ranges)
+        size = self.block_bytes
+
+        def covering(start, stop):
+            return range(start // size, -(-stop // size)) if start < stop else range(0)
+        blocks: dict[int, bytes] = {}
+        end = None   # the object's size, once a short block shows where it ends
+        missing = []
+        for block in sorted({b for start, stop in ranges for b in covering(start, stop)}):
+            if end is not None and block * size >= end:
+                break
+            data = self._cached(self._block_path(key, block))
+            if data is None:
+                missing.append(block)
+                continue
+            blocks[block] = data
+            if len(data) < size:
+                end = block * size + len(data)
         if missing:
-            fetched = self.inner.read_ranges(key, [ranges[k] for k in missing])
+            # runs of adjacent missing blocks, each one range
+            runs = [[missing[0], missing[0]]]
+            for block in missing[1:]:
+                if block == runs[-1][1] + 1:
+                    runs[-1][1] = block
+                else:
+                    runs.append([block, block])
+            # a run may start at the object's end (when it ends at a block's
+            # edge): read_ranges answers it with no bytes, as a range past
+            # the end reads short (zarr's FsspecStore turns S3's 416 into b"")
+            fetched = self.inner.read_ranges(key, [(first * size, (last + 1) * size)
+                                                   for first, last in runs])
             if fetched is None:
                 return None
-            for k, data in zip(missing, fetched):
-                found[k] = data
-                self._keep(key, "{}-{}".format(*ranges[k]), data)
-        return found
+            for (first, last), data in zip(runs, fetched):
+                for block in range(first, last + 1):
+                    piece = data[(block - first) * size:(block - first + 1) * size]
+                    blocks[block] = piece
+                    self._keep(self._block_path(key, block), piece)
+                    if len(piece) < size:   # the object's last block
+                        break
+        return [b"".join(blocks.get(block, b"")[max(0, start - block * size):stop - block * size]
+                         for block in covering(start, stop))
+                for start, stop in ranges]
 
     def read_suffix(self, key: str, length: int) -> bytes | None:
-        data = self._cached(key, f"-{length}")
+        path = self._path(key, f"-{length}")
+        data = self._cached(path)
         if data is None:
             data = self.inner.read_suffix(key, length)
             if data is not None:
-                self._keep(key, f"-{length}", data)
+                self._keep(path, data)
         return data
 
     def exists(self, key: str) -> bool:
@@ -613,7 +718,7 @@ def add_arguments(parser, cache: bool = True) -> None:
     if not cache:
         return
     parser.add_argument("--cache", type=Path, default=None,
-                        help="local folder keeping the byte ranges read from a store URL, "
+                        help="local folder keeping the blocks read from a store URL, "
                              "shared by workers and ranks (default: no cache)")
     parser.add_argument("--cache-limit-gb", type=float, default=DEFAULT_CACHE_LIMIT_GB,
                         help="size limit of --cache")

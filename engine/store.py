@@ -160,6 +160,21 @@ def pixel_array_of(key: str) -> str | None:
     return None
 
 
+# an image's array (image_path and its siblings): the packed tiles' kind
+PACKED_KINDS = {"images": "image", "masks": "mask", "ela": "ela", "instances_mask": "instance"}
+
+
+def packed_address(path: str) -> tuple[str, int, int]:
+    """(kind, row, level) of one image's array `path` (image_path, mask_path,
+    ela_path, instances_mask_path), read out of tiles/<kind>/<level>."""
+    parts = path.split("/")
+    kind = PACKED_KINDS.get(parts[0])
+    if kind is None or len(parts) != PIXEL_ARRAY_DEPTHS[parts[0]] or not all(p.isdigit() for p in parts[1:]):
+        raise ValueError(f"{path}: not an image's array (images/<row>/<level>, masks/..., ela/..., "
+                         "instances_mask/<row>)")
+    return kind, int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
+
+
 def partial_path(store: Path) -> Path:
     """Where a store is built before it is renamed into place."""
     return store.with_name(store.name + ".partial")
@@ -681,18 +696,21 @@ SHARED_META = tuple(name for name, (dtype, _) in META_SCHEMA.items()
 
 def shared_meta(group: zarr.Group, storage: storages.StorageSettings | None = None,
                 verify: bool = True) -> node_arrays.NodeArrays:
-    """The SHARED_META columns of store `group`, read from the store once per
-    node (read_meta: every column checked) into the settings' node-local
-    directory and memory-mapped (engine/node_arrays.py), in a folder named
-    by the store's place and build id: a rebuilt store, or a copy, gets
-    its own columns."""
+    """The SHARED_META columns of store `group`, with instances/tile_start
+    as `instance_tile_start` (where the reader finds instance layers), read
+    from the store once per node (read_table: every column checked) into the
+    settings' node-local directory and memory-mapped
+    (engine/node_arrays.py), in a folder named by the store's place, build
+    id and fingerprint: a rebuilt store, a copy, or a store after an append
+    (the same build id, more rows) gets its own columns."""
     root = (storage or storages.NO_SETTINGS).node_dir or node_arrays.default_dir()
-    build = (group.attrs.get(BUILD_ID), str(storages.storage_of(group).where()))
+    build = (group.attrs.get(BUILD_ID), group.attrs.get("fingerprint"),
+             str(storages.storage_of(group).where()))
     folder = root / f"meta-{node_arrays.digest(*build)}"
 
-    def columns():
-        meta = read_meta(group)
-        return {name: meta[name] for name in SHARED_META}
+    def columns():   # not read_meta: the case names and digests are most of meta/'s bytes
+        return {**{name: read_table(group, f"meta/{name}") for name in SHARED_META},
+                "instance_tile_start": read_table(group, "instances/tile_start")}
 
     return node_arrays.node_arrays(folder, columns, verify)
 
@@ -749,6 +767,11 @@ def read_mining(group: zarr.Group, kind: str,
             "checkpoint": checkpoint}
 
 
+# a packed tiles array's shard object (tiles_shard_key)
+TILES_SHARD_KEY = re.compile(r"tiles/(image/\d+/c\.\d+\.0\.0\.0|(ela|mask)/\d+/c\.\d+\.0\.0"
+                             r"|instance/0/c\.\d+\.0\.0)")
+
+
 def _layout_keys() -> re.Pattern:
     """Every key of the layout outside the pixel arrays (pixel_array_of):
     the root's files, the groups' zarr.json, the tables' and mining results'
@@ -756,8 +779,11 @@ def _layout_keys() -> re.Pattern:
     def either(names):
         return "|".join(map(re.escape, names))
     table = r"(zarr\.json|c(/\d+)+)"
-    tops = [*PIXEL_ARRAY_DEPTHS, "meta", "instances", "mining"]
+    tops = [*PIXEL_ARRAY_DEPTHS, "meta", "instances", "mining", "tiles"]
     return re.compile("|".join(f"({pattern})" for pattern in (
+        rf"tiles/({either(packing.KINDS)})/zarr\.json",
+        rf"tiles/({either(packing.KINDS)})/\d+/zarr\.json",
+        TILES_SHARD_KEY.pattern,
         either(("zarr.json", REPORT, BUILD_LOCK)),
         rf"({either(tops)})/zarr\.json",
         rf"({either(p for p, d in PIXEL_ARRAY_DEPTHS.items() if d == 3)})/\d+/zarr\.json",

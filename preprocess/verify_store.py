@@ -27,44 +27,20 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import zarr
 from tqdm import tqdm
 
 from engine import storage as storages
-from engine import store as layout
+from engine import packing, store as layout
 from engine.reader import WindowReader
 from preprocess.build_zarr import fingerprint
 
 
-def expected_arrays(meta: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
-    """Path and shape of every pixel array meta/ says the store holds."""
-    shapes = {}
-    for row, (label, height, width, layers) in enumerate(zip(
-            meta["label"], meta["height"].tolist(), meta["width"].tolist(),
-            meta["n_instances"].tolist())):
-        for level in range(layout.level_count(height, width)):
-            side = (height >> level, width >> level)   # each level halves, rounding down
-            shapes[layout.image_path(row, level)] = side + (3,)
-            shapes[layout.ela_path(row, level)] = side
-            if label:
-                shapes[layout.mask_path(row, level)] = side
-        if label:
-            shapes[layout.instances_mask_path(row)] = (layers, height, width)
-    return shapes
-
-
-def stored_arrays(keys: list[str]) -> set[str]:
-    """Paths of the pixel arrays among a store's `keys` (those with a zarr.json)."""
-    return {array for key in keys
-            if (array := layout.pixel_array_of(key)) and key == f"{array}/zarr.json"}
-
-
-def unknown_files(keys: list[str], arrays: set[str]) -> list[str]:
+def unknown_files(keys: list[str], expected: set[str]) -> list[str]:
     """The `keys` that are no file of the store's layout: neither one of
-    engine.store.LAYOUT_KEYS nor inside one of the pixel `arrays` (whose
-    own files the array checks look at)."""
-    return sorted(key for key in keys if not layout.LAYOUT_KEYS.fullmatch(key)
-                  and layout.pixel_array_of(key) not in arrays)
+    engine.store.LAYOUT_KEYS nor an `expected` shard object (a shard
+    object of a block past the store's is unknown too)."""
+    return sorted(key for key in keys if key not in expected and
+                  not (layout.LAYOUT_KEYS.fullmatch(key) and not layout.TILES_SHARD_KEY.fullmatch(key)))
 
 
 def check_meta(group: zarr.Group, root: str) -> tuple[dict | None, list[str]]:
@@ -89,6 +65,37 @@ def check_meta(group: zarr.Group, root: str) -> tuple[dict | None, list[str]]:
     return meta, problems
 
 
+def check_pixels(reader: WindowReader, meta: dict, progress: bool) -> tuple[set[str], list[str]]:
+    """The shard objects the store should have (packing.shard_blocks), and
+    every problem of its pixels: each shard's index and every tile it
+    stores, read back; image and ELA tiles that are not stored; then each
+    row's level-0 pixels and instance layers against its meta/digest."""
+    pixel_layout = reader.pixel_layout
+    shards = packing.shard_blocks(meta["tile_start"], meta["label"], meta["n_instances"],
+                                  pixel_layout.shard_tiles)
+    expected = {layout.tiles_shard_key(kind, level, int(block), pixel_layout)
+                for (kind, level), blocks in shards.items() for block in blocks}
+    problems = []
+    for (kind, level), blocks in tqdm(sorted(shards.items()), desc="verify tiles", unit="array",
+                                      disable=None if progress else True):   # None: only on a terminal
+        required = (packing.stored_tiles(meta["tile_start"], meta["height"], meta["width"],
+                                         pixel_layout.chunk, level)
+                    if kind in ("image", "ela") else np.zeros(0, np.int64))
+        problems += [f"{exc.where}: {exc.problem}"
+                     for exc in reader.check_tiles(kind, level, blocks, required)]
+    if problems:   # the digests would only repeat what is damaged
+        return expected, problems
+    for row in tqdm(range(len(meta["label"])), desc="verify digests", unit="img",
+                    disable=None if progress else True):
+        image = reader.read_array(layout.image_path(row))
+        layers = reader.read_instances(row)
+        digest = layout.content_digest(image, np.stack(layers) if layers else None)
+        if digest != meta["digest"][row].tobytes():
+            problems.append(f"{reader.storage.where(layout.image_path(row))}: row {row}'s pixels "
+                            "do not match its meta/digest (tiles or shards swapped or replaced)")
+    return expected, problems
+
+
 def verify(store: Path | str, progress: bool = True,
            storage: storages.StorageSettings | None = None) -> list[str]:
     """Every problem of a complete store (a URL reached with `storage`), one
@@ -97,23 +104,13 @@ def verify(store: Path | str, progress: bool = True,
     group = layout.open_store(store, storage=storage)
     meta, problems = check_meta(group, str(store))
     opened = storages.open_storage(store, storage=storage, generation=layout.build_id)
-    keys = opened.keys("")
-    stored = stored_arrays(keys)
-    if meta is None:   # without meta/, check the chunks of what is there
-        expected = {path: None for path in stored}
-    else:
-        expected = expected_arrays(meta)
-        problems += [f"{store}/{path}: array missing (meta/ lists its row and level)"
-                     for path in sorted(expected.keys() - stored)]
-        problems += [f"{store}/{path}: unexpected array (meta/ has no such row or level, "
-                     "or the row is authentic)" for path in sorted(stored - expected.keys())]
+    expected = set()
+    if meta is not None:
+        reader = WindowReader(group, storage=storage)
+        expected, found = check_pixels(reader, meta, progress)
+        problems += found
     problems += [f"{opened.where(key)}: unknown file (no part of the store's layout)"
-                 for key in unknown_files(keys, stored | expected.keys())]
-    reader = WindowReader(store, storage=storage)
-    for path in tqdm(sorted(stored & expected.keys()), desc="verify", unit="array",
-                     disable=None if progress else True):   # None: only on a terminal
-        problems += [f"{exc.where}: {exc.problem}"
-                     for exc in reader.check_array(path, expected[path])]
+                 for key in unknown_files(opened.keys(""), expected)]
     return problems
 
 

@@ -65,7 +65,8 @@ def test_a_tiny_run_counts_objects_memory_and_requests(tmp_path, monkeypatch, ca
     # a new array: its zarr.json, its shard index, then its chunks
     assert cold["requests"] >= 3 and 1 <= cold["round_trips"] <= cold["requests"]
     assert 0 < warm["requests"] < cold["requests"] and warm["kB"] > 0
-    assert reads["cache cold"]["requests"] >= cold["requests"]   # the same, plus the root's build id
+    # a block is a whole shard at these sizes: the same requests, plus the root's build id
+    assert reads["cache cold"]["requests"] >= cold["requests"]
     assert reads["cache warm"]["requests"] < 1 and reads["cache warm"]["kB"] < cold["kB"] / 10
     out = capsys.readouterr().out
     assert "above idle" in out and "cache warm" in out and "wall time" in out

@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from engine.recipes import SIZE_CLASS_EDGES, SIZE_CLASS_NAMES
 from engine import storage as storages
+from engine.reader import WindowReader
 from engine.store import StoreError
 from common.atomic import atomic_open
 from trainers.run_folder import CheckpointError
@@ -198,6 +199,7 @@ def evaluate(ensemble: Ensemble, store: str | Path, split: str = "val",
     submission CSV, and appends each image's thumbnail and masks (true,
     ensemble, specialist) to `shown` for draw_predictions."""
     group, meta, rows = open_split(store, split, storage)
+    truth_reader = WindowReader(group, storage=storage)
     chosen = variants(ensemble)
     reports = {name: Report() for name in chosen}
     predicted = []
@@ -208,7 +210,7 @@ def evaluate(ensemble: Ensemble, store: str | Path, split: str = "val",
     cases = tqdm(store_cases(store, rows, ensemble.needs_ela, storage), total=len(rows),
                  desc="evaluate", unit="img")
     for batch, probs in predict_batches(ensemble, cases, tta, batch_size, specialist_view):
-        truths = [true_instances(group, case.row) for case in batch]
+        truths = [true_instances(truth_reader, case.row) for case in batch]
         found = {name: batch_instances(ensemble.combine(probs, members), post)
                  for name, members in combined.items()}
         for name, members in chosen.items():

@@ -38,7 +38,7 @@ from scipy.sparse.csgraph import connected_components
 from engine.reader import WindowReader
 from engine import storage as storages
 from engine.store import SPLITS
-from engine.store import StoreError, image_path, open_store, read_meta
+from engine.store import StoreError, open_store, read_meta
 from common.atomic import atomic_open
 from common.help_format import HelpFormatter
 from trainers.rle import (SUBMISSION_COLUMNS, RLEError, decode_annotation_runs, encode_annotation,
@@ -279,10 +279,11 @@ def split_rows(meta: dict[str, np.ndarray], split: str) -> np.ndarray:
     return np.flatnonzero(meta["split"] == SPLITS[split])
 
 
-def true_instances(group, row: int) -> list[np.ndarray]:
-    """A store row's forged regions at original size ([] for authentic);
+def true_instances(reader: WindowReader, row: int) -> list[np.ndarray]:
+    """A store row's forged regions at original size ([] for authentic),
+    read by `reader` (one per store: it keeps the shard indexes it read);
     empty layers are left out, since an instance without pixels is not one."""
-    layers = WindowReader(group).read_instances(row)   # refuses missing or corrupt chunks
+    layers = reader.read_instances(row)   # refuses missing or corrupt chunks
     return [layer.astype(bool) for layer in layers if layer.any()]
 
 
@@ -300,12 +301,13 @@ def write_solution(store: str | Path, path: str | Path, split: str = "val",
                    storage: storages.StorageSettings | None = None) -> int:
     """Write the solution CSV of a store split; returns the number of rows."""
     group, meta, rows = open_split(store, split, storage)
+    reader = WindowReader(group, storage=storage)
     with atomic_open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(SOLUTION_COLUMNS)
         for case_id, row in zip(store_case_ids(meta["case_id"], rows), rows):
-            shape = group[image_path(int(row))].shape[:2]
-            annotation = encode_annotation(true_instances(group, int(row)))
+            shape = (int(meta["height"][row]), int(meta["width"][row]))
+            annotation = encode_annotation(true_instances(reader, int(row)))
             writer.writerow([case_id, annotation, json.dumps(list(shape))])
     return len(rows)
 
