@@ -84,29 +84,40 @@ class _ChunkReads:
         into `chunks`, fetched by byte range, one request per run of chunks
         adjacent in the object, all of them in one call. Returns which were
         stored."""
+        runs, finish = self._span_reads(key, spans, chunks)
+        return finish(self.storage.read_ranges(key, runs) if runs else [])
+
+    def _span_reads(self, key: str, spans: np.ndarray, chunks: np.ndarray):
+        """What _read_spans reads, in two steps so that a caller can fetch
+        several objects' ranges together: (runs, the byte ranges to read
+        from `key`, one per run of adjacent chunks; finish, which takes
+        their bytes (None for a missing object), decodes the chunks into
+        `chunks` and returns which were stored)."""
         offsets, sizes = spans[:, 0], spans[:, 1]
         stored = offsets >= 0   # INDEX_EMPTY reads as -1 in int64
         order = np.flatnonzero(stored)[np.argsort(offsets[stored], kind="stable")]
         if not len(order):
-            return stored
+            return [], lambda data: stored
         starts, ends = offsets[order], offsets[order] + sizes[order]
         # a run starts where a chunk does not begin where the previous one ends
         first = np.flatnonzero(np.r_[True, starts[1:] != ends[:-1]])
         runs = list(zip(starts[first].tolist(), np.r_[ends[first[1:] - 1], ends[-1:]].tolist()))
-        data = self.storage.read_ranges(key, runs)
-        if data is None:
-            raise self._damage(key, "shard missing")
-        self.stats["requests"] += len(runs)
-        self.stats["bytes_read"] += sum(map(len, data))
-        run_of = np.searchsorted(first, np.arange(len(order)), side="right") - 1
-        for k, run, offset, size in zip(order.tolist(), run_of.tolist(), starts.tolist(),
-                                        sizes[order].tolist()):
-            lo = runs[run][0]
-            if len(data[run]) < offset + size - lo:
-                raise self._damage(key, f"corrupt shard (its index points past its end, "
-                                        f"at byte {offset + size})")
-            self._decode(np.frombuffer(data[run], np.uint8, size, offset - lo), key, chunks[k])
-        return stored
+
+        def finish(data):
+            if data is None:
+                raise self._damage(key, "shard missing")
+            self.stats["requests"] += len(runs)
+            self.stats["bytes_read"] += sum(map(len, data))
+            run_of = np.searchsorted(first, np.arange(len(order)), side="right") - 1
+            for k, run, offset, size in zip(order.tolist(), run_of.tolist(), starts.tolist(),
+                                            sizes[order].tolist()):
+                lo = runs[run][0]
+                if len(data[run]) < offset + size - lo:
+                    raise self._damage(key, f"corrupt shard (its index points past its end, "
+                                            f"at byte {offset + size})")
+                self._decode(np.frombuffer(data[run], np.uint8, size, offset - lo), key, chunks[k])
+            return stored
+        return runs, finish
 
     def _read_index(self, key: str, entries: int) -> np.ndarray:
         """Shard object `key`'s index of `entries` (offset, size) pairs, read
@@ -314,18 +325,35 @@ class _TilesArray(_ChunkReads):
 
     def read_tiles(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Tiles `ids` (k,): their pixels (k, T, T[, 3]) and which are stored
-        (the others are all 0). All of the tiles' ranges of one shard are
-        fetched together."""
+        (the others are all 0)."""
+        requests, finish = self.tile_reads(ids)
+        return finish(self.storage.read_many(requests))
+
+    def tile_reads(self, ids: np.ndarray):
+        """read_tiles in two steps (_span_reads): (requests, the (shard
+        object, byte ranges) to read; finish, which takes read_many's
+        answers to them and returns the tiles and which are stored). The
+        shard indexes are read here, when not kept yet."""
         tiles = np.empty((len(ids),) + self.tile_shape, self.dtype)
-        stored = np.empty(len(ids), bool)
+        stored = np.zeros(len(ids), bool)
         blocks = ids // self.per_shard
+        parts, requests = [], []
         for block in np.unique(blocks).tolist():
             members = np.flatnonzero(blocks == block)
-            part = tiles[members]
-            stored[members] = self._read_spans(self.key(block), self._index(block)[
-                ids[members] % self.per_shard], part)
-            tiles[members] = part
-        return tiles, stored
+            part = np.empty((len(members),) + self.tile_shape, self.dtype)
+            key = self.key(block)
+            runs, finish = self._span_reads(key, self._index(block)[ids[members] % self.per_shard], part)
+            parts.append((members, part, finish, bool(runs)))
+            if runs:
+                requests.append((key, runs))
+
+        def finish_all(answers):
+            answers = iter(answers)
+            for members, part, finish, fetched in parts:
+                stored[members] = finish(next(answers) if fetched else [])
+                tiles[members] = part
+            return tiles, stored
+        return requests, finish_all
 
     def _index(self, block: int) -> np.ndarray:
         table = self._indexes.get(block)
@@ -381,8 +409,13 @@ class _PackedView:
 
     def read_box(self, start: tuple[int, ...], stop: tuple[int, ...]) -> np.ndarray:
         """The pixels of [start, stop) along every axis."""
-        layered = self.layered
-        if layered:   # instances_mask: (layers, H, W)
+        requests, finish = self.box_reads(start, stop)
+        return finish(self.tiles.storage.read_many(requests))
+
+    def box_reads(self, start: tuple[int, ...], stop: tuple[int, ...]):
+        """read_box in two steps (_TilesArray.tile_reads): (requests,
+        finish taking their answers and returning the pixels)."""
+        if self.layered:   # instances_mask: (layers, H, W)
             (l0, y0, x0), (l1, y1, x1) = start, stop
             height, width = self.shape[1:]
             layers = range(l0, l1)
@@ -391,22 +424,32 @@ class _PackedView:
             height, width = self.shape[:2]
             layers = range(1)
         side = self.tiles.pixel_layout.chunk
-        grid_cols = packing.tile_grid(height, width, side)[1]
-        out = np.zeros((len(layers), y1 - y0, x1 - x0) + self.tiles.tile_shape[2:], np.uint8)
+        out = np.zeros((len(layers), max(0, y1 - y0), max(0, x1 - x0)) + self.tiles.tile_shape[2:],
+                       np.uint8)
+
+        def shaped(pixels):
+            return pixels if self.layered else pixels[0]
         if y1 <= y0 or x1 <= x0 or not len(layers):
-            return out if layered else out[0]
+            return [], lambda answers: shaped(out)
+        grid_cols = packing.tile_grid(height, width, side)[1]
         ids, cells = zip(*(packing.window_tiles(int(self.starts[layer]), grid_cols, side, y0, y1, x0, x1)
                            for layer in layers))
-        tiles, stored = self.tiles.read_tiles(np.concatenate(ids))
+        requests, finish_tiles = self.tiles.tile_reads(np.concatenate(ids))
         per_layer = len(cells[0])
-        for k, ((ty, tx), was_stored) in enumerate(zip(np.concatenate(cells).tolist(), stored.tolist())):
-            if not was_stored:
-                continue
-            ty0, tx0 = ty * side, tx * side
-            a, b = max(y0, ty0), min(y1, ty0 + side)
-            c, d = max(x0, tx0), min(x1, tx0 + side)
-            out[k // per_layer, a - y0:b - y0, c - x0:d - x0] = tiles[k, a - ty0:b - ty0, c - tx0:d - tx0]
-        return out if layered else out[0]
+
+        def finish(answers):
+            tiles, stored = finish_tiles(answers)
+            for k, ((ty, tx), was_stored) in enumerate(zip(np.concatenate(cells).tolist(),
+                                                           stored.tolist())):
+                if not was_stored:
+                    continue
+                ty0, tx0 = ty * side, tx * side
+                a, b = max(y0, ty0), min(y1, ty0 + side)
+                c, d = max(x0, tx0), min(x1, tx0 + side)
+                out[k // per_layer, a - y0:b - y0, c - x0:d - x0] = \
+                    tiles[k, a - ty0:b - ty0, c - tx0:d - tx0]
+            return shaped(out)
+        return requests, finish
 
 
 _LAYOUT_DECODERS = {"zstd": _DECODERS["zstd"], "lz4": _DECODERS["blosc"], "lz4hc": _DECODERS["blosc"],
@@ -630,18 +673,33 @@ class WindowReader:
         """The pixels covering window (y0, x0, y1, x1, level-0 pixels) of image `row`."""
         level, (by0, bx0, by1, bx1), (fy0, fx0, fy1, fx1) = self.block_of(row, window, out_size)
         image = self._array(layout.image_path(row, level))
-        pixels = image.read(by0, by1, bx0, bx1)
-        ela = None
+        paths = {"image": layout.image_path(row, level)}
         if self.with_ela:
-            ela = self._array(layout.ela_path(row, level)).read(by0, by1, bx0, bx1)[..., None]
+            paths["ela"] = layout.ela_path(row, level)
         if self.meta["label"][row]:
-            mask = self._array(layout.mask_path(row, level)).read(by0, by1, bx0, bx1)
-        else:
-            mask = np.zeros((by1 - by0, bx1 - bx0), np.uint8)
+            paths["mask"] = layout.mask_path(row, level)
+        read = self._read_together({name: self._array(path) for name, path in paths.items()},
+                                   (by0, bx0), (by1, bx1))
+        pixels = read["image"]
+        ela = read["ela"][..., None] if self.with_ela else None
+        mask = read["mask"] if "mask" in read else np.zeros((by1 - by0, bx1 - bx0), np.uint8)
         roi_start = np.array([fy0 - by0, fx0 - bx0], np.float32)
         roi_end = np.array([min(fy1, by1) - by0, min(fx1, bx1) - bx0], np.float32)
         scale = image.shape[0] / int(self.meta["height"][row]) * image.shape[1] / int(self.meta["width"][row])
         return WindowBlock(pixels, mask[..., None], ela, roi_start, roi_end, level, float(np.sqrt(scale)))
+
+
+    def _read_together(self, arrays: dict, start: tuple[int, int], stop: tuple[int, int]) -> dict:
+        """Rows and columns [start, stop) of each array: a packed store's
+        tiles of all of them fetched in one read_many call (one round trip
+        from object storage), per-image arrays one after another."""
+        if not self.pixel_layout.packed:
+            return {name: arr.read(start[0], stop[0], start[1], stop[1]) for name, arr in arrays.items()}
+        reads = {name: arr.box_reads(start + (0,) * (len(arr.shape) - 2), stop + arr.shape[2:])
+                 for name, arr in arrays.items()}
+        answers = iter(self.storage.read_many([r for requests, _ in reads.values() for r in requests]))
+        return {name: finish([next(answers) for _ in requests])
+                for name, (requests, finish) in reads.items()}
 
 
 # The errors a reader worker's failure is carried back as, by the name its

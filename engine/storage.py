@@ -77,6 +77,10 @@ class LocalStorage:
         finally:
             os.close(fd)
 
+    def read_many(self, requests: list[tuple[str, list[tuple[int, int]]]]) -> list[list[bytes] | None]:
+        """read_ranges of each (key, ranges): positioned reads, one after another."""
+        return [self.read_ranges(key, ranges) for key, ranges in requests]
+
     def read_suffix(self, key: str, length: int) -> bytes | None:
         """The last `length` bytes (all of a shorter object), or None."""
         try:
@@ -155,11 +159,20 @@ class ZarrStorage:
         return None if found is None else found.to_bytes()
 
     def read_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes] | None:
+        return self.read_many([(key, ranges)])[0]
+
+    def read_many(self, requests: list[tuple[str, list[tuple[int, int]]]]) -> list[list[bytes] | None]:
+        """read_ranges of each (key, ranges), every range of every object
+        requested at once: one round trip for all of them."""
         async def all_ranges():
             return await asyncio.gather(*(self._get(key, self._range(start, stop))
-                                          for start, stop in ranges))
-        found = self._sync(all_ranges())
-        return None if any(f is None for f in found) else [f.to_bytes() for f in found]
+                                          for key, ranges in requests for start, stop in ranges))
+        found = iter(self._sync(all_ranges()))
+        answers = []
+        for _, ranges in requests:
+            mine = [next(found) for _ in ranges]
+            answers.append(None if any(f is None for f in mine) else [f.to_bytes() for f in mine])
+        return answers
 
     def read_suffix(self, key: str, length: int) -> bytes | None:
         found = self._sync(self._get(key, self._suffix(length)))
@@ -530,50 +543,69 @@ class CachedStorage:
         """Bytes [start, stop) of each range (shorter where the object ends
         first), or None when there is no such object, from the blocks they
         cover: those not in the folder fetched in one inner call."""
+        return self.read_many([(key, ranges)])[0]
+
+    def read_many(self, requests: list[tuple[str, list[tuple[int, int]]]]) -> list[list[bytes] | None]:
+        """read_ranges of each (key, ranges): the blocks of all of them that
+        the folder lacks fetched in one inner read_many call."""
         if self.root is None:
-            return self.inner.read_ranges(key, ranges)
+            return self.inner.read_many(requests)
         size = self.block_bytes
 
         def covering(start, stop):
             return range(start // size, -(-stop // size)) if start < stop else range(0)
-        blocks: dict[int, bytes] = {}
-        end = None   # the object's size, once a short block shows where it ends
-        missing = []
-        for block in sorted({b for start, stop in ranges for b in covering(start, stop)}):
-            if end is not None and block * size >= end:
-                break
-            data = self._cached(self._block_path(key, block))
-            if data is None:
-                missing.append(block)
+        held: list[dict[int, bytes]] = []
+        fetches = []   # (request number, runs of adjacent missing blocks)
+        for number, (key, ranges) in enumerate(requests):
+            blocks: dict[int, bytes] = {}
+            end = None   # the object's size, once a short block shows where it ends
+            missing = []
+            for block in sorted({b for start, stop in ranges for b in covering(start, stop)}):
+                if end is not None and block * size >= end:
+                    break
+                data = self._cached(self._block_path(key, block))
+                if data is None:
+                    missing.append(block)
+                    continue
+                blocks[block] = data
+                if len(data) < size:
+                    end = block * size + len(data)
+            held.append(blocks)
+            if missing:
+                runs = [[missing[0], missing[0]]]
+                for block in missing[1:]:
+                    if block == runs[-1][1] + 1:
+                        runs[-1][1] = block
+                    else:
+                        runs.append([block, block])
+                fetches.append((number, runs))
+        # a run may start at the object's end (when it ends at a block's
+        # edge): read_ranges answers it with no bytes, as a range past the
+        # end reads short (zarr's FsspecStore turns S3's 416 into b"")
+        fetched = self.inner.read_many([(requests[number][0], [(first * size, (last + 1) * size)
+                                                               for first, last in runs])
+                                        for number, runs in fetches]) if fetches else []
+        answers: list[list[bytes] | None] = [None] * len(requests)
+        absent = set()
+        for (number, runs), found in zip(fetches, fetched):
+            if found is None:
+                absent.add(number)
                 continue
-            blocks[block] = data
-            if len(data) < size:
-                end = block * size + len(data)
-        if missing:
-            # runs of adjacent missing blocks, each one range
-            runs = [[missing[0], missing[0]]]
-            for block in missing[1:]:
-                if block == runs[-1][1] + 1:
-                    runs[-1][1] = block
-                else:
-                    runs.append([block, block])
-            # a run may start at the object's end (when it ends at a block's
-            # edge): read_ranges answers it with no bytes, as a range past
-            # the end reads short (zarr's FsspecStore turns S3's 416 into b"")
-            fetched = self.inner.read_ranges(key, [(first * size, (last + 1) * size)
-                                                   for first, last in runs])
-            if fetched is None:
-                return None
-            for (first, last), data in zip(runs, fetched):
+            key = requests[number][0]
+            for (first, last), data in zip(runs, found):
                 for block in range(first, last + 1):
                     piece = data[(block - first) * size:(block - first + 1) * size]
-                    blocks[block] = piece
+                    held[number][block] = piece
                     self._keep(self._block_path(key, block), piece)
                     if len(piece) < size:   # the object's last block
                         break
-        return [b"".join(blocks.get(block, b"")[max(0, start - block * size):stop - block * size]
-                         for block in covering(start, stop))
-                for start, stop in ranges]
+        for number, ((_, ranges), blocks) in enumerate(zip(requests, held)):
+            if number not in absent:
+                answers[number] = [b"".join(blocks.get(block, b"")[max(0, start - block * size):
+                                                                   stop - block * size]
+                                            for block in covering(start, stop))
+                                   for start, stop in ranges]
+        return answers
 
     def read_suffix(self, key: str, length: int) -> bytes | None:
         path = self._path(key, f"-{length}")

@@ -132,7 +132,7 @@ def test_the_cache_serves_a_second_read_from_local_disk(s3_store, tmp_path):
             if key == "zarr.json" and not ranges:
                 return cached.inner.read(key)
             raise AssertionError(f"read {key} from S3")
-        read_ranges = read_suffix = read
+        read_ranges = read_suffix = read_many = read
 
     again = WindowReader(s3_store)
     again.storage = storages.CachedStorage(Offline(), tmp_path / "cache", 10**9, layout.build_id)

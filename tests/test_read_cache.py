@@ -26,6 +26,7 @@ class Counting:
     def __init__(self, root):
         self.local = storages.LocalStorage(root)
         self.calls: list[tuple] = []
+        self.batches = 0
 
     def where(self, key=""):
         return self.local.where(key)
@@ -37,6 +38,11 @@ class Counting:
     def read_ranges(self, key, ranges):
         self.calls.append(("read_ranges", key, list(ranges)))
         return self.local.read_ranges(key, ranges)
+
+    def read_many(self, requests):
+        """Each request recorded as its read_ranges; `batches` counts the calls."""
+        self.batches += 1
+        return [self.read_ranges(key, ranges) for key, ranges in requests]
 
     def read_suffix(self, key, length):
         self.calls.append(("read_suffix", key, length))
@@ -283,3 +289,18 @@ def test_a_trim_keeps_what_was_read_recently(tmp_path):
     # and the folder was trimmed meanwhile (five times the limit read)
     assert sum(p.stat().st_size for p in entry_files(tmp_path / "cache")) <= \
         limit * (1 + 1 / FewBuckets.TRIM_SHARE) * (block + 4) / block
+
+
+def test_reads_of_several_objects_fetch_their_missing_blocks_in_one_call(inner, tmp_path):
+    """read_many: a sample's ranges in several shards are one inner call
+    (one round trip), and each answer is its object's bytes."""
+    cached = storages.CachedStorage(inner, tmp_path / "cache", 10**9, lambda _: "build1", BLOCK)
+    requests = [(key("long"), [(10, 20), (4000, 4100)]), (key("ragged"), [(0, 5)]),
+                (key("short"), [(990, 999)]), ("shards/absent", [(0, 1)])]
+    answers = cached.read_many(requests)
+    assert inner.batches == 1
+    assert answers[:3] == [inner.local.read_ranges(k, r) for k, r in requests[:3]]
+    assert answers[3] is None
+    inner.calls.clear()
+    assert cached.read_many(requests[:3]) == answers[:3]
+    assert inner.calls == []
