@@ -64,7 +64,7 @@ import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import cv2
 import numpy as np
@@ -116,9 +116,8 @@ def cases_and_records(table: dict) -> tuple[list[Case], list[dict]]:
             table["label"].tolist(), table["height"].tolist(), table["width"].tolist(),
             table["bbox"].tolist())):
         folder = "train_images/forged" if label else "train_images/authentic"
-        # names, not Paths: a million Paths cost seconds, and the report writes them as text
-        cases.append(Case(f"{row:08d}", label, folder, f"{folder}/{row:08d}.png",
-                          f"train_masks/{row:08d}.npy" if label else None))
+        cases.append(Case(f"{row:08d}", label, folder, PurePosixPath(f"{folder}/{row:08d}.png"),
+                          PurePosixPath(f"train_masks/{row:08d}.npy") if label else None))
         record = {"key": row, "height": height, "width": width}
         if label:
             y0, x0, y1, x1 = box
@@ -185,7 +184,8 @@ class PerImageFormat:
         other = len(storage.keys("")) - sum(map(len, files.values()))
         per_row = statistics.fmean(len(files[row]) for row in sample)
         return {"objects_per_image": per_row + other / n, "pixel_objects_per_image": per_row,
-                "store_objects": other, "pixel_rows_written": len(self.written),
+                "store_objects": other, "files": other + sum(map(len, files.values())),
+                "pixel_rows_written": len(self.written),
                 "bytes_per_pixel_image": statistics.fmean(
                     sum((self.out / key).stat().st_size for key in files[row]) for row in sample)}
 
@@ -234,12 +234,12 @@ class PackedFormat:
         meta = layout.read_meta(layout.open_store(self.out))
         shards = sum(len(blocks) for blocks in packing.shard_blocks(
             meta["tile_start"], meta["label"], meta["n_instances"], self.pixel_layout.shard_tiles).values())
-        storage = storages.LocalStorage(self.out)
-        other = sum(not layout.TILES_SHARD_KEY.fullmatch(key) for key in storage.keys(""))
+        keys = storages.LocalStorage(self.out).keys("")
+        other = sum(not layout.TILES_SHARD_KEY.fullmatch(key) for key in keys)
         tile_bytes = sum(len(tile) for chunks in self.chunks.values()
                          for found in chunks.values() for tile in found.values())
         return {"objects_per_image": (shards + other) / n, "pixel_objects_per_image": shards / n,
-                "store_objects": other, "pixel_rows_written": len(self.written),
+                "store_objects": other, "files": len(keys), "pixel_rows_written": len(self.written),
                 "blocks": len(self.tasks), "bytes_per_pixel_image": tile_bytes / len(self.written)}
 
 
