@@ -64,7 +64,7 @@ import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import cv2
 import numpy as np
@@ -73,12 +73,11 @@ from tqdm import tqdm
 from common.atomic import atomic_open
 from common.help_format import HelpFormatter
 from engine import storage as storages
-from engine import store as layout
+from engine import packing, store as layout
 from engine.recipes import RECIPES
 from preprocess import build_zarr
 from preprocess.source import DEFAULT_MAX_PIXELS, Case
 
-FORMAT = layout.VERSION
 MEMBERS = ("highres_no_ela", "small_specialist")
 # members a synthetic store can serve: no mining results to read, and no
 # copy-paste patch bank, which reads every forged training image's pixels
@@ -117,9 +116,8 @@ def cases_and_records(table: dict) -> tuple[list[Case], list[dict]]:
             table["label"].tolist(), table["height"].tolist(), table["width"].tolist(),
             table["bbox"].tolist())):
         folder = "train_images/forged" if label else "train_images/authentic"
-        # names, not Paths: a million Paths cost seconds, and the report writes them as text
-        cases.append(Case(f"{row:08d}", label, folder, f"{folder}/{row:08d}.png",
-                          f"train_masks/{row:08d}.npy" if label else None))
+        cases.append(Case(f"{row:08d}", label, folder, PurePosixPath(f"{folder}/{row:08d}.png"),
+                          PurePosixPath(f"train_masks/{row:08d}.npy") if label else None))
         record = {"key": row, "height": height, "width": width}
         if label:
             y0, x0, y1, x1 = box
@@ -148,47 +146,128 @@ def row_pixels(table: dict, row: int, seed: int) -> tuple[np.ndarray, np.ndarray
 
 # ---------------------------------------------------------------- format 4
 
-def build_format_4(out: Path, table: dict) -> None:
-    """A complete format-4 store of the table's rows without pixels: the
-    builder's final phase (meta/, instances/, report, root) over the records
-    its workers would have written."""
-    for old in (out, layout.partial_path(out)):
-        shutil.rmtree(old, ignore_errors=True)
+class PerImageFormat:
+    """Version 4's layout (engine.store.PER_IMAGE_LAYOUT): every image's
+    levels, ELA, masks and instances each an array of their own, a
+    zarr.json and a shard object apiece. Tables as the builder writes them
+    (synthesise); pixels by the builder's write_pixels, only for the rows read."""
+
+    version = 4
+
+    def __init__(self, out: Path, table: dict, seed: int):
+        self.out, self.table, self.seed = out, table, seed
+        self.written: set[int] = set()
+
+    def build(self) -> None:
+        synthesise(self.out, self.table, layout.PER_IMAGE_LAYOUT)
+        target = storages.LocalStorage(self.out)
+        target.remove("tiles")   # what finalize writes for packed tiles: no part of this layout
+        for top in layout.PACKED_KINDS:   # the groups each image's arrays sit in
+            target.write(f"{top}/zarr.json", layout._GROUP_JSON)
+
+    def add_pixels(self, rows) -> None:
+        """Each row's pixel arrays unless written already."""
+        import zarr
+        todo = sorted(set(int(r) for r in rows) - self.written)
+        group = zarr.open_group(str(self.out), mode="r+")
+        for row in tqdm(todo, desc=f"pixels of {self.out.name}", unit="img", leave=False):
+            build_zarr.write_pixels(group, row, *row_pixels(self.table, row, self.seed))
+        self.written.update(todo)
+
+    def objects_per_image(self, n: int, sample: list[int]) -> dict:
+        """Files of the store per image: the pixel objects of `sample`'s rows
+        (engine.store.row_nodes) per row, plus every other file / n; and the
+        sample's stored bytes per image."""
+        storage = storages.LocalStorage(self.out)
+        files = {row: [key for node in layout.row_nodes(row) for key in storage.keys(node)]
+                 for row in self.written}
+        other = len(storage.keys("")) - sum(map(len, files.values()))
+        per_row = statistics.fmean(len(files[row]) for row in sample)
+        return {"objects_per_image": per_row + other / n, "pixel_objects_per_image": per_row,
+                "store_objects": other, "files": other + sum(map(len, files.values())),
+                "pixel_rows_written": len(self.written),
+                "bytes_per_pixel_image": statistics.fmean(
+                    sum((self.out / key).stat().st_size for key in files[row]) for row in sample)}
+
+
+# ---------------------------------------------------------------- format 5
+
+class PackedFormat:
+    """Version 5's layout (engine.store.DEFAULT_LAYOUT, engine/packing.py):
+    tiles packed into a shard object per block of images and array. The
+    builder's plan, block records and finalize over rows as its tasks would
+    have recorded them; pixels by the builder's encode_tiles and
+    write_shards, only for the rows read: a block's shards hold the tiles
+    of its rows read so far (each block's shard rewritten as rows are
+    added), which is what the reads measured touch. Objects per image are
+    exact: the shard objects every block would have (packing.shard_blocks),
+    plus the other files, per image."""
+
+    version = 5
+
+    def __init__(self, out: Path, table: dict, seed: int):
+        self.out, self.table, self.seed = out, table, seed
+        self.pixel_layout = layout.DEFAULT_LAYOUT
+        self.chunks: dict[int, dict] = {}   # block -> its tiles so far
+        self.written: set[int] = set()
+
+    def build(self) -> None:
+        self.tasks = synthesise(self.out, self.table, self.pixel_layout)
+        self.planned = [row for task in self.tasks for row in task.rows]
+
+    def add_pixels(self, rows) -> None:
+        """Each row's tiles unless written already, and its block's shards again."""
+        todo = sorted(set(int(r) for r in rows) - self.written)
+        touched = set()
+        for row in tqdm(todo, desc=f"pixels of {self.out.name}", unit="img", leave=False):
+            planned = self.planned[row]
+            block = planned.tile_start[0] // self.pixel_layout.shard_tiles
+            build_zarr.encode_tiles(planned, *row_pixels(self.table, row, self.seed), block,
+                                    self.pixel_layout, self.chunks.setdefault(block, {}))
+            touched.add(block)
+        target = storages.LocalStorage(self.out)
+        for block in sorted(touched):
+            build_zarr.write_shards(target, block, self.chunks[block], self.pixel_layout)
+        self.written.update(todo)
+
+    def objects_per_image(self, n: int, sample: list[int]) -> dict:
+        meta = layout.read_meta(layout.open_store(self.out))
+        shards = sum(len(blocks) for blocks in packing.shard_blocks(
+            meta["tile_start"], meta["label"], meta["n_instances"], self.pixel_layout.shard_tiles).values())
+        keys = storages.LocalStorage(self.out).keys("")
+        other = sum(not layout.TILES_SHARD_KEY.fullmatch(key) for key in keys)
+        tile_bytes = sum(len(tile) for chunks in self.chunks.values()
+                         for found in chunks.values() for tile in found.values())
+        return {"objects_per_image": (shards + other) / n, "pixel_objects_per_image": shards / n,
+                "store_objects": other, "files": len(keys), "pixel_rows_written": len(self.written),
+                "blocks": len(self.tasks), "bytes_per_pixel_image": tile_bytes / len(self.written)}
+
+
+FORMATS = {f.version: f for f in (PerImageFormat, PackedFormat)}
+
+
+def synthesise(out: Path, table: dict, pixel_layout: layout.PixelLayout) -> list:
+    """A complete store of the table's rows in `pixel_layout`, without
+    pixels: the builder's plan (from the sizes its headers would give), its
+    block records (as its tasks would have written them) and its finalize.
+    Returns the block tasks."""
     cases, records = cases_and_records(table)
     settings = build_zarr.settings_for(Path(f"synthetic-{len(cases)}"), cases, DEFAULT_MAX_PIXELS,
-                                       layout.DEFAULT_LAYOUT)
-    partial = layout.partial_path(out)
-    build_zarr.open_partial(partial, settings)
-    build_zarr.finalize(partial, settings, cases, records,
-                        {"source": "synthetic", "skipped": [], "test_images_not_stored": 0})
-    build_zarr.finish(partial, out)
-
-
-def add_pixels_format_4(out: Path, table: dict, rows, seed: int, written: set) -> None:
-    """Each row's pixel arrays (builder's write_pixels) unless in `written`,
-    which then holds them."""
-    import zarr
-    todo = sorted(set(int(r) for r in rows) - written)
-    group = zarr.open_group(str(out), mode="r+")
-    for row in tqdm(todo, desc=f"pixels of {out.name}", unit="img", leave=False):
-        build_zarr.write_pixels(group, row, *row_pixels(table, row, seed))
-    written.update(todo)
-
-
-def objects_per_image_format_4(out: Path, n: int, sample: list[int], written: set) -> dict:
-    """Files of the store per image: the pixel objects of `sample`'s rows
-    (engine.store.row_nodes) per row, plus every other file / n; and the
-    sample's stored bytes per image."""
-    storage = storages.LocalStorage(out)
-    files = {row: [key for node in layout.row_nodes(row) for key in storage.keys(node)]
-             for row in written}
-    other = len(storage.keys("")) - sum(map(len, files.values()))
-    per_row = statistics.fmean(len(files[row]) for row in sample)
-    return {"objects_per_image": per_row + other / n, "pixel_objects_per_image": per_row,
-            "store_objects": other, "files": other + sum(map(len, files.values())),
-            "pixel_rows_written": len(written), "pixel_sample": len(sample),
-            "bytes_per_pixel_image": statistics.fmean(
-                sum((out / key).stat().st_size for key in files[row]) for row in sample)}
+                                       pixel_layout)
+    headers = [(case, r["height"], r["width"], len(r.get("instances", ())), [0, 0],
+                [0, 0] if case.label else None) for case, r in zip(cases, records)]
+    tasks = build_zarr.plan(headers, settings, str(out), None)
+    block_records, rows = {}, iter(records)
+    for task in tasks:
+        block_records[task.block] = {"block": task.block, "plan": task.plan, "rows": [
+            {**next(rows), "digest": "00" * 32, "bytes_source": 0} for _ in task.rows]}
+    shutil.rmtree(out, ignore_errors=True)
+    target = storages.LocalStorage(out)
+    build_zarr.write_root(target, {})
+    build_zarr.finalize(target, settings, tasks, block_records,
+                        {"source": "synthetic", "skipped": [], "test_images_not_stored": 0},
+                        check=lambda step: None)
+    return tasks
 
 
 # ---------------------------------------------------------------- what the engine pays
@@ -353,12 +432,17 @@ def remote_reads(server: CountingS3, url: str, member: str, samples: list, img_s
     return found
 
 
+def upload(out: Path, target) -> None:
+    """Every file of local store `out` as an object of `target`."""
+    keys = storages.LocalStorage(out).keys("")
+    for start in range(0, len(keys), 64):
+        target.write_many([(key, (out / key).read_bytes()) for key in keys[start:start + 64]])
+
+
 def measure_remote(server: CountingS3, out: Path, samples: dict, args) -> dict:
-    """The store uploaded (the builder's upload_store), opened at its URL, and
-    each member's samples read."""
+    """The store uploaded, opened at its URL, and each member's samples read."""
     url = f"s3://{BUCKET}/{out.name}"
-    target = storages.open_storage(url, read_only=False, storage=server.settings())
-    build_zarr.upload_store(out, target)
+    upload(out, storages.open_storage(url, read_only=False, storage=server.settings()))
     opening = server.count(lambda: layout.read_meta(layout.open_store(url, storage=server.settings())))
     found = {"url": url, "open": opening, "members": {}}
     for member, member_samples in samples.items():
@@ -368,26 +452,21 @@ def measure_remote(server: CountingS3, out: Path, samples: dict, args) -> dict:
     return found
 
 
-def measure_store(n: int, args, server: CountingS3 | None, remote: bool) -> dict:
-    """Everything measured of one synthetic store of n images."""
-    out = Path(args.work) / f"format{FORMAT}-{n}.zarr"
-    table = synthetic_table(n, args.seed, tuple(args.sides), args.forged)
-    build_s, _ = timed(build_format_4, out, table)
-    written: set = set()
+def measure_store(version: int, n: int, args, server: CountingS3 | None, remote: bool) -> dict:
+    """Everything measured of one synthetic store of n images in format `version`."""
+    out = Path(args.work) / f"format{version}-{n}.zarr"
+    store = FORMATS[version](out, synthetic_table(n, args.seed, tuple(args.sides), args.forged), args.seed)
+    build_s, _ = timed(store.build)
     sample = sorted(np.random.default_rng(args.seed).choice(
         n, min(n, args.pixel_sample), replace=False).tolist())
-
-    def add_pixels(rows):
-        add_pixels_format_4(out, table, rows, args.seed, written)
-
-    add_pixels(sample)
-    found = {"format": FORMAT, "rows": n, "build_meta_s": build_s,
+    store.add_pixels(sample)
+    found = {"format": version, "rows": n, "build_meta_s": build_s,
              "open_s": open_seconds(out, args.repeats), "members": {}}
     samples = {}
     for member in args.members:
         found["members"][member], samples[member] = measure_loader(
-            out, member, args, add_pixels, args.remote_samples if remote else 0)
-    found.update(objects_per_image_format_4(out, n, sample, written))
+            out, member, args, store.add_pixels, args.remote_samples if remote else 0)
+    found.update(store.objects_per_image(n, sample), pixel_sample=len(sample))
     if remote:
         found["remote"] = measure_remote(server, out, samples, args)
     if not args.keep:
@@ -397,42 +476,68 @@ def measure_store(n: int, args, server: CountingS3 | None, remote: bool) -> dict
 
 # ---------------------------------------------------------------- report
 
-def above_idle(results: dict) -> None:
-    """Each store's worker memory above the idle store's, per member."""
-    idle = results["idle"]["members"]
-    for store in results["stores"]:
+def above_idle(measured: dict) -> None:
+    """Each store's worker memory above the idle store's (of its format), per member."""
+    idle = measured["idle"]["members"]
+    for store in measured["stores"]:
         for member, figures in store["members"].items():
             figures["above_idle_MB"] = figures["worker_rss_mean_MB"] - idle[member]["worker_rss_mean_MB"]
 
 
 def print_report(results: dict) -> None:
-    stores, settings = results["stores"], results["settings"]
-    first = stores[0]
-    print(f"\nformat {FORMAT}: synthetic stores of {settings['sides'][0]}-{settings['sides'][1]} px "
-          f"images; x: against the {first['rows']:,}-image store")
-    header = (f"{'images':>10}{'obj/img':>8}{'open s':>8}{'x':>8}  {'member':<17}{'loader s':>9}{'x':>8}"
-              f"{'plan ms':>9}{'x':>8}{'worker MB':>10}{'above idle':>11}")
+    settings = results["settings"]
+    for version, measured in results["formats"].items():
+        stores = measured["stores"]
+        first = stores[0]
+        print(f"\nformat {version}: synthetic stores of {settings['sides'][0]}-{settings['sides'][1]} px "
+              f"images; x: against the {first['rows']:,}-image store")
+        header = (f"{'images':>10}{'obj/img':>8}{'open s':>8}{'x':>8}  {'member':<17}{'loader s':>9}{'x':>8}"
+                  f"{'plan ms':>9}{'x':>8}{'worker MB':>10}{'above idle':>11}")
+        print(header + "\n" + "-" * len(header))
+        for store in stores:
+            for k, (member, m) in enumerate(store["members"].items()):
+                base = first["members"][member]
+                lead = (f"{store['rows']:>10,}{store['objects_per_image']:>8.3f}{store['open_s']:>8.3f}"
+                        f"{ratio(store['open_s'], first['open_s'])}" if k == 0 else " " * 34)
+                print(f"{lead}  {member:<17}{m['loader_s']:>9.3f}{ratio(m['loader_s'], base['loader_s'])}"
+                      f"{1e3 * m['plan_s']:>9.1f}{ratio(m['plan_s'], base['plan_s'])}"
+                      f"{m['worker_rss_mean_MB']:>10.0f}{m['above_idle_MB']:>11.1f}")
+        idle = measured["idle"]
+        print(f"idle worker: the same loaders' workers over {idle['rows']} images: " + ", ".join(
+            f"{member} {m['worker_rss_mean_MB']:.0f} MB" for member, m in idle["members"].items())
+            + " (VmRSS counts the shared libraries' pages in every process)")
+        for store in stores:
+            if "remote" in store:
+                print_remote(store, settings["latency_ms"])
+    print("pixels written only for the images read (the rows of the batches measured and a uniform "
+          f"sample of {settings['pixel_sample']}); format 4's objects per image from that sample, "
+          "format 5's exact from its plan of blocks")
+    print_comparison(results)
+
+
+def print_comparison(results: dict) -> None:
+    """Format 5 against format 4, store by store of the same size."""
+    formats = results["formats"]
+    if not {"4", "5"} <= formats.keys():
+        return
+    old = {s["rows"]: s for s in formats["4"]["stores"]}
+    print("\nformat 5 against format 4 (x: format 4's figure / format 5's)")
+    header = f"{'images':>10}{'objects/img 4':>15}{'5':>8}{'x':>8}{'open s 4':>10}{'5':>8}{'x':>8}" \
+             f"{'cold requests/sample 4':>24}{'5':>7}{'x':>8}"
     print(header + "\n" + "-" * len(header))
-    for store in stores:
-        for k, (member, m) in enumerate(store["members"].items()):
-            base = first["members"][member]
-            lead = (f"{store['rows']:>10,}{store['objects_per_image']:>8.1f}{store['open_s']:>8.3f}"
-                    f"{ratio(store['open_s'], first['open_s'])}" if k == 0 else " " * 34)
-            print(f"{lead}  {member:<17}{m['loader_s']:>9.3f}{ratio(m['loader_s'], base['loader_s'])}"
-                  f"{1e3 * m['plan_s']:>9.1f}{ratio(m['plan_s'], base['plan_s'])}"
-                  f"{m['worker_rss_mean_MB']:>10.0f}{m['above_idle_MB']:>11.1f}")
-    idle = results["idle"]
-    print(f"idle worker: the same loaders' workers over {idle['rows']} images: " + ", ".join(
-        f"{member} {m['worker_rss_mean_MB']:.0f} MB" for member, m in idle["members"].items())
-        + " (VmRSS counts the shared libraries' pages in every process)")
-    written = sorted({s["pixel_rows_written"] for s in stores})
-    span = f"{written[0]:,}" if len(written) == 1 else f"{written[0]:,}-{written[-1]:,}"
-    print(f"pixel arrays written for {span} images of each store (the rows "
-          f"read and a uniform sample of {settings['pixel_sample']}); objects per image from that "
-          "sample, exact in a store of no more images than the sample")
-    for store in stores:
-        if "remote" in store:
-            print_remote(store, settings["latency_ms"])
+    for new in formats["5"]["stores"]:
+        was = old.get(new["rows"])
+        if was is None:
+            continue
+        line = (f"{new['rows']:>10,}{was['objects_per_image']:>15.3f}{new['objects_per_image']:>8.4f}"
+                f"{ratio(was['objects_per_image'], new['objects_per_image'])}{was['open_s']:>10.3f}"
+                f"{new['open_s']:>8.3f}{ratio(was['open_s'], new['open_s'])}")
+        if "remote" in new and "remote" in was:
+            member = next(iter(new["remote"]["members"]))
+            cold = (was["remote"]["members"][member]["cold"]["requests"],
+                    new["remote"]["members"][member]["cold"]["requests"])
+            line += f"{cold[0]:>24.2f}{cold[1]:>7.2f}{ratio(*cold)}  ({member})"
+        print(line)
 
 
 def ratio(value: float, base: float) -> str:
@@ -443,7 +548,7 @@ def ratio(value: float, base: float) -> str:
 def print_remote(store: dict, latency_ms: float) -> None:
     remote = store["remote"]
     opening = remote["open"]
-    print(f"\n{remote['url']} ({store['rows']:,} images), local moto server, {latency_ms:g} ms held per "
+    print(f"\nformat {store['format']}: {remote['url']} ({store['rows']:,} images), local moto server, {latency_ms:g} ms held per "
           f"request: open_store + read_meta {opening['requests']} requests ({opening['heads']} HEAD) in "
           f"{opening['round_trips']} round trips, {opening['bytes'] / 1e3:,.0f} kB, {opening['seconds']:.2f} s")
     header = (f"{'member':<18}{'setting':<12}{'requests':>9}{'HEAD':>6}{'round trips':>12}{'kB':>8}"
@@ -454,47 +559,52 @@ def print_remote(store: dict, latency_ms: float) -> None:
         for name, r in settings.items():
             print(f"{member:<18}{name:<12}{r['requests']:>9.2f}{r['heads']:>6.2f}{r['round_trips']:>12.2f}"
                   f"{r['kB']:>8.1f}{r['ms']:>8.1f}{r['requests'] / cold:>15.2f}x")
-    print("per sample, counted by the server; cold: every array new to the reader, warm: the same "
-          "reader again (arrays open), cache: through an empty, then a filled --cache")
+    print("per sample, counted by the server; cold: every array (format 4) or shard index "
+          "(format 5) new to the reader, warm: the same reader again, cache: through an empty, "
+          "then a filled --cache")
 
 
 def draw_chart(results: dict, path: Path) -> None:
-    """Seconds and worker memory against images; requests per sample by setting."""
+    """Seconds, worker memory and objects per image against images, format
+    by format (solid: the newest); requests per sample from S3 by setting."""
     from matplotlib.figure import Figure
-    stores = results["stores"]
-    remote = [s for s in stores if "remote" in s]
-    fig = Figure(figsize=(16 if remote else 11, 4.5))
-    axes = fig.subplots(1, 3 if remote else 2)
-    n = [s["rows"] for s in stores]
-    axes[0].plot(n, [s["open_s"] for s in stores], "o-", color="k", label="open_store + read_meta")
-    for k, member in enumerate(results["settings"]["members"]):
-        axes[0].plot(n, [s["members"][member]["loader_s"] for s in stores], "s-", color=f"C{k}",
-                     label=f"{member}: make_loader (open + plan)")
-        axes[0].plot(n, [s["members"][member]["plan_s"] for s in stores], "^--", color=f"C{k}",
-                     label=f"{member}: an epoch's plan")
-        axes[1].plot(n, [s["members"][member]["above_idle_MB"] for s in stores], "o-", color=f"C{k}",
-                     label=member)
+    formats = results["formats"]
+    remote = [s for measured in formats.values() for s in measured["stores"] if "remote" in s]
+    fig = Figure(figsize=(18 if remote else 13, 4.5))
+    axes = fig.subplots(1, 4 if remote else 3)
+    newest = max(formats, key=int)
+    for version, measured in formats.items():
+        stores, style = measured["stores"], "-" if version == newest else ":"
+        n = [s["rows"] for s in stores]
+        axes[0].plot(n, [s["open_s"] for s in stores], "o" + style, color="k",
+                     label=f"format {version}: open_store + read_meta")
+        for k, member in enumerate(results["settings"]["members"]):
+            axes[0].plot(n, [s["members"][member]["loader_s"] for s in stores], "s" + style,
+                         color=f"C{k}", label=f"format {version}, {member}: make_loader")
+            axes[1].plot(n, [s["members"][member]["above_idle_MB"] for s in stores], "o" + style,
+                         color=f"C{k}", label=f"format {version}, {member}")
+        axes[2].plot(n, [s["objects_per_image"] for s in stores], "o" + style, color="k",
+                     label=f"format {version}")
     axes[0].set(xscale="log", yscale="log", xlabel="images in the store", ylabel="seconds (lower is better)",
-                title=f"format {FORMAT}: opening and planning, per rank")
+                title="opening and planning, per rank")
     axes[1].set(xscale="log", xlabel="images in the store", ylabel="MB above an idle worker (lower is better)",
                 title="memory of each reader worker (VmRSS)")
-    for ax in axes[:2]:
+    axes[2].set(xscale="log", yscale="log", xlabel="images in the store",
+                ylabel="objects per image (lower is better)", title="objects a build writes")
+    for ax in axes[:3]:
         ax.legend(fontsize=7)
     if remote:
-        store = remote[-1]
-        members = store["remote"]["members"]
-        names = list(next(iter(members.values())))
-        width = 0.8 / (2 * len(members))
-        for k, (member, settings) in enumerate(members.items()):
-            x = np.arange(len(names)) + (2 * k - len(members)) * width
-            axes[2].bar(x, [settings[s]["requests"] for s in names], width, color=f"C{k}",
-                        label=f"{member}: requests")
-            axes[2].bar(x + width, [settings[s]["round_trips"] for s in names], width, color=f"C{k}",
-                        alpha=0.5, label=f"{member}: round trips")
-        axes[2].set_xticks(np.arange(len(names)), names)
-        axes[2].set(ylabel="per sample (lower is better)",
-                    title=f"from S3 (moto), {store['rows']:,} images")
-        axes[2].legend(fontsize=7)
+        members = results["settings"]["members"]
+        names = list(remote[0]["remote"]["members"][members[0]])
+        width = 0.8 / (len(remote) * len(members))
+        for k, (store, member) in enumerate((s, m) for s in remote for m in members):
+            found = store["remote"]["members"][member]
+            axes[3].bar(np.arange(len(names)) - 0.4 + (k + 0.5) * width,
+                        [found[name]["requests"] for name in names], width, color=f"C{k}",
+                        label=f"format {store['format']}, {store['rows']:,} images, {member}")
+        axes[3].set_xticks(np.arange(len(names)), names)
+        axes[3].set(ylabel="requests per sample (lower is better)", title="from S3 (moto)")
+        axes[3].legend(fontsize=7)
     fig.tight_layout()
     with atomic_open(path, "wb") as handle:
         fig.savefig(handle, format="png", dpi=110)
@@ -503,6 +613,8 @@ def draw_chart(results: dict, path: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=HelpFormatter)
+    parser.add_argument("--formats", type=int, nargs="+", default=sorted(FORMATS), choices=sorted(FORMATS),
+                        help="store formats measured side by side: 4 an array per image, 5 packed tiles")
     parser.add_argument("--rows", type=int, nargs="+", default=[1000, 10_000, 100_000, 1_000_000],
                         help="images of each synthetic store")
     parser.add_argument("--remote-rows", type=int, nargs="*", default=None,
@@ -555,18 +667,21 @@ def main(argv=None) -> int:
         if server is not None:
             server.create_bucket(BUCKET)
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        results = {"format": FORMAT, "settings": settings,
-                   "idle": measure_store(args.idle_rows, args, None, remote=False),
-                   "stores": []}
-        for n in tqdm(sorted(args.rows), desc="stores", unit="store"):
-            results["stores"].append(measure_store(n, args, server, remote=n in remote_rows))
+        results = {"settings": settings, "formats": {}}
+        for version in args.formats:
+            measured = {"idle": measure_store(version, args.idle_rows, args, None, remote=False),
+                        "stores": []}
+            for n in tqdm(sorted(args.rows), desc=f"format {version} stores", unit="store"):
+                measured["stores"].append(measure_store(version, n, args, server,
+                                                        remote=n in remote_rows))
+            above_idle(measured)
+            results["formats"][str(version)] = measured
     finally:
         if server is not None:
             server.close()
         if temporary:
             shutil.rmtree(args.work, ignore_errors=True)
     results["seconds"] = time.perf_counter() - started
-    above_idle(results)
     print_report(results)
     print(f"\nwall time {results['seconds']:.0f} s")
     with atomic_open(args.json) as handle:

@@ -440,7 +440,7 @@ def build_block(task: BlockTask) -> dict:
         except BadInput as exc:
             rows.append({"case": case_key(row.case), "skipped": exc.problem, "file": exc.path})
             continue
-        _encode_tiles(row, rgb, instances, task.block, pixel_layout, chunks)
+        encode_tiles(row, rgb, instances, task.block, pixel_layout, chunks)
         record = {"case": case_key(row.case), "image": str(row.case.image),
                   "height": row.height, "width": row.width,
                   "bytes_source": row.image_stat[0] + (row.mask_stat or [0])[0],
@@ -450,10 +450,7 @@ def build_block(task: BlockTask) -> dict:
         rows.append(record)
     target = storages.open_storage(task.destination, read_only=False, storage=task.storage)
     try:
-        for (kind, level), found in sorted(chunks.items()):
-            target.write(layout.tiles_shard_key(kind, level, task.block, pixel_layout),
-                         packing.shard_bytes(found, layout.tiles_shard_tiles(kind, pixel_layout),
-                                             layout.checksum_bytes))
+        write_shards(target, task.block, chunks, pixel_layout)
         del chunks
         record = {"block": task.block, "plan": task.plan, "rows": rows}
         put(target, block_record_key(task.block), json.dumps(record, indent=1).encode())
@@ -477,7 +474,16 @@ def _decoded(row: PlannedRow, max_pixels: int) -> tuple[np.ndarray, np.ndarray |
     return rgb, instances
 
 
-def _encode_tiles(row: PlannedRow, rgb: np.ndarray, instances: np.ndarray | None, block: int,
+def write_shards(target, block: int, chunks: dict, pixel_layout: layout.PixelLayout) -> None:
+    """Block `block`'s shard object of each tiles array in `chunks` ((kind,
+    level) -> shard position -> encoded tile, as encode_tiles fills it)."""
+    for (kind, level), found in sorted(chunks.items()):
+        target.write(layout.tiles_shard_key(kind, level, block, pixel_layout),
+                     packing.shard_bytes(found, layout.tiles_shard_tiles(kind, pixel_layout),
+                                         layout.checksum_bytes))
+
+
+def encode_tiles(row: PlannedRow, rgb: np.ndarray, instances: np.ndarray | None, block: int,
                   pixel_layout: layout.PixelLayout, chunks: dict) -> None:
     """Add the row's encoded tiles to `chunks` ((kind, level) -> shard
     position -> bytes): image and ELA tiles all, mask and instance tiles

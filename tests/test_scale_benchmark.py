@@ -1,10 +1,11 @@
-"""benchmarks/scale.py at a tiny size: its synthetic stores are stores the
-builder makes (verify_store finds them clean, meta/ is the table it was made
-from), and its figures are what they must be: objects per image are the
-store's files over its images, the workers measured are the loader's, and
-the S3 server counts requests for a cold read, fewer warm and fewer again
-through a filled cache. Speed itself is the benchmark's output, not asserted
-here."""
+"""benchmarks/scale.py at a tiny size: its synthetic stores, in formats 4
+and 5, are stores the builder makes (meta/ is the table they were made
+from, the reader reads their pixels back), and its figures are what they
+must be: objects per image are the store's files over its images, the
+workers measured are the loader's, and the S3 server counts requests for a
+cold read, fewer warm and fewer again through a filled cache; format 5
+reads a warm window in one round trip. Speed itself is the benchmark's
+output, not asserted here."""
 import json
 
 import numpy as np
@@ -13,19 +14,25 @@ from moto import settings as moto_settings
 
 from benchmarks import scale
 from engine import store as layout
-from preprocess import verify_store
+from engine.reader import WindowReader
 
 ROWS = 40
 
 
-def test_a_synthetic_store_is_a_clean_store_of_its_table(tmp_path):
+@pytest.mark.parametrize("version", sorted(scale.FORMATS))
+def test_a_synthetic_store_holds_its_table_and_pixels(tmp_path, version):
+    """Both formats: meta/ is the table it was made from, and the engine's
+    reader reads back every written row's pixels and instance layers."""
     table = scale.synthetic_table(ROWS, 5, (128, 300), 0.5)
     out = tmp_path / "store.zarr"
-    scale.build_format_4(out, table)
-    scale.add_pixels_format_4(out, table, range(ROWS), 5, written := set())
-    assert written == set(range(ROWS))
-    assert verify_store.main([str(out)]) == 0
-    meta = layout.read_meta(layout.open_store(out))
+    store = scale.FORMATS[version](out, table, 5)
+    store.build()
+    store.add_pixels(range(0, ROWS, 2))
+    store.add_pixels(range(ROWS))   # a block's shards written again with more rows
+    assert store.written == set(range(ROWS))
+    group = layout.open_store(out)
+    assert layout.PixelLayout(**group.attrs["layout"]).packed == (version == 5)
+    meta = layout.read_meta(group)
     for name in ("label", "height", "width", "bbox"):
         assert np.array_equal(meta[name], table[name]), name
     forged = table["label"] == 1
@@ -34,6 +41,12 @@ def test_a_synthetic_store_is_a_clean_store_of_its_table(tmp_path):
     assert np.array_equal(meta["area_ratio"][forged],
                           ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
                            / (table["height"][forged] * table["width"][forged])).astype(np.float32))
+    reader = WindowReader(out)
+    for row in range(ROWS):
+        rgb, instances = scale.row_pixels(table, row, 5)
+        assert np.array_equal(reader.read_array(layout.image_path(row)), rgb), row
+        layers = reader.read_instances(row)
+        assert (instances is None and layers == []) or np.array_equal(np.stack(layers), instances)
 
 
 def test_a_tiny_run_counts_objects_memory_and_requests(tmp_path, monkeypatch, capsys):
@@ -48,25 +61,34 @@ def test_a_tiny_run_counts_objects_memory_and_requests(tmp_path, monkeypatch, ca
                        "--keep", "--json", str(out_json)]) == 0
     figures = json.loads(out_json.read_text())
     assert out_json.with_suffix(".png").stat().st_size > 0
-    store, = figures["stores"]
-    assert store["format"] == figures["format"] == layout.VERSION and store["rows"] == ROWS
-    # every image's pixels written: objects per image counted, not estimated
-    files = [p for p in (tmp_path / "work" / f"format4-{ROWS}.zarr").rglob("*") if p.is_file()]
-    assert store["pixel_rows_written"] == ROWS and store["files"] == len(files)
-    assert store["objects_per_image"] == pytest.approx(len(files) / ROWS)
-    member = store["members"]["highres_no_ela"]
-    assert member["workers"] == 1 and member["worker_rss_mean_MB"] > 50
-    assert member["above_idle_MB"] == pytest.approx(
-        member["worker_rss_mean_MB"] - figures["idle"]["members"]["highres_no_ela"]["worker_rss_mean_MB"])
-    remote = store["remote"]
-    assert remote["open"]["requests"] >= len(layout.META_SCHEMA)   # every meta/ array read
-    reads = remote["members"]["highres_no_ela"]
-    cold, warm = reads["cold"], reads["warm"]
-    # a new array: its zarr.json, its shard index, then its chunks
-    assert cold["requests"] >= 3 and 1 <= cold["round_trips"] <= cold["requests"]
-    assert 0 < warm["requests"] < cold["requests"] and warm["kB"] > 0
-    # a block is a whole shard at these sizes: the same requests, plus the root's build id
-    assert reads["cache cold"]["requests"] >= cold["requests"]
-    assert reads["cache warm"]["requests"] < 1 and reads["cache warm"]["kB"] < cold["kB"] / 10
+    reads = {}
+    for version, measured in figures["formats"].items():
+        store, = measured["stores"]
+        assert store["format"] == int(version) and store["rows"] == ROWS
+        # every image's pixels written: objects per image counted, not estimated
+        files = [p for p in (tmp_path / "work" / f"format{version}-{ROWS}.zarr").rglob("*") if p.is_file()]
+        assert store["pixel_rows_written"] == ROWS and store["files"] == len(files)
+        assert store["objects_per_image"] == pytest.approx(len(files) / ROWS)
+        member = store["members"]["highres_no_ela"]
+        assert member["workers"] == 1 and member["worker_rss_mean_MB"] > 50
+        assert member["above_idle_MB"] == pytest.approx(
+            member["worker_rss_mean_MB"] - measured["idle"]["members"]["highres_no_ela"]["worker_rss_mean_MB"])
+        remote = store["remote"]
+        assert remote["open"]["requests"] >= len(layout.META_SCHEMA)   # every meta/ array read
+        reads[version] = remote["members"]["highres_no_ela"]
+        cold, warm = reads[version]["cold"], reads[version]["warm"]
+        assert 1 <= cold["round_trips"] <= cold["requests"]
+        assert 0 < warm["requests"] < cold["requests"] and warm["kB"] > 0
+        assert reads[version]["cache warm"]["requests"] < 1
+        assert reads[version]["cache warm"]["kB"] < cold["kB"] / 10
+    old, new = figures["formats"]["4"]["stores"][0], figures["formats"]["5"]["stores"][0]
+    # format 4: a new array costs its zarr.json (a HEAD and a GET), its shard index, its chunks
+    assert reads["4"]["cold"]["requests"] >= 3 and reads["4"]["cold"]["heads"] >= 1
+    # format 5: no metadata per image, and a window's tiles of every array in one round trip
+    assert reads["5"]["cold"]["requests"] < reads["4"]["cold"]["requests"]
+    assert reads["5"]["cold"]["heads"] == 0
+    assert reads["5"]["warm"]["round_trips"] == 1
+    # one block at this size: a shard per array for all 40 images, against a dozen objects each
+    assert new["pixel_objects_per_image"] < old["pixel_objects_per_image"] / 10
     out = capsys.readouterr().out
-    assert "above idle" in out and "cache warm" in out and "wall time" in out
+    assert "above idle" in out and "cache warm" in out and "format 5 against format 4" in out
