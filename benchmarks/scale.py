@@ -222,8 +222,9 @@ class PackedFormat:
         for row in tqdm(todo, desc=f"pixels of {self.out.name}", unit="img", leave=False):
             planned = self.planned[row]
             block = planned.tile_start[0] // self.pixel_layout.shard_tiles
-            build_zarr.encode_tiles(planned, *row_pixels(self.table, row, self.seed), block,
-                                    self.pixel_layout, self.chunks.setdefault(block, {}))
+            rgb, instances = row_pixels(self.table, row, self.seed)
+            build_zarr.encode_tiles(planned, list(build_zarr.pyramid(rgb, instances)), instances,
+                                    block, self.pixel_layout, self.chunks.setdefault(block, {}))
             touched.add(block)
         target = storages.LocalStorage(self.out)
         for block in sorted(touched):

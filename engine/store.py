@@ -9,45 +9,48 @@ become them here (StoreUnreachable). The read cache keeps a store's bytes
 per build: build_id is the generation that open_storage's cache is given.
 
 Layout (docs/store.md describes it for readers of the store; every image
-keeps its original resolution; `<row>` is the image's row in `meta/`, written
-as a decimal integer):
+keeps its original resolution):
 
     zarr.json                 attributes: format="forgery-store", version,
-                              fingerprint, build_id (new at every build),
-                              layout, levels, build settings
-    meta/<name>               1-D (or N x k) arrays of META_SCHEMA below, with
-                              instance_start (N+1,) int64: instances of row r
-                              are instances/*[instance_start[r]:instance_start[r+1]]
+                              fingerprint, build_id (new at every build, kept
+                              by an append), layout, levels, build settings
+    meta/<name>               1-D (or N x k) arrays of META_SCHEMA below, a row
+                              per image, with instance_start (N+1,) int64:
+                              instances of row r are
+                              instances/*[instance_start[r]:instance_start[r+1]],
+                              tile_start (N, MAX_LEVELS): where its tiles are,
+                              digest (N, 32): content_digest
                               (meta/ and instances/: one chunk per array,
                               zstd then CRC-32C, checked at every read)
-    instances/image_row       int32 (M,)  row in meta/ of each forged region
-    instances/bbox            int32 (M, 4) y0, x0, y1, x1, half-open
-    instances/area            int64 (M,)  pixels of the region
-    images/<row>/<level>      uint8 (H_l, W_l, 3)  RGB; level 0 = original,
-                              level l+1 = mean of each 2x2 block of level l
+    instances/<name>          INSTANCE_ARRAYS, one entry per forged region
+    tiles/<kind>/<level>      every image's pixels as packed tiles
+                              (engine/packing.py): kind image (RGB), ela and
+                              mask (the union, 0/1) at each pyramid level,
+                              instance (each layer, 0/1) at level 0; level l+1
+                              of an image = mean of each 2x2 block of level l
                               (H_l+1 = H_l // 2: an odd last row or column is
                               dropped, so level l pixel (y, x) covers level 0
-                              pixels [y 2^l, (y+1) 2^l) exactly)
-    masks/<row>/<level>       uint8 (H_l, W_l)  union of the instances, 0/1;
-                              level l+1 = level l[0:2*(H_l//2):2, 0:2*(W_l//2):2]
-                              (what a nearest-neighbour resize would pick)
-    instances_mask/<row>      uint8 (N_inst, H, W)  every instance, 0/1
-    ela/<row>/<level>         uint8 (H_l, W_l)  ELA (preprocess/ela.py);
-                              levels as images
+                              pixels [y 2^l, (y+1) 2^l) exactly), of a mask
+                              level l[0::2, 0::2] (what a nearest-neighbour
+                              resize would pick)
     mining/...                written by trainers/mining.py
     build_report.json         skipped files with reasons, timings
 
-Authentic images have no masks/ or instances_mask/ entry. Pixel arrays are
-written in a PixelLayout (DEFAULT_LAYOUT, recorded in the root attribute
-`layout`): small square chunks, each compressed and followed by the CRC-32C
-of its frame, all of an array's chunks in one shard object with an index of
-their byte ranges at its end (zarr's sharding_indexed codec), all-zero
-chunks left out. A reader fetches the index once and then only the chunks a
-window touches. A shard an array should have and has not, an index or chunk
-whose checksum fails, is damage: engine/reader.py refuses it (naming the
-shard) and `python preprocess/verify_store.py STORE` lists all of it.
-Version 4 (VERSION) brought checksums on meta/ and instances/ and the build
-id (version 3 the sharded layout): open_store refuses an older store with
+The engine names one image's arrays by path (image_path, mask_path,
+ela_path, instances_mask_path): in a packed store views of its tiles
+(packed_address), in version 4's per-image layout (PER_IMAGE_LAYOUT, which
+only benchmarks synthesise now) arrays of their own. Tiles are written in a
+PixelLayout (DEFAULT_LAYOUT, recorded in the root attribute `layout`):
+square tiles, each compressed and followed by the CRC-32C of its frame, a
+block's tiles of one array in one shard object with an index of their byte
+ranges at its end (zarr's sharding_indexed codec), all-zero mask tiles left
+out. A reader fetches a shard's index once and then only the tiles a window
+touches. A shard a block should have and has not, an index or tile whose
+checksum fails, is damage: engine/reader.py refuses it (naming the shard)
+and `python preprocess/verify_store.py STORE` lists all of it, and the rows
+whose arrays no longer match their digests. Version 5 (VERSION) brought the
+packed tiles and the digests (4 checksums on meta/ and instances/ and the
+build id, 3 the sharded layout): open_store refuses an older store with
 the command that rebuilds it.
 """
 from __future__ import annotations
@@ -97,7 +100,7 @@ META_SCHEMA = {
     "instance_start": (np.int64, ()),
     # first tile of each pyramid level in tiles/<kind>/<level> (engine/packing.py), -1 absent
     "tile_start": (np.int64, (MAX_LEVELS,)),
-    "digest": (np.uint8, (32,)),   # content_digest of the row's level-0 pixels
+    "digest": (np.uint8, (32,)),   # content_digest of every array of the row
 }
 # instances/<name>, one entry per forged region; tile_start: its layer's
 # first tile in tiles/instance/0
@@ -422,13 +425,15 @@ def tiles_array_json(kind: str, pixel_layout: PixelLayout, n_blocks: int) -> byt
     return json.dumps(doc).encode()
 
 
-def content_digest(image: np.ndarray, instances: np.ndarray | None) -> bytes:
-    """meta/digest of a row: sha256 over its level-0 pixels and instance
-    layers (C order, with their shapes), which verify_store.py recomputes
-    from the tiles, so a shard swapped for another valid one, or index
-    entries swapped with their checksums, is caught."""
+def content_digest(levels, instances: np.ndarray | None) -> bytes:
+    """meta/digest of a row: sha256 over every array the store holds of it
+    (C order, each with its shape): each pyramid level's image, ELA and
+    union mask (None for an authentic row), (image, ela, mask) per level
+    in `levels`, then its instance layers. verify_store.py recomputes it
+    from the tiles, so a shard of any array swapped for another valid one,
+    or index entries swapped with their checksums, is caught."""
     digest = hashlib.sha256()
-    for part in (image, instances):
+    for part in [array for level in levels for array in level] + [instances]:
         if part is not None:
             digest.update(repr(part.shape).encode())
             digest.update(np.ascontiguousarray(part).tobytes())

@@ -440,11 +440,12 @@ def build_block(task: BlockTask) -> dict:
         except BadInput as exc:
             rows.append({"case": case_key(row.case), "skipped": exc.problem, "file": exc.path})
             continue
-        encode_tiles(row, rgb, instances, task.block, pixel_layout, chunks)
+        levels = list(pyramid(rgb, instances))
+        encode_tiles(row, levels, instances, task.block, pixel_layout, chunks)
         record = {"case": case_key(row.case), "image": str(row.case.image),
                   "height": row.height, "width": row.width,
                   "bytes_source": row.image_stat[0] + (row.mask_stat or [0])[0],
-                  "digest": layout.content_digest(rgb, instances).hex()}
+                  "digest": layout.content_digest(levels, instances).hex()}
         if instances is not None:
             record.update(mask_stats(instances))
         rows.append(record)
@@ -483,11 +484,12 @@ def write_shards(target, block: int, chunks: dict, pixel_layout: layout.PixelLay
                                          layout.checksum_bytes))
 
 
-def encode_tiles(row: PlannedRow, rgb: np.ndarray, instances: np.ndarray | None, block: int,
-                  pixel_layout: layout.PixelLayout, chunks: dict) -> None:
+def encode_tiles(row: PlannedRow, levels: list, instances: np.ndarray | None, block: int,
+                 pixel_layout: layout.PixelLayout, chunks: dict) -> None:
     """Add the row's encoded tiles to `chunks` ((kind, level) -> shard
-    position -> bytes): image and ELA tiles all, mask and instance tiles
-    only where not all 0."""
+    position -> bytes): of its pyramid `levels` (pyramid's (image, ELA,
+    union mask) per level) and instance layers; image and ELA tiles all,
+    mask and instance tiles only where not all 0."""
     tile = pixel_layout.chunk
 
     def add(kind: str, level: int, pixels: np.ndarray, start: int, every: bool) -> None:
@@ -497,7 +499,7 @@ def encode_tiles(row: PlannedRow, rgb: np.ndarray, instances: np.ndarray | None,
             if every or piece.any():
                 found[first + number] = pixel_layout.encode(packing.padded_tile(piece, tile))
 
-    for level, (image, ela, union) in enumerate(pyramid(rgb, instances)):
+    for level, (image, ela, union) in enumerate(levels):
         start = row.tile_start[level]
         add("image", level, image, start, True)
         add("ela", level, ela, start, True)

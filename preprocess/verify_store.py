@@ -9,8 +9,9 @@ block of each tiles array the block's rows have tiles in) is read, its
 index checked against its CRC-32C, then every tile it stores compared with
 its CRC-32C and decoded, as the engine's reader does (engine/reader.py);
 a shard missing, and an image or ELA tile meta/ places in it that it does
-not store, are damage. With the tiles intact, each row's level-0 pixels
-and instance layers are read as meta/ and instances/ place them and
+not store, are damage. With the tiles intact, each row's arrays (every
+level's image, ELA and mask, and its instance layers) are read as meta/
+and instances/ place them and
 compared with the row's content digest (meta/digest), which catches a
 shard swapped for another valid one and index entries swapped with their
 checksum recomputed. Each tiles array's zarr.json must be the layout's
@@ -112,7 +113,8 @@ def check_pixels(reader: WindowReader, meta: dict, progress: bool) -> tuple[set[
     """The shard objects the store should have (packing.shard_blocks), and
     every problem of its pixels: each shard's index and every tile it
     stores, read back; image and ELA tiles that are not stored; then each
-    row's level-0 pixels and instance layers against its meta/digest; and
+    row's arrays (every level's image, ELA and mask, its instance layers)
+    against its meta/digest; and
     the tiles arrays' metadata (check_tiles_metadata)."""
     pixel_layout = reader.pixel_layout
     shards = packing.shard_blocks(meta["tile_start"], meta["label"], meta["n_instances"],
@@ -133,14 +135,19 @@ def check_pixels(reader: WindowReader, meta: dict, progress: bool) -> tuple[set[
         return expected, problems + metadata
     for row in tqdm(range(len(meta["label"])), desc="verify digests", unit="img",
                     disable=None if progress else True):
+        forged = bool(meta["label"][row])
         try:
-            image = reader.read_array(layout.image_path(row))
+            levels = [(reader.read_array(layout.image_path(row, level)),
+                       reader.read_array(layout.ela_path(row, level)),
+                       reader.read_array(layout.mask_path(row, level)) if forged else None)
+                      for level in range(layout.level_count(int(meta["height"][row]),
+                                                            int(meta["width"][row])))]
             layers = reader.read_instances(row)
         except layout.StoreDamaged as exc:   # tiles meta/ or instances/ places outside the shards checked
             problems.append(f"{exc.where}: {exc.problem} (row {row}'s tiles, where meta/ and "
                             "instances/ place them)")
             continue
-        digest = layout.content_digest(image, np.stack(layers) if layers else None)
+        digest = layout.content_digest(levels, np.stack(layers) if layers else None)
         if digest != meta["digest"][row].tobytes():
             problems.append(f"{reader.storage.where(layout.image_path(row))}: row {row}'s pixels "
                             "do not match its meta/digest (tiles or shards swapped or replaced)")

@@ -237,9 +237,6 @@ def test_index_entries_swapped_with_the_checksum_recomputed_are_found_by_the_dig
     assert _digest_problems(verify_store.verify(blocks_copy, progress=False)) == {first, first + 1}
 
 
-@pytest.mark.xfail(strict=True, reason="meta/digest covers a row's level-0 image and instance "
-                   "layers only: its ELA, masks and pyramid levels swapped for other valid "
-                   "tiles pass verify (issue 19 item 2)")
 @pytest.mark.parametrize("kind", ["ela", "mask"])
 def test_swapped_ela_or_mask_shards_are_found(blocks_copy, blocks_meta, kind):
     meta = blocks_meta
