@@ -760,13 +760,16 @@ def build_store(source: Path, out: Path | str, *, workers: int | None = None,
         raise BuildError(f"{cluster}: --workers and --cluster exclude each other (the cluster's "
                          "own workers do the work)")
     run = Run(workers, cluster, strict, progress, storage, time.perf_counter())
+    # absolute: the tasks may run in processes with another working folder
+    # (a cluster's workers on other machines mount the same paths)
+    source = Path(source).absolute()
     try:
         if storages.is_url(out):
-            report = build_to_url(Path(source), out, run, overwrite=overwrite, append=append,
+            report = build_to_url(source, out, run, overwrite=overwrite, append=append,
                                   max_pixels=max_pixels, pixel_layout=pixel_layout,
                                   break_lock=break_lock)
         else:
-            report = _build_local(Path(source), storages.location(str(out)), run,
+            report = _build_local(source, Path(storages.location(str(out))).absolute(), run,
                                   overwrite=overwrite, append=append, max_pixels=max_pixels,
                                   pixel_layout=pixel_layout)
     except ClusterError as exc:
