@@ -793,6 +793,8 @@ def _build_local(source: Path, out: Path, run: Run, *, overwrite: bool, append: 
                     report = append_cases(source, out, target, run, max_pixels=max_pixels)
                     target.remove(BUILD_PREFIX)
                     return report
+                if not (append or overwrite) and _unfinished_append(storages.LocalStorage(out)):
+                    raise unfinished_append(out)
                 if not overwrite:
                     layout.open_store(out)  # raises StoreError when it is not a store
                     return _complete_already(out, storages.LocalStorage(out))
@@ -810,7 +812,8 @@ def _build_local(source: Path, out: Path, run: Run, *, overwrite: bool, append: 
 
 
 def _complete_already(where, target) -> None:
-    # a build killed after its completion record, before removing its records
+    """Say the store is complete already, dropping what a build killed
+    between its complete root and the removal of its records left."""
     target.remove(BUILD_PREFIX)
     print(f"{where}: a complete store exists already; nothing to do "
           "(--overwrite rebuilds it, --append adds new cases)")
@@ -999,7 +1002,9 @@ def build_to_url(source: Path, url: str, run: Run, *, overwrite: bool, append: b
         with remote_lock(url, target, break_lock) as lock:
             attributes = root_attributes(target)
             complete = attributes is not None and not layout.unfinished(attributes)
-            if append and attributes is not None and (complete or _appending(target)):
+            if not (append or overwrite) and _unfinished_append(target):
+                raise unfinished_append(url)   # not wiped unasked: it holds a store
+            if append and (complete or _unfinished_append(target)):
                 report = append_cases(source, url, target, run, max_pixels=max_pixels,
                                       check=lock.check)
             elif complete and not overwrite:
@@ -1025,8 +1030,18 @@ def build_to_url(source: Path, url: str, run: Run, *, overwrite: bool, append: b
         raise BuildError(str(problem)) from None
 
 
-def _appending(target) -> bool:
-    """Whether the unfinished store at `target` is an append's (its settings record a base)."""
+def unfinished_append(where) -> BuildError:
+    return BuildError(f"{where}: an append to this store did not finish; rerun that "
+                      "build_zarr.py --append command to finish it (--overwrite builds a new "
+                      "store instead)")
+
+
+def _unfinished_append(target) -> bool:
+    """Whether the store at `target` is an append's killed while finalizing
+    (an unfinished root, and settings that record the store it extends)."""
+    attributes = root_attributes(target)
+    if attributes is None or not layout.unfinished(attributes):
+        return False
     found = target.read(SETTINGS_KEY)
     return found is not None and json.loads(found).get("base") is not None
 

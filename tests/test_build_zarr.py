@@ -779,6 +779,9 @@ def test_an_append_killed_while_finalizing_resumes(demo_source, first_half, tmp_
     monkeypatch.undo()
     with pytest.raises(layout.StoreError):
         layout.open_store(out)   # meta/ half rewritten: refused, not misread
+    # a build without --append would start it over: refused, the store kept
+    with pytest.raises(build_zarr.BuildError, match="an append to this store did not finish"):
+        build_store(demo_source, out, workers=1, progress=False, figure=False)
     build_store(demo_source, out, workers=1, append=True, progress=False, figure=False)
     _assert_same_store_but_build_id(out, stores["uninterrupted"])
 
