@@ -52,7 +52,9 @@ build_id, since every existing shard's bytes are unchanged, so a read cache
 keyed by the build id stays valid. A row's split comes from a hash of its
 case id alone (grouped_split), so no existing row changes split. The root
 loses its completion attributes while meta/ is rewritten (readers refuse it
-for that moment) and a killed append rerun the same way resumes.
+for that moment), the new index having been written whole beforehand
+(build/index.npz), so a killed append rerun the same way resumes whatever
+state it left meta/ in.
 Appending nothing new says so and changes nothing.
 
 Bad input (a file that cannot be stored): by default the case is skipped and
@@ -105,6 +107,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -136,6 +139,7 @@ REPORT = layout.REPORT
 BUILD_PREFIX = "build"                         # the build's own objects, gone when it ends
 SETTINGS_KEY = f"{BUILD_PREFIX}/settings.json"  # what a partial store was started with
 BLOCK_RECORDS = f"{BUILD_PREFIX}/blocks"        # <block>.json: written last by each block's task
+INDEX_SNAPSHOT = f"{BUILD_PREFIX}/index.npz"    # an append's new meta/ and instances/
 VAL_FRACTION = 0.1
 DEMO_DIR = Path("data/demo")
 
@@ -662,18 +666,32 @@ def root_attributes(target) -> dict | None:
     return None if found is None else json.loads(found).get("attributes", {})
 
 
-def old_rows(target, base: dict) -> tuple[dict, dict]:
-    """meta/ and instances/ of an append's store before it: the first
-    base rows and regions of what is there (all of it, or, after a killed
-    append, the arrays it rewrote already, which begin with them)."""
+def old_rows(target) -> tuple[dict, dict]:
+    """meta/ and instances/ of an append's store as they are before it."""
     group = _group(target)
-    rows, regions = base["rows"], base["instances"]
-    meta = {name: layout.read_table(group, f"meta/{name}") for name in layout.META_SCHEMA}
-    meta = {name: data[:rows + 1 if name == "instance_start" else rows]
-            for name, data in meta.items()}
-    instances = {name: layout.read_table(group, f"instances/{name}")[:regions]
-                 for name in layout.INSTANCE_ARRAYS}
-    return meta, instances
+    return ({name: layout.read_table(group, f"meta/{name}") for name in layout.META_SCHEMA},
+            {name: layout.read_table(group, f"instances/{name}") for name in layout.INSTANCE_ARRAYS})
+
+
+def index_snapshot(meta: dict, instances: dict) -> bytes:
+    """An append's new meta/ and instances/ as one object (INDEX_SNAPSHOT),
+    written whole before meta/ is touched: a killed append resumes from it,
+    whatever state its half-rewritten tables are in."""
+    arrays = {f"meta/{k}": v for k, v in meta.items()} | \
+        {f"instances/{k}": v for k, v in instances.items()}
+    buffer = io.BytesIO()
+    # variable-length strings as fixed-width ones: npz holds them without pickles
+    np.savez(buffer, **{k: np.array(v.tolist(), str) if v.dtype.kind == "T" else v
+                        for k, v in arrays.items()})
+    return buffer.getvalue()
+
+
+def from_index_snapshot(data: bytes) -> tuple[dict, dict]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as found:
+        arrays = {k: found[k].astype(np.dtypes.StringDType()) if found[k].dtype.kind == "U"
+                  else found[k] for k in found.files}
+    return ({k[len("meta/"):]: v for k, v in arrays.items() if k.startswith("meta/")},
+            {k[len("instances/"):]: v for k, v in arrays.items() if k.startswith("instances/")})
 
 
 def finalize(target, settings: Settings, tasks: list[BlockTask], records: dict[int, dict],
@@ -688,7 +706,13 @@ def finalize(target, settings: Settings, tasks: list[BlockTask], records: dict[i
     meta, instances = meta_arrays(stored, settings.val_fraction)
     attributes = root_attributes(target)
     if base is not None:
-        meta, instances = appended(old_rows(target, base), (meta, instances))
+        snapshot = target.read(INDEX_SNAPSHOT)
+        if snapshot is None:   # the tables are still the store's own
+            meta, instances = appended(old_rows(target), (meta, instances))
+            check("writing the new index")
+            put(target, INDEX_SNAPSHOT, index_snapshot(meta, instances))
+        else:
+            meta, instances = from_index_snapshot(snapshot)
     check("writing meta/ and instances/")
     # an append's readers see the old store until here; unfinished now
     # (readers refuse it) while its index is rewritten
