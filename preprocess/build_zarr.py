@@ -726,9 +726,9 @@ def finalize(target, settings: Settings, tasks: list[BlockTask], records: dict[i
     pixel_layout = settings.pixel_layout
     n_blocks = tasks[-1].block + 1 if tasks else base["blocks"]
     levels = int((meta["tile_start"] >= 0).sum(axis=1).max())
-    put(target, "tiles/zarr.json", layout._GROUP_JSON)
+    for key, data in layout.tiles_groups_json().items():
+        put(target, key, data)
     for kind in packing.KINDS:
-        put(target, f"tiles/{kind}/zarr.json", layout._GROUP_JSON)
         for level in range(levels if kind in packing.LEVELED_KINDS else 1):
             put(target, f"{layout.tiles_path(kind, level)}/zarr.json",
                 layout.tiles_array_json(kind, pixel_layout, n_blocks))
