@@ -425,6 +425,13 @@ def tiles_array_json(kind: str, pixel_layout: PixelLayout, n_blocks: int) -> byt
     return json.dumps(doc).encode()
 
 
+def tiles_groups_json() -> dict[str, bytes]:
+    """The zarr.json of each group above the tiles arrays (tiles/ and
+    tiles/<kind>), by key: what makes them one zarr hierarchy."""
+    return {"tiles/zarr.json": _GROUP_JSON} | {f"tiles/{kind}/zarr.json": _GROUP_JSON
+                                               for kind in packing.KINDS}
+
+
 def content_digest(levels, instances: np.ndarray | None) -> bytes:
     """meta/digest of a row: sha256 over every array the store holds of it
     (C order, each with its shape): each pyramid level's image, ELA and

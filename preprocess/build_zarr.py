@@ -52,7 +52,9 @@ build_id, since every existing shard's bytes are unchanged, so a read cache
 keyed by the build id stays valid. A row's split comes from a hash of its
 case id alone (grouped_split), so no existing row changes split. The root
 loses its completion attributes while meta/ is rewritten (readers refuse it
-for that moment) and a killed append rerun the same way resumes.
+for that moment), the new index having been written whole beforehand
+(build/index.npz), so a killed append rerun the same way resumes whatever
+state it left meta/ in.
 Appending nothing new says so and changes nothing.
 
 Bad input (a file that cannot be stored): by default the case is skipped and
@@ -105,6 +107,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -136,6 +139,7 @@ REPORT = layout.REPORT
 BUILD_PREFIX = "build"                         # the build's own objects, gone when it ends
 SETTINGS_KEY = f"{BUILD_PREFIX}/settings.json"  # what a partial store was started with
 BLOCK_RECORDS = f"{BUILD_PREFIX}/blocks"        # <block>.json: written last by each block's task
+INDEX_SNAPSHOT = f"{BUILD_PREFIX}/index.npz"    # an append's new meta/ and instances/
 VAL_FRACTION = 0.1
 DEMO_DIR = Path("data/demo")
 
@@ -670,18 +674,32 @@ def root_attributes(target) -> dict | None:
     return None if found is None else json.loads(found).get("attributes", {})
 
 
-def old_rows(target, base: dict) -> tuple[dict, dict]:
-    """meta/ and instances/ of an append's store before it: the first
-    base rows and regions of what is there (all of it, or, after a killed
-    append, the arrays it rewrote already, which begin with them)."""
+def old_rows(target) -> tuple[dict, dict]:
+    """meta/ and instances/ of an append's store as they are before it."""
     group = _group(target)
-    rows, regions = base["rows"], base["instances"]
-    meta = {name: layout.read_table(group, f"meta/{name}") for name in layout.META_SCHEMA}
-    meta = {name: data[:rows + 1 if name == "instance_start" else rows]
-            for name, data in meta.items()}
-    instances = {name: layout.read_table(group, f"instances/{name}")[:regions]
-                 for name in layout.INSTANCE_ARRAYS}
-    return meta, instances
+    return ({name: layout.read_table(group, f"meta/{name}") for name in layout.META_SCHEMA},
+            {name: layout.read_table(group, f"instances/{name}") for name in layout.INSTANCE_ARRAYS})
+
+
+def index_snapshot(meta: dict, instances: dict) -> bytes:
+    """An append's new meta/ and instances/ as one object (INDEX_SNAPSHOT),
+    written whole before meta/ is touched: a killed append resumes from it,
+    whatever state its half-rewritten tables are in."""
+    arrays = {f"meta/{k}": v for k, v in meta.items()} | \
+        {f"instances/{k}": v for k, v in instances.items()}
+    buffer = io.BytesIO()
+    # variable-length strings as fixed-width ones: npz holds them without pickles
+    np.savez(buffer, **{k: np.array(v.tolist(), str) if v.dtype.kind == "T" else v
+                        for k, v in arrays.items()})
+    return buffer.getvalue()
+
+
+def from_index_snapshot(data: bytes) -> tuple[dict, dict]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as found:
+        arrays = {k: found[k].astype(np.dtypes.StringDType()) if found[k].dtype.kind == "U"
+                  else found[k] for k in found.files}
+    return ({k[len("meta/"):]: v for k, v in arrays.items() if k.startswith("meta/")},
+            {k[len("instances/"):]: v for k, v in arrays.items() if k.startswith("instances/")})
 
 
 def finalize(target, settings: Settings, tasks: list[BlockTask], records: dict[int, dict],
@@ -696,7 +714,13 @@ def finalize(target, settings: Settings, tasks: list[BlockTask], records: dict[i
     meta, instances = meta_arrays(stored, settings.val_fraction)
     attributes = root_attributes(target)
     if base is not None:
-        meta, instances = appended(old_rows(target, base), (meta, instances))
+        snapshot = target.read(INDEX_SNAPSHOT)
+        if snapshot is None:   # the tables are still the store's own
+            meta, instances = appended(old_rows(target), (meta, instances))
+            check("writing the new index")
+            put(target, INDEX_SNAPSHOT, index_snapshot(meta, instances))
+        else:
+            meta, instances = from_index_snapshot(snapshot)
     check("writing meta/ and instances/")
     # an append's readers see the old store until here; unfinished now
     # (readers refuse it) while its index is rewritten
@@ -710,9 +734,9 @@ def finalize(target, settings: Settings, tasks: list[BlockTask], records: dict[i
     pixel_layout = settings.pixel_layout
     n_blocks = tasks[-1].block + 1 if tasks else base["blocks"]
     levels = int((meta["tile_start"] >= 0).sum(axis=1).max())
-    put(target, "tiles/zarr.json", layout._GROUP_JSON)
+    for key, data in layout.tiles_groups_json().items():
+        put(target, key, data)
     for kind in packing.KINDS:
-        put(target, f"tiles/{kind}/zarr.json", layout._GROUP_JSON)
         for level in range(levels if kind in packing.LEVELED_KINDS else 1):
             put(target, f"{layout.tiles_path(kind, level)}/zarr.json",
                 layout.tiles_array_json(kind, pixel_layout, n_blocks))
@@ -768,13 +792,16 @@ def build_store(source: Path, out: Path | str, *, workers: int | None = None,
         raise BuildError(f"{cluster}: --workers and --cluster exclude each other (the cluster's "
                          "own workers do the work)")
     run = Run(workers, cluster, strict, progress, storage, time.perf_counter())
+    # absolute: the tasks may run in processes with another working folder
+    # (a cluster's workers on other machines mount the same paths)
+    source = Path(source).absolute()
     try:
         if storages.is_url(out):
-            report = build_to_url(Path(source), out, run, overwrite=overwrite, append=append,
+            report = build_to_url(source, out, run, overwrite=overwrite, append=append,
                                   max_pixels=max_pixels, pixel_layout=pixel_layout,
                                   break_lock=break_lock)
         else:
-            report = _build_local(Path(source), storages.location(str(out)), run,
+            report = _build_local(source, Path(storages.location(str(out))).absolute(), run,
                                   overwrite=overwrite, append=append, max_pixels=max_pixels,
                                   pixel_layout=pixel_layout)
     except ClusterError as exc:
@@ -798,6 +825,8 @@ def _build_local(source: Path, out: Path, run: Run, *, overwrite: bool, append: 
                     report = append_cases(source, out, target, run, max_pixels=max_pixels)
                     target.remove(BUILD_PREFIX)
                     return report
+                if not (append or overwrite) and _unfinished_append(storages.LocalStorage(out)):
+                    raise unfinished_append(out)
                 if not overwrite:
                     layout.open_store(out)  # raises StoreError when it is not a store
                     return _complete_already(out, storages.LocalStorage(out))
@@ -815,7 +844,8 @@ def _build_local(source: Path, out: Path, run: Run, *, overwrite: bool, append: 
 
 
 def _complete_already(where, target) -> None:
-    # a build killed after its completion record, before removing its records
+    """Say the store is complete already, dropping what a build killed
+    between its complete root and the removal of its records left."""
     target.remove(BUILD_PREFIX)
     print(f"{where}: a complete store exists already; nothing to do "
           "(--overwrite rebuilds it, --append adds new cases)")
@@ -1004,7 +1034,9 @@ def build_to_url(source: Path, url: str, run: Run, *, overwrite: bool, append: b
         with remote_lock(url, target, break_lock) as lock:
             attributes = root_attributes(target)
             complete = attributes is not None and not layout.unfinished(attributes)
-            if append and attributes is not None and (complete or _appending(target)):
+            if not (append or overwrite) and _unfinished_append(target):
+                raise unfinished_append(url)   # not wiped unasked: it holds a store
+            if append and (complete or _unfinished_append(target)):
                 report = append_cases(source, url, target, run, max_pixels=max_pixels,
                                       check=lock.check)
             elif complete and not overwrite:
@@ -1030,8 +1062,18 @@ def build_to_url(source: Path, url: str, run: Run, *, overwrite: bool, append: b
         raise BuildError(str(problem)) from None
 
 
-def _appending(target) -> bool:
-    """Whether the unfinished store at `target` is an append's (its settings record a base)."""
+def unfinished_append(where) -> BuildError:
+    return BuildError(f"{where}: an append to this store did not finish; rerun that "
+                      "build_zarr.py --append command to finish it (--overwrite builds a new "
+                      "store instead)")
+
+
+def _unfinished_append(target) -> bool:
+    """Whether the store at `target` is an append's killed while finalizing
+    (an unfinished root, and settings that record the store it extends)."""
+    attributes = root_attributes(target)
+    if attributes is None or not layout.unfinished(attributes):
+        return False
     found = target.read(SETTINGS_KEY)
     return found is not None and json.loads(found).get("base") is not None
 

@@ -422,6 +422,18 @@ def test_every_bad_input_is_skipped_with_its_reason(bad_source, tmp_path, capsys
     assert f"skipped {len(expected)} files" in printed and "zero.png: zero-byte file" in printed
 
 
+def test_an_image_with_more_tiles_than_a_shard_is_skipped_with_its_reason(tmp_path):
+    root = tmp_path / "source"
+    _png(root / "train_images/authentic/small.png", 200, 300)
+    _png(root / "train_images/authentic/large.png", 900, 700)   # 8 x 6 tiles of 128 px
+    report = build_store(root, tmp_path / "store.zarr", workers=1, progress=False, figure=False,
+                         pixel_layout=SMALL)
+    assert report["skipped"] == [{"file": str(root / "train_images/authentic/large.png"),
+                                  "problem": "48 tiles of 128 px, more than a shard's 40 "
+                                             "(--shard-tiles, --chunk)"}]
+    assert Tiles(tmp_path / "store.zarr").meta["case_id"].tolist() == ["small"]
+
+
 def test_strict_stops_at_the_first_bad_input(bad_source, tmp_path, capsys):
     root, _ = bad_source
     out = tmp_path / "store.zarr"
@@ -754,7 +766,8 @@ def test_an_append_killed_while_finalizing_resumes(demo_source, first_half, tmp_
 
     def dies_half_way(group, path, data):
         calls.append(path)
-        if len(calls) == 5:
+        if len(calls) == 5:   # killed while writing it: an array of another shape left there
+            create(group, path, data[:1])
             raise KeyboardInterrupt
         create(group, path, data)
 
@@ -764,6 +777,9 @@ def test_an_append_killed_while_finalizing_resumes(demo_source, first_half, tmp_
     monkeypatch.undo()
     with pytest.raises(layout.StoreError):
         layout.open_store(out)   # meta/ half rewritten: refused, not misread
+    # a build without --append would start it over: refused, the store kept
+    with pytest.raises(build_zarr.BuildError, match="an append to this store did not finish"):
+        build_store(demo_source, out, workers=1, progress=False, figure=False)
     build_store(demo_source, out, workers=1, append=True, progress=False, figure=False)
     _assert_same_store_but_build_id(out, stores["uninterrupted"])
 

@@ -412,6 +412,32 @@ def test_a_two_worker_build_to_s3_is_the_one_worker_local_build(bucket, demo_sou
     assert remote_root == local_root
 
 
+def test_an_append_on_s3_is_the_local_append_and_keeps_the_old_shards(bucket, demo_source,
+                                                                     tmp_path):
+    """Five cases built, then the whole demo source appended, on S3 and on
+    local disk: the same objects, the first build's shards untouched."""
+    url, local = f"{bucket}/appended.zarr", tmp_path / "appended.zarr"
+    first = small_source(demo_source, tmp_path / "first")
+    for out in (url, str(local)):
+        assert build_zarr.main(["--source", str(first), "--out", out, "--workers", "1",
+                                "--no-figure", *SMALL_LAYOUT]) == 0
+    target = s3_target(url)
+    old = {key: target.read(key) for key in target.keys("tiles") if "/c." in key}   # shards
+    build_id = json.loads(target.read("zarr.json"))["attributes"][layout.BUILD_ID]
+    for out in (url, str(local)):
+        assert build_zarr.main(["--source", str(demo_source), "--out", out, "--append",
+                                "--workers", "2", "--no-figure"]) == 0
+    assert all(target.read(key) == data for key, data in old.items())
+    files = {p.relative_to(local).as_posix(): p.read_bytes() for p in local.rglob("*") if p.is_file()}
+    assert set(target.keys("")) == set(files) and len(files) > len(old)
+    for key, data in files.items():
+        if key not in ("zarr.json", build_zarr.REPORT):
+            assert target.read(key) == data, key
+    root = json.loads(target.read("zarr.json"))["attributes"]
+    assert root[layout.BUILD_ID] == build_id
+    assert len(layout.read_meta(layout.open_store(url))["label"]) == 36
+
+
 def test_a_build_is_refused_while_another_host_holds_the_lock_until_broken(
         bucket, demo_source, tmp_path, capsys):
     url = f"{bucket}/locked.zarr"
