@@ -81,6 +81,17 @@ VERSION = 5
 DEFAULT_STORE = Path("data/store.zarr")
 
 SPLITS = {"train": 0, "val": 1}   # meta/split values
+VAL_FRACTION = 0.1                 # of the case ids split_of sends to val
+
+
+def split_of(case_ids: np.ndarray, val_fraction: float = VAL_FRACTION) -> np.ndarray:
+    """meta/split of each row (0 train, 1 val) from its case id alone: val
+    when the first 8 bytes of sha256(case id), as a fraction of 2^64, are
+    below `val_fraction`. Both images of a case id share it, and no row
+    changes split when cases are added (an append), whatever the others."""
+    limit = val_fraction * 2**64
+    return np.array([int.from_bytes(hashlib.sha256(c.encode()).digest()[:8], "big") < limit
+                     for c in case_ids.tolist()], np.uint8)
 
 MIN_LEVEL_SIDE = 64   # no pyramid level whose short side would be below this
 MAX_LEVELS = 6
@@ -346,7 +357,7 @@ def chunk_key(path: str, index) -> str:
 
 
 def create_pixels(group: zarr.Group, path: str, data: np.ndarray,
-                  pixel_layout: PixelLayout = DEFAULT_LAYOUT) -> None:
+                  pixel_layout: PixelLayout = PER_IMAGE_LAYOUT) -> None:
     """Write one pixel array (image, mask or ELA level) in `pixel_layout`
     as version 4's per-image layout (PER_IMAGE_LAYOUT) has it, one shard
     object per array, replacing any array there.

@@ -50,7 +50,7 @@ plus the new ones), the tiles arrays' zarr.json (a larger shape), the report
 and, last, the root with a new fingerprint are rewritten; the root keeps its
 build_id, since every existing shard's bytes are unchanged, so a read cache
 keyed by the build id stays valid. A row's split comes from a hash of its
-case id alone (grouped_split), so no existing row changes split. The root
+case id alone (engine.store.split_of), so no existing row changes split. The root
 loses its completion attributes while meta/ is rewritten (readers refuse it
 for that moment), the new index having been written whole beforehand
 (build/index.npz), so a killed append rerun the same way resumes whatever
@@ -140,7 +140,6 @@ BUILD_PREFIX = "build"                         # the build's own objects, gone w
 SETTINGS_KEY = f"{BUILD_PREFIX}/settings.json"  # what a partial store was started with
 BLOCK_RECORDS = f"{BUILD_PREFIX}/blocks"        # <block>.json: written last by each block's task
 INDEX_SNAPSHOT = f"{BUILD_PREFIX}/index.npz"    # an append's new meta/ and instances/
-VAL_FRACTION = 0.1
 DEMO_DIR = Path("data/demo")
 
 
@@ -250,7 +249,7 @@ def settings_for(source: Path, cases: list[Case], max_pixels: int,
         source=str(source.resolve()), max_pixels=max_pixels, layout=asdict(pixel_layout),
         ela_jpeg_quality=ela_module.JPEG_QUALITY,
         ela_gain=ela_module.GAIN, min_level_side=layout.MIN_LEVEL_SIDE,
-        max_levels=layout.MAX_LEVELS, val_fraction=VAL_FRACTION,
+        max_levels=layout.MAX_LEVELS, val_fraction=layout.VAL_FRACTION,
         cases_sha256=hashlib.sha256(listing.encode()).hexdigest(), base=base,
     )
 
@@ -572,16 +571,6 @@ def run_blocks(target, tasks: list[BlockTask], run: Run, check) -> dict[int, dic
 
 # ---------------------------------------------------------------- the store
 
-def grouped_split(case_ids: np.ndarray, val_fraction: float = VAL_FRACTION) -> np.ndarray:
-    """uint8 split per row (0 train, 1 val) from its case id alone: val when
-    the first 8 bytes of sha256(case id), as a fraction of 2^64, are below
-    `val_fraction`. Both images of a case id share it, and no row changes
-    split when cases are added (an append), whatever the other cases."""
-    limit = val_fraction * 2**64
-    return np.array([int.from_bytes(hashlib.sha256(c.encode()).digest()[:8], "big") < limit
-                     for c in case_ids.tolist()], np.uint8)
-
-
 def meta_arrays(rows: list[tuple[PlannedRow, dict]], val_fraction: float) -> tuple[dict, dict]:
     """meta/ and instances/ arrays of the stored rows (docs/store.md schema),
     numbered from 0, from their plan and their blocks' records."""
@@ -610,7 +599,7 @@ def meta_arrays(rows: list[tuple[PlannedRow, dict]], val_fraction: float) -> tup
         "centroid": np.array([r.get("centroid", [-1.0] * 2) for r in records],
                              np.float32).reshape(n, 2),
         "size_class": size_class,
-        "split": grouped_split(case_id, val_fraction),
+        "split": layout.split_of(case_id, val_fraction),
         "instance_start": np.concatenate([[0], np.cumsum(n_inst, dtype=np.int64)]),
         "tile_start": tile_start,
         "digest": np.array([np.frombuffer(bytes.fromhex(r["digest"]), np.uint8) for r in records],

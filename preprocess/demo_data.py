@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -40,7 +40,7 @@ import skimage.data
 from tqdm import tqdm
 
 from engine.recipes import SIZE_CLASS_EDGES
-from engine.store import size_class
+from engine.store import VAL_FRACTION, size_class, split_of
 
 # scikit-image images that load without a download (checked against 0.26).
 SCIENCE_IMAGES = (
@@ -275,7 +275,35 @@ def plan_images(count: int, supplemental: int, seed: int) -> list[DemoImage]:
             plan.append(DemoImage(ids[case], True, "train_images/forged"))
         case += 1
     plan += [DemoImage(ids[count + i], True, "supplemental_images") for i in range(supplemental)]
-    return plan
+    return with_representative_split(plan, seed)
+
+
+def with_representative_split(plan: list[DemoImage], seed: int) -> list[DemoImage]:
+    """The plan with case ids (other 5-digit numbers) that the store's split
+    (engine.store.split_of, a hash of the case id) sends to val in the
+    share VAL_FRACTION of each kind of case, cases with a forged image and
+    authentic-only ones, at least one of a kind of two or more: a hash
+    alone would give a small demo no validation image of a kind as often
+    as not."""
+    cases = list(dict.fromkeys(item.case_id for item in plan))
+    forged = {item.case_id for item in plan if item.forged}
+    val = set()
+    for kind in ([c for c in cases if c in forged], [c for c in cases if c not in forged]):
+        share = round(VAL_FRACTION * len(kind))
+        val.update(kind[:max(share, 1) if len(kind) >= 2 else share])
+    rng = np.random.default_rng([seed, 1])
+    need = {1: len(val), 0: len(cases) - len(val)}
+    found: dict[int, list[str]] = {0: [], 1: []}
+    drawn = set()
+    while any(len(found[side]) < need[side] for side in found):
+        case_id = str(10000 + int(rng.integers(90000)))
+        if case_id not in drawn:
+            drawn.add(case_id)
+            side = int(split_of(np.array([case_id]))[0])
+            if len(found[side]) < need[side]:
+                found[side].append(case_id)
+    renamed = {case: found[int(case in val)].pop() for case in cases}
+    return [replace(item, case_id=renamed[item.case_id]) for item in plan]
 
 
 def mask_folder(image_folder: str) -> str:

@@ -1,6 +1,6 @@
 """engine/augment.py (the dali backend's batch geometry), engine/ops.py (the
 registry, recipe validation) and engine/patch_bank.py (bank, copy-paste)."""
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -13,7 +13,7 @@ from engine.loader import make_loader
 from engine.patch_bank import Patch, PatchBank
 from engine.photometric import is_photometric
 from engine.recipes import RECIPES
-from engine.store import create_pixels, image_path, instances_mask_path, open_store, read_meta
+from engine.store import PER_IMAGE_LAYOUT, create_pixels, image_path, instances_mask_path, open_store, read_meta
 
 SIZE = 96
 GREEN = torch.tensor([0.0, 1.0, 0.0])
@@ -357,6 +357,7 @@ HEIGHT, WIDTH = 64, 96
 @pytest.fixture
 def tiny_store(tmp_path):
     group = zarr.open_group(str(tmp_path / "store.zarr"), mode="w")
+    group.attrs["layout"] = asdict(PER_IMAGE_LAYOUT)   # arrays of their own per image
     rng = np.random.default_rng(0)
     starts = [0, 2, 3, 4]
     for row in range(3):

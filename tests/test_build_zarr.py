@@ -174,13 +174,13 @@ def test_split_is_a_hash_of_the_case_id_alone(demo_store):
         by_case.setdefault(case, set()).add(split)
     assert all(len(s) == 1 for s in by_case.values()), "a case never straddles the split"
     ids = np.array(sorted(by_case), dtype=np.dtypes.StringDType())
-    alone = [int(build_zarr.grouped_split(ids[i:i + 1])[0]) for i in range(len(ids))]
-    assert alone == build_zarr.grouped_split(ids).tolist() == [by_case[c].pop() for c in ids.tolist()]
+    alone = [int(layout.split_of(ids[i:i + 1])[0]) for i in range(len(ids))]
+    assert alone == layout.split_of(ids).tolist() == [by_case[c].pop() for c in ids.tolist()]
     many = np.array([f"case-{i}" for i in range(20_000)], dtype=np.dtypes.StringDType())
-    split = build_zarr.grouped_split(many)
-    assert abs(split.mean() - build_zarr.VAL_FRACTION) < 0.01
-    np.testing.assert_array_equal(build_zarr.grouped_split(many[::-1]), split[::-1])
-    np.testing.assert_array_equal(build_zarr.grouped_split(many, 0.0), 0)
+    split = layout.split_of(many)
+    assert abs(split.mean() - layout.VAL_FRACTION) < 0.01
+    np.testing.assert_array_equal(layout.split_of(many[::-1]), split[::-1])
+    np.testing.assert_array_equal(layout.split_of(many, 0.0), 0)
 
 
 def test_root_attributes_and_fingerprint(demo_store):
