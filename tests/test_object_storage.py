@@ -288,13 +288,16 @@ def read_rows(s3_store, cached, rows=range(6)):
 
 
 def test_the_cache_stays_under_its_limit(s3_store, tmp_path):
+    # small blocks: the demo store's few shards are then many entries, each a
+    # small part of the limit (a 1 MiB block alone would be most of it)
+    block = 1 << 16
     read_rows(s3_store, storages.CachedStorage(storages.open_storage(s3_store),
-                                               tmp_path / "all", 10**9, layout.build_id))
+                                               tmp_path / "all", 10**9, layout.build_id, block))
     count, everything = cache_bytes(tmp_path / "all")
     limit = everything // 2
     # read again with half the room: the writes trim as they go
     cached = storages.CachedStorage(storages.open_storage(s3_store), tmp_path / "half", limit,
-                                    layout.build_id)
+                                    layout.build_id, block)
     assert cached.group_buckets == cached.BUCKETS   # so small a limit: one group, trimmed whole
     read_rows(s3_store, cached)
     kept, size = cache_bytes(tmp_path / "half")
