@@ -263,7 +263,7 @@ class _TilesArray(_ChunkReads):
         self._indexes: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
 
     def key(self, block: int) -> str:
-        return layout.tiles_shard_key(self.kind, self.level, block, self.pixel_layout)
+        return layout.tiles_shard_key(self.kind, self.level, block)
 
     def read_tiles(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Tiles `ids` (k,): their pixels (k, T, T[, 3]) and which are stored

@@ -164,16 +164,6 @@ BUILD_LOCK = "build.lock"      # the lock object of a build to a URL (preprocess
 PIXEL_ARRAY_DEPTHS = {"images": 3, "masks": 3, "ela": 3, "instances_mask": 2}   # parts of a path
 
 
-def pixel_array_of(key: str) -> str | None:
-    """The pixel array (images/<row>/<level>, instances_mask/<row>, ...)
-    whose object, metadata or any other file `key` is, or None."""
-    parts = key.split("/")
-    depth = PIXEL_ARRAY_DEPTHS.get(parts[0], 0)
-    if depth and len(parts) > depth and all(p.isdigit() for p in parts[1:depth]):
-        return "/".join(parts[:depth])
-    return None
-
-
 # an image's array (image_path and its siblings): the packed tiles' kind
 PACKED_KINDS = {"images": "image", "masks": "mask", "ela": "ela", "instances_mask": "instance"}
 
@@ -418,7 +408,7 @@ def tiles_shard_tiles(kind: str, pixel_layout: PixelLayout) -> int:
             else pixel_layout.shard_tiles)
 
 
-def tiles_shard_key(kind: str, level: int, block: int, pixel_layout: PixelLayout) -> str:
+def tiles_shard_key(kind: str, level: int, block: int) -> str:
     """The object of block `block`'s shard of tiles array (kind, level)."""
     return chunk_key(tiles_path(kind, level), (block, 0, 0) + (0,) * len(packing.KINDS[kind]))
 
@@ -724,9 +714,9 @@ TILES_SHARD_KEY = re.compile(r"tiles/(image/\d+/c\.\d+\.0\.0\.0|(ela|mask)/\d+/c
 
 
 def _layout_keys() -> re.Pattern:
-    """Every key of the layout outside the pixel arrays (pixel_array_of):
-    the root's files, the groups' zarr.json, the tables' and mining results'
-    metadata and chunks."""
+    """Every key of the layout: the root's files, the groups' zarr.json, the
+    tables' and mining results' metadata and chunks, the tiles arrays'
+    zarr.json and shard objects (TILES_SHARD_KEY)."""
     def either(names):
         return "|".join(map(re.escape, names))
     table = r"(zarr\.json|c(/\d+)+)"

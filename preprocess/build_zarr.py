@@ -482,7 +482,7 @@ def write_shards(target, block: int, chunks: dict, pixel_layout: layout.PixelLay
     """Block `block`'s shard object of each tiles array in `chunks` ((kind,
     level) -> shard position -> encoded tile, as encode_tiles fills it)."""
     for (kind, level), found in sorted(chunks.items()):
-        target.write(layout.tiles_shard_key(kind, level, block, pixel_layout),
+        target.write(layout.tiles_shard_key(kind, level, block),
                      packing.shard_bytes(found, layout.tiles_shard_tiles(kind, pixel_layout),
                                          layout.checksum_bytes))
 

@@ -119,7 +119,7 @@ def check_pixels(reader: WindowReader, meta: dict, progress: bool) -> tuple[set[
     pixel_layout = reader.pixel_layout
     shards = packing.shard_blocks(meta["tile_start"], meta["label"], meta["n_instances"],
                                   pixel_layout.shard_tiles)
-    expected = {layout.tiles_shard_key(kind, level, int(block), pixel_layout)
+    expected = {layout.tiles_shard_key(kind, level, int(block))
                 for (kind, level), blocks in shards.items() for block in blocks}
     blocks = 1 + max((int(b.max()) for b in shards.values()), default=-1)
     metadata = check_tiles_metadata(reader.storage, pixel_layout, meta, blocks)
